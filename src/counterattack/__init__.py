@@ -1,0 +1,17 @@
+"""clip-counterattack: Test-time Counterattacks (TTC) for CLIP zero-shot classifiers."""
+
+from .attacks import ATTACKS, PGD, Attack, build_attack
+from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
+from .data import EvalDataset, balanced_subset, load_dataset
+from .defenses import DEFENSES, TTC, Defense, DefenseOptions, DefenseOutput, NoDefense, TTCResult, build_defenses
+from .errors import CounterattackError
+from .evaluate import RunSettings, evaluate_dataset
+from .models import LoadedCLIP, load_clip
+from .randomness import ImageRandomness
+
+__all__ = [
+    "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "DefenseOptions",
+    "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
+    "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",
+    "build_defenses", "evaluate_dataset", "load_clip", "load_dataset",
+]

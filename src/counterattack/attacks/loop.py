@@ -1,0 +1,36 @@
+"""The one projected sign-gradient loop, shared by the attacks and by TTC's counterattack."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+def project(images: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project a perturbation onto the L-inf ball of radius ``eps`` and keep ``images + delta`` in [0, 1]."""
+    return torch.clamp(delta.clamp(-eps, eps), min=-images, max=1 - images)
+
+
+def sign_gradient_steps(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+) -> Iterator[torch.Tensor]:
+    """Ascend ``loss_fn(images + delta)`` by signed gradient steps, projecting after each.
+
+    ``loss_fn`` returns a scalar, summed over the batch, so each image's gradient is its own.
+    Yields the perturbation after every step (detached); the caller keeps what it needs.
+    """
+    images = images.detach()
+    delta = delta.detach()
+    for _ in range(steps):
+        with torch.enable_grad():
+            delta.requires_grad_(True)
+            loss = loss_fn(images + delta)
+            (grad,) = torch.autograd.grad(loss, delta)
+        delta = project(images, delta.detach() + step_size * grad.sign(), eps)
+        yield delta

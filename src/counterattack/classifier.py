@@ -1,0 +1,112 @@
+"""The zero-shot head and the image preprocessing: the one place where pixels meet CLIP.
+
+Attacks and defenses work on [0, 1] pixels; resizing to the model's input size and normalising
+with its mean/std happen here, differentiably, so gradients reach the pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CounterattackError
+from .models import LoadedCLIP
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("This is a photo of a {}.",)
+
+
+class ImageEncoder(nn.Module):
+    """[0, 1] pixels of any size -> unnormalised CLIP image embeddings.
+
+    Images whose size differs from the model's input size are resized with bicubic interpolation
+    (antialiased, so downsampling matches PIL); images of the right size are left untouched.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        image_size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
+        super().__init__()
+        self.visual = visual
+        self.image_size = tuple(image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @classmethod
+    def from_clip(cls, clip: LoadedCLIP) -> "ImageEncoder":
+        return cls(clip.model.visual, clip.image_size, clip.mean, clip.std)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected RGB images of shape (N, 3, H, W), got {tuple(pixels.shape)}")
+        if tuple(pixels.shape[-2:]) != self.image_size:
+            pixels = F.interpolate(pixels, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        return (pixels - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(self.preprocess(pixels))
+
+
+class ZeroShotClassifier(nn.Module):
+    """CLIP as a classifier: ``logits(x) = logit_scale * cos(f(x), t_c)`` for every class ``c``.
+
+    Text embeddings are computed once (L2-normalised, averaged over the templates, normalised
+    again) and cached. ``encode_image`` returns unnormalised embeddings, as TTC's tau needs.
+    """
+
+    def __init__(self, encoder: ImageEncoder, text_embeddings: torch.Tensor, logit_scale: float, class_names: Sequence[str]):
+        super().__init__()
+        if len(class_names) != len(text_embeddings):
+            raise ValueError("one text embedding per class name is needed")
+        self.encoder = encoder
+        self.register_buffer("text_embeddings", F.normalize(text_embeddings.float(), dim=-1))
+        self.logit_scale = float(logit_scale)
+        self.class_names = list(class_names)
+
+    @classmethod
+    @torch.no_grad()
+    def from_clip(
+        cls,
+        clip: LoadedCLIP,
+        class_names: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        chunk_size: int = 256,
+    ) -> "ZeroShotClassifier":
+        if not class_names:
+            raise CounterattackError("A zero-shot classifier needs at least one class name.")
+        for template in templates:
+            if template.count("{}") != 1:
+                raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")
+        device = next(clip.model.parameters()).device
+        per_class = []
+        for start in range(0, len(class_names), chunk_size):
+            names = class_names[start : start + chunk_size]
+            prompts = [t.format(name) for name in names for t in templates]
+            tokens = clip.tokenizer(prompts).to(device)
+            text = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+            per_class.append(text.view(len(names), len(templates), -1).mean(dim=1))
+        embeddings = torch.cat(per_class)
+        logit_scale = clip.model.logit_scale.exp().item()
+        return cls(ImageEncoder.from_clip(clip), embeddings, logit_scale, class_names).to(device)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixels)
+
+    def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_embeddings(self.encode_image(pixels))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.logits(pixels)

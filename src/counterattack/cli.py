@@ -1,0 +1,167 @@
+"""The ``counterattack`` command line: parses, validates, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from .attacks import ATTACKS, build_attack
+from .classifier import DEFAULT_TEMPLATES, ZeroShotClassifier
+from .data import load_dataset
+from .defenses import DEFENSES, DefenseOptions, build_defenses
+from .errors import CounterattackError
+from .evaluate import RunSettings, evaluate_dataset
+from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_clip
+from .report import format_table
+
+PIXEL = 1 / 255
+
+
+def _nonnegative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    ev = commands.add_parser(
+        "eval",
+        help="attack a zero-shot CLIP and measure defenses (paper protocol)",
+        description="Craft adversarial images against the undefended CLIP, then apply every defense to the same "
+        "clean and adversarial images. Budgets and step sizes are in units of 1/255.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = ev.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, help="open_clip name, local-dir:PATH or hf-hub:org/name")
+    model.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag or weights file (built-in names only)")
+    model.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), help="prompt templates, '{}' is the class name")
+    data = ev.add_argument_group("data")
+    data.add_argument("--dataset", action="append", help="cifar10 or imagefolder:DIR (repeatable; default cifar10)")
+    data.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
+    data.add_argument("--limit", type=_positive_int, help="class-balanced subset of N images (first images of each class)")
+    attack = ev.add_argument_group("attack")
+    attack.add_argument("--attack", default="pgd", choices=sorted(ATTACKS))
+    attack.add_argument("--eps", type=_nonnegative(float), default=1.0, help="L-inf budget, in 1/255")
+    attack.add_argument("--attack-steps", type=_nonnegative(int), default=10)
+    attack.add_argument("--attack-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
+    defense = ev.add_argument_group("defense")
+    defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
+    defense.add_argument("--ttc-eps", type=_nonnegative(float), default=4.0, help="counterattack budget, in 1/255")
+    defense.add_argument("--ttc-steps", type=_nonnegative(int), default=2)
+    defense.add_argument("--ttc-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
+    defense.add_argument("--tau-thres", type=_nonnegative(float), default=0.2)
+    defense.add_argument("--beta", type=float, default=2.0)
+    run = ev.add_argument_group("run")
+    run.add_argument("--batch-size", type=_positive_int, default=128)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--workers", type=_nonnegative(int), default=min(4, os.cpu_count() or 1), help="data loading processes")
+    run.add_argument("--out", type=Path, default=Path("runs/latest"), help="folder for results.json")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CounterattackError("--device cuda was asked for, but PyTorch sees no CUDA GPU.")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _versions() -> dict[str, str]:
+    return {pkg: version(pkg) for pkg in ("clip-counterattack", "torch", "torchvision", "open_clip_torch")}
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write atomically, so an interrupted run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    datasets = args.dataset or ["cifar10"]
+    device = _device(args.device)
+    attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
+    options = DefenseOptions(
+        eps=args.ttc_eps * PIXEL,
+        steps=args.ttc_steps,
+        step_size=args.ttc_step_size * PIXEL,
+        tau_thres=args.tau_thres,
+        beta=args.beta,
+    )
+    defenses = build_defenses(args.defense, options)
+    clip = load_clip(args.model, args.pretrained, device=device)
+    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress)
+    config = {
+        "model": args.model,
+        "pretrained": None if ":" in args.model else args.pretrained,
+        "templates": args.templates,
+        "datasets": datasets,
+        "data_root": str(args.data_root),
+        "limit": args.limit,
+        "attack": attack.describe(),
+        "defenses": [d.describe() for d in defenses],
+        "units": "eps and step sizes in [0, 1] pixel units",
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": str(device),
+        "versions": _versions(),
+    }
+    results = {"config": config, "records": []}
+    for spec in datasets:
+        data = load_dataset(spec, clip, args.data_root)
+        classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
+        results["records"].extend(evaluate_dataset(classifier, data, attack, defenses, settings))
+        _write_json(args.out / "results.json", results)
+    print(format_table(results["records"]))
+    print(f"\nresults: {args.out / 'results.json'}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "eval":
+            run_eval(args)
+    except CounterattackError as exc:
+        print(f"counterattack: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("counterattack: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The defense protocol: [0, 1] images in, logits and diagnostics out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..randomness import ImageRandomness
+
+
+@dataclass
+class DefenseOutput:
+    """What a defense returns for a batch.
+
+    ``logits`` rather than images, so a defense can classify from embeddings it already has.
+    ``tau`` and ``counterattacked`` are per image (None for defenses without a tau gate);
+    ``forwards`` and ``backwards`` count image-encoder passes over single images, summed over the batch.
+    """
+
+    logits: torch.Tensor
+    tau: torch.Tensor | None = None
+    counterattacked: torch.Tensor | None = None
+    forwards: int = 0
+    backwards: int = 0
+
+
+@dataclass(frozen=True)
+class DefenseOptions:
+    """The knobs shared by the test-time defenses, in [0, 1] pixel units (paper defaults)."""
+
+    eps: float = 4 / 255
+    steps: int = 2
+    step_size: float = 1 / 255
+    tau_thres: float = 0.2
+    beta: float = 2.0
+    tau_encoder: ImageEncoder | None = None
+
+
+class Defense(Protocol):
+    name: str
+
+    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput: ...
+
+    def describe(self) -> dict: ...

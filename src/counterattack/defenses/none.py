@@ -1,0 +1,27 @@
+"""No defense: the plain zero-shot classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..classifier import ZeroShotClassifier
+from ..randomness import ImageRandomness
+from .base import DefenseOptions, DefenseOutput
+
+
+@dataclass(frozen=True)
+class NoDefense:
+    name: str = "none"
+
+    @classmethod
+    def from_options(cls, options: DefenseOptions) -> "NoDefense":
+        return cls()
+
+    @torch.no_grad()
+    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
+        return DefenseOutput(logits=classifier.logits(images), forwards=len(images))
+
+    def describe(self) -> dict:
+        return {"defense": self.name}

@@ -1,0 +1,130 @@
+"""Test-time Counterattacks (Xing, Zhao, Sebe, CVPR 2025, arXiv 2503.03613).
+
+Adversarial images are "falsely stable": their embedding barely moves under random noise. For each
+image x, with f the image encoder:
+
+1. ``delta0 ~ U[-eps, eps]`` (kept inside [0, 1]); ``tau = ||f(x + delta0) - f(x)|| / ||f(x)||``.
+2. Counterattack: ``steps`` signed-gradient steps of ``step_size`` from ``delta0`` that maximise
+   ``||f(x + delta) - f(x)||^2``, projected onto the eps ball and the [0, 1] box; every delta_k kept.
+3. If ``tau < tau_thres`` the image is judged attacked and ``delta = sum_k w_k delta_k`` with
+   ``w = softmax(beta * [0, 1, ..., steps])``; otherwise ``delta = delta0``.
+4. Classify ``x + delta``.
+
+tau may come from another encoder (``tau_encoder``): on an adversarially fine-tuned CLIP the paper
+measures tau with the original CLIP, while the counterattack and the classification use the
+fine-tuned one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attacks.loop import project, sign_gradient_steps
+from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..randomness import ImageRandomness
+from .base import DefenseOptions, DefenseOutput
+
+
+@dataclass
+class TTCResult:
+    """Defended images and per-image diagnostics."""
+
+    images: torch.Tensor
+    tau: torch.Tensor
+    counterattacked: torch.Tensor
+    noisy_embeddings: torch.Tensor  # f(x + delta0), reused to classify images judged clean
+    forwards: int
+    backwards: int
+
+
+def relative_shift(moved: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """``||moved - anchor|| / ||anchor||`` per row: TTC's tau."""
+    return (moved - anchor).norm(dim=-1) / anchor.norm(dim=-1)
+
+
+@dataclass(frozen=True)
+class TTC:
+    """Test-time Counterattacks with the paper's defaults (eps 4/255, 2 steps of 1/255, tau_thres 0.2, beta 2).
+
+    Example::
+
+        ttc = TTC()
+        result = ttc.counterattack(classifier, images, ImageRandomness.from_seed(0, len(images)))
+        predictions = classifier.logits(result.images).argmax(-1)
+    """
+
+    eps: float = 4 / 255
+    steps: int = 2
+    step_size: float = 1 / 255
+    tau_thres: float = 0.2
+    beta: float = 2.0
+    tau_encoder: ImageEncoder | None = field(default=None, compare=False, repr=False)
+    name: str = "ttc"
+
+    @classmethod
+    def from_options(cls, options: DefenseOptions) -> "TTC":
+        return cls(options.eps, options.steps, options.step_size, options.tau_thres, options.beta, options.tau_encoder)
+
+    def step_weights(self) -> torch.Tensor:
+        """``w_k = exp(beta k) / sum_j exp(beta j)`` for k = 0..steps."""
+        return torch.softmax(self.beta * torch.arange(self.steps + 1, dtype=torch.float64), dim=0)
+
+    @torch.no_grad()
+    def counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
+        encoder = classifier.encoder
+        images = images.detach().float()
+        n = len(images)
+        delta0 = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
+        anchor = encoder(images)
+        noisy = encoder(images + delta0)
+        forwards = 2 * n
+        if self.tau_encoder is None:
+            tau = relative_shift(noisy, anchor)
+        else:
+            tau = relative_shift(self.tau_encoder(images + delta0), self.tau_encoder(images))
+            forwards += 2 * n
+        counterattacked = tau < self.tau_thres
+
+        delta = delta0.clone()
+        # Images judged clean keep delta0, so the gradient steps run only on the others.
+        chosen = counterattacked.nonzero().flatten()
+        backwards = 0
+        if len(chosen):
+            x, target = images[chosen], anchor[chosen]
+
+            def embedding_shift(moved: torch.Tensor) -> torch.Tensor:
+                return (encoder(moved) - target).pow(2).sum()
+
+            weights = self.step_weights().to(images.device)
+            mixed = weights[0].float() * delta0[chosen]
+            steps = sign_gradient_steps(embedding_shift, x, delta0[chosen], self.eps, self.step_size, self.steps)
+            for k, delta_k in enumerate(steps, start=1):
+                mixed = mixed + weights[k].float() * delta_k
+            delta[chosen] = mixed
+            forwards += self.steps * len(chosen)
+            backwards += self.steps * len(chosen)
+        return TTCResult(images + delta, tau, counterattacked, noisy, forwards, backwards)
+
+    @torch.no_grad()
+    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
+        result = self.counterattack(classifier, images, rng)
+        logits = classifier.logits_from_embeddings(result.noisy_embeddings)
+        chosen = result.counterattacked.nonzero().flatten()
+        forwards = result.forwards
+        if len(chosen):
+            logits[chosen] = classifier.logits(result.images[chosen])
+            forwards += len(chosen)
+        return DefenseOutput(logits, result.tau, result.counterattacked, forwards, result.backwards)
+
+    def describe(self) -> dict:
+        return {
+            "defense": self.name,
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "tau_thres": self.tau_thres,
+            "beta": self.beta,
+            "separate_tau_encoder": self.tau_encoder is not None,
+        }

@@ -1,0 +1,210 @@
+"""Load a CLIP through open_clip: built-in name + pretrained tag, ``local-dir:PATH`` or ``hf-hub:org/name``.
+
+Weights are only ever read safely (safetensors, or ``torch.load(weights_only=True)``), and a model
+that is neither on disk nor reachable fails within seconds with a message saying what to fetch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import pickle
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from open_clip.factory import parse_model_name
+
+from .errors import CounterattackError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@dataclass
+class LoadedCLIP:
+    """An open_clip model in eval mode with frozen weights, its tokenizer and its image settings."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def load_clip(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+) -> LoadedCLIP:
+    """Load a CLIP for zero-shot classification.
+
+    ``model`` is an open_clip built-in name (``ViT-B-32``) used with ``pretrained`` (a tag such as
+    ``openai``, or a weights file), or ``local-dir:PATH`` / ``hf-hub:org/name`` (``pretrained`` is
+    then ignored). Tags trained with QuickGELU (OpenAI's among them) are loaded into the QuickGELU
+    variant of the architecture, so the features are the original model's.
+    """
+    schema, identifier = _parse(model)
+    force_quick_gelu = False
+    needs_hub = schema == "hf-hub"
+    if schema == "local-dir":
+        _check_local_dir(Path(identifier))
+        pretrained = None
+    elif schema is None:
+        force_quick_gelu, needs_hub = _check_builtin(identifier, pretrained)
+    if needs_hub:
+        _go_offline_if_hub_unreachable()
+
+    description = model if schema else f"{model} (pretrained: {pretrained})"
+    try:
+        clip, _, _ = open_clip.create_model_and_transforms(
+            model,
+            pretrained=pretrained if schema is None else None,
+            force_quick_gelu=force_quick_gelu,
+            cache_dir=cache_dir,
+            weights_only=True,
+        )
+        tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
+    except pickle.UnpicklingError as exc:
+        raise CounterattackError(
+            f"Refusing to load the weights of {description}: the checkpoint holds pickled objects whose "
+            "loading could run code, not only tensors. Convert it to safetensors (or a plain state dict) "
+            f"on a machine you trust. Details: {str(exc).splitlines()[0]}"
+        ) from exc
+    except CounterattackError:
+        raise
+    except Exception as exc:  # open_clip and the hub raise many types for a missing download
+        if schema == "local-dir":
+            raise CounterattackError(f"Could not load {description}: {exc}") from exc
+        raise CounterattackError(_missing_download_message(schema, identifier, pretrained, exc)) from exc
+
+    clip = clip.to(device).eval().requires_grad_(False)
+    cfg = dict(open_clip.get_model_preprocess_cfg(clip))
+    size = cfg.get("size", 224)
+    image_size = (size, size) if isinstance(size, int) else tuple(size)
+    return LoadedCLIP(
+        model=clip,
+        tokenizer=tokenizer,
+        image_size=image_size,
+        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        preprocess_cfg=cfg,
+        description=description,
+    )
+
+
+def _parse(model: str) -> tuple[str | None, str]:
+    try:
+        return parse_model_name(model)
+    except ValueError as exc:
+        raise CounterattackError(f"Bad model name {model!r}: {exc}") from exc
+
+
+def _check_local_dir(path: Path) -> None:
+    config = path / "open_clip_config.json"
+    if not path.is_dir():
+        raise CounterattackError(f"Model folder not found: {path}")
+    if not config.is_file():
+        raise CounterattackError(
+            f"{path} is not an open_clip model folder: it needs open_clip_config.json "
+            "(with 'model_cfg' and 'preprocess_cfg') beside a weights file."
+        )
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CounterattackError(f"Cannot read {config}: {exc}") from exc
+    if not isinstance(parsed, dict) or "model_cfg" not in parsed:
+        raise CounterattackError(f"{config} has no 'model_cfg' entry.")
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise CounterattackError(
+            f"No weights in {path}: expected open_clip_model.safetensors (or a .bin/.pth state dict)."
+        )
+
+
+def _check_builtin(name: str, pretrained: str | None) -> tuple[bool, bool]:
+    """Validate a built-in name and tag; return (force QuickGELU, needs the hub)."""
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise CounterattackError(
+            f"Unknown model {name!r}.{hint} Use an open_clip name, local-dir:PATH or hf-hub:org/name."
+        )
+    if not pretrained:
+        return False, False
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        return bool(tag_cfg.get("quick_gelu", False)), True
+    if os.path.isfile(pretrained):
+        return False, False
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise CounterattackError(
+        f"{pretrained!r} is neither a pretrained tag of {name} nor a file. Tags: {', '.join(tags) or 'none'}."
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80))
+    reached = threading.Event()
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            reached.set()
+        except OSError:
+            pass
+
+    # A thread bounds the DNS look-up too, which socket timeouts do not cover.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return reached.is_set()
+
+
+def _go_offline_if_hub_unreachable() -> None:
+    """Without this, huggingface_hub retries an unreachable hub for ~50 s before failing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy")):
+        return
+    if not _hub_reachable():
+        log.warning("The Hugging Face Hub is unreachable: using the local cache only (as HF_HUB_OFFLINE=1).")
+        constants.HF_HUB_OFFLINE = True
+
+
+def _missing_download_message(schema: str | None, identifier: str, pretrained: str | None, exc: Exception) -> str:
+    from huggingface_hub import constants
+
+    if schema == "hf-hub":
+        repo, what = identifier, f"hf-hub:{identifier}"
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(identifier, pretrained or "")
+        # open_clip's convention: "org/name/" (default file) or "org/name/file.bin".
+        repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]
+        what = f"{identifier} with pretrained weights {pretrained!r}"
+    offline = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if constants.HF_HUB_OFFLINE else ""
+    fetch = (
+        f"On a machine with internet, run `hf download {repo}` and copy the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) here, or put open_clip_config.json and the weights in a folder "
+        "and pass --model local-dir:FOLDER."
+        if repo
+        else "Download the weights file and pass its path as --pretrained, or use --model local-dir:FOLDER."
+    )
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"Could not get {what}: it is not in the local cache and could not be downloaded{offline}. {fetch} Details: {first_line}"
