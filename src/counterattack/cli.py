@@ -138,8 +138,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         "versions": _versions(),
     }
     results = {"config": config, "records": []}
-    for spec in datasets:
-        data = load_dataset(spec, clip, args.data_root)
+    # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
+    loaded = [load_dataset(spec, clip, args.data_root) for spec in datasets]
+    for data in loaded:
         classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
         results["records"].extend(evaluate_dataset(classifier, data, attack, defenses, settings))
         _write_json(args.out / "results.json", results)
@@ -148,8 +149,15 @@ def run_eval(args: argparse.Namespace) -> dict:
     return results
 
 
+def _not_from_open_clip(record: logging.LogRecord) -> bool:
+    """open_clip logs download failures on the root logger; our own error message says more."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}open_clip{os.sep}" in record.pathname)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_from_open_clip)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":

@@ -198,7 +198,6 @@ def _missing_download_message(schema: str | None, identifier: str, pretrained: s
         # open_clip's convention: "org/name/" (default file) or "org/name/file.bin".
         repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]
         what = f"{identifier} with pretrained weights {pretrained!r}"
-    offline = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if constants.HF_HUB_OFFLINE else ""
     fetch = (
         f"On a machine with internet, run `hf download {repo}` and copy the Hugging Face cache "
         f"({constants.HF_HUB_CACHE}) here, or put open_clip_config.json and the weights in a folder "
@@ -206,5 +205,8 @@ def _missing_download_message(schema: str | None, identifier: str, pretrained: s
         if repo
         else "Download the weights file and pass its path as --pretrained, or use --model local-dir:FOLDER."
     )
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"Could not get {what}: it is not in the local cache and could not be downloaded{offline}. {fetch} Details: {first_line}"
+    if constants.HF_HUB_OFFLINE:
+        why = "the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache"
+    else:
+        why = f"the download failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    return f"Could not get {what}: {why}. {fetch}"

@@ -1,0 +1,75 @@
+import os
+
+# Before anything imports huggingface_hub: a failed hub look-up must not wait for time-outs.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from counterattack import ZeroShotClassifier, load_clip
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY_CLIP_DIR = SHARED / "models" / "tiny-clip-cifar10"
+CIFAR10_TEST_DIR = SHARED / "data" / "cifar10" / "test"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+needs_shared = pytest.mark.skipif(
+    not (TINY_CLIP_DIR.is_dir() and CIFAR10_TEST_DIR.is_dir()),
+    reason=f"test assets not found at {SHARED} (the tiny CLIP and CIFAR-10 images live beside the project)",
+)
+
+RANDOM_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_local_dir(directory: Path, model_cfg: dict, seed: int, image_size: int = 32) -> Path:
+    """An open_clip local-dir model with seeded random weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    save_file(model.state_dict(), str(directory / "open_clip_model.safetensors"))
+    preprocess = {"size": image_size, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def random_clip_dir(tmp_path_factory) -> Path:
+    return write_local_dir(tmp_path_factory.mktemp("random-clip"), RANDOM_CLIP_CFG, seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_classifier(random_clip_dir) -> ZeroShotClassifier:
+    clip = load_clip(f"local-dir:{random_clip_dir}")
+    return ZeroShotClassifier.from_clip(clip, CIFAR10_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    if not TINY_CLIP_DIR.is_dir():
+        pytest.skip(f"tiny CLIP not found at {TINY_CLIP_DIR}")
+    return load_clip(f"local-dir:{TINY_CLIP_DIR}")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_clip) -> ZeroShotClassifier:
+    return ZeroShotClassifier.from_clip(tiny_clip, CIFAR10_CLASSES)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Random images with saturated pixels too, so the [0, 1] box constraint is exercised."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    x[:, :, :4] = 0.0
+    x[:, :, -4:] = 1.0
+    return x

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from counterattack.cli import main
+
+from conftest import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared
+from test_data import write_image_folder
+
+
+def run(*args: str) -> int:
+    return main(["eval", "--no-progress", "--workers", "0", *args])
+
+
+def test_eval_writes_one_record_per_dataset_and_defense(tmp_path, random_clip_dir, capsys):
+    first = write_image_folder(tmp_path / "a", {"cat": 3, "dog": 3}, seed=1)
+    second = write_image_folder(tmp_path / "b", {"red_car": 2, "bus": 2, "van": 2}, seed=2)
+    out = tmp_path / "out"
+    code = run("--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{first}",
+               "--dataset", f"imagefolder:{second}", "--attack-steps", "2", "--limit", "4", "--batch-size", "3",
+               "--out", str(out))
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    records = results["records"]
+    assert [(r["dataset"].split("/")[-1], r["defense"]) for r in records] == [
+        ("a", "none"), ("a", "ttc"), ("b", "none"), ("b", "ttc")]
+    assert all(r["n"] == 4 and r["attack"] == "pgd" for r in records)
+    none, ttc = records[0], records[1]
+    assert none["mean_tau_clean"] is None and none["counterattacked_adv"] is None
+    assert ttc["mean_tau_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
+    config = results["config"]
+    assert config["attack"] == {"attack": "pgd", "eps": 1 / 255, "steps": 2, "step_size": 1 / 255}
+    assert config["defenses"][1]["tau_thres"] == 0.2 and config["seed"] == 0 and config["limit"] == 4
+    assert set(config["versions"]) == {"clip-counterattack", "torch", "torchvision", "open_clip_torch"}
+    assert "robust %" in capsys.readouterr().out
+
+
+def test_eval_is_reproducible_and_batch_size_invariant(tmp_path, random_clip_dir):
+    folder = write_image_folder(tmp_path / "a", {"cat": 4, "dog": 4}, seed=3)
+    records = []
+    for batch in ("1", "8"):
+        out = tmp_path / f"out{batch}"
+        assert run("--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}",
+                   "--attack-steps", "2", "--tau-thres", "1e9", "--batch-size", batch, "--out", str(out)) == 0
+        records.append(json.loads((out / "results.json").read_text())["records"])
+    for one, many in zip(*records):
+        assert one["clean_acc"] == many["clean_acc"] and one["robust_acc"] == many["robust_acc"]
+        if one["mean_tau_clean"] is not None:
+            assert one["mean_tau_clean"] == pytest.approx(many["mean_tau_clean"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--defense", "none,magic"], "Unknown defense"),
+        (["--dataset", "imagefolder:/no/such/folder"], "Image folder not found"),
+        (["--model", "local-dir:/no/such/model"], "Model folder not found"),
+    ],
+)
+def test_user_mistakes_give_a_message_not_a_traceback(tmp_path, random_clip_dir, capsys, args, message):
+    folder = write_image_folder(tmp_path / "a", {"cat": 1, "dog": 1})
+    base = ["--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}", "--out", str(tmp_path / "o")]
+    assert run(*base, *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_numbers_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("--eps", "-1")
+    assert exit_info.value.code == 2
+    assert "must be >= 0" in capsys.readouterr().err
+
+
+@needs_shared
+def test_tiny_clip_on_cifar10_matches_its_reference_numbers(tmp_path):
+    """The numbers of ../shared/models/tiny-clip-cifar10/README.md, first 100 images of each class."""
+    out = tmp_path / "r"
+    assert run("--model", f"local-dir:{TINY_CLIP_DIR}", "--dataset", f"imagefolder:{CIFAR10_TEST_DIR}",
+               "--limit", "1000", "--defense", "none,ttc", "--out", str(out)) == 0
+    none, ttc = json.loads((out / "results.json").read_text())["records"]
+    assert none["n"] == ttc["n"] == 1000
+    assert none["clean_acc"] == pytest.approx(65.6, abs=1.0)
+    assert none["robust_acc"] == pytest.approx(28.5, abs=3.0)
+    assert ttc["clean_acc"] == pytest.approx(47.2, abs=3.0)
+    assert ttc["robust_acc"] == pytest.approx(35.8, abs=3.0)
+    assert ttc["mean_tau_clean"] == pytest.approx(0.034, abs=0.005)
+    assert ttc["mean_tau_adv"] == pytest.approx(0.035, abs=0.005)
+    # This model's tau is far below the paper's threshold: every image is counterattacked.
+    assert ttc["counterattacked_clean"] == ttc["counterattacked_adv"] == 1.0

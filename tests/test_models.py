@@ -1,0 +1,121 @@
+import json
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+from counterattack import CounterattackError, load_clip
+
+from conftest import RANDOM_CLIP_CFG, write_local_dir
+
+
+def test_local_dir_loads_config_weights_and_image_settings(random_clip_dir):
+    clip = load_clip(f"local-dir:{random_clip_dir}")
+    assert clip.image_size == (32, 32)
+    assert clip.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
+    assert not clip.model.training
+    assert not any(p.requires_grad for p in clip.model.parameters())
+    torch.manual_seed(0)
+    fresh = open_clip.CLIP(**RANDOM_CLIP_CFG)
+    assert torch.equal(clip.model.visual.conv1.weight, fresh.visual.conv1.weight)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing", "not found"),
+        ("no-config", "open_clip_config.json"),
+        ("no-model-cfg", "model_cfg"),
+        ("bad-json", "Cannot read"),
+        ("no-weights", "No weights"),
+    ],
+)
+def test_local_dir_errors_are_clear(tmp_path, breakage, message):
+    directory = write_local_dir(tmp_path / "m", RANDOM_CLIP_CFG, seed=0)
+    config = directory / "open_clip_config.json"
+    if breakage == "missing":
+        directory = tmp_path / "nowhere"
+    elif breakage == "no-config":
+        config.unlink()
+    elif breakage == "no-model-cfg":
+        config.write_text(json.dumps({"preprocess_cfg": {}}))
+    elif breakage == "bad-json":
+        config.write_text("{not json")
+    else:
+        (directory / "open_clip_model.safetensors").unlink()
+    with pytest.raises(CounterattackError, match=message):
+        load_clip(f"local-dir:{directory}")
+
+
+class _RunsCode:
+    """Unpickling this would create a file: the kind of checkpoint that must be refused."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    directory = write_local_dir(tmp_path / "m", RANDOM_CLIP_CFG, seed=0)
+    (directory / "open_clip_model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": _RunsCode(marker)}, directory / "open_clip_pytorch_model.bin")
+    with pytest.raises(CounterattackError, match="Refusing"):
+        load_clip(f"local-dir:{directory}")
+    assert not marker.exists()
+
+
+def test_unknown_builtin_name_and_tag():
+    with pytest.raises(CounterattackError, match="Did you mean: ViT-B-32"):
+        load_clip("ViT-B-23", "openai")
+    with pytest.raises(CounterattackError, match="laion2b"):
+        load_clip("ViT-B-32", "no-such-tag")
+
+
+def _fake_hub_cache(cache_dir, repo: str, filename: str, state_dict: dict) -> None:
+    """Lay out a Hugging Face cache entry, as `hf download` leaves it."""
+    repo_dir = cache_dir / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    torch.save(state_dict, snapshot / filename)
+
+
+def test_openai_weights_load_into_quickgelu_and_match_openai_features(tmp_path):
+    # Random weights in OpenAI's format: its key names, fp16, as OpenAI's release.
+    torch.manual_seed(0)
+    state = {k: v.half() for k, v in open_clip.create_model("ViT-B-32-quickgelu").state_dict().items()}
+    _fake_hub_cache(tmp_path, "timm/vit_base_patch32_clip_224.openai", "open_clip_pytorch_model.bin", state)
+    snapshot_file = next(tmp_path.rglob("open_clip_pytorch_model.bin"))
+
+    clip = load_clip("ViT-B-32", "openai", cache_dir=str(tmp_path))
+    reference = open_clip.load_openai_model(str(snapshot_file), precision="fp32", device="cpu").eval()
+    plain_gelu = open_clip.create_model("ViT-B-32", pretrained=str(snapshot_file)).eval()
+
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = (x - torch.tensor(clip.mean).view(1, 3, 1, 1)) / torch.tensor(clip.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ours, theirs, gelu = clip.model.encode_image(x), reference.encode_image(x), plain_gelu.encode_image(x)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(ours, gelu, atol=1e-3)  # the activation matters: the check can fail
+    assert clip.image_size == (224, 224)
+
+
+def test_missing_hub_model_fails_fast_with_instructions(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    # A closed local port: the hub is unreachable, as on a machine without network.
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path))
+    command = [sys.executable, "-m", "counterattack", "eval", "--model", "ViT-B-32", "--pretrained", "openai",
+               "--out", str(tmp_path / "out")]
+    # Without the reachability probe, huggingface_hub retries for ~50 s; the timeout catches that.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=40)
+    assert done.returncode == 2
+    assert "hf download timm/vit_base_patch32_clip_224.openai" in done.stderr
+    assert "Traceback" not in done.stderr
