@@ -119,3 +119,20 @@ def test_missing_hub_model_fails_fast_with_instructions(tmp_path):
     assert done.returncode == 2
     assert "hf download timm/vit_base_patch32_clip_224.openai" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_hf_hub_model_loads_from_the_local_cache(tmp_path, random_clip_dir):
+    repo_dir = tmp_path / "models--someone--tiny-clip"
+    snapshot = repo_dir / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("1" * 40)
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        (snapshot / name).write_bytes((random_clip_dir / name).read_bytes())
+    from_hub = load_clip("hf-hub:someone/tiny-clip", cache_dir=str(tmp_path))
+    from_dir = load_clip(f"local-dir:{random_clip_dir}")
+    assert from_hub.image_size == (32, 32)
+    for a, b in zip(from_hub.model.state_dict().values(), from_dir.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(CounterattackError, match="hf download someone/missing"):
+        load_clip("hf-hub:someone/missing", cache_dir=str(tmp_path))

@@ -43,6 +43,22 @@ class LoadedCLIP:
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Callable, description: str = "") -> "LoadedCLIP":
+        """Wrap an open_clip model you created yourself; it is put in eval mode and frozen."""
+        model = model.eval().requires_grad_(False)
+        cfg = dict(open_clip.get_model_preprocess_cfg(model))
+        size = cfg.get("size", 224)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            image_size=(size, size) if isinstance(size, int) else tuple(size),
+            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+            preprocess_cfg=cfg,
+            description=description,
+        )
+
 
 def load_clip(
     model: str = DEFAULT_MODEL,
@@ -91,19 +107,7 @@ def load_clip(
             raise CounterattackError(f"Could not load {description}: {exc}") from exc
         raise CounterattackError(_missing_download_message(schema, identifier, pretrained, exc)) from exc
 
-    clip = clip.to(device).eval().requires_grad_(False)
-    cfg = dict(open_clip.get_model_preprocess_cfg(clip))
-    size = cfg.get("size", 224)
-    image_size = (size, size) if isinstance(size, int) else tuple(size)
-    return LoadedCLIP(
-        model=clip,
-        tokenizer=tokenizer,
-        image_size=image_size,
-        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-        preprocess_cfg=cfg,
-        description=description,
-    )
+    return LoadedCLIP.from_model(clip.to(device), tokenizer, description)
 
 
 def _parse(model: str) -> tuple[str | None, str]:
