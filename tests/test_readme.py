@@ -1,0 +1,29 @@
+"""The README's commands and code are the ones that work."""
+
+import os
+import re
+from pathlib import Path
+
+from conftest import needs_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_readme_test_command():
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, "the first screen gives exactly two set-up commands"
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+@needs_shared
+def test_readme_python_example_runs(capsys):
+    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the example's paths are relative to the project root
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert "tensor(" in capsys.readouterr().out
