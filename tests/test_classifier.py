@@ -45,3 +45,10 @@ def test_template_ensemble_averages_normalised_text_embeddings(random_clip_dir):
     assert torch.allclose(ensemble.text_embeddings, F.normalize(singles[0] + singles[1], dim=-1), atol=1e-6)
     with pytest.raises(CounterattackError, match="exactly once"):
         ZeroShotClassifier.from_clip(clip, CIFAR10_CLASSES, ["no placeholder"])
+
+
+def test_embeddings_are_bit_identical_with_and_without_autograd(random_classifier, images):
+    with torch.no_grad():
+        plain = random_classifier.encode_image(images)
+    tracked = random_classifier.encode_image(images.clone().requires_grad_(True))
+    assert torch.equal(plain, tracked.detach())

@@ -141,3 +141,54 @@ def test_tau_from_a_separate_encoder(random_classifier, images, tmp_path):
     deltas = oracle_steps(random_classifier.encoder, images, delta0, ttc.steps)
     expected = sum(float(w) * d for w, d in zip(ttc.step_weights(), deltas))
     assert torch.allclose(result.images - images, expected, atol=1e-6)
+
+
+def _fast_and_reference(classifier, images, ttc):
+    from counterattack.defenses.reference import reference_ttc
+
+    fast = ttc.counterattack(classifier, images, rng(len(images)))
+    fast_out = ttc(classifier, images, rng(len(images)))
+    ref_images, ref_out = reference_ttc(ttc, classifier, images, rng(len(images)))
+    return fast, fast_out, ref_images, ref_out
+
+
+def _assert_agree(classifier, images, ttc):
+    fast, fast_out, ref_images, ref_out = _fast_and_reference(classifier, images, ttc)
+    assert torch.equal(fast.counterattacked, ref_out.counterattacked)
+    assert torch.allclose(fast.tau, ref_out.tau, rtol=1e-5)
+    assert torch.allclose(fast.images, ref_images, atol=1e-6)
+    assert torch.equal(fast_out.logits.argmax(-1), ref_out.logits.argmax(-1))
+    assert torch.allclose(fast_out.logits, ref_out.logits, atol=1e-4)
+    return fast
+
+
+@pytest.mark.parametrize("regime", ["all-clean", "all-attacked", "few-attacked", "most-attacked"])
+def test_fast_path_equals_reference_on_a_random_model(random_classifier, images, regime):
+    taus = TTC().counterattack(random_classifier, images, rng(len(images))).tau.sort().values
+    threshold = {"all-clean": 0.0, "all-attacked": float("inf"),
+                 "few-attacked": float(taus[2]), "most-attacked": float(taus[-1])}[regime]
+    fast = _assert_agree(random_classifier, images, TTC(tau_thres=threshold))
+    expected = {"all-clean": 0, "all-attacked": 6, "few-attacked": 2, "most-attacked": 5}[regime]
+    assert int(fast.counterattacked.sum()) == expected
+
+
+def test_tau_exactly_at_the_threshold_is_judged_clean(random_classifier, images):
+    taus = TTC().counterattack(random_classifier, images, rng(len(images))).tau
+    fast = _assert_agree(random_classifier, images, TTC(tau_thres=float(taus[0])))
+    assert not fast.counterattacked[0]
+    assert torch.equal(fast.images[0], images[0] + expected_delta0(images)[0])
+
+
+def test_fast_path_equals_reference_with_a_separate_tau_encoder(random_classifier, images, tmp_path):
+    other = load_clip(f"local-dir:{write_local_dir(tmp_path / 'other', RANDOM_CLIP_CFG, seed=7)}")
+    tau_encoder = ZeroShotClassifier.from_clip(other, CIFAR10_CLASSES).encoder
+    taus = TTC(tau_encoder=tau_encoder).counterattack(random_classifier, images, rng(len(images))).tau
+    _assert_agree(random_classifier, images, TTC(tau_thres=float(taus.median()), tau_encoder=tau_encoder))
+
+
+def test_fast_path_equals_reference_on_the_tiny_clip(tiny_classifier):
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    fast = _assert_agree(tiny_classifier, images, TTC())  # paper threshold: every image counterattacked
+    assert fast.counterattacked.all()
+    taus = fast.tau.sort().values
+    _assert_agree(tiny_classifier, images, TTC(tau_thres=float(taus[6])))

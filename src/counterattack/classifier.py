@@ -50,7 +50,15 @@ class ImageEncoder(nn.Module):
         return (pixels - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual(self.preprocess(pixels))
+        # PyTorch's attention "fast path" runs only when no gradient is tracked, and rounds
+        # differently. Without it an embedding is bit-identical with or without autograd, so TTC's
+        # gate (a small difference of two embeddings) never depends on which code path computed it.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.visual(self.preprocess(pixels))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class ZeroShotClassifier(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from ..classifier import ZeroShotClassifier
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
-from .loop import project, sign_gradient_steps
+from .loop import project, sign_gradient_steps, sign_step
 from .pgd import PGD
 
 
@@ -33,4 +33,4 @@ def build_attack(name: str, eps: float, steps: int, step_size: float) -> Attack:
     return ATTACKS[name](eps=eps, steps=steps, step_size=step_size)
 
 
-__all__ = ["ATTACKS", "Attack", "PGD", "build_attack", "project", "sign_gradient_steps"]
+__all__ = ["ATTACKS", "Attack", "PGD", "build_attack", "project", "sign_gradient_steps", "sign_step"]

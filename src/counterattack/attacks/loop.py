@@ -12,6 +12,11 @@ def project(images: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tens
     return torch.clamp(delta.clamp(-eps, eps), min=-images, max=1 - images)
 
 
+def sign_step(images: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, step_size: float, eps: float) -> torch.Tensor:
+    """One ascent step: move by ``step_size`` along the gradient's sign, then project."""
+    return project(images, delta.detach() + step_size * grad.sign(), eps)
+
+
 def sign_gradient_steps(
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -32,5 +37,5 @@ def sign_gradient_steps(
             delta.requires_grad_(True)
             loss = loss_fn(images + delta)
             (grad,) = torch.autograd.grad(loss, delta)
-        delta = project(images, delta.detach() + step_size * grad.sign(), eps)
+        delta = sign_step(images, delta, grad, step_size, eps)
         yield delta

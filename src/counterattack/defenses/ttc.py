@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attacks.loop import project, sign_gradient_steps
+from ..attacks.loop import project, sign_gradient_steps, sign_step
 from ..classifier import ImageEncoder, ZeroShotClassifier
 from ..randomness import ImageRandomness
 from .base import DefenseOptions, DefenseOutput
@@ -74,38 +74,57 @@ class TTC:
     @torch.no_grad()
     def counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
         encoder = classifier.encoder
-        images = images.detach().float()
-        n = len(images)
-        delta0 = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
-        anchor = encoder(images)
-        noisy = encoder(images + delta0)
+        x = images.detach().float()
+        n = len(x)
+        delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
+        anchor = encoder(x)  # f(x): computed once, shared by tau and the counterattack's loss
+        may_attack = self.steps > 0 and self.tau_thres > 0
+        # f(x + delta0) is tau's numerator, the embedding of every image judged clean, and the first
+        # forward of the counterattack: one pass, its graph kept while the gate may open.
+        with torch.set_grad_enabled(may_attack):
+            start = delta0.clone().requires_grad_(may_attack)
+            noisy = encoder(x + start)
         forwards = 2 * n
         if self.tau_encoder is None:
-            tau = relative_shift(noisy, anchor)
+            tau = relative_shift(noisy.detach(), anchor)
         else:
-            tau = relative_shift(self.tau_encoder(images + delta0), self.tau_encoder(images))
+            tau = relative_shift(self.tau_encoder(x + delta0), self.tau_encoder(x))
             forwards += 2 * n
         counterattacked = tau < self.tau_thres
-
-        delta = delta0.clone()
-        # Images judged clean keep delta0, so the gradient steps run only on the others.
         chosen = counterattacked.nonzero().flatten()
+        delta = delta0.clone()
         backwards = 0
         if len(chosen):
-            x, target = images[chosen], anchor[chosen]
+            # A backward costs about two forwards: once the chosen images are two thirds of the batch,
+            # backpropagating through the gate's full-batch graph beats a fresh forward of the chosen.
+            reuse = self.steps > 0 and 3 * len(chosen) >= 2 * n
+            if not reuse:
+                noisy = noisy.detach()  # free the full-batch graph before the steps build their own
+            delta[chosen] = self._counterattack_chosen(encoder, x, delta0, anchor, noisy, start, chosen, reuse)
+            forwards += (self.steps - int(reuse)) * len(chosen)
+            backwards += self.steps * len(chosen) + (n - len(chosen) if reuse else 0)
+        return TTCResult(x + delta, tau, counterattacked, noisy.detach(), forwards, backwards)
 
-            def embedding_shift(moved: torch.Tensor) -> torch.Tensor:
-                return (encoder(moved) - target).pow(2).sum()
+    def _counterattack_chosen(self, encoder, x, delta0, anchor, noisy, start, chosen, reuse_gate_forward: bool) -> torch.Tensor:
+        """``sum_k w_k delta_k`` for the chosen images; the first step from the gate's graph if asked."""
+        x_chosen, target = x[chosen], anchor[chosen]
 
-            weights = self.step_weights().to(images.device)
-            mixed = weights[0].float() * delta0[chosen]
-            steps = sign_gradient_steps(embedding_shift, x, delta0[chosen], self.eps, self.step_size, self.steps)
-            for k, delta_k in enumerate(steps, start=1):
-                mixed = mixed + weights[k].float() * delta_k
-            delta[chosen] = mixed
-            forwards += self.steps * len(chosen)
-            backwards += self.steps * len(chosen)
-        return TTCResult(images + delta, tau, counterattacked, noisy, forwards, backwards)
+        def embedding_shift(moved: torch.Tensor) -> torch.Tensor:
+            return (encoder(moved) - target).pow(2).sum()
+
+        weights = self.step_weights().to(x.device)
+        mixed = weights[0].float() * delta0[chosen]
+        first, remaining = delta0[chosen], self.steps
+        if reuse_gate_forward:
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad((noisy[chosen] - target).pow(2).sum(), start)
+            first = sign_step(x_chosen, first, grad[chosen], self.step_size, self.eps)
+            mixed = mixed + weights[1].float() * first
+            remaining -= 1
+        steps = sign_gradient_steps(embedding_shift, x_chosen, first, self.eps, self.step_size, remaining)
+        for k, delta_k in enumerate(steps, start=self.steps - remaining + 1):
+            mixed = mixed + weights[k].float() * delta_k
+        return mixed
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
