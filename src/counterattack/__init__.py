@@ -3,13 +3,17 @@
 from .attacks import ATTACKS, PGD, Attack, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import EvalDataset, balanced_subset, load_dataset
-from .defenses import DEFENSES, TTC, Defense, DefenseOptions, DefenseOutput, NoDefense, TTCResult, build_defenses
+from .defenses import (
+    DEFENSES, TTC, AntiAdversary, Defense, DefenseOptions, DefenseOutput, HedgeDefense, NoDefense, RandomNoise,
+    TransformEnsemble, TTCResult, build_defenses,
+)
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset
-from .models import LoadedCLIP, load_clip
+from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_dict
 from .randomness import ImageRandomness
 
 __all__ = [
+    "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
     "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "DefenseOptions",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
     "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",

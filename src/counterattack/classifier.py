@@ -111,7 +111,7 @@ class ZeroShotClassifier(nn.Module):
         return self.encoder(pixels)
 
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T
+        return (self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T).float()
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embeddings(self.encode_image(pixels))

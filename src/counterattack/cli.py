@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 
 from .attacks import ATTACKS, build_attack
-from .classifier import DEFAULT_TEMPLATES, ZeroShotClassifier
+from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import load_dataset
-from .defenses import DEFENSES, DefenseOptions, build_defenses
+from .defenses import DEFENSES, DefenseOptions, build_defenses, check_defense_names
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset
-from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_clip
+from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
+from .precision import PRECISIONS
 from .report import format_table
 
 PIXEL = 1 / 255
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     model = ev.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help="open_clip name, local-dir:PATH or hf-hub:org/name")
     model.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag or weights file (built-in names only)")
+    model.add_argument("--vision-checkpoint", type=Path,
+                       help="fine-tuned vision weights (e.g. TeCoA, PMG-AFT, FARE) swapped into --model's vision tower")
+    model.add_argument("--tau-model", help="encoder for TTC's tau: 'defended', or a model like --model "
+                       "(default: the base model when --vision-checkpoint is given, else the defended one)")
+    model.add_argument("--tau-pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag for --tau-model")
     model.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), help="prompt templates, '{}' is the class name")
     data = ev.add_argument_group("data")
     data.add_argument("--dataset", action="append", help="cifar10 or imagefolder:DIR (repeatable; default cifar10)")
@@ -78,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     defense.add_argument("--ttc-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
     defense.add_argument("--tau-thres", type=_nonnegative(float), default=0.2)
     defense.add_argument("--beta", type=float, default=2.0)
+    defense.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                         help="of the defenses' encoder passes (attacks always run in fp32)")
     run = ev.add_argument_group("run")
     run.add_argument("--batch-size", type=_positive_int, default=128)
     run.add_argument("--seed", type=int, default=0)
@@ -108,23 +117,45 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _tau_encoder(args: argparse.Namespace, clip: LoadedCLIP, device: torch.device) -> tuple[ImageEncoder | None, str]:
+    """Swap in the vision checkpoint, if any; return TTC's tau encoder (None: the defended one) and its name."""
+    base = None
+    if args.vision_checkpoint:
+        base = ImageEncoder.from_clip(clip)
+        base.visual = copy.deepcopy(base.visual)  # the original weights, before the swap
+        load_vision_checkpoint(clip, args.vision_checkpoint)
+    if args.tau_model == "defended" or (args.tau_model is None and base is None):
+        return None, "defended"
+    if args.tau_model is None:
+        return base, f"base ({args.model})"
+    other = load_clip(args.tau_model, args.tau_pretrained, device=device)
+    name = args.tau_model if ":" in args.tau_model else f"{args.tau_model} ({args.tau_pretrained})"
+    return ImageEncoder.from_clip(other), name
+
+
 def run_eval(args: argparse.Namespace) -> dict:
     datasets = args.dataset or ["cifar10"]
     device = _device(args.device)
     attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
+    check_defense_names(args.defense)  # before the model loads: a typo fails in seconds
+    clip = load_clip(args.model, args.pretrained, device=device)
+    tau_encoder, tau_model = _tau_encoder(args, clip, device)
     options = DefenseOptions(
         eps=args.ttc_eps * PIXEL,
         steps=args.ttc_steps,
         step_size=args.ttc_step_size * PIXEL,
         tau_thres=args.tau_thres,
         beta=args.beta,
+        precision=args.precision,
+        tau_encoder=tau_encoder,
     )
     defenses = build_defenses(args.defense, options)
-    clip = load_clip(args.model, args.pretrained, device=device)
     settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress)
     config = {
         "model": args.model,
         "pretrained": None if ":" in args.model else args.pretrained,
+        "vision_checkpoint": str(args.vision_checkpoint) if args.vision_checkpoint else None,
+        "tau_model": tau_model,
         "templates": args.templates,
         "datasets": datasets,
         "data_root": str(args.data_root),

@@ -95,11 +95,7 @@ def load_clip(
         )
         tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
     except pickle.UnpicklingError as exc:
-        raise CounterattackError(
-            f"Refusing to load the weights of {description}: the checkpoint holds pickled objects whose "
-            "loading could run code, not only tensors. Convert it to safetensors (or a plain state dict) "
-            f"on a machine you trust. Details: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise _refusal(description, exc) from exc
     except CounterattackError:
         raise
     except Exception as exc:  # open_clip and the hub raise many types for a missing download
@@ -108,6 +104,67 @@ def load_clip(
         raise CounterattackError(_missing_download_message(schema, identifier, pretrained, exc)) from exc
 
     return LoadedCLIP.from_model(clip.to(device), tokenizer, description)
+
+
+def _refusal(what: str, exc: Exception) -> CounterattackError:
+    return CounterattackError(
+        f"Refusing to load {what}: the checkpoint holds pickled objects whose loading could run code, "
+        "not only tensors. Convert it to safetensors (or a plain state dict) on a machine you trust. "
+        f"Details: {str(exc).splitlines()[0]}"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a ``torch.load(weights_only=True)`` checkpoint; nothing else runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CounterattackError(f"Checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refusal(str(path), exc) from exc
+    except Exception as exc:  # a truncated or foreign file
+        raise CounterattackError(f"Cannot read checkpoint {path}: {exc}") from exc
+
+
+def load_vision_checkpoint(clip: LoadedCLIP, path: str | Path) -> None:
+    """Swap fine-tuned weights into ``clip``'s vision tower, strictly.
+
+    Accepts the TTC authors' checkpoints (``vision_encoder_state_dict`` holding OpenAI-CLIP visual
+    weights, whose names open_clip's ViT shares), a plain visual state dict, or a full CLIP state
+    dict (its ``visual.`` entries are used); ``module.`` prefixes from DataParallel are dropped.
+    """
+    checkpoint = read_state_dict(path)
+    state = checkpoint
+    for key in ("vision_encoder_state_dict", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CounterattackError(f"{path} holds no state dict of tensors for a vision tower.")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("visual.") for k in state):
+        state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    expected = clip.model.visual.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        def some(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+        problems = [f"{label}: {some(items)}" for label, items in
+                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
+        raise CounterattackError(
+            f"{path} does not fit the vision tower of {clip.description}: " + "; ".join(problems)
+            + ". Is it for this architecture (e.g. --model ViT-B-32 for a ViT-B/32 checkpoint)?"
+        )
+    device = next(clip.model.visual.parameters()).device
+    clip.model.visual.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
 
 def _parse(model: str) -> tuple[str | None, str]:

@@ -18,6 +18,7 @@ class DefenseOutput:
     ``logits`` rather than images, so a defense can classify from embeddings it already has.
     ``tau`` and ``counterattacked`` are per image (None for defenses without a tau gate);
     ``forwards`` and ``backwards`` count image-encoder passes over single images, summed over the batch.
+    ``images`` are the defended images, for defenses that classify one image per input.
     """
 
     logits: torch.Tensor
@@ -25,6 +26,7 @@ class DefenseOutput:
     counterattacked: torch.Tensor | None = None
     forwards: int = 0
     backwards: int = 0
+    images: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class DefenseOptions:
     tau_thres: float = 0.2
     beta: float = 2.0
     tau_encoder: ImageEncoder | None = None
+    precision: str = "fp32"  # of the defense's encoder passes: fp32, bf16 or fp16
 
 
 class Defense(Protocol):

@@ -21,7 +21,7 @@ class NoDefense:
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        return DefenseOutput(logits=classifier.logits(images), forwards=len(images))
+        return DefenseOutput(logits=classifier.logits(images), forwards=len(images), images=images)
 
     def describe(self) -> dict:
         return {"defense": self.name}

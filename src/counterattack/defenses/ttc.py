@@ -23,6 +23,8 @@ import torch
 
 from ..attacks.loop import project, sign_gradient_steps, sign_step
 from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..errors import CounterattackError
+from ..precision import PRECISIONS, autocast
 from ..randomness import ImageRandomness
 from .base import DefenseOptions, DefenseOutput
 
@@ -61,11 +63,21 @@ class TTC:
     tau_thres: float = 0.2
     beta: float = 2.0
     tau_encoder: ImageEncoder | None = field(default=None, compare=False, repr=False)
+    precision: str = "fp32"
     name: str = "ttc"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise CounterattackError(f"Unknown precision {self.precision!r}. Available: {', '.join(PRECISIONS)}.")
+        if self.eps < 0 or self.step_size < 0 or self.steps < 0 or self.tau_thres < 0:
+            raise CounterattackError("TTC's eps, steps, step_size and tau_thres must be >= 0.")
 
     @classmethod
     def from_options(cls, options: DefenseOptions) -> "TTC":
-        return cls(options.eps, options.steps, options.step_size, options.tau_thres, options.beta, options.tau_encoder)
+        return cls(
+            options.eps, options.steps, options.step_size, options.tau_thres, options.beta, options.tau_encoder,
+            options.precision,
+        )
 
     def step_weights(self) -> torch.Tensor:
         """``w_k = exp(beta k) / sum_j exp(beta j)`` for k = 0..steps."""
@@ -73,11 +85,15 @@ class TTC:
 
     @torch.no_grad()
     def counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
+        with autocast(images.device, self.precision):
+            return self._counterattack(classifier, images, rng)
+
+    def _counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
         encoder = classifier.encoder
         x = images.detach().float()
         n = len(x)
         delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
-        anchor = encoder(x)  # f(x): computed once, shared by tau and the counterattack's loss
+        anchor = encoder(x).float()  # f(x): computed once, shared by tau and the counterattack's loss
         may_attack = self.steps > 0 and self.tau_thres > 0
         # f(x + delta0) is tau's numerator, the embedding of every image judged clean, and the first
         # forward of the counterattack: one pass, its graph kept while the gate may open.
@@ -86,9 +102,9 @@ class TTC:
             noisy = encoder(x + start)
         forwards = 2 * n
         if self.tau_encoder is None:
-            tau = relative_shift(noisy.detach(), anchor)
+            tau = relative_shift(noisy.detach().float(), anchor)
         else:
-            tau = relative_shift(self.tau_encoder(x + delta0), self.tau_encoder(x))
+            tau = relative_shift(self.tau_encoder(x + delta0).float(), self.tau_encoder(x).float())
             forwards += 2 * n
         counterattacked = tau < self.tau_thres
         chosen = counterattacked.nonzero().flatten()
@@ -110,14 +126,14 @@ class TTC:
         x_chosen, target = x[chosen], anchor[chosen]
 
         def embedding_shift(moved: torch.Tensor) -> torch.Tensor:
-            return (encoder(moved) - target).pow(2).sum()
+            return (encoder(moved).float() - target).pow(2).sum()
 
         weights = self.step_weights().to(x.device)
         mixed = weights[0].float() * delta0[chosen]
         first, remaining = delta0[chosen], self.steps
         if reuse_gate_forward:
             with torch.enable_grad():
-                (grad,) = torch.autograd.grad((noisy[chosen] - target).pow(2).sum(), start)
+                (grad,) = torch.autograd.grad((noisy[chosen].float() - target).pow(2).sum(), start)
             first = sign_step(x_chosen, first, grad[chosen], self.step_size, self.eps)
             mixed = mixed + weights[1].float() * first
             remaining -= 1
@@ -133,9 +149,10 @@ class TTC:
         chosen = result.counterattacked.nonzero().flatten()
         forwards = result.forwards
         if len(chosen):
-            logits[chosen] = classifier.logits(result.images[chosen])
+            with autocast(images.device, self.precision):
+                logits[chosen] = classifier.logits(result.images[chosen])
             forwards += len(chosen)
-        return DefenseOutput(logits, result.tau, result.counterattacked, forwards, result.backwards)
+        return DefenseOutput(logits, result.tau, result.counterattacked, forwards, result.backwards, result.images)
 
     def describe(self) -> dict:
         return {
@@ -146,4 +163,5 @@ class TTC:
             "tau_thres": self.tau_thres,
             "beta": self.beta,
             "separate_tau_encoder": self.tau_encoder is not None,
+            "precision": self.precision,
         }

@@ -1,0 +1,36 @@
+"""Random noise (RN): TTC's ``delta0`` alone, with no gradient steps and no gate.
+
+The baseline that isolates TTC's counterattack: the same uniform noise in the eps_ttc ball
+(``DefenseOptions.eps``, 4/255 by default) drawn from the same per-image stream, so RN equals
+TTC whenever TTC judges every image clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attacks.loop import project
+from ..classifier import ZeroShotClassifier
+from ..randomness import ImageRandomness
+from .base import DefenseOptions, DefenseOutput
+
+
+@dataclass(frozen=True)
+class RandomNoise:
+    eps: float = 4 / 255
+    name: str = "rn"
+
+    @classmethod
+    def from_options(cls, options: DefenseOptions) -> "RandomNoise":
+        return cls(eps=options.eps)
+
+    @torch.no_grad()
+    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
+        x = images.detach().float()
+        delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
+        return DefenseOutput(logits=classifier.logits(x + delta0), forwards=len(x), images=x + delta0)
+
+    def describe(self) -> dict:
+        return {"defense": self.name, "eps": self.eps}
