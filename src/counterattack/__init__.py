@@ -8,7 +8,7 @@ from .defenses import (
     TransformEnsemble, TTCResult, build_defenses,
 )
 from .errors import CounterattackError
-from .evaluate import RunSettings, evaluate_dataset
+from .evaluate import RunSettings, evaluate_dataset, summarize
 from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_dict
 from .randomness import ImageRandomness
 

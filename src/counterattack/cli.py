@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -14,15 +13,17 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .attacks import ATTACKS, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import load_dataset
 from .defenses import DEFENSES, DefenseOptions, build_defenses, check_defense_names
 from .errors import CounterattackError
-from .evaluate import RunSettings, evaluate_dataset
+from .evaluate import RunSettings, evaluate_dataset, summarize
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
 from .precision import PRECISIONS
-from .report import format_table
+from .report import format_table, write_report
+from .results import ResultsStore, write_json_atomically
 
 PIXEL = 1 / 255
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="write Markdown/CSV tables and PNG plots of a run folder")
+    report.add_argument("folder", type=Path, help="an --out folder of counterattack eval")
     ev = commands.add_parser(
         "eval",
         help="attack a zero-shot CLIP and measure defenses (paper protocol)",
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--workers", type=_nonnegative(int), default=min(4, os.cpu_count() or 1), help="data loading processes")
-    run.add_argument("--out", type=Path, default=Path("runs/latest"), help="folder for results.json")
+    run.add_argument("--out", type=Path, default=Path("runs/latest"),
+                     help="folder for the results; running the same command again resumes there")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -107,14 +111,6 @@ def _device(choice: str) -> torch.device:
 
 def _versions() -> dict[str, str]:
     return {pkg: version(pkg) for pkg in ("clip-counterattack", "torch", "torchvision", "open_clip_torch")}
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Write atomically, so an interrupted run never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _tau_encoder(args: argparse.Namespace, clip: LoadedCLIP, device: torch.device) -> tuple[ImageEncoder | None, str]:
@@ -133,9 +129,20 @@ def _tau_encoder(args: argparse.Namespace, clip: LoadedCLIP, device: torch.devic
     return ImageEncoder.from_clip(other), name
 
 
-def run_eval(args: argparse.Namespace) -> dict:
+def run_eval(args: argparse.Namespace) -> dict | None:
+    """Evaluate, appending each batch to ``--out`` as it finishes; resume what is already there.
+
+    Returns the results on the main process (None on the others of a torchrun group).
+    """
     datasets = args.dataset or ["cifar10"]
-    device = _device(args.device)
+    group, device = distributed.start(_device(args.device))
+    try:
+        return _run_eval(args, datasets, group, device)
+    finally:
+        group.close()
+
+
+def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.ProcessGroup, device: torch.device) -> dict | None:
     attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
     check_defense_names(args.defense)  # before the model loads: a typo fails in seconds
     clip = load_clip(args.model, args.pretrained, device=device)
@@ -150,7 +157,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         tau_encoder=tau_encoder,
     )
     defenses = build_defenses(args.defense, options)
-    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress)
+    # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
+    loaded = [load_dataset(spec, clip, args.data_root) for spec in datasets]
     config = {
         "model": args.model,
         "pretrained": None if ":" in args.model else args.pretrained,
@@ -163,20 +171,30 @@ def run_eval(args: argparse.Namespace) -> dict:
         "attack": attack.describe(),
         "defenses": [d.describe() for d in defenses],
         "units": "eps and step sizes in [0, 1] pixel units",
-        "batch_size": args.batch_size,
         "seed": args.seed,
-        "device": str(device),
-        "versions": _versions(),
+        # Settings that change no result: a resumed run may differ in them.
+        "run": {"batch_size": args.batch_size, "device": str(device), "processes": group.world_size,
+                "versions": _versions()},
     }
-    results = {"config": config, "records": []}
-    # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
-    loaded = [load_dataset(spec, clip, args.data_root) for spec in datasets]
+    store = ResultsStore(args.out, group.rank)
+    store.check_config(config, write=group.is_main)
+    done = store.done()
+    group.barrier()  # everyone has read what is done before anyone adds to it
+    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress,
+                           group.rank, group.world_size)
     for data in loaded:
         classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
-        results["records"].extend(evaluate_dataset(classifier, data, attack, defenses, settings))
-        _write_json(args.out / "results.json", results)
-    print(format_table(results["records"]))
-    print(f"\nresults: {args.out / 'results.json'}")
+        for batch in evaluate_dataset(classifier, data, attack, defenses, settings, skip=done.get(data.name, ())):
+            store.append(batch)
+    group.barrier()
+    if not group.is_main:
+        return None
+    records = summarize(store.batches(), [d.name for d in loaded], [d.name for d in defenses], attack.name)
+    results = {"config": config, "records": records}
+    write_json_atomically(args.out / "results.json", results)
+    print(format_table(records))
+    written = write_report(args.out)
+    print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}")
     return results
 
 
@@ -193,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval":
             run_eval(args)
+        elif args.command == "report":
+            for path in write_report(args.folder):
+                print(path)
     except CounterattackError as exc:
         print(f"counterattack: error: {exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,14 @@
-"""The evaluation loop of the paper's protocol.
+"""The evaluation loop of the paper's protocol, streamed batch by batch.
 
 Adversarial images are crafted against the undefended classifier; then every defense is applied to
-the same clean and the same adversarial images. Randomness is per image (see ``randomness``).
+the same clean and the same adversarial images. Randomness is per image (see ``randomness``), so
+a batch's results do not depend on how the images were batched, resumed or sharded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,57 +18,8 @@ from tqdm.auto import tqdm
 from .attacks import Attack
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, WithIndex, balanced_subset
-from .defenses import Defense
+from .defenses import Defense, DefenseOutput
 from .randomness import ImageRandomness
-
-
-@dataclass
-class _Tally:
-    """Running sums for one defense on one dataset."""
-
-    n: int = 0
-    correct_clean: int = 0
-    correct_adv: int = 0
-    tau_clean: float = 0.0
-    tau_adv: float = 0.0
-    counterattacked_clean: int = 0
-    counterattacked_adv: int = 0
-    forwards: int = 0
-    backwards: int = 0
-    has_tau: bool = False
-
-    def add(self, clean, adv, labels: torch.Tensor) -> None:
-        self.n += len(labels)
-        self.correct_clean += int((clean.logits.argmax(-1) == labels).sum())
-        self.correct_adv += int((adv.logits.argmax(-1) == labels).sum())
-        self.forwards += clean.forwards + adv.forwards
-        self.backwards += clean.backwards + adv.backwards
-        if clean.tau is not None:
-            self.has_tau = True
-            self.tau_clean += float(clean.tau.double().sum())
-            self.tau_adv += float(adv.tau.double().sum())
-            self.counterattacked_clean += int(clean.counterattacked.sum())
-            self.counterattacked_adv += int(adv.counterattacked.sum())
-
-    def record(self, dataset: str, attack: str, defense: str) -> dict:
-        def mean(total: float) -> float | None:
-            return total / self.n if self.has_tau else None
-
-        return {
-            "dataset": dataset,
-            "attack": attack,
-            "defense": defense,
-            "n": self.n,
-            "clean_acc": 100.0 * self.correct_clean / self.n,
-            "robust_acc": 100.0 * self.correct_adv / self.n,
-            "mean_tau_clean": mean(self.tau_clean),
-            "mean_tau_adv": mean(self.tau_adv),
-            "counterattacked_clean": mean(self.counterattacked_clean),
-            "counterattacked_adv": mean(self.counterattacked_adv),
-            # Per image, counting the clean and the adversarial pass of each image.
-            "forwards_per_image": self.forwards / (2 * self.n),
-            "backwards_per_image": self.backwards / (2 * self.n),
-        }
 
 
 @dataclass
@@ -77,6 +30,37 @@ class RunSettings:
     workers: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
+    rank: int = 0
+    world_size: int = 1
+
+
+class _Stopwatch:
+    """Wall time and, on CUDA, peak memory of a block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "_Stopwatch":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_memory_mb = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_memory_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.seconds = time.perf_counter() - self.start
+
+
+def _per_image(output: DefenseOutput) -> dict:
+    return {
+        "pred": output.logits.argmax(-1).tolist(),
+        "tau": None if output.tau is None else output.tau.tolist(),
+        "counterattacked": None if output.counterattacked is None else output.counterattacked.tolist(),
+    }
 
 
 def evaluate_dataset(
@@ -85,26 +69,102 @@ def evaluate_dataset(
     attack: Attack,
     defenses: Sequence[Defense],
     settings: RunSettings,
-) -> list[dict]:
-    """One record per defense: clean and robust accuracy, tau statistics and cost."""
-    indices = balanced_subset(data.targets, settings.limit)
+    skip: Collection[int] = (),
+) -> Iterator[dict]:
+    """Yield one result per batch: per-image predictions and taus of every defense, and its cost.
+
+    Images whose index is in ``skip`` (already done) are left out; the rest are shared among
+    ``settings.world_size`` processes, this one taking every ``world_size``-th from ``rank``.
+    """
+    todo = [i for i in balanced_subset(data.targets, settings.limit) if i not in skip]
+    mine = todo[settings.rank :: settings.world_size]
+    if not mine:
+        return
     loader = DataLoader(
-        WithIndex(data.dataset, indices),
+        WithIndex(data.dataset, mine),
         batch_size=settings.batch_size,
         num_workers=settings.workers,
         pin_memory=settings.device.type == "cuda",
     )
-    tallies = {defense.name: _Tally() for defense in defenses}
-    bar = tqdm(total=len(indices), desc=data.name, unit="img", disable=not settings.progress, leave=False)
-    for images, labels, ids in loader:
-        images, labels = images.to(settings.device), labels.to(settings.device)
-        ids = ids.tolist()
-        adversarial = attack(classifier, images, labels, ImageRandomness.for_images(settings.seed, data.name, ids, "attack"))
-        for defense in defenses:
-            # Every defense draws the same noise for an image, so their results pair up.
-            clean = defense(classifier, images, ImageRandomness.for_images(settings.seed, data.name, ids, "defense-clean"))
-            adv = defense(classifier, adversarial, ImageRandomness.for_images(settings.seed, data.name, ids, "defense-adv"))
-            tallies[defense.name].add(clean, adv, labels)
-        bar.update(len(ids))
-    bar.close()
-    return [tally.record(data.name, attack.name, name) for name, tally in tallies.items()]
+    show = settings.progress and settings.rank == 0
+    with tqdm(total=len(mine), desc=data.name, unit="img", disable=not show, leave=False) as bar:
+        for images, labels, ids in loader:
+            images, labels = images.to(settings.device), labels.to(settings.device)
+            ids = ids.tolist()
+
+            def streams(purpose: str) -> ImageRandomness:
+                return ImageRandomness.for_images(settings.seed, data.name, ids, purpose)
+
+            with _Stopwatch(settings.device) as attack_time:
+                adversarial = attack(classifier, images, labels, streams("attack"))
+            batch = {"dataset": data.name, "ids": ids, "labels": labels.tolist(),
+                     "attack_seconds": attack_time.seconds, "defenses": {}}
+            for defense in defenses:
+                with _Stopwatch(settings.device) as cost:
+                    # Every defense draws the same noise for an image, so their results pair up.
+                    clean = defense(classifier, images, streams("defense-clean"))
+                    adv = defense(classifier, adversarial, streams("defense-adv"))
+                batch["defenses"][defense.name] = {
+                    "clean": _per_image(clean),
+                    "adv": _per_image(adv),
+                    "forwards": clean.forwards + adv.forwards,
+                    "backwards": clean.backwards + adv.backwards,
+                    "seconds": cost.seconds,
+                    "peak_memory_mb": cost.peak_memory_mb,
+                }
+            yield batch
+            bar.update(len(ids))
+
+
+def summarize(batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attack: str) -> list[dict]:
+    """One record per dataset and defense, in the given orders, from per-batch results."""
+    sums: dict[tuple[str, str], dict] = {}
+    for batch in batches:
+        labels = batch["labels"]
+        for name, result in batch["defenses"].items():
+            s = sums.setdefault((batch["dataset"], name), {
+                "n": 0, "correct_clean": 0, "correct_adv": 0, "tau_clean": 0.0, "tau_adv": 0.0,
+                "ca_clean": 0, "ca_adv": 0, "forwards": 0, "backwards": 0, "seconds": 0.0,
+                "peak": None, "has_tau": False})
+            s["n"] += len(labels)
+            s["correct_clean"] += sum(p == y for p, y in zip(result["clean"]["pred"], labels))
+            s["correct_adv"] += sum(p == y for p, y in zip(result["adv"]["pred"], labels))
+            if result["clean"]["tau"] is not None:
+                s["has_tau"] = True
+                s["tau_clean"] += sum(result["clean"]["tau"])
+                s["tau_adv"] += sum(result["adv"]["tau"])
+                s["ca_clean"] += sum(result["clean"]["counterattacked"])
+                s["ca_adv"] += sum(result["adv"]["counterattacked"])
+            s["forwards"] += result["forwards"]
+            s["backwards"] += result["backwards"]
+            s["seconds"] += result["seconds"]
+            if result["peak_memory_mb"] is not None:
+                s["peak"] = max(s["peak"] or 0.0, result["peak_memory_mb"])
+    records = []
+    for dataset in datasets:
+        for name in defenses:
+            s = sums.get((dataset, name))
+            if s is None:
+                continue
+            n, images = s["n"], 2 * s["n"]  # each image is defended twice: clean and adversarial
+
+            def mean(total: float) -> float | None:
+                return total / n if s["has_tau"] else None
+
+            records.append({
+                "dataset": dataset,
+                "attack": attack,
+                "defense": name,
+                "n": n,
+                "clean_acc": 100.0 * s["correct_clean"] / n,
+                "robust_acc": 100.0 * s["correct_adv"] / n,
+                "mean_tau_clean": mean(s["tau_clean"]),
+                "mean_tau_adv": mean(s["tau_adv"]),
+                "counterattacked_clean": mean(s["ca_clean"]),
+                "counterattacked_adv": mean(s["ca_adv"]),
+                "forwards_per_image": s["forwards"] / images,
+                "backwards_per_image": s["backwards"] / images,
+                "ms_per_image": 1000.0 * s["seconds"] / images,
+                "peak_memory_mb": s["peak"],
+            })
+    return records

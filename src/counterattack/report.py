@@ -1,8 +1,21 @@
-"""Human-readable tables of evaluation records."""
+"""Tables and plots of evaluation results: the terminal table, and ``counterattack report DIR``.
+
+The report holds Markdown and CSV tables in the layout of the paper's Table 1 (defenses as rows,
+datasets and their average as columns, clean and robust accuracy) with the cost of each defense,
+a histogram of tau on clean and adversarial images per dataset (TTC's "falsely stable" picture)
+and accuracy bars per dataset and defense.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import CounterattackError
+from .results import ResultsStore
 
 _COLUMNS = (
     ("dataset", "dataset", "{}"),
@@ -17,16 +30,171 @@ _COLUMNS = (
     ("counterattacked_adv", "CA adv", "{:.1%}"),
     ("forwards_per_image", "fwd/img", "{:.2f}"),
     ("backwards_per_image", "bwd/img", "{:.2f}"),
+    ("ms_per_image", "ms/img", "{:.2f}"),
 )
+
+
+def _cell(record: dict, key: str, fmt: str) -> str:
+    value = record.get(key)
+    return "-" if value is None else fmt.format(value)
 
 
 def format_table(records: Sequence[dict]) -> str:
     """A plain-text table, one row per record; missing values print as '-'."""
     header = [title for _, title, _ in _COLUMNS]
-    rows = [
-        [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in _COLUMNS] for r in records
-    ]
+    rows = [[_cell(r, key, fmt) for key, _, fmt in _COLUMNS] for r in records]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def short_name(dataset: str) -> str:
+    """``imagefolder:../data/cifar10/test`` -> ``cifar10/test``; registry names stay."""
+    if not dataset.startswith("imagefolder:"):
+        return dataset
+    parts = Path(dataset.split(":", 1)[1]).parts
+    return "/".join(parts[-2:]) if parts and parts[-1] in ("test", "val", "train") else (parts[-1] if parts else dataset)
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def paper_tables(records: Sequence[dict]) -> str:
+    """Markdown: per attack, clean and robust accuracy (defenses x datasets + average), then cost."""
+    sections = []
+    for attack in _ordered(r["attack"] for r in records):
+        mine = [r for r in records if r["attack"] == attack]
+        datasets = _ordered(r["dataset"] for r in mine)
+        defenses = _ordered(r["defense"] for r in mine)
+        by_key = {(r["dataset"], r["defense"]): r for r in mine}
+        for key, title in (("clean_acc", "Clean accuracy (%)"), ("robust_acc", f"Robust accuracy (%), attack {attack}")):
+            rows = []
+            for defense in defenses:
+                values = [by_key[(d, defense)][key] if (d, defense) in by_key else None for d in datasets]
+                present = [v for v in values if v is not None]
+                average = sum(present) / len(present) if present else None
+                rows.append([defense] + ["-" if v is None else f"{v:.2f}" for v in values + [average]])
+            sections.append(f"### {title}\n\n" + _markdown(["defense", *map(short_name, datasets), "average"], rows))
+        cost_rows = []
+        for defense in defenses:
+            rs = [r for r in mine if r["defense"] == defense]
+            peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
+            cost_rows.append([
+                defense,
+                f"{sum(r['forwards_per_image'] for r in rs) / len(rs):.2f}",
+                f"{sum(r['backwards_per_image'] for r in rs) / len(rs):.2f}",
+                f"{sum(r['ms_per_image'] for r in rs) / len(rs):.2f}" if all(r.get("ms_per_image") is not None for r in rs) else "-",
+                f"{max(peaks):.0f}" if peaks else "-",
+            ])
+        sections.append("### Cost per image\n\n" + _markdown(
+            ["defense", "forwards", "backwards", "ms", "peak GPU memory (MB)"], cost_rows))
+    return "\n\n".join(sections)
+
+
+def _file_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def plot_tau_histograms(batches: Sequence[dict], tau_thres: float | None, out: Path) -> list[Path]:
+    """Per dataset: tau of clean vs adversarial images, for the first defense that has a tau."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taus: dict[str, dict[str, list[float]]] = {}
+    for batch in batches:
+        for name, result in batch["defenses"].items():
+            if result["clean"]["tau"] is not None:
+                entry = taus.setdefault(batch["dataset"], {"defense": name, "clean": [], "adv": []})
+                if entry["defense"] == name:
+                    entry["clean"] += result["clean"]["tau"]
+                    entry["adv"] += result["adv"]["tau"]
+    written = []
+    for dataset, entry in taus.items():
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        # The threshold is always in view: whether the taus fall far below it is the story.
+        values = entry["clean"] + entry["adv"] + ([tau_thres] if tau_thres is not None else [])
+        span = (min(values), max(values)) if max(values) > min(values) else (min(values) - 0.5, min(values) + 0.5)
+        ax.hist(entry["clean"], bins=60, range=span, alpha=0.6, label=f"clean (n={len(entry['clean'])})")
+        ax.hist(entry["adv"], bins=60, range=span, alpha=0.6, label="adversarial")
+        if tau_thres is not None:
+            ax.axvline(tau_thres, color="black", linestyle="--", label=f"tau_thres = {tau_thres:g}")
+        ax.set_xlabel("tau = ||f(x + delta0) - f(x)|| / ||f(x)||")
+        ax.set_ylabel("images")
+        ax.set_title(f"{short_name(dataset)}: tau of clean vs adversarial images")
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"tau_hist_{_file_name(short_name(dataset))}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_accuracy(records: Sequence[dict], out: Path) -> Path:
+    """Grouped bars: per dataset, clean (light) and robust (dark) accuracy of each defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = _ordered(r["dataset"] for r in records)
+    defenses = _ordered(r["defense"] for r in records)
+    by_key = {(r["dataset"], r["defense"]): r for r in records}
+    width = 0.8 / len(defenses)
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(datasets) * max(1, len(defenses) / 3)), 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, defense in enumerate(defenses):
+        xs = [i + (j - (len(defenses) - 1) / 2) * width for i in range(len(datasets))]
+        clean = [by_key.get((d, defense), {}).get("clean_acc", 0) for d in datasets]
+        robust = [by_key.get((d, defense), {}).get("robust_acc", 0) for d in datasets]
+        color = colors[j % len(colors)]
+        ax.bar(xs, clean, width, color=color, alpha=0.35)
+        ax.bar(xs, robust, width, color=color, label=defense)
+    ax.set_xticks(range(len(datasets)), [short_name(d) for d in datasets])
+    ax.set_ylabel("accuracy (%): light clean, dark robust")
+    ax.set_ylim(0, 100)
+    ax.legend(ncol=min(len(defenses), 6), fontsize="small")
+    fig.tight_layout()
+    path = out / "accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path) -> list[Path]:
+    """Write report.md, report.csv and the PNG plots from a run folder's results."""
+    out = Path(out)
+    results_path = out / "results.json"
+    if not results_path.is_file():
+        raise CounterattackError(f"No results.json in {out}: run `counterattack eval --out {out}` first.")
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    records = results["records"]
+    if not records:
+        raise CounterattackError(f"{results_path} holds no records yet.")
+    config = results.get("config", {})
+    ttc = [d for d in config.get("defenses", []) if "tau_thres" in d]
+    tau_thres = ttc[0]["tau_thres"] if ttc else None
+
+    with (out / "report.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    plots = [plot_accuracy(records, out), *plot_tau_histograms(ResultsStore(out).batches(), tau_thres, out)]
+    settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "limit", "seed") if k in config)
+    images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
+    (out / "report.md").write_text(
+        f"# Evaluation report\n\n{settings}\n\nattack: `{json.dumps(config.get('attack'))}`\n\n"
+        f"{paper_tables(records)}\n\n## Plots\n\n{images}\n",
+        encoding="utf-8",
+    )
+    return [out / "report.md", out / "report.csv", *plots]

@@ -1,0 +1,105 @@
+"""The results store: per-batch results appended as they are produced, so a run can resume.
+
+Layout under ``--out``::
+
+    config.json          the run's settings and their hash; a different configuration is refused
+    parts/rank-R.jsonl   one line per finished batch, appended and fsynced by process R
+    results.json         the summary records, written at the end (atomically)
+
+A run killed at any moment (even ``kill -9``) leaves at worst one half-written last line, which is
+ignored and cut off; running the same command again skips every image already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import CounterattackError
+
+# Settings that do not change any result: left out of the hash, so a resumed run may change them.
+RUN_ONLY_KEYS = ("run",)
+
+
+def config_hash(config: dict) -> str:
+    relevant = {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ResultsStore:
+    def __init__(self, out: Path, rank: int = 0):
+        self.out = Path(out)
+        self.parts = self.out / "parts"
+        self.rank = rank
+
+    @property
+    def config_path(self) -> Path:
+        return self.out / "config.json"
+
+    def check_config(self, config: dict, write: bool) -> None:
+        """Refuse to mix runs: the stored configuration must be this one (written if absent and ``write``)."""
+        digest = config_hash(config)
+        if self.config_path.is_file():
+            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
+            if stored.get("hash") != digest:
+                old = stored.get("config", {})
+                changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
+                raise CounterattackError(
+                    f"{self.out} holds results of another configuration (hash {stored.get('hash')}, this one "
+                    f"{digest}; differing: {', '.join(changed) or 'unknown'}). Use another --out, or delete "
+                    "the folder to start over."
+                )
+        elif write:
+            write_json_atomically(self.config_path, {"hash": digest, "config": config})
+
+    def _lines(self, path: Path) -> Iterator[dict]:
+        with path.open("r", encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    return  # the half-written last line of a killed run
+                yield json.loads(line)
+
+    def batches(self) -> list[dict]:
+        """Every finished batch of every process; an image met twice counts once."""
+        seen: set[tuple[str, int]] = set()
+        result = []
+        for path in sorted(self.parts.glob("rank-*.jsonl")):
+            for batch in self._lines(path):
+                keys = [(batch["dataset"], i) for i in batch["ids"]]
+                if any(k in seen for k in keys):
+                    continue
+                seen.update(keys)
+                result.append(batch)
+        return result
+
+    def done(self) -> dict[str, set[int]]:
+        """Image indices already evaluated, per dataset."""
+        done: dict[str, set[int]] = {}
+        for batch in self.batches():
+            done.setdefault(batch["dataset"], set()).update(batch["ids"])
+        return done
+
+    def append(self, batch: dict) -> None:
+        path = self.parts / f"rank-{self.rank}.jsonl"
+        self.parts.mkdir(parents=True, exist_ok=True)
+        with path.open("a+b") as f:
+            # Cut a half-written last line left by a killed run before adding to the file.
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    content = path.read_bytes()
+                    f.truncate(content.rfind(b"\n") + 1)
+            f.write((json.dumps(batch) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,132 @@
+"""Runs you can trust: batch-size invariance, kill -9 and resume, torchrun, reports, refused mixes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from counterattack.cli import main
+
+from test_data import write_image_folder
+
+# The computation's cost depends on how images were batched (fast TTC reuses a batch's graph when
+# most of it is counterattacked), and timings on the machine: records are compared without them.
+COST = ("ms_per_image", "peak_memory_mb", "forwards_per_image", "backwards_per_image")
+TAU = ("mean_tau_clean", "mean_tau_adv")
+
+
+def eval_args(model_dir: Path, folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{model_dir}",
+            "--dataset", f"imagefolder:{folder}", "--attack-steps", "2", "--defense", "none,rn,ttc",
+            "--tau-thres", "0.004", "--out", str(out), *extra]
+
+
+class Records(list):
+    """Records without their cost, equal when all else is equal and the mean taus agree to float noise
+    (a batch's shape changes the last bits of its embeddings)."""
+
+    def __eq__(self, other) -> bool:
+        return len(self) == len(other) and all(
+            a.keys() == b.keys()
+            and all(a[k] == (pytest.approx(b[k], rel=1e-5) if k in TAU and b[k] is not None else b[k]) for k in a)
+            for a, b in zip(self, other)
+        )
+
+
+def records(out: Path) -> Records:
+    return Records(
+        {k: v for k, v in r.items() if k not in COST} for r in json.loads((out / "results.json").read_text())["records"]
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), {"cat": 6, "dog": 6, "sea_lion": 6}, seed=9)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, random_clip_dir, folder) -> list[dict]:
+    out = tmp_path_factory.mktemp("reference")
+    assert main(eval_args(random_clip_dir, folder, out, "--batch-size", "64")) == 0
+    return records(out)
+
+
+def test_reference_run_mixes_gate_decisions(reference):
+    ttc = [r for r in reference if r["defense"] == "ttc"][0]
+    assert 0 < ttc["counterattacked_clean"] < 1 or 0 < ttc["counterattacked_adv"] < 1
+
+
+def test_batch_size_one_gives_identical_records(tmp_path, random_clip_dir, folder, reference):
+    assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "1")) == 0
+    assert records(tmp_path) == reference
+
+
+def test_rerun_resumes_without_recomputing(tmp_path, random_clip_dir, folder, reference):
+    assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "5")) == 0
+    lines = (tmp_path / "parts" / "rank-0.jsonl").read_text().splitlines()
+    assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "7")) == 0
+    assert (tmp_path / "parts" / "rank-0.jsonl").read_text().splitlines() == lines
+    assert records(tmp_path) == reference
+
+
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_clip_dir, folder, reference):
+    command = [sys.executable, "-m", "counterattack", *eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "1")]
+    parts = tmp_path / "parts" / "rank-0.jsonl"
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and (not parts.exists() or len(parts.read_bytes().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(parts.read_bytes().splitlines())
+    assert 3 <= done_before < 18, "the run was killed mid-way"
+    assert not (tmp_path / "results.json").exists()
+    # A half-written last line, as a kill during a write leaves, is cut off and redone.
+    with parts.open("ab") as f:
+        f.write(b'{"dataset": "imagefolder:')
+    assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")) == 0
+    assert records(tmp_path) == reference
+    batches = [json.loads(line) for line in parts.read_text().splitlines()]
+    ids = [i for b in batches for i in b["ids"]]
+    assert sorted(ids) == list(range(18))  # nothing lost, nothing twice
+
+
+def test_changed_configuration_in_the_same_out_is_refused(tmp_path, random_clip_dir, folder, capsys):
+    assert main(eval_args(random_clip_dir, folder, tmp_path, "--limit", "3")) == 0
+    assert main(eval_args(random_clip_dir, folder, tmp_path, "--limit", "3", "--eps", "2")) == 2
+    error = capsys.readouterr().err
+    assert "another configuration" in error and "attack" in error
+
+
+def test_torchrun_with_two_processes_equals_one(tmp_path, random_clip_dir, folder, reference):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+               "-m", "counterattack", *eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")]
+    done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
+    assert records(tmp_path) == reference
+
+
+def test_report_writes_tables_and_valid_pictures(tmp_path, random_clip_dir, folder, capsys):
+    assert main(eval_args(random_clip_dir, folder, tmp_path)) == 0
+    for name in ("report.md", "report.csv", "accuracy.png"):
+        assert (tmp_path / name).is_file()
+    (tmp_path / "report.md").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "### Clean accuracy (%)" in markdown and "| ttc |" in markdown and "average" in markdown
+    assert "### Cost per image" in markdown
+    pictures = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pictures] == ["accuracy.png", "tau_hist_imgs0.png"]
+    for picture in pictures:
+        with Image.open(picture) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
