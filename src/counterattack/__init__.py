@@ -1,6 +1,6 @@
 """clip-counterattack: Test-time Counterattacks (TTC) for CLIP zero-shot classifiers."""
 
-from .attacks import ATTACKS, PGD, Attack, build_attack
+from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, AutoAttack, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import EvalDataset, balanced_subset, load_dataset
 from .defenses import (
@@ -13,7 +13,7 @@ from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_di
 from .randomness import ImageRandomness
 
 __all__ = [
-    "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
+    "AdaptiveAttack", "AutoAttack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
     "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "DefenseOptions",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
     "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",

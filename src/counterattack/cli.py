@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .attacks import ATTACKS, build_attack
+from .attacks import ATTACKS, PGD, AdaptiveAttack, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import load_dataset
-from .defenses import DEFENSES, DefenseOptions, build_defenses, check_defense_names
+from .defenses import ADAPTIVE_METHODS, DEFENSES, DefenseOptions, build_defenses, check_defense_names
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
@@ -77,10 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
     data.add_argument("--limit", type=_positive_int, help="class-balanced subset of N images (first images of each class)")
     attack = ev.add_argument_group("attack")
-    attack.add_argument("--attack", default="pgd", choices=sorted(ATTACKS))
+    attack.add_argument("--attack", default="pgd", choices=list(ATTACKS),
+                        help="; ".join(f"{k}: {v}" for k, v in ATTACKS.items()))
     attack.add_argument("--eps", type=_nonnegative(float), default=1.0, help="L-inf budget, in 1/255")
     attack.add_argument("--attack-steps", type=_nonnegative(int), default=10)
     attack.add_argument("--attack-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
+    attack.add_argument("--threat", default="paper", choices=["paper", "adaptive"],
+                        help="paper: crafted against the undefended model; adaptive: through each defense")
+    attack.add_argument("--adaptive-method", default="exact", choices=list(ADAPTIVE_METHODS),
+                        help="exact: differentiate the unrolled defense; bpda: straight-through")
+    attack.add_argument("--eot-samples", type=_positive_int, default=1, help="adaptive: draws of the defense's randomness per step")
+    attack.add_argument("--gate-weight", type=_nonnegative(float), default=0.0,
+                        help="adaptive: weight of the term pushing TTC's tau above its threshold")
     defense = ev.add_argument_group("defense")
     defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
     defense.add_argument("--ttc-eps", type=_nonnegative(float), default=4.0, help="counterattack budget, in 1/255")
@@ -144,6 +152,9 @@ def run_eval(args: argparse.Namespace) -> dict | None:
 
 def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.ProcessGroup, device: torch.device) -> dict | None:
     attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
+    if args.threat == "adaptive" and not isinstance(attack, PGD):
+        raise CounterattackError("--threat adaptive runs the pgd or cw loop through the defense; "
+                                 f"{args.attack} is for the paper's protocol.")
     check_defense_names(args.defense)  # before the model loads: a typo fails in seconds
     clip = load_clip(args.model, args.pretrained, device=device)
     tau_encoder, tau_model = _tau_encoder(args, clip, device)
@@ -157,6 +168,13 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
         tau_encoder=tau_encoder,
     )
     defenses = build_defenses(args.defense, options)
+    adaptive_attacks = None
+    if args.threat == "adaptive":
+        adaptive_attacks = {
+            d.name: AdaptiveAttack(d, attack.eps, attack.steps, attack.step_size, attack.loss,
+                                   args.adaptive_method, args.eot_samples, args.gate_weight)
+            for d in defenses
+        }
     # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
     loaded = [load_dataset(spec, clip, args.data_root) for spec in datasets]
     config = {
@@ -169,6 +187,9 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
         "data_root": str(args.data_root),
         "limit": args.limit,
         "attack": attack.describe(),
+        "threat": args.threat,
+        "adaptive": {"method": args.adaptive_method, "eot_samples": args.eot_samples, "gate_weight": args.gate_weight}
+        if args.threat == "adaptive" else None,
         "defenses": [d.describe() for d in defenses],
         "units": "eps and step sizes in [0, 1] pixel units",
         "seed": args.seed,
@@ -184,12 +205,17 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
                            group.rank, group.world_size)
     for data in loaded:
         classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
-        for batch in evaluate_dataset(classifier, data, attack, defenses, settings, skip=done.get(data.name, ())):
+        per_defense = (lambda d: adaptive_attacks[d.name]) if adaptive_attacks else None
+        for batch in evaluate_dataset(classifier, data, attack, defenses, settings, done.get(data.name, ()), per_defense):
             store.append(batch)
     group.barrier()
     if not group.is_main:
         return None
-    records = summarize(store.batches(), [d.name for d in loaded], [d.name for d in defenses], attack.name)
+    adaptive = None
+    if args.threat == "adaptive":
+        adaptive = f"{args.adaptive_method}, eot {args.eot_samples}, gate weight {args.gate_weight:g}"
+    records = summarize(store.batches(), [d.name for d in loaded], [d.name for d in defenses], attack.name,
+                        args.threat, adaptive)
     results = {"config": config, "records": records}
     write_json_atomically(args.out / "results.json", results)
     print(format_table(records))

@@ -8,7 +8,7 @@ a batch's results do not depend on how the images were batched, resumed or shard
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,12 +70,16 @@ def evaluate_dataset(
     defenses: Sequence[Defense],
     settings: RunSettings,
     skip: Collection[int] = (),
+    attack_for_defense: Callable[[Defense], Attack] | None = None,
 ) -> Iterator[dict]:
     """Yield one result per batch: per-image predictions and taus of every defense, and its cost.
 
-    Images whose index is in ``skip`` (already done) are left out; the rest are shared among
-    ``settings.world_size`` processes, this one taking every ``world_size``-th from ``rank``.
+    Under the paper's protocol ``attack`` is crafted once, against the undefended model, for all
+    defenses; ``attack_for_defense`` gives each defense its own attack instead (adaptive attacks). Images whose index is in ``skip``
+    (already done) are left out; the rest are shared among ``settings.world_size`` processes, this
+    one taking every ``world_size``-th from ``rank``.
     """
+    attack_for = attack_for_defense or (lambda defense: attack)
     todo = [i for i in balanced_subset(data.targets, settings.limit) if i not in skip]
     mine = todo[settings.rank :: settings.world_size]
     if not mine:
@@ -95,11 +99,15 @@ def evaluate_dataset(
             def streams(purpose: str) -> ImageRandomness:
                 return ImageRandomness.for_images(settings.seed, data.name, ids, purpose)
 
-            with _Stopwatch(settings.device) as attack_time:
-                adversarial = attack(classifier, images, labels, streams("attack"))
-            batch = {"dataset": data.name, "ids": ids, "labels": labels.tolist(),
-                     "attack_seconds": attack_time.seconds, "defenses": {}}
+            batch = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
+            crafted: dict[int, tuple[torch.Tensor, float]] = {}
             for defense in defenses:
+                attack_of_defense = attack_for(defense)
+                if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
+                    with _Stopwatch(settings.device) as attack_time:
+                        adv_images = attack_of_defense(classifier, images, labels, streams("attack"))
+                    crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
+                adversarial, attack_seconds = crafted[id(attack_of_defense)]
                 with _Stopwatch(settings.device) as cost:
                     # Every defense draws the same noise for an image, so their results pair up.
                     clean = defense(classifier, images, streams("defense-clean"))
@@ -111,12 +119,16 @@ def evaluate_dataset(
                     "backwards": clean.backwards + adv.backwards,
                     "seconds": cost.seconds,
                     "peak_memory_mb": cost.peak_memory_mb,
+                    "attack_seconds": attack_seconds,
                 }
             yield batch
             bar.update(len(ids))
 
 
-def summarize(batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attack: str) -> list[dict]:
+def summarize(
+    batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attack: str,
+    threat: str = "paper", adaptive: str | None = None,
+) -> list[dict]:
     """One record per dataset and defense, in the given orders, from per-batch results."""
     sums: dict[tuple[str, str], dict] = {}
     for batch in batches:
@@ -154,6 +166,8 @@ def summarize(batches: Iterable[dict], datasets: Sequence[str], defenses: Sequen
             records.append({
                 "dataset": dataset,
                 "attack": attack,
+                "threat": threat,
+                "adaptive": adaptive,
                 "defense": name,
                 "n": n,
                 "clean_acc": 100.0 * s["correct_clean"] / n,

@@ -9,7 +9,10 @@ import torch
 from ..classifier import ZeroShotClassifier
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
-from .loop import project, sign_gradient_steps, sign_step
+from .adaptive import AdaptiveAttack
+from .autoattack import AutoAttack
+from .loop import project, replay_steps, sign_gradient_steps, sign_step
+from .losses import LOSSES, cross_entropy, cw_margin
 from .pgd import PGD
 
 
@@ -23,14 +26,28 @@ class Attack(Protocol):
     def describe(self) -> dict: ...
 
 
-ATTACKS: dict[str, type] = {"pgd": PGD}
+ATTACKS: dict[str, str] = {
+    "pgd": "L-inf PGD on the cross-entropy",
+    "cw": "L-inf PGD on CW's margin loss (kappa 50)",
+    "autoattack-paper": "APGD-CE + APGD-DLR (the TTC paper's subset)",
+    "autoattack": "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square",
+}
 
 
 def build_attack(name: str, eps: float, steps: int, step_size: float) -> Attack:
-    """An attack by registry name; budgets in [0, 1] pixel units."""
-    if name not in ATTACKS:
-        raise CounterattackError(f"Unknown attack {name!r}. Available: {', '.join(sorted(ATTACKS))}.")
-    return ATTACKS[name](eps=eps, steps=steps, step_size=step_size)
+    """An attack of the paper's protocol by name; budgets in [0, 1] pixel units.
+
+    For AutoAttack, ``steps`` is APGD's number of iterations and ``step_size`` is not used (APGD
+    adapts its own).
+    """
+    if name in ("pgd", "cw"):
+        return PGD(eps=eps, steps=steps, step_size=step_size, loss="ce" if name == "pgd" else "cw")
+    if name in ("autoattack-paper", "autoattack"):
+        return AutoAttack(eps=eps, steps=steps, version="paper" if name == "autoattack-paper" else "standard")
+    raise CounterattackError(f"Unknown attack {name!r}. Available: {', '.join(ATTACKS)}.")
 
 
-__all__ = ["ATTACKS", "Attack", "PGD", "build_attack", "project", "sign_gradient_steps", "sign_step"]
+__all__ = [
+    "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "LOSSES", "PGD", "build_attack", "cross_entropy", "cw_margin",
+    "project", "replay_steps", "sign_gradient_steps", "sign_step",
+]

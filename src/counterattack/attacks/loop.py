@@ -24,11 +24,13 @@ def sign_gradient_steps(
     eps: float,
     step_size: float,
     steps: int,
+    signs: list[torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Ascend ``loss_fn(images + delta)`` by signed gradient steps, projecting after each.
 
     ``loss_fn`` returns a scalar, summed over the batch, so each image's gradient is its own.
-    Yields the perturbation after every step (detached); the caller keeps what it needs.
+    Yields the perturbation after every step (detached); the caller keeps what it needs. The
+    gradient signs are appended to ``signs`` if given, for ``replay_steps``.
     """
     images = images.detach()
     delta = delta.detach()
@@ -37,5 +39,22 @@ def sign_gradient_steps(
             delta.requires_grad_(True)
             loss = loss_fn(images + delta)
             (grad,) = torch.autograd.grad(loss, delta)
+        if signs is not None:
+            signs.append(grad.sign())
         delta = sign_step(images, delta, grad, step_size, eps)
         yield delta
+
+
+def replay_steps(
+    images: torch.Tensor, delta: torch.Tensor, signs: list[torch.Tensor], step_size: float, eps: float
+) -> list[torch.Tensor]:
+    """The perturbations of recorded steps, as differentiable functions of ``images``.
+
+    A sign has zero derivative, so replaying the recorded signs differentiates the unrolled loop
+    exactly: the images enter only through the projections onto the [0, 1] box.
+    """
+    deltas = []
+    for sign in signs:
+        delta = project(images, delta + step_size * sign, eps)
+        deltas.append(delta)
+    return deltas

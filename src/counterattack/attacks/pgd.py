@@ -1,24 +1,25 @@
-"""Projected gradient descent under an L-inf budget (Madry et al., ICLR 2018)."""
+"""Projected gradient descent under an L-inf budget (Madry et al., ICLR 2018), and CW through it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
 from .loop import project, sign_gradient_steps
+from .losses import LOSSES
 
 
 @dataclass(frozen=True)
 class PGD:
-    """L-inf PGD on the cross-entropy of the zero-shot logits.
+    """L-inf PGD on a loss of the zero-shot logits: cross-entropy (``pgd``) or CW's margin (``cw``).
 
     Uniform random start in [-eps, eps], ``steps`` signed-gradient ascent steps of ``step_size``,
     each projected onto the eps ball and the [0, 1] box. Budgets are in pixel units ([0, 1]); the
-    paper's protocol is eps 1/255, 10 steps, step 1/255.
+    paper's protocol is eps 1/255, 10 steps, step 1/255; its CW is this loop on the margin loss
+    ``-relu(z_true - max_{j != true} z_j + 50)``.
 
     Example::
 
@@ -28,20 +29,29 @@ class PGD:
     eps: float = 1 / 255
     steps: int = 10
     step_size: float = 1 / 255
-    name: str = "pgd"
+    loss: str = "ce"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; one of {sorted(LOSSES)}")
+
+    @property
+    def name(self) -> str:
+        return "pgd" if self.loss == "ce" else self.loss
 
     def __call__(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
     ) -> torch.Tensor:
         images = images.detach().float()
         delta = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
+        loss_of_logits = LOSSES[self.loss]
 
         def loss(adv: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(classifier.logits(adv), labels, reduction="sum")
+            return loss_of_logits(classifier.logits(adv), labels)
 
         for delta in sign_gradient_steps(loss, images, delta, self.eps, self.step_size, self.steps):
             pass
         return (images + delta).detach()
 
     def describe(self) -> dict:
-        return {"attack": self.name, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}
+        return {"attack": self.name, "loss": self.loss, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import CounterattackError
 from .anti_adversary import AntiAdversary
-from .base import Defense, DefenseOptions, DefenseOutput
+from .base import ADAPTIVE_METHODS, AttackView, Defense, DefenseOptions, DefenseOutput
 from .hedge import HedgeDefense
 from .none import NoDefense
 from .rn import RandomNoise
@@ -40,6 +40,6 @@ def build_defenses(names: Sequence[str], options: DefenseOptions = DefenseOption
 
 
 __all__ = [
-    "DEFENSES", "AntiAdversary", "Defense", "DefenseOptions", "DefenseOutput", "HedgeDefense", "NoDefense",
+    "ADAPTIVE_METHODS", "AttackView", "DEFENSES", "AntiAdversary", "Defense", "DefenseOptions", "DefenseOutput", "HedgeDefense", "NoDefense",
     "RandomNoise", "TTC", "TTCResult", "TransformEnsemble", "build_defenses", "check_defense_names", "relative_shift",
 ]

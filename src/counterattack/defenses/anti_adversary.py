@@ -11,31 +11,21 @@ Choices (the TTC paper gives none beyond using TTC's budget): start at delta = 0
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..attacks.loop import sign_gradient_steps
 from ..classifier import ZeroShotClassifier
-from ..randomness import ImageRandomness
-from .base import DefenseOptions, DefenseOutput
+from .sign_steps import SignStepDefense
 
 
 @dataclass(frozen=True)
-class AntiAdversary:
-    eps: float = 4 / 255
-    steps: int = 2
-    step_size: float = 1 / 255
+class AntiAdversary(SignStepDefense):
     name: str = "anti-adversary"
 
-    @classmethod
-    def from_options(cls, options: DefenseOptions) -> "AntiAdversary":
-        return cls(options.eps, options.steps, options.step_size)
-
-    @torch.no_grad()
-    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        x = images.detach().float()
+    def objective(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         predicted: list[torch.Tensor] = []
 
         def confidence_of_prediction(moved: torch.Tensor) -> torch.Tensor:
@@ -44,11 +34,4 @@ class AntiAdversary:
                 predicted.append(logits.argmax(-1).detach())
             return -F.cross_entropy(logits, predicted[0], reduction="sum")
 
-        delta = torch.zeros_like(x)
-        for delta in sign_gradient_steps(confidence_of_prediction, x, delta, self.eps, self.step_size, self.steps):
-            pass
-        n = len(x)
-        return DefenseOutput(classifier.logits(x + delta), forwards=(self.steps + 1) * n, backwards=self.steps * n, images=x + delta)
-
-    def describe(self) -> dict:
-        return {"defense": self.name, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}
+        return confidence_of_prediction

@@ -29,6 +29,30 @@ class DefenseOutput:
     images: torch.Tensor | None = None
 
 
+@dataclass
+class AttackView:
+    """A defense's logits as a differentiable function of its input, for adaptive attacks.
+
+    ``tau`` (differentiable too) is given for defenses with a gate, when asked for.
+    """
+
+    logits: torch.Tensor
+    tau: torch.Tensor | None = None
+    tau_thres: float | None = None
+
+
+# bpda: the defense's perturbation is a constant in the backward pass (straight-through, d(x + delta)/dx = I).
+# exact: the unrolled defense is differentiated; sign steps are replayed, gates are constants.
+ADAPTIVE_METHODS = ("bpda", "exact")
+
+
+def through_defense(images: torch.Tensor, delta: torch.Tensor, method: str) -> torch.Tensor:
+    """``images + delta``, with ``delta`` differentiated (exact) or held constant (bpda)."""
+    if method not in ADAPTIVE_METHODS:
+        raise ValueError(f"unknown adaptive method {method!r}; one of {ADAPTIVE_METHODS}")
+    return images + (delta.detach() if method == "bpda" else delta)
+
+
 @dataclass(frozen=True)
 class DefenseOptions:
     """The knobs shared by the test-time defenses, in [0, 1] pixel units (paper defaults)."""
@@ -46,5 +70,11 @@ class Defense(Protocol):
     name: str
 
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput: ...
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        """The defended logits, differentiable w.r.t. ``images`` (see ``ADAPTIVE_METHODS``)."""
+        ...
 
     def describe(self) -> dict: ...

@@ -10,14 +10,13 @@ projected onto the L-inf ball ``eps`` and the [0, 1] box; defaults 4/255, 2 step
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..attacks.loop import sign_gradient_steps
 from ..classifier import ZeroShotClassifier
-from ..randomness import ImageRandomness
-from .base import DefenseOptions, DefenseOutput
+from .sign_steps import SignStepDefense
 
 
 def summed_class_losses(logits: torch.Tensor) -> torch.Tensor:
@@ -26,25 +25,8 @@ def summed_class_losses(logits: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class HedgeDefense:
-    eps: float = 4 / 255
-    steps: int = 2
-    step_size: float = 1 / 255
+class HedgeDefense(SignStepDefense):
     name: str = "hd"
 
-    @classmethod
-    def from_options(cls, options: DefenseOptions) -> "HedgeDefense":
-        return cls(options.eps, options.steps, options.step_size)
-
-    @torch.no_grad()
-    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        x = images.detach().float()
-        delta = torch.zeros_like(x)
-        loss = lambda moved: summed_class_losses(classifier.logits(moved))  # noqa: E731
-        for delta in sign_gradient_steps(loss, x, delta, self.eps, self.step_size, self.steps):
-            pass
-        n = len(x)
-        return DefenseOutput(classifier.logits(x + delta), forwards=(self.steps + 1) * n, backwards=self.steps * n, images=x + delta)
-
-    def describe(self) -> dict:
-        return {"defense": self.name, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}
+    def objective(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda moved: summed_class_losses(classifier.logits(moved))

@@ -8,7 +8,7 @@ import torch
 
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
-from .base import DefenseOptions, DefenseOutput
+from .base import AttackView, DefenseOptions, DefenseOutput
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,11 @@ class NoDefense:
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         return DefenseOutput(logits=classifier.logits(images), forwards=len(images), images=images)
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        return AttackView(classifier.logits(images))
 
     def describe(self) -> dict:
         return {"defense": self.name}

@@ -14,7 +14,7 @@ import torch
 from ..attacks.loop import project
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
-from .base import DefenseOptions, DefenseOutput
+from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class RandomNoise:
         x = images.detach().float()
         delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
         return DefenseOutput(logits=classifier.logits(x + delta0), forwards=len(x), images=x + delta0)
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        delta0 = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
+        return AttackView(classifier.logits(through_defense(images, delta0, method)))
 
     def describe(self) -> dict:
         return {"defense": self.name, "eps": self.eps}

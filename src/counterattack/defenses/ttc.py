@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attacks.loop import project, sign_gradient_steps, sign_step
+from ..attacks.loop import project, replay_steps, sign_gradient_steps, sign_step
 from ..classifier import ImageEncoder, ZeroShotClassifier
 from ..errors import CounterattackError
 from ..precision import PRECISIONS, autocast
 from ..randomness import ImageRandomness
-from .base import DefenseOptions, DefenseOutput
+from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
 
 
 @dataclass
@@ -39,6 +39,8 @@ class TTCResult:
     noisy_embeddings: torch.Tensor  # f(x + delta0), reused to classify images judged clean
     forwards: int
     backwards: int
+    noise: torch.Tensor  # the uniform draw behind delta0
+    signs: list[torch.Tensor]  # gradient signs of each step, for the counterattacked images only
 
 
 def relative_shift(moved: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,8 @@ class TTC:
         encoder = classifier.encoder
         x = images.detach().float()
         n = len(x)
-        delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
+        noise = rng.uniform_like(x, -self.eps, self.eps)
+        delta0 = project(x, noise, self.eps)
         anchor = encoder(x).float()  # f(x): computed once, shared by tau and the counterattack's loss
         may_attack = self.steps > 0 and self.tau_thres > 0
         # f(x + delta0) is tau's numerator, the embedding of every image judged clean, and the first
@@ -110,18 +113,19 @@ class TTC:
         chosen = counterattacked.nonzero().flatten()
         delta = delta0.clone()
         backwards = 0
+        signs: list[torch.Tensor] = []
         if len(chosen):
             # A backward costs about two forwards: once the chosen images are two thirds of the batch,
             # backpropagating through the gate's full-batch graph beats a fresh forward of the chosen.
             reuse = self.steps > 0 and 3 * len(chosen) >= 2 * n
             if not reuse:
                 noisy = noisy.detach()  # free the full-batch graph before the steps build their own
-            delta[chosen] = self._counterattack_chosen(encoder, x, delta0, anchor, noisy, start, chosen, reuse)
+            delta[chosen] = self._counterattack_chosen(encoder, x, delta0, anchor, noisy, start, chosen, reuse, signs)
             forwards += (self.steps - int(reuse)) * len(chosen)
             backwards += self.steps * len(chosen) + (n - len(chosen) if reuse else 0)
-        return TTCResult(x + delta, tau, counterattacked, noisy.detach(), forwards, backwards)
+        return TTCResult(x + delta, tau, counterattacked, noisy.detach(), forwards, backwards, noise, signs)
 
-    def _counterattack_chosen(self, encoder, x, delta0, anchor, noisy, start, chosen, reuse_gate_forward: bool) -> torch.Tensor:
+    def _counterattack_chosen(self, encoder, x, delta0, anchor, noisy, start, chosen, reuse_gate_forward: bool, signs) -> torch.Tensor:
         """``sum_k w_k delta_k`` for the chosen images; the first step from the gate's graph if asked."""
         x_chosen, target = x[chosen], anchor[chosen]
 
@@ -134,10 +138,11 @@ class TTC:
         if reuse_gate_forward:
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad((noisy[chosen].float() - target).pow(2).sum(), start)
+            signs.append(grad[chosen].sign())
             first = sign_step(x_chosen, first, grad[chosen], self.step_size, self.eps)
             mixed = mixed + weights[1].float() * first
             remaining -= 1
-        steps = sign_gradient_steps(embedding_shift, x_chosen, first, self.eps, self.step_size, remaining)
+        steps = sign_gradient_steps(embedding_shift, x_chosen, first, self.eps, self.step_size, remaining, signs)
         for k, delta_k in enumerate(steps, start=self.steps - remaining + 1):
             mixed = mixed + weights[k].float() * delta_k
         return mixed
@@ -153,6 +158,26 @@ class TTC:
                 logits[chosen] = classifier.logits(result.images[chosen])
             forwards += len(chosen)
         return DefenseOutput(logits, result.tau, result.counterattacked, forwards, result.backwards, result.images)
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        """TTC as a function of its input: the gate and the step signs of this draw are held fixed,
+        the projections are differentiated (exact) or the whole perturbation is (bpda)."""
+        result = self.counterattack(classifier, images.detach(), rng)
+        delta0 = project(images, result.noise, self.eps)
+        delta = delta0
+        chosen = result.counterattacked.nonzero().flatten()
+        if len(chosen):
+            kept = [delta0[chosen], *replay_steps(images[chosen], delta0[chosen], result.signs, self.step_size, self.eps)]
+            weights = self.step_weights().to(images.device)
+            mixed = sum(w.float() * d for w, d in zip(weights, kept))
+            delta = delta0.index_put((chosen,), mixed)
+        tau = None
+        if with_tau:
+            tau_encoder = self.tau_encoder or classifier.encoder
+            tau = relative_shift(tau_encoder(images + delta0).float(), tau_encoder(images).float())
+        return AttackView(classifier.logits(through_defense(images, delta, method)), tau, self.tau_thres)
 
     def describe(self) -> dict:
         return {

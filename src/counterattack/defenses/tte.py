@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
-from .base import DefenseOptions, DefenseOutput
+from .base import AttackView, DefenseOptions, DefenseOutput
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,12 +56,22 @@ class TransformEnsemble:
     def from_options(cls, options: DefenseOptions) -> "TransformEnsemble":
         return cls()
 
+    def _views(self, images: torch.Tensor) -> Sequence[Transform]:
+        return self.transforms or default_transforms(images.shape[-1], self.shift_fraction)
+
+    def _mean_logits(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([classifier.logits(view(images)) for view in self._views(images)]).mean(dim=0)
+
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = images.detach().float()
-        views = self.transforms or default_transforms(x.shape[-1], self.shift_fraction)
-        logits = torch.stack([classifier.logits(view(x)) for view in views]).mean(dim=0)
-        return DefenseOutput(logits=logits, forwards=len(views) * len(x))
+        return DefenseOutput(logits=self._mean_logits(classifier, x), forwards=len(self._views(x)) * len(x))
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        """Flips and shifts are differentiable: both methods differentiate the ensemble itself."""
+        return AttackView(self._mean_logits(classifier, images))
 
     def describe(self) -> dict:
         return {"defense": self.name, "views": len(self.transforms) if self.transforms else 10,

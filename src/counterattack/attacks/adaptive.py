@@ -1,0 +1,77 @@
+"""Adaptive attacks: the attack's gradient flows through the defense it attacks.
+
+The paper crafts adversarial images against the undefended CLIP. An attacker who knows the defense
+does better; against TTC the literature reports robust accuracy falling to a few percent. Here any
+defense of the library can be attacked through its ``attack_view``:
+
+- ``method="exact"``: the unrolled defense is differentiated (sign steps replayed, the gate held),
+- ``method="bpda"``: straight-through, the defense's perturbation held constant in the backward pass,
+- ``eot_samples=K``: each step averages the loss over K draws of the defense's randomness (EOT),
+- ``gate_weight=w``: adds ``w * min(tau, tau_thres)``, pushing tau above TTC's threshold so the
+  image is judged clean and left to ``delta0`` alone.
+
+The PGD loop, its random start and its projection are the paper's; the loss is cross-entropy
+(``pgd``) or CW's margin (``cw``) on the defended logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..classifier import ZeroShotClassifier
+from ..defenses.base import ADAPTIVE_METHODS, Defense
+from ..errors import CounterattackError
+from ..randomness import ImageRandomness
+from .loop import project, sign_gradient_steps
+from .losses import LOSSES
+
+
+@dataclass(frozen=True)
+class AdaptiveAttack:
+    defense: Defense = field(compare=False)
+    eps: float = 1 / 255
+    steps: int = 10
+    step_size: float = 1 / 255
+    loss: str = "ce"
+    method: str = "exact"
+    eot_samples: int = 1
+    gate_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ADAPTIVE_METHODS:
+            raise CounterattackError(f"Unknown adaptive method {self.method!r}. Available: {', '.join(ADAPTIVE_METHODS)}.")
+        if self.loss not in LOSSES:
+            raise CounterattackError(f"Adaptive attacks use the pgd or cw loss, not {self.loss!r}.")
+        if self.eot_samples < 1:
+            raise CounterattackError("--eot-samples must be at least 1.")
+
+    @property
+    def name(self) -> str:
+        return "pgd" if self.loss == "ce" else self.loss
+
+    def __call__(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
+    ) -> torch.Tensor:
+        images = images.detach().float()
+        delta = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
+        loss_of_logits = LOSSES[self.loss]
+
+        def loss(adv: torch.Tensor) -> torch.Tensor:
+            total = adv.new_zeros(())
+            for _ in range(self.eot_samples):
+                view = self.defense.attack_view(classifier, adv, rng, self.method, with_tau=self.gate_weight > 0)
+                total = total + loss_of_logits(view.logits, labels)
+                if self.gate_weight > 0 and view.tau is not None:
+                    total = total + self.gate_weight * view.tau.clamp(max=view.tau_thres).sum()
+            return total / self.eot_samples
+
+        for delta in sign_gradient_steps(loss, images, delta, self.eps, self.step_size, self.steps):
+            pass
+        return (images + delta).detach()
+
+    def describe(self) -> dict:
+        return {"attack": self.name, "loss": self.loss, "eps": self.eps, "steps": self.steps,
+                "step_size": self.step_size, "threat": "adaptive", "method": self.method,
+                "eot_samples": self.eot_samples, "gate_weight": self.gate_weight, "defense": self.defense.name}

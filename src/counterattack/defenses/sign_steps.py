@@ -1,0 +1,64 @@
+"""Defenses that take signed-gradient steps from the image itself (Anti-Adversary, Hedge Defense)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..attacks.loop import replay_steps, sign_gradient_steps
+from ..classifier import ZeroShotClassifier
+from ..randomness import ImageRandomness
+from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
+
+
+@dataclass(frozen=True)
+class SignStepDefense:
+    """``steps`` ascent steps of ``step_size`` on ``objective`` from delta = 0, within ``eps`` and [0, 1].
+
+    Cost: ``steps`` forwards and backwards plus one final forward per image.
+    """
+
+    eps: float = 4 / 255
+    steps: int = 2
+    step_size: float = 1 / 255
+    name: str = ""
+
+    @classmethod
+    def from_options(cls, options: DefenseOptions) -> "SignStepDefense":
+        return cls(options.eps, options.steps, options.step_size)
+
+    def objective(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The scalar to ascend, as a function of the moved images (summed over the batch)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def perturbation(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, signs: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        delta = torch.zeros_like(images)
+        for delta in sign_gradient_steps(
+            self.objective(classifier, images), images, delta, self.eps, self.step_size, self.steps, signs
+        ):
+            pass
+        return delta
+
+    @torch.no_grad()
+    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
+        x = images.detach().float()
+        defended = x + self.perturbation(classifier, x)
+        n = len(x)
+        return DefenseOutput(classifier.logits(defended), forwards=(self.steps + 1) * n, backwards=self.steps * n, images=defended)
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        signs: list[torch.Tensor] = []
+        self.perturbation(classifier, images.detach().float(), signs)
+        start = torch.zeros_like(images)
+        delta = replay_steps(images, start, signs, self.step_size, self.eps)[-1] if signs else start
+        return AttackView(classifier.logits(through_defense(images, delta, method)))
+
+    def describe(self) -> dict:
+        return {"defense": self.name, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}
