@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .attacks import ATTACKS, PGD, AdaptiveAttack, build_attack
+from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import load_dataset
-from .defenses import ADAPTIVE_METHODS, DEFENSES, DefenseOptions, build_defenses, check_defense_names
+from .defenses import ADAPTIVE_METHODS, DEFENSES, Defense, DefenseOptions, NoDefense, build_defenses, check_defense_names
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
 from .precision import PRECISIONS
 from .report import format_table, write_report
 from .results import ResultsStore, write_json_atomically
+from .sanity import format_report, run_sanity
 
 PIXEL = 1 / 255
 
@@ -49,21 +50,9 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser("report", help="write Markdown/CSV tables and PNG plots of a run folder")
-    report.add_argument("folder", type=Path, help="an --out folder of counterattack eval")
-    ev = commands.add_parser(
-        "eval",
-        help="attack a zero-shot CLIP and measure defenses (paper protocol)",
-        description="Craft adversarial images against the undefended CLIP, then apply every defense to the same "
-        "clean and adversarial images. Budgets and step sizes are in units of 1/255.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    model = ev.add_argument_group("model")
+def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False) -> None:
+    """The options eval and sanity share: model, data, attack, defense and run."""
+    model = command.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help="open_clip name, local-dir:PATH or hf-hub:org/name")
     model.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag or weights file (built-in names only)")
     model.add_argument("--vision-checkpoint", type=Path,
@@ -72,13 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the base model when --vision-checkpoint is given, else the defended one)")
     model.add_argument("--tau-pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag for --tau-model")
     model.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), help="prompt templates, '{}' is the class name")
-    data = ev.add_argument_group("data")
-    data.add_argument("--dataset", action="append", help="cifar10 or imagefolder:DIR (repeatable; default cifar10)")
+    data = command.add_argument_group("data")
+    if sanity:
+        data.add_argument("--dataset", default="cifar10", help="cifar10 or imagefolder:DIR")
+    else:
+        data.add_argument("--dataset", action="append", help="cifar10 or imagefolder:DIR (repeatable; default cifar10)")
     data.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
-    data.add_argument("--limit", type=_positive_int, help="class-balanced subset of N images (first images of each class)")
-    attack = ev.add_argument_group("attack")
-    attack.add_argument("--attack", default="pgd", choices=list(ATTACKS),
-                        help="; ".join(f"{k}: {v}" for k, v in ATTACKS.items()))
+    data.add_argument("--limit", type=_positive_int, default=200 if sanity else None,
+                      help="class-balanced subset of N images (first images of each class)")
+    attack = command.add_argument_group("attack")
+    attacks = ["pgd", "cw"] if sanity else list(ATTACKS)
+    attack.add_argument("--attack", default="pgd", choices=attacks,
+                        help="; ".join(f"{k}: {ATTACKS[k]}" for k in attacks))
     attack.add_argument("--eps", type=_nonnegative(float), default=1.0, help="L-inf budget, in 1/255")
     attack.add_argument("--attack-steps", type=_nonnegative(int), default=10)
     attack.add_argument("--attack-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
@@ -89,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--eot-samples", type=_positive_int, default=1, help="adaptive: draws of the defense's randomness per step")
     attack.add_argument("--gate-weight", type=_nonnegative(float), default=0.0,
                         help="adaptive: weight of the term pushing TTC's tau above its threshold")
-    defense = ev.add_argument_group("defense")
-    defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
+    defense = command.add_argument_group("defense")
+    if sanity:
+        defense.add_argument("--defense", default="none", choices=list(DEFENSES), help="the defense to check")
+    else:
+        defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
     defense.add_argument("--ttc-eps", type=_nonnegative(float), default=4.0, help="counterattack budget, in 1/255")
     defense.add_argument("--ttc-steps", type=_nonnegative(int), default=2)
     defense.add_argument("--ttc-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
@@ -98,14 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
     defense.add_argument("--beta", type=float, default=2.0)
     defense.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                          help="of the defenses' encoder passes (attacks always run in fp32)")
-    run = ev.add_argument_group("run")
+    run = command.add_argument_group("run")
     run.add_argument("--batch-size", type=_positive_int, default=128)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--workers", type=_nonnegative(int), default=min(4, os.cpu_count() or 1), help="data loading processes")
-    run.add_argument("--out", type=Path, default=Path("runs/latest"),
-                     help="folder for the results; running the same command again resumes there")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    ev = commands.add_parser(
+        "eval",
+        help="attack a zero-shot CLIP and measure defenses",
+        description="Craft adversarial images (against the undefended CLIP under --threat paper, through each "
+        "defense under --threat adaptive), then apply every defense to the same clean and adversarial images. "
+        "Budgets and step sizes are in units of 1/255.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_common_arguments(ev)
+    ev.add_argument("--out", type=Path, default=Path("runs/latest"),
+                    help="folder for the results; running the same command again resumes there")
+    sanity = commands.add_parser(
+        "sanity",
+        help="check an evaluation for gradient masking",
+        description="Robust accuracy against eps and against attack steps, and AutoAttack's checks, for one "
+        "model, dataset and defense. Exits with 1 when a check fails.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_common_arguments(sanity, sanity=True)
+    sanity.add_argument("--out", type=Path, help="also write sanity.json here")
+    report = commands.add_parser("report", help="write Markdown/CSV tables and PNG plots of a run folder")
+    report.add_argument("folder", type=Path, help="an --out folder of counterattack eval")
     return parser
 
 
@@ -150,12 +174,21 @@ def run_eval(args: argparse.Namespace) -> dict | None:
         group.close()
 
 
-def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.ProcessGroup, device: torch.device) -> dict | None:
-    attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
-    if args.threat == "adaptive" and not isinstance(attack, PGD):
+def _attack_for(args: argparse.Namespace, defense: Defense, attack: Attack) -> Attack:
+    """The attack a defense faces: ``attack`` itself under the paper's protocol, else ``attack`` through it."""
+    if args.threat == "paper":
+        return attack
+    if not isinstance(attack, PGD):
         raise CounterattackError("--threat adaptive runs the pgd or cw loop through the defense; "
                                  f"{args.attack} is for the paper's protocol.")
-    check_defense_names(args.defense)  # before the model loads: a typo fails in seconds
+    return AdaptiveAttack(defense, attack.eps, attack.steps, attack.step_size, attack.loss,
+                          args.adaptive_method, args.eot_samples, args.gate_weight)
+
+
+def _setup(args: argparse.Namespace, names: Sequence[str], device: torch.device):
+    """Validate the cheap things first, then load the model; return it, its tau model's name, and the defenses."""
+    check_defense_names(names)  # before the model loads: a typo fails in seconds
+    _attack_for(args, NoDefense(), build_attack(args.attack, 0.0, 0, 0.0))
     clip = load_clip(args.model, args.pretrained, device=device)
     tau_encoder, tau_model = _tau_encoder(args, clip, device)
     options = DefenseOptions(
@@ -167,14 +200,13 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
         precision=args.precision,
         tau_encoder=tau_encoder,
     )
-    defenses = build_defenses(args.defense, options)
-    adaptive_attacks = None
-    if args.threat == "adaptive":
-        adaptive_attacks = {
-            d.name: AdaptiveAttack(d, attack.eps, attack.steps, attack.step_size, attack.loss,
-                                   args.adaptive_method, args.eot_samples, args.gate_weight)
-            for d in defenses
-        }
+    return clip, tau_model, build_defenses(names, options)
+
+
+def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.ProcessGroup, device: torch.device) -> dict | None:
+    clip, tau_model, defenses = _setup(args, args.defense, device)
+    attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
+    attacks = {d.name: _attack_for(args, d, attack) for d in defenses}
     # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
     loaded = [load_dataset(spec, clip, args.data_root) for spec in datasets]
     config = {
@@ -205,8 +237,8 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
                            group.rank, group.world_size)
     for data in loaded:
         classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
-        per_defense = (lambda d: adaptive_attacks[d.name]) if adaptive_attacks else None
-        for batch in evaluate_dataset(classifier, data, attack, defenses, settings, done.get(data.name, ()), per_defense):
+        for batch in evaluate_dataset(classifier, data, attack, defenses, settings, done.get(data.name, ()),
+                                      lambda defense: attacks[defense.name]):
             store.append(batch)
     group.barrier()
     if not group.is_main:
@@ -224,6 +256,27 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
     return results
 
 
+def run_sanity_command(args: argparse.Namespace) -> bool:
+    device = _device(args.device)
+    clip, _, (defense,) = _setup(args, [args.defense], device)
+    data = load_dataset(args.dataset, clip, args.data_root)
+    classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
+    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress)
+    report = run_sanity(
+        classifier, data, defense, lambda eps, steps, step: _attack_for(args, defense, build_attack(args.attack, eps, steps, step)),
+        args.eps, args.attack_steps, settings,
+    )
+    threat = "paper protocol" if args.threat == "paper" else f"adaptive ({args.adaptive_method})"
+    text = format_report(report, f"{args.model} on {data.name}, defense {defense.name}, {args.attack} ({threat})")
+    print(text, file=sys.stdout if report.passed else sys.stderr)
+    if args.out:
+        write_json_atomically(args.out / "sanity.json", {
+            "eps_sweep": report.eps_sweep, "steps_sweep": report.steps_sweep,
+            "checks": [vars(c) for c in report.checks], "autoattack_warnings": report.autoattack_warnings,
+            "passed": report.passed})
+    return report.passed
+
+
 def _not_from_open_clip(record: logging.LogRecord) -> bool:
     """open_clip logs download failures on the root logger; our own error message says more."""
     return not (record.levelno >= logging.ERROR and f"{os.sep}open_clip{os.sep}" in record.pathname)
@@ -237,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval":
             run_eval(args)
+        elif args.command == "sanity":
+            return 0 if run_sanity_command(args) else 1
         elif args.command == "report":
             for path in write_report(args.folder):
                 print(path)

@@ -7,11 +7,13 @@ defense of the library can be attacked through its ``attack_view``:
 - ``method="exact"``: the unrolled defense is differentiated (sign steps replayed, the gate held),
 - ``method="bpda"``: straight-through, the defense's perturbation held constant in the backward pass,
 - ``eot_samples=K``: each step averages the loss over K draws of the defense's randomness (EOT),
-- ``gate_weight=w``: adds ``w * min(tau, tau_thres)``, pushing tau above TTC's threshold so the
-  image is judged clean and left to ``delta0`` alone.
+- ``gate_weight=w``: adds ``w * min(tau, 1.5 tau_thres)``, pushing tau above TTC's threshold (with
+  a margin, since the defense draws its own noise at test time) so the image is judged clean and
+  left to ``delta0`` alone.
 
-The PGD loop, its random start and its projection are the paper's; the loss is cross-entropy
-(``pgd``) or CW's margin (``cw``) on the defended logits.
+The PGD loop and its projection are the paper's; the loss is cross-entropy (``pgd``) or CW's
+margin (``cw``) on the defended logits. The attack starts from the paper protocol's adversarial
+image (PGD against the undefended model, from its random start) and goes on through the defense.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from ..classifier import ZeroShotClassifier
 from ..defenses.base import ADAPTIVE_METHODS, Defense
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
-from .loop import project, sign_gradient_steps
+from .loop import sign_gradient_steps
 from .losses import LOSSES
+from .pgd import PGD
+
+GATE_MARGIN = 1.5  # the gate-evasion term pushes tau up to 1.5 tau_thres
 
 
 @dataclass(frozen=True)
@@ -55,18 +60,19 @@ class AdaptiveAttack:
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
     ) -> torch.Tensor:
         images = images.detach().float()
-        delta = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
+        transfer = PGD(self.eps, self.steps, self.step_size, self.loss)(classifier, images, labels, rng)
         loss_of_logits = LOSSES[self.loss]
 
         def loss(adv: torch.Tensor) -> torch.Tensor:
             total = adv.new_zeros(())
             for _ in range(self.eot_samples):
                 view = self.defense.attack_view(classifier, adv, rng, self.method, with_tau=self.gate_weight > 0)
-                total = total + loss_of_logits(view.logits, labels)
+                total = total + loss_of_logits(view.logits, labels).sum()
                 if self.gate_weight > 0 and view.tau is not None:
-                    total = total + self.gate_weight * view.tau.clamp(max=view.tau_thres).sum()
+                    total = total + self.gate_weight * view.tau.clamp(max=GATE_MARGIN * view.tau_thres).sum()
             return total / self.eot_samples
 
+        delta = transfer - images
         for delta in sign_gradient_steps(loss, images, delta, self.eps, self.step_size, self.steps):
             pass
         return (images + delta).detach()

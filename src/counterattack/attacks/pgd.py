@@ -47,7 +47,7 @@ class PGD:
         loss_of_logits = LOSSES[self.loss]
 
         def loss(adv: torch.Tensor) -> torch.Tensor:
-            return loss_of_logits(classifier.logits(adv), labels)
+            return loss_of_logits(classifier.logits(adv), labels).sum()
 
         for delta in sign_gradient_steps(loss, images, delta, self.eps, self.step_size, self.steps):
             pass

@@ -1,0 +1,151 @@
+"""CW, AutoAttack, adaptive attacks and the sanity checks."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from counterattack import (
+    PGD, TTC, AdaptiveAttack, AutoAttack, DefenseOptions, ImageRandomness, build_attack, build_defenses,
+)
+from counterattack.attacks import cw_margin
+from counterattack.cli import main
+from counterattack.sanity import _never_increases
+
+from conftest import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared
+
+
+def rng(n: int, purpose: str = "attack") -> ImageRandomness:
+    return ImageRandomness.from_seed(0, n, purpose)
+
+
+def accuracy(classifier, images, labels) -> float:
+    with torch.no_grad():
+        return (classifier.logits(images).argmax(-1) == labels).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def cifar_batch():
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import to_tensor
+
+    if not CIFAR10_TEST_DIR.is_dir():
+        pytest.skip(f"CIFAR-10 images not found at {CIFAR10_TEST_DIR}")
+    folder = ImageFolder(str(CIFAR10_TEST_DIR))
+    picks = [c * 1000 + i for c in range(10) for i in range(12)]
+    images = torch.stack([to_tensor(folder[i][0]) for i in picks])
+    return images, torch.tensor([folder.targets[i] for i in picks])
+
+
+def test_cw_margin_is_the_papers_formula():
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 60.0, 2.0]])
+    labels = torch.tensor([0, 2])
+    # image 0: -relu(3 - 1 + 50) = -52; image 1: -relu(2 - 60 + 50) = 0
+    assert cw_margin(logits, labels).tolist() == pytest.approx([-52.0, 0.0])
+
+
+def test_attack_registry_builds_what_it_names():
+    assert build_attack("cw", 1 / 255, 10, 1 / 255).describe()["loss"] == "cw"
+    assert build_attack("autoattack-paper", 4 / 255, 100, 0).attacks_for(10) == ["apgd-ce", "apgd-dlr"]
+    assert build_attack("autoattack-paper", 4 / 255, 100, 0).attacks_for(2) == ["apgd-ce"]
+    assert build_attack("autoattack", 4 / 255, 100, 0).attacks_for(10) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["pgd", "cw", "autoattack-paper"])
+def test_every_attack_lowers_accuracy_within_budget(tiny_classifier, cifar_batch, name):
+    images, labels = cifar_batch[0][::2], cifar_batch[1][::2]
+    attack = build_attack(name, 2 / 255, 10, 1 / 255)
+    adv = attack(tiny_classifier, images, labels, rng(len(images)))
+    assert (adv - images).abs().max() <= 2 / 255 + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert accuracy(tiny_classifier, adv, labels) < accuracy(tiny_classifier, images, labels) - 0.2
+
+
+@needs_shared
+def test_autoattack_subset_is_at_least_as_strong_as_pgd10(tiny_classifier, cifar_batch):
+    images, labels = cifar_batch[0][::2], cifar_batch[1][::2]
+    pgd = PGD(eps=1 / 255, steps=10, step_size=1 / 255)(tiny_classifier, images, labels, rng(len(images)))
+    aa = AutoAttack(eps=1 / 255)
+    adv = aa(tiny_classifier, images, labels, rng(len(images)))
+    assert accuracy(tiny_classifier, adv, labels) <= accuracy(tiny_classifier, pgd, labels)
+    assert aa.warnings == []  # the undefended model raises none of AutoAttack's flags
+
+
+@pytest.mark.parametrize("name", ["none", "rn", "anti-adversary", "hd", "tte", "ttc"])
+def test_attack_view_computes_the_defense_and_passes_gradients(random_classifier, images, name):
+    """The differentiable view an adaptive attack uses is the defense itself, same draws, same logits."""
+    taus = TTC().counterattack(random_classifier, images, rng(len(images), "d")).tau
+    (defense,) = build_defenses([name], DefenseOptions(tau_thres=float(taus.median())))
+    expected = defense(random_classifier, images, rng(len(images), "d")).logits
+    for method in ("exact", "bpda"):
+        x = images.clone().requires_grad_(True)
+        view = defense.attack_view(random_classifier, x, rng(len(images), "d"), method)
+        assert torch.allclose(view.logits, expected, atol=1e-4)
+        (grad,) = torch.autograd.grad(F.cross_entropy(view.logits, torch.zeros(len(x), dtype=torch.long)), x)
+        assert grad.abs().sum(dim=(1, 2, 3)).gt(0).all()
+
+
+@needs_shared
+def test_gate_evasion_pushes_tau_above_the_threshold(tiny_classifier, cifar_batch):
+    images, labels = cifar_batch[0][::4], cifar_batch[1][::4]
+    ttc = TTC(tau_thres=0.04)  # near this model's taus, so the gate decides
+    judged_attacked = {}
+    for weight in (0.0, 100.0):
+        adv = AdaptiveAttack(ttc, eps=4 / 255, steps=10, step_size=1 / 255, gate_weight=weight)(
+            tiny_classifier, images, labels, rng(len(images)))
+        result = ttc.counterattack(tiny_classifier, adv, rng(len(images), "d"))
+        judged_attacked[weight] = result.counterattacked.float().mean().item()
+    assert judged_attacked[100.0] < judged_attacked[0.0] - 0.1
+
+
+@needs_shared
+def test_adaptive_attacks_on_ttc_are_at_least_as_strong_as_the_paper_protocol(tiny_classifier, cifar_batch):
+    images, labels = cifar_batch
+    ttc = TTC()
+    paper = PGD()(tiny_classifier, images, labels, rng(len(images)))
+
+    def defended_accuracy(adv: torch.Tensor) -> float:
+        return (ttc(tiny_classifier, adv, rng(len(images), "defense")).logits.argmax(-1) == labels).float().mean().item()
+
+    baseline = defended_accuracy(paper)
+    for method, eot in (("exact", 1), ("bpda", 1), ("exact", 2)):
+        adaptive = AdaptiveAttack(ttc, method=method, eot_samples=eot)(tiny_classifier, images, labels, rng(len(images)))
+        assert defended_accuracy(adaptive) <= baseline, (method, eot)
+
+
+def test_never_increases_allows_only_the_tolerance():
+    assert _never_increases([(1, 50.0), (2, 40.0), (4, 40.5)], tolerance=1.0)[0]
+    ok, detail = _never_increases([(1, 50.0), (2, 40.0), (4, 45.0)], tolerance=1.0)
+    assert not ok and "rises: 2->4" in detail
+
+
+@needs_shared
+def test_sanity_command_passes_for_the_undefended_model(tmp_path, capsys):
+    code = main(["sanity", "--model", f"local-dir:{TINY_CLIP_DIR}", "--dataset", f"imagefolder:{CIFAR10_TEST_DIR}",
+                 "--limit", "30", "--attack-steps", "5", "--no-progress", "--workers", "0", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ALL CHECKS PASSED" in out and "nothing flagged" in out
+    report = json.loads((tmp_path / "sanity.json").read_text())
+    assert report["passed"] and report["eps_sweep"][-1] == [255.0, 0.0]
+
+
+def test_adaptive_threat_refuses_autoattack(random_clip_dir, tmp_path, capsys):
+    code = main(["eval", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{tmp_path}",
+                 "--attack", "autoattack", "--threat", "adaptive", "--out", str(tmp_path / "o")])
+    assert code == 2 and "pgd or cw" in capsys.readouterr().err
+
+
+def test_adaptive_eval_records_say_what_ran(random_clip_dir, tmp_path):
+    from test_data import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    out = tmp_path / "out"
+    assert main(["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}",
+                 "--dataset", f"imagefolder:{folder}", "--attack", "cw", "--attack-steps", "2", "--threat", "adaptive",
+                 "--adaptive-method", "bpda", "--eot-samples", "2", "--defense", "none,ttc", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["adaptive"] == {"method": "bpda", "eot_samples": 2, "gate_weight": 0.0}
+    assert {(r["attack"], r["threat"], r["adaptive"]) for r in results["records"]} == {("cw", "adaptive", "bpda, eot 2, gate weight 0")}
