@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import sys
@@ -16,13 +17,13 @@ import torch
 from . import distributed
 from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
-from .data import load_dataset
+from .data import DATASETS, check_manual_datasets, dataset_names, is_present, load_dataset
 from .defenses import ADAPTIVE_METHODS, DEFENSES, Defense, DefenseOptions, NoDefense, build_defenses, check_defense_names
 from .errors import CounterattackError
-from .evaluate import RunSettings, evaluate_dataset, summarize
+from .evaluate import RunSettings, average_records, evaluate_dataset, summarize
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
 from .precision import PRECISIONS
-from .report import format_table, write_report
+from .report import format_table, paper_tables, write_report
 from .results import ResultsStore, write_json_atomically
 from .sanity import format_report, run_sanity
 
@@ -63,9 +64,10 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
     model.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), help="prompt templates, '{}' is the class name")
     data = command.add_argument_group("data")
     if sanity:
-        data.add_argument("--dataset", default="cifar10", help="cifar10 or imagefolder:DIR")
+        data.add_argument("--dataset", default="cifar10", help="a name from `counterattack datasets`, or imagefolder:DIR")
     else:
-        data.add_argument("--dataset", action="append", help="cifar10 or imagefolder:DIR (repeatable; default cifar10)")
+        data.add_argument("--dataset", action="append",
+                          help="a name from `counterattack datasets`, all, or imagefolder:DIR (repeatable; default cifar10)")
     data.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
     data.add_argument("--limit", type=_positive_int, default=200 if sanity else None,
                       help="class-balanced subset of N images (first images of each class)")
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_arguments(sanity, sanity=True)
     sanity.add_argument("--out", type=Path, help="also write sanity.json here")
+    listing = commands.add_parser("datasets", help="list the benchmark's datasets and whether they are under --data-root")
+    listing.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
+    listing.add_argument("--json", action="store_true", help="print JSON: [{name, num_classes, present, ...}]")
     report = commands.add_parser("report", help="write Markdown/CSV tables and PNG plots of a run folder")
     report.add_argument("folder", type=Path, help="an --out folder of counterattack eval")
     return parser
@@ -166,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> dict | None:
 
     Returns the results on the main process (None on the others of a torchrun group).
     """
-    datasets = args.dataset or ["cifar10"]
+    datasets = dataset_names(args.dataset or ["cifar10"])
     group, device = distributed.start(_device(args.device))
     try:
         return _run_eval(args, datasets, group, device)
@@ -208,6 +213,7 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
     attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
     attacks = {d.name: _attack_for(args, d, attack) for d in defenses}
     # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
+    check_manual_datasets(datasets, args.data_root)
     loaded = [load_dataset(spec, clip, args.data_root) for spec in datasets]
     config = {
         "model": args.model,
@@ -248,12 +254,31 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
         adaptive = f"{args.adaptive_method}, eot {args.eot_samples}, gate weight {args.gate_weight:g}"
     records = summarize(store.batches(), [d.name for d in loaded], [d.name for d in defenses], attack.name,
                         args.threat, adaptive)
-    results = {"config": config, "records": records}
+    results = {"config": config, "records": records, "average": average_records(records)}
     write_json_atomically(args.out / "results.json", results)
     print(format_table(records))
+    if len(loaded) > 1:
+        print("\n" + paper_tables(records))
     written = write_report(args.out)
     print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}")
     return results
+
+
+def list_datasets(args: argparse.Namespace) -> None:
+    rows = [
+        {"name": info.name, "num_classes": info.num_classes, "test_size": info.test_size, "split": info.split,
+         "present": is_present(info, Path(args.data_root)), "downloadable": info.downloadable}
+        for info in DATASETS.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'dataset':15} {'classes':>7} {'images':>7}  {'split':20} {'present':8} download")
+    for r in rows:
+        print(f"{r['name']:15} {r['num_classes']:>7} {r['test_size']:>7}  {r['split']:20} "
+              f"{'yes' if r['present'] else 'no':8} {'automatic' if r['downloadable'] else 'manual (see README)'}")
+    print(f"{'imagefolder:DIR':15} {'folders':>7} {'files':>7}  {'all':20} {'-':8} yours")
+    print(f"\n(under --data-root {args.data_root})")
 
 
 def run_sanity_command(args: argparse.Namespace) -> bool:
@@ -292,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_eval(args)
         elif args.command == "sanity":
             return 0 if run_sanity_command(args) else 1
+        elif args.command == "datasets":
+            list_datasets(args)
         elif args.command == "report":
             for path in write_report(args.folder):
                 print(path)

@@ -182,3 +182,16 @@ def summarize(
                 "peak_memory_mb": s["peak"],
             })
     return records
+
+
+def average_records(records: Sequence[dict]) -> list[dict]:
+    """Per attack and defense, the mean clean and robust accuracy across datasets (the paper's "Average")."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["attack"], record["defense"]), []).append(record)
+    return [
+        {"attack": attack, "defense": defense, "datasets": len(rs),
+         "clean_acc": sum(r["clean_acc"] for r in rs) / len(rs),
+         "robust_acc": sum(r["robust_acc"] for r in rs) / len(rs)}
+        for (attack, defense), rs in groups.items()
+    ]

@@ -15,13 +15,31 @@ from torchvision import datasets, transforms
 
 from ..errors import CounterattackError
 from ..models import LoadedCLIP
+from .registry import DATASETS, DatasetInfo, curated_class_names, is_present
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
+__all__ = [
+    "DATASETS", "DatasetInfo", "EvalDataset", "IMAGEFOLDER_PREFIX", "WithIndex", "balanced_subset", "check_manual_datasets",
+    "dataset_names", "is_present", "load_dataset", "model_eval_transform", "paper_transform",
+]
+
+
+def _to_rgb(image: Any) -> Any:
+    return image.convert("RGB")
+
 
 def paper_transform() -> transforms.Compose:
-    """The paper's test transform: Resize(256) -> CenterCrop(224) -> [0, 1] tensor (no normalisation)."""
-    return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+    """The paper's test transform: RGB -> Resize(256) -> CenterCrop(224) -> [0, 1] tensor (no normalisation).
+
+    Grayscale and CMYK images (Caltech, ImageNet) are converted to RGB first.
+    """
+    return transforms.Compose([
+        transforms.Lambda(_to_rgb),
+        transforms.Resize(256),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+    ])
 
 
 def model_eval_transform(clip: LoadedCLIP) -> Callable[[Any], torch.Tensor]:
@@ -51,18 +69,6 @@ class EvalDataset:
         return len(self.targets)
 
 
-def _cifar10(data_root: Path, clip: LoadedCLIP, download: bool) -> EvalDataset:
-    try:
-        ds = datasets.CIFAR10(str(data_root), train=False, transform=paper_transform(), download=download)
-    except Exception as exc:  # torchvision raises RuntimeError, URLError or OSError here
-        raise CounterattackError(
-            f"CIFAR-10 is not under {data_root} and could not be downloaded ({exc}). With internet it is "
-            "downloaded automatically; otherwise fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
-            f"and extract it into {data_root} (giving {data_root}/cifar-10-batches-py/)."
-        ) from exc
-    return EvalDataset("cifar10", ds, list(ds.classes), list(ds.targets))
-
-
 def _imagefolder(directory: Path, clip: LoadedCLIP) -> EvalDataset:
     if not directory.is_dir():
         raise CounterattackError(f"Image folder not found: {directory}")
@@ -76,18 +82,49 @@ def _imagefolder(directory: Path, clip: LoadedCLIP) -> EvalDataset:
     return EvalDataset(f"{IMAGEFOLDER_PREFIX}{directory}", ds, names, list(ds.targets))
 
 
-DATASETS: dict[str, Callable[[Path, LoadedCLIP, bool], EvalDataset]] = {"cifar10": _cifar10}
+def dataset_names(specs: Sequence[str]) -> list[str]:
+    """Expand ``all`` into every registered dataset; keep the rest (duplicates dropped)."""
+    expanded = [name for spec in specs for name in (DATASETS if spec == "all" else [spec])]
+    return list(dict.fromkeys(expanded))
+
+
+def check_manual_datasets(specs: Sequence[str], data_root: str | Path) -> None:
+    """Fail before any download when a dataset that must be fetched by hand is missing."""
+    root = Path(data_root).expanduser()
+    missing = [DATASETS[s] for s in specs if s in DATASETS and not DATASETS[s].downloadable and not is_present(DATASETS[s], root)]
+    if missing:
+        raise CounterattackError(
+            f"{', '.join(i.name for i in missing)} {'is' if len(missing) == 1 else 'are'} not under {root} and cannot be "
+            "downloaded automatically. " + " ".join(f"{i.name}: {i.how_to_get}." for i in missing)
+        )
 
 
 def load_dataset(spec: str, clip: LoadedCLIP, data_root: str | Path = "data", download: bool = True) -> EvalDataset:
-    """A registered dataset's test split by name, or ``imagefolder:DIR``."""
+    """A registered dataset's evaluation split by name, or ``imagefolder:DIR``."""
     if spec.startswith(IMAGEFOLDER_PREFIX):
         return _imagefolder(Path(spec[len(IMAGEFOLDER_PREFIX) :]).expanduser(), clip)
     if spec not in DATASETS:
         raise CounterattackError(
-            f"Unknown dataset {spec!r}. Available: {', '.join(DATASETS)}, or imagefolder:DIR."
+            f"Unknown dataset {spec!r}. Available: {', '.join(DATASETS)}, all, or imagefolder:DIR."
         )
-    return DATASETS[spec](Path(data_root).expanduser(), clip, download)
+    info = DATASETS[spec]
+    root = Path(data_root).expanduser()
+    check_manual_datasets([spec], root)
+    try:
+        ds, labels, own_names = info.load(root, paper_transform(), download and info.downloadable)
+    except CounterattackError:
+        raise
+    except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, KeyError for bad layouts
+        raise CounterattackError(
+            f"Could not load {spec} from {root}: {exc}. It is {info.how_to_get}."
+        ) from exc
+    curated = curated_class_names().get(spec)
+    names = curated if curated is not None else [info.clean_name(c) for c in own_names]
+    if len(names) != info.num_classes or len(own_names) != info.num_classes:
+        raise CounterattackError(
+            f"{spec} under {root} has {len(own_names)} classes, expected {info.num_classes}: is it the full dataset?"
+        )
+    return EvalDataset(spec, ds, list(names), labels)
 
 
 def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
