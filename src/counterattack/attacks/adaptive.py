@@ -27,7 +27,7 @@ from ..defenses.base import ADAPTIVE_METHODS, Defense
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
 from .loop import sign_gradient_steps
-from .losses import LOSSES
+from .losses import ATTACK_NAMES, LOSSES
 from .pgd import PGD
 
 GATE_MARGIN = 1.5  # the gate-evasion term pushes tau up to 1.5 tau_thres
@@ -54,7 +54,7 @@ class AdaptiveAttack:
 
     @property
     def name(self) -> str:
-        return "pgd" if self.loss == "ce" else self.loss
+        return ATTACK_NAMES[self.loss]
 
     def __call__(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness

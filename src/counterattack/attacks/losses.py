@@ -22,3 +22,6 @@ def cw_margin(logits: torch.Tensor, labels: torch.Tensor, kappa: float = CW_KAPP
 
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": cross_entropy, "cw": cw_margin}
+
+# The name an attack goes by with each loss (the paper calls PGD on the margin loss "CW").
+ATTACK_NAMES: dict[str, str] = {"ce": "pgd", "cw": "cw"}

@@ -9,7 +9,7 @@ import torch
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
 from .loop import project, sign_gradient_steps
-from .losses import LOSSES
+from .losses import ATTACK_NAMES, LOSSES
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class PGD:
 
     @property
     def name(self) -> str:
-        return "pgd" if self.loss == "ce" else self.loss
+        return ATTACK_NAMES[self.loss]
 
     def __call__(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
