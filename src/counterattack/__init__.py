@@ -17,5 +17,5 @@ __all__ = [
     "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "DefenseOptions",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
     "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",
-    "build_defenses", "evaluate_dataset", "load_clip", "load_dataset",
+    "build_defenses", "evaluate_dataset", "load_clip", "load_dataset", "summarize",
 ]

@@ -11,7 +11,7 @@ from ..errors import CounterattackError
 from ..randomness import ImageRandomness
 from .adaptive import AdaptiveAttack
 from .autoattack import AutoAttack
-from .loop import project, replay_steps, sign_gradient_steps, sign_step
+from .loop import project, replay_steps, run_steps, sign_gradient_steps, sign_step
 from .losses import LOSSES, cross_entropy, cw_margin
 from .pgd import PGD
 
@@ -49,5 +49,5 @@ def build_attack(name: str, eps: float, steps: int, step_size: float) -> Attack:
 
 __all__ = [
     "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "LOSSES", "PGD", "build_attack", "cross_entropy", "cw_margin",
-    "project", "replay_steps", "sign_gradient_steps", "sign_step",
+    "project", "replay_steps", "run_steps", "sign_gradient_steps", "sign_step",
 ]

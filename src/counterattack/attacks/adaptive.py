@@ -26,7 +26,7 @@ from ..classifier import ZeroShotClassifier
 from ..defenses.base import ADAPTIVE_METHODS, Defense
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
-from .loop import sign_gradient_steps
+from .loop import run_steps
 from .losses import ATTACK_NAMES, LOSSES
 from .pgd import PGD
 
@@ -72,10 +72,7 @@ class AdaptiveAttack:
                     total = total + self.gate_weight * view.tau.clamp(max=GATE_MARGIN * view.tau_thres).sum()
             return total / self.eot_samples
 
-        delta = transfer - images
-        for delta in sign_gradient_steps(loss, images, delta, self.eps, self.step_size, self.steps):
-            pass
-        return (images + delta).detach()
+        return images + run_steps(loss, images, transfer - images, self.eps, self.step_size, self.steps)
 
     def describe(self) -> dict:
         return {"attack": self.name, "loss": self.loss, "eps": self.eps, "steps": self.steps,

@@ -45,6 +45,22 @@ def sign_gradient_steps(
         yield delta
 
 
+def run_steps(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    signs: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The perturbation after all ``steps`` of ``sign_gradient_steps`` (``delta`` itself for none)."""
+    final = delta.detach()
+    for final in sign_gradient_steps(loss_fn, images, delta, eps, step_size, steps, signs):
+        pass
+    return final
+
+
 def replay_steps(
     images: torch.Tensor, delta: torch.Tensor, signs: list[torch.Tensor], step_size: float, eps: float
 ) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
-from .loop import project, sign_gradient_steps
+from .loop import project, run_steps
 from .losses import ATTACK_NAMES, LOSSES
 
 
@@ -49,9 +49,7 @@ class PGD:
         def loss(adv: torch.Tensor) -> torch.Tensor:
             return loss_of_logits(classifier.logits(adv), labels).sum()
 
-        for delta in sign_gradient_steps(loss, images, delta, self.eps, self.step_size, self.steps):
-            pass
-        return (images + delta).detach()
+        return images + run_steps(loss, images, delta, self.eps, self.step_size, self.steps)
 
     def describe(self) -> dict:
         return {"attack": self.name, "loss": self.loss, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}

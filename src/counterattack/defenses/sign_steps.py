@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attacks.loop import replay_steps, sign_gradient_steps
+from ..attacks.loop import replay_steps, run_steps
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
 from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
@@ -37,12 +37,9 @@ class SignStepDefense:
     def perturbation(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, signs: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        delta = torch.zeros_like(images)
-        for delta in sign_gradient_steps(
-            self.objective(classifier, images), images, delta, self.eps, self.step_size, self.steps, signs
-        ):
-            pass
-        return delta
+        return run_steps(
+            self.objective(classifier, images), images, torch.zeros_like(images), self.eps, self.step_size, self.steps, signs
+        )
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
