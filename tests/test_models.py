@@ -1,6 +1,7 @@
 import json
 import os
 import subprocess
+from pathlib import Path
 import sys
 
 import open_clip
@@ -77,23 +78,23 @@ def test_unknown_builtin_name_and_tag():
         load_clip("ViT-B-32", "no-such-tag")
 
 
-def _fake_hub_cache(cache_dir, repo: str, filename: str, state_dict: dict) -> None:
-    """Lay out a Hugging Face cache entry, as `hf download` leaves it."""
+def _fake_hub_cache(cache_dir, repo: str) -> Path:
+    """Lay out a Hugging Face cache entry, as `hf download` leaves it; return its snapshot folder."""
     repo_dir = cache_dir / f"models--{repo.replace('/', '--')}"
     commit = "0" * 40
     snapshot = repo_dir / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(commit)
-    torch.save(state_dict, snapshot / filename)
+    return snapshot
 
 
 def test_openai_weights_load_into_quickgelu_and_match_openai_features(tmp_path):
     # Random weights in OpenAI's format: its key names, fp16, as OpenAI's release.
     torch.manual_seed(0)
     state = {k: v.half() for k, v in open_clip.create_model("ViT-B-32-quickgelu").state_dict().items()}
-    _fake_hub_cache(tmp_path, "timm/vit_base_patch32_clip_224.openai", "open_clip_pytorch_model.bin", state)
-    snapshot_file = next(tmp_path.rglob("open_clip_pytorch_model.bin"))
+    snapshot_file = _fake_hub_cache(tmp_path, "timm/vit_base_patch32_clip_224.openai") / "open_clip_pytorch_model.bin"
+    torch.save(state, snapshot_file)
 
     clip = load_clip("ViT-B-32", "openai", cache_dir=str(tmp_path))
     reference = open_clip.load_openai_model(str(snapshot_file), precision="fp32", device="cpu").eval()
@@ -122,11 +123,7 @@ def test_missing_hub_model_fails_fast_with_instructions(tmp_path):
 
 
 def test_hf_hub_model_loads_from_the_local_cache(tmp_path, random_clip_dir):
-    repo_dir = tmp_path / "models--someone--tiny-clip"
-    snapshot = repo_dir / "snapshots" / ("1" * 40)
-    snapshot.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("1" * 40)
+    snapshot = _fake_hub_cache(tmp_path, "someone/tiny-clip")
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         (snapshot / name).write_bytes((random_clip_dir / name).read_bytes())
     from_hub = load_clip("hf-hub:someone/tiny-clip", cache_dir=str(tmp_path))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, build_attack
+from .attacks import ATTACKS, PGD, PIXEL, AdaptiveAttack, Attack, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import DATASETS, check_manual_datasets, dataset_names, is_present, load_dataset
 from .defenses import ADAPTIVE_METHODS, DEFENSES, Defense, DefenseOptions, NoDefense, build_defenses, check_defense_names
@@ -27,7 +27,6 @@ from .report import format_table, paper_tables, write_report
 from .results import ResultsStore, write_json_atomically
 from .sanity import format_report, run_sanity
 
-PIXEL = 1 / 255
 
 
 def _nonnegative(kind):

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Attack
+from .attacks import PIXEL, Attack
+from .attacks.autoattack import collecting_warnings
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, WithIndex, balanced_subset
 from .defenses import Defense
 from .evaluate import RunSettings, evaluate_dataset, summarize
 from .randomness import ImageRandomness
 
-PIXEL = 1 / 255
 UNBOUNDED_EPS = 255.0  # in 1/255: the whole [0, 1] box
 
 
@@ -83,22 +83,13 @@ def autoattack_warnings(classifier: ZeroShotClassifier, defense: Defense, images
     found: list[str] = []
     logger = logging.getLogger("counterattack.sanity.autoattack")
     logger.propagate = False
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            found.append(record.getMessage())
-
-    handler = Collect(logging.WARNING)
-    logger.addHandler(handler)
-    try:
+    with collecting_warnings(logger, found):
         checks.check_randomized(model, images, labels, bs=len(images), logger=logger)
         checks.check_range_output(model, images, logger=logger)
         checks.check_dynamic(model, images, logger=logger)
         x = images.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x), labels, reduction="sum"), x)
         checks.check_zero_gradients(grad, logger=logger)
-    finally:
-        logger.removeHandler(handler)
     return found
 
 

@@ -16,6 +16,9 @@ from .losses import LOSSES, cross_entropy, cw_margin
 from .pgd import PGD
 
 
+PIXEL = 1 / 255  # the command line's unit for budgets and step sizes
+
+
 class Attack(Protocol):
     name: str
 
@@ -48,6 +51,6 @@ def build_attack(name: str, eps: float, steps: int, step_size: float) -> Attack:
 
 
 __all__ = [
-    "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "LOSSES", "PGD", "build_attack", "cross_entropy", "cw_margin",
+    "PIXEL", "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "LOSSES", "PGD", "build_attack", "cross_entropy", "cw_margin",
     "project", "replay_steps", "run_steps", "sign_gradient_steps", "sign_step",
 ]

@@ -11,7 +11,9 @@ which images share the batch. Its warnings (randomised or gradient-masking defen
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,17 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.into.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def collecting_warnings(logger: logging.Logger, into: list[str]) -> Iterator[None]:
+    """Append the warnings ``logger`` (AutoAttack's) emits inside the block to ``into``."""
+    handler = _Collect(into)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 @dataclass(frozen=True)
@@ -60,12 +73,8 @@ class AutoAttack:
         adversary.apgd_targeted.n_target_classes = min(9, classifier.num_classes - 1)
         adversary.fab.n_target_classes = min(9, classifier.num_classes - 1)
         adversary.attacks_to_run = self.attacks_for(classifier.num_classes)
-        handler = _Collect(self.warnings)
-        adversary.logger.addHandler(handler)
-        try:
+        with collecting_warnings(adversary.logger, self.warnings):
             adversarial, _ = adversary.run_standard_evaluation(images.detach().float(), labels, batch_size=len(images))
-        finally:
-            adversary.logger.removeHandler(handler)
         return adversarial.detach()
 
     def describe(self) -> dict:
