@@ -1,5 +1,23 @@
 """clip-counterattack: Test-time Counterattacks (TTC) for CLIP zero-shot classifiers."""
 
+import re as _re
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+from pathlib import Path as _Path
+
+
+def _package_version() -> str:
+    """The installed version; from a source tree without installed metadata, pyproject.toml's."""
+    try:
+        return _version("clip-counterattack")
+    except _PackageNotFoundError:
+        pyproject = _Path(__file__).resolve().parents[2] / "pyproject.toml"
+        found = _re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), _re.M) if pyproject.is_file() else None
+        return f"{found.group(1)} (source tree)" if found else "unknown (no package metadata)"
+
+
+__version__ = _package_version()
+
 from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, AutoAttack, build_attack
 from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
 from .data import EvalDataset, balanced_subset, load_dataset
@@ -13,6 +31,7 @@ from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_di
 from .randomness import ImageRandomness
 
 __all__ = [
+    "__version__",
     "AdaptiveAttack", "AutoAttack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
     "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "DefenseOptions",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",

@@ -17,6 +17,33 @@ from .models import LoadedCLIP
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("This is a photo of a {}.",)
 
+# Pixels a projection put at x + (1 - x) may round a hair past 1; anything further is a mistake.
+PIXEL_TOLERANCE = 1e-5
+
+
+class PixelRangeError(CounterattackError, ValueError):
+    """Images that are not [0, 1] pixels (normalised images, 0-255 values, NaN)."""
+
+
+def check_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``images`` itself if it is a finite batch of [0, 1] RGB pixels; else a ``PixelRangeError``.
+
+    Every attack and defense calls this at its entry: an image normalised with CLIP's mean/std or
+    left in 0-255 would otherwise give numbers that look plausible and mean nothing.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise PixelRangeError(f"expected RGB images as a tensor of shape (N, 3, H, W), got {shape}")
+    if not torch.isfinite(images).all():
+        raise PixelRangeError("images hold NaN or infinite pixels")
+    low, high = (float(v) for v in images.detach().aminmax())
+    if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+        raise PixelRangeError(
+            f"pixels must lie in [0, 1], found values in [{low:.4g}, {high:.4g}]: pass images before "
+            "normalisation (the classifier normalises with the model's own mean and std)"
+        )
+    return images
+
 
 class ImageEncoder(nn.Module):
     """[0, 1] pixels of any size -> unnormalised CLIP image embeddings.

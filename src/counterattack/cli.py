@@ -6,18 +6,24 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
-from importlib.metadata import version
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from . import distributed
-from .attacks import ATTACKS, PGD, PIXEL, AdaptiveAttack, Attack, build_attack
-from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
-from .data import DATASETS, check_manual_datasets, dataset_names, is_present, load_dataset
+from . import __version__, distributed
+from .attacks import ATTACKS, PGD, PIXEL, AdaptiveAttack, Attack, AutoAttack, build_attack, default_steps
+from .classifier import ImageEncoder, ZeroShotClassifier
+from .data import (
+    DATASETS, PROMPT_SETS, TRANSFORMS, EvalDataset, balanced_subset, check_manual_datasets, dataset_names, find_unreadable,
+    is_present, load_dataset,
+)
+from .data.prompts import class_prompts
 from .defenses import ADAPTIVE_METHODS, DEFENSES, Defense, DefenseOptions, NoDefense, build_defenses, check_defense_names
 from .errors import CounterattackError
 from .evaluate import RunSettings, average_records, evaluate_dataset, summarize
@@ -29,25 +35,50 @@ from .sanity import format_report, run_sanity
 
 
 
-def _nonnegative(kind):
+def _number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], float | int]:
+    """An argparse type: a finite ``kind`` (int or float) within [low, high]."""
+    what = "an integer" if kind is int else "a number"
+
     def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
         return value
 
     return parse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+PIXELS = _number(float, 0, 255)  # a budget or step size in 1/255: at most the whole [0, 1] range
+COUNT = _number(int, 0)
+POSITIVE = _number(int, 1)
 
 
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _attack_names(text: str) -> list[str]:
+    names = _names(text)
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(map(repr, unknown)) or repr(text)}; available: {', '.join(ATTACKS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"attack listed twice: {text}")
+    return names
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (and the way to the help) instead of the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False) -> None:
@@ -60,7 +91,10 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
     model.add_argument("--tau-model", help="encoder for TTC's tau: 'defended', or a model like --model "
                        "(default: the base model when --vision-checkpoint is given, else the defended one)")
     model.add_argument("--tau-pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag for --tau-model")
-    model.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), help="prompt templates, '{}' is the class name")
+    model.add_argument("--prompts", default="paper", choices=PROMPT_SETS,
+                       help="class names and templates of the benchmark datasets: paper (as the TTC code builds them) "
+                       "or openai (curated names, 'This is a photo of a {}.')")
+    model.add_argument("--templates", nargs="+", help="prompt templates, '{}' is the class name (overrides --prompts' templates)")
     data = command.add_argument_group("data")
     if sanity:
         data.add_argument("--dataset", default="cifar10", help="a name from `counterattack datasets`, or imagefolder:DIR")
@@ -68,47 +102,59 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
         data.add_argument("--dataset", action="append",
                           help="a name from `counterattack datasets`, all, or imagefolder:DIR (repeatable; default cifar10)")
     data.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
-    data.add_argument("--limit", type=_positive_int, default=200 if sanity else None,
+    data.add_argument("--limit", type=POSITIVE, default=200 if sanity else None,
                       help="class-balanced subset of N images (first images of each class)")
+    data.add_argument("--transform", default="model", choices=TRANSFORMS,
+                      help="imagefolder: preprocessing: the model's own eval transform, or the paper's Resize 256, CenterCrop 224")
+    data.add_argument("--skip-unreadable", action="store_true",
+                      help="skip image files that cannot be decoded (listed in results.json) instead of stopping")
     attack = command.add_argument_group("attack")
     attacks = ["pgd", "cw"] if sanity else list(ATTACKS)
-    attack.add_argument("--attack", default="pgd", choices=attacks,
-                        help="; ".join(f"{k}: {ATTACKS[k]}" for k in attacks))
-    attack.add_argument("--eps", type=_nonnegative(float), default=1.0, help="L-inf budget, in 1/255")
-    attack.add_argument("--attack-steps", type=_nonnegative(int), default=10)
-    attack.add_argument("--attack-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
+    if sanity:
+        attack.add_argument("--attack", default="pgd", choices=attacks, help="; ".join(f"{k}: {ATTACKS[k]}" for k in attacks))
+    else:
+        attack.add_argument("--attack", type=_attack_names, default=["pgd"],
+                            help="comma-separated; several give a worst-case record too. "
+                            + "; ".join(f"{k}: {ATTACKS[k]}" for k in attacks))
+    attack.add_argument("--eps", type=PIXELS, default=1.0, help="L-inf budget, in 1/255")
+    attack.add_argument("--attack-steps", type=COUNT,
+                        help="iterations (default: 10 for pgd and cw, 100 for AutoAttack's APGD)")
+    attack.add_argument("--attack-step-size", type=PIXELS, default=1.0, help="in 1/255 (pgd, cw)")
     attack.add_argument("--threat", default="paper", choices=["paper", "adaptive"],
                         help="paper: crafted against the undefended model; adaptive: through each defense")
     attack.add_argument("--adaptive-method", default="exact", choices=list(ADAPTIVE_METHODS),
                         help="exact: differentiate the unrolled defense; bpda: straight-through")
-    attack.add_argument("--eot-samples", type=_positive_int, default=1, help="adaptive: draws of the defense's randomness per step")
-    attack.add_argument("--gate-weight", type=_nonnegative(float), default=0.0,
+    attack.add_argument("--eot-samples", type=POSITIVE, default=1, help="adaptive: draws of the defense's randomness per step")
+    attack.add_argument("--gate-weight", type=_number(float, 0), default=0.0,
                         help="adaptive: weight of the term pushing TTC's tau above its threshold")
     defense = command.add_argument_group("defense")
     if sanity:
         defense.add_argument("--defense", default="none", choices=list(DEFENSES), help="the defense to check")
     else:
         defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
-    defense.add_argument("--ttc-eps", type=_nonnegative(float), default=4.0, help="counterattack budget, in 1/255")
-    defense.add_argument("--ttc-steps", type=_nonnegative(int), default=2)
-    defense.add_argument("--ttc-step-size", type=_nonnegative(float), default=1.0, help="in 1/255")
-    defense.add_argument("--tau-thres", type=_nonnegative(float), default=0.2)
-    defense.add_argument("--beta", type=float, default=2.0)
+    defense.add_argument("--ttc-eps", type=PIXELS, default=4.0, help="counterattack budget, in 1/255")
+    defense.add_argument("--ttc-steps", type=COUNT, default=2)
+    defense.add_argument("--ttc-step-size", type=PIXELS, default=1.0, help="in 1/255")
+    defense.add_argument("--tau-thres", type=_number(float, 0), default=0.2)
+    defense.add_argument("--beta", type=_number(float), default=2.0)
     defense.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                          help="of the defenses' encoder passes (attacks always run in fp32)")
     run = command.add_argument_group("run")
-    run.add_argument("--batch-size", type=_positive_int, default=128)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--batch-size", type=POSITIVE, default=128)
+    run.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--workers", type=_nonnegative(int), default=min(4, os.cpu_count() or 1), help="data loading processes")
+    run.add_argument("--workers", type=COUNT, default=min(4, os.cpu_count() or 1), help="data loading processes")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if not sanity:
+        run.add_argument("--dist-timeout", type=_number(float, 1), default=60.0,
+                         help="torchrun: minutes a process waits for the others at a synchronisation point")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ev = commands.add_parser(
         "eval",
         help="attack a zero-shot CLIP and measure defenses",
@@ -132,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("datasets", help="list the benchmark's datasets and whether they are under --data-root")
     listing.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
     listing.add_argument("--json", action="store_true", help="print JSON: [{name, num_classes, present, ...}]")
+    prompts = commands.add_parser("prompts", help="print a benchmark dataset's zero-shot prompts, one a line")
+    prompts.add_argument("dataset", help="a name from `counterattack datasets`")
+    prompts.add_argument("--prompts", default="paper", choices=PROMPT_SETS, help="the prompt set")
     report = commands.add_parser("report", help="write Markdown/CSV tables and PNG plots of a run folder")
     report.add_argument("folder", type=Path, help="an --out folder of counterattack eval")
     return parser
@@ -146,7 +195,13 @@ def _device(choice: str) -> torch.device:
 
 
 def _versions() -> dict[str, str]:
-    return {pkg: version(pkg) for pkg in ("clip-counterattack", "torch", "torchvision", "open_clip_torch")}
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"clip-counterattack": __version__, **{pkg: installed(pkg) for pkg in ("torch", "torchvision", "open_clip_torch")}}
 
 
 def _tau_encoder(args: argparse.Namespace, clip: LoadedCLIP, device: torch.device) -> tuple[ImageEncoder | None, str]:
@@ -171,7 +226,7 @@ def run_eval(args: argparse.Namespace) -> dict | None:
     Returns the results on the main process (None on the others of a torchrun group).
     """
     datasets = dataset_names(args.dataset or ["cifar10"])
-    group, device = distributed.start(_device(args.device))
+    group, device = distributed.start(_device(args.device), timedelta(minutes=args.dist_timeout))
     try:
         return _run_eval(args, datasets, group, device)
     finally:
@@ -184,15 +239,23 @@ def _attack_for(args: argparse.Namespace, defense: Defense, attack: Attack) -> A
         return attack
     if not isinstance(attack, PGD):
         raise CounterattackError("--threat adaptive runs the pgd or cw loop through the defense; "
-                                 f"{args.attack} is for the paper's protocol.")
+                                 f"{attack.name} is for the paper's protocol.")
     return AdaptiveAttack(defense, attack.eps, attack.steps, attack.step_size, attack.loss,
                           args.adaptive_method, args.eot_samples, args.gate_weight)
 
 
-def _setup(args: argparse.Namespace, names: Sequence[str], device: torch.device):
+def _attacks(args: argparse.Namespace, names: Sequence[str]) -> list[Attack]:
+    return [build_attack(name, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL) for name in names]
+
+
+def _setup(args: argparse.Namespace, names: Sequence[str], attack_names: Sequence[str], device: torch.device):
     """Validate the cheap things first, then load the model; return it, its tau model's name, and the defenses."""
     check_defense_names(names)  # before the model loads: a typo fails in seconds
-    _attack_for(args, NoDefense(), build_attack(args.attack, 0.0, 0, 0.0))
+    for attack in _attacks(args, attack_names):
+        _attack_for(args, NoDefense(), attack)
+    for template in args.templates or ():
+        if template.count("{}") != 1:
+            raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")
     clip = load_clip(args.model, args.pretrained, device=device)
     tau_encoder, tau_model = _tau_encoder(args, clip, device)
     options = DefenseOptions(
@@ -207,23 +270,55 @@ def _setup(args: argparse.Namespace, names: Sequence[str], device: torch.device)
     return clip, tau_model, build_defenses(names, options)
 
 
+def _load(args: argparse.Namespace, spec: str, clip: LoadedCLIP) -> EvalDataset:
+    return load_dataset(spec, clip, args.data_root, prompts=args.prompts, transform=args.transform)
+
+
+def _classifier(args: argparse.Namespace, clip: LoadedCLIP, data: EvalDataset) -> ZeroShotClassifier:
+    return ZeroShotClassifier.from_clip(clip, data.class_names, args.templates or data.templates)
+
+
+def _select(args: argparse.Namespace, data: EvalDataset) -> tuple[list[int], list[dict]]:
+    """The images to evaluate (the class-balanced subset, less undecodable files under --skip-unreadable) and those skipped.
+
+    Every selected file is decoded once before any compute, so a corrupt image stops the run in
+    seconds, naming the file, rather than hours in with a traceback.
+    """
+    chosen = balanced_subset(data.targets, args.limit)
+    unreadable = find_unreadable(data, chosen, progress=not args.no_progress)
+    if unreadable and not args.skip_unreadable:
+        first = next(iter(unreadable))
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise CounterattackError(
+            f"cannot decode {data.files[first]}: {unreadable[first]}{more}. Replace or remove the file(s), "
+            "or pass --skip-unreadable to leave them out (they are then listed in results.json)."
+        )
+    skipped = [{"dataset": data.name, "id": data.image_ids[i], "file": data.files[i], "error": reason}
+               for i, reason in unreadable.items()]
+    return [i for i in chosen if i not in unreadable], skipped
+
+
 def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.ProcessGroup, device: torch.device) -> dict | None:
-    clip, tau_model, defenses = _setup(args, args.defense, device)
-    attack = build_attack(args.attack, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL)
-    attacks = {d.name: _attack_for(args, d, attack) for d in defenses}
+    clip, tau_model, defenses = _setup(args, args.defense, args.attack, device)
+    attacks = _attacks(args, args.attack)
+    attack_for = {(a.name, d.name): _attack_for(args, d, a) for a in attacks for d in defenses}
     # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
     check_manual_datasets(datasets, args.data_root)
-    loaded = [load_dataset(spec, clip, args.data_root) for spec in datasets]
+    # Downloads happen once, on the main process; the others then read what it fetched.
+    loaded = group.first_on_main(lambda: [_load(args, spec, clip) for spec in datasets])
+    selections = group.together(lambda: [_select(args, data) for data in loaded])
     config = {
         "model": args.model,
         "pretrained": None if ":" in args.model else args.pretrained,
         "vision_checkpoint": str(args.vision_checkpoint) if args.vision_checkpoint else None,
         "tau_model": tau_model,
-        "templates": args.templates,
-        "datasets": datasets,
-        "data_root": str(args.data_root),
+        "prompts": args.prompts,
+        "templates": args.templates,  # None: each dataset's own (the prompt set's)
+        "transform": args.transform,
+        "datasets": [data.describe() for data in loaded],
         "limit": args.limit,
-        "attack": attack.describe(),
+        "skip_unreadable": args.skip_unreadable,
+        "attacks": [attack.describe() for attack in attacks],
         "threat": args.threat,
         "adaptive": {"method": args.adaptive_method, "eot_samples": args.eot_samples, "gate_weight": args.gate_weight}
         if args.threat == "adaptive" else None,
@@ -232,28 +327,36 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
         "seed": args.seed,
         # Settings that change no result: a resumed run may differ in them.
         "run": {"batch_size": args.batch_size, "device": str(device), "processes": group.world_size,
-                "versions": _versions()},
+                "data_root": str(args.data_root), "versions": _versions()},
     }
+    if any(isinstance(a, AutoAttack) for a in attacks):
+        # AutoAttack seeds a whole batch at once: its results depend on which images share one.
+        config["batch_composition"] = {"batch_size": args.batch_size, "processes": group.world_size}
     store = ResultsStore(args.out, group.rank)
-    store.check_config(config, write=group.is_main)
+    group.first_on_main(lambda: store.check_config(config, write=group.is_main))
     done = store.done()
     group.barrier()  # everyone has read what is done before anyone adds to it
     settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress,
                            group.rank, group.world_size)
-    for data in loaded:
-        classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
-        for batch in evaluate_dataset(classifier, data, attack, defenses, settings, done.get(data.name, ()),
-                                      lambda defense: attacks[defense.name]):
-            store.append(batch)
-    group.barrier()
+
+    def evaluate_my_share() -> None:
+        for data, (chosen, _) in zip(loaded, selections):
+            classifier = _classifier(args, clip, data)
+            for batch in evaluate_dataset(classifier, data, attacks, defenses, settings, done.get(data.name, ()),
+                                          lambda attack, defense: attack_for[(attack.name, defense.name)], chosen):
+                store.append(batch)
+
+    group.together(evaluate_my_share)
     if not group.is_main:
         return None
+    expected = {data.name: [data.image_ids[i] for i in chosen] for data, (chosen, _) in zip(loaded, selections)}
     adaptive = None
     if args.threat == "adaptive":
         adaptive = f"{args.adaptive_method}, eot {args.eot_samples}, gate weight {args.gate_weight:g}"
-    records = summarize(store.batches(), [d.name for d in loaded], [d.name for d in defenses], attack.name,
-                        args.threat, adaptive)
-    results = {"config": config, "records": records, "average": average_records(records)}
+    records = summarize(store.complete_batches(expected), list(expected), [d.name for d in defenses],
+                        [a.name for a in attacks], args.threat, adaptive)
+    results = {"config": config, "records": records, "average": average_records(records),
+               "unreadable": [entry for _, skipped in selections for entry in skipped]}
     write_json_atomically(args.out / "results.json", results)
     print(format_table(records))
     if len(loaded) > 1:
@@ -282,13 +385,15 @@ def list_datasets(args: argparse.Namespace) -> None:
 
 def run_sanity_command(args: argparse.Namespace) -> bool:
     device = _device(args.device)
-    clip, _, (defense,) = _setup(args, [args.defense], device)
-    data = load_dataset(args.dataset, clip, args.data_root)
-    classifier = ZeroShotClassifier.from_clip(clip, data.class_names, args.templates)
+    clip, _, (defense,) = _setup(args, [args.defense], [args.attack], device)
+    data = _load(args, args.dataset, clip)
+    chosen, _ = _select(args, data)
+    classifier = _classifier(args, clip, data)
     settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress)
     report = run_sanity(
-        classifier, data, defense, lambda eps, steps, step: _attack_for(args, defense, build_attack(args.attack, eps, steps, step)),
-        args.eps, args.attack_steps, settings,
+        classifier, data, defense,
+        lambda eps, steps, step: _attack_for(args, defense, build_attack(args.attack, eps, steps, step)),
+        args.eps, args.attack_steps if args.attack_steps is not None else default_steps(args.attack), settings, chosen,
     )
     threat = "paper protocol" if args.threat == "paper" else f"adaptive ({args.adaptive_method})"
     text = format_report(report, f"{args.model} on {data.name}, defense {defense.name}, {args.attack} ({threat})")
@@ -299,6 +404,14 @@ def run_sanity_command(args: argparse.Namespace) -> bool:
             "checks": [vars(c) for c in report.checks], "autoattack_warnings": report.autoattack_warnings,
             "passed": report.passed})
     return report.passed
+
+
+def print_prompts(args: argparse.Namespace) -> None:
+    if args.dataset not in DATASETS:
+        raise CounterattackError(f"Unknown dataset {args.dataset!r}. Available: {', '.join(DATASETS)}.")
+    names, templates = class_prompts(args.dataset, args.prompts)
+    for name in names:
+        print(" | ".join(template.format(name) for template in templates))
 
 
 def _not_from_open_clip(record: logging.LogRecord) -> bool:
@@ -318,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if run_sanity_command(args) else 1
         elif args.command == "datasets":
             list_datasets(args)
+        elif args.command == "prompts":
+            print_prompts(args)
         elif args.command == "report":
             for path in write_report(args.folder):
                 print(path)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .attacks import Attack
 from .classifier import ZeroShotClassifier
-from .data import EvalDataset, WithIndex, balanced_subset
+from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
 from .randomness import ImageRandomness
 
@@ -63,24 +63,31 @@ def _per_image(output: DefenseOutput) -> dict:
     }
 
 
+WORST_CASE = "worst-case"  # the attack name of the per-image worst case over every attack run
+
+
 def evaluate_dataset(
     classifier: ZeroShotClassifier,
     data: EvalDataset,
-    attack: Attack,
+    attacks: Sequence[Attack],
     defenses: Sequence[Defense],
     settings: RunSettings,
-    skip: Collection[int] = (),
-    attack_for_defense: Callable[[Defense], Attack] | None = None,
+    skip: Collection[ImageId] = (),
+    attack_for_defense: Callable[[Attack, Defense], Attack] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> Iterator[dict]:
-    """Yield one result per batch: per-image predictions and taus of every defense, and its cost.
+    """Yield one result per batch: per-image predictions and taus of every defense under every attack, and costs.
 
-    Under the paper's protocol ``attack`` is crafted once, against the undefended model, for all
-    defenses; ``attack_for_defense`` gives each defense its own attack instead (adaptive attacks). Images whose index is in ``skip``
-    (already done) are left out; the rest are shared among ``settings.world_size`` processes, this
-    one taking every ``world_size``-th from ``rank``.
+    Under the paper's protocol each attack is crafted once, against the undefended model, for all
+    defenses; ``attack_for_defense(attack, defense)`` gives each defense its own attack instead
+    (adaptive attacks). ``indices`` (default: the class-balanced subset of ``settings.limit``) are
+    the images to evaluate; those whose id is in ``skip`` (already done) are left out, and the rest
+    are shared among ``settings.world_size`` processes, this one taking every ``world_size``-th
+    from ``rank``.
     """
-    attack_for = attack_for_defense or (lambda defense: attack)
-    todo = [i for i in balanced_subset(data.targets, settings.limit) if i not in skip]
+    attack_for = attack_for_defense or (lambda attack, defense: attack)
+    chosen = balanced_subset(data.targets, settings.limit) if indices is None else indices
+    todo = [i for i in chosen if data.image_ids[i] not in skip]
     mine = todo[settings.rank :: settings.world_size]
     if not mine:
         return
@@ -91,107 +98,137 @@ def evaluate_dataset(
         pin_memory=settings.device.type == "cuda",
     )
     show = settings.progress and settings.rank == 0
-    with tqdm(total=len(mine), desc=data.name, unit="img", disable=not show, leave=False) as bar:
-        for images, labels, ids in loader:
+    with tqdm(total=len(mine), desc=short_name(data.name), unit="img", disable=not show, leave=False) as bar:
+        for images, labels, positions in loader:
             images, labels = images.to(settings.device), labels.to(settings.device)
-            ids = ids.tolist()
+            ids = [data.image_ids[i] for i in positions.tolist()]
 
             def streams(purpose: str) -> ImageRandomness:
-                return ImageRandomness.for_images(settings.seed, data.name, ids, purpose)
+                return ImageRandomness.for_images(settings.seed, data.randomness_key, ids, purpose)
 
             batch = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
             crafted: dict[int, tuple[torch.Tensor, float]] = {}
             for defense in defenses:
-                attack_of_defense = attack_for(defense)
-                if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
-                    with _Stopwatch(settings.device) as attack_time:
-                        adv_images = attack_of_defense(classifier, images, labels, streams("attack"))
-                    crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
-                adversarial, attack_seconds = crafted[id(attack_of_defense)]
+                adversarial_sets = {}
+                for attack in attacks:
+                    attack_of_defense = attack_for(attack, defense)
+                    if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
+                        with _Stopwatch(settings.device) as attack_time:
+                            adv_images = attack_of_defense(classifier, images, labels, streams("attack"))
+                        crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
+                    adversarial_sets[attack.name] = crafted[id(attack_of_defense)]
                 with _Stopwatch(settings.device) as cost:
                     # Every defense draws the same noise for an image, so their results pair up.
                     clean = defense(classifier, images, streams("defense-clean"))
-                    adv = defense(classifier, adversarial, streams("defense-adv"))
+                    adv = {name: defense(classifier, adversarial, streams("defense-adv"))
+                           for name, (adversarial, _) in adversarial_sets.items()}
+                outputs = [clean, *adv.values()]
                 batch["defenses"][defense.name] = {
                     "clean": _per_image(clean),
-                    "adv": _per_image(adv),
-                    "forwards": clean.forwards + adv.forwards,
-                    "backwards": clean.backwards + adv.backwards,
+                    "adv": {name: _per_image(output) for name, output in adv.items()},
+                    "forwards": sum(o.forwards for o in outputs),
+                    "backwards": sum(o.backwards for o in outputs),
+                    "defended_images": len(ids) * len(outputs),
                     "seconds": cost.seconds,
                     "peak_memory_mb": cost.peak_memory_mb,
-                    "attack_seconds": attack_seconds,
+                    "attack_seconds": {name: seconds for name, (_, seconds) in adversarial_sets.items()},
                 }
             yield batch
             bar.update(len(ids))
 
 
 def summarize(
-    batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attack: str,
+    batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attacks: Sequence[str],
     threat: str = "paper", adaptive: str | None = None,
 ) -> list[dict]:
-    """One record per dataset and defense, in the given orders, from per-batch results."""
+    """One record per dataset, attack and defense, in the given orders, from per-batch results.
+
+    With several attacks, a ``worst-case`` record per dataset and defense follows them: an image
+    counts as robust only if the defense classifies it correctly under every attack.
+    """
+    attack_names = list(attacks) + ([WORST_CASE] if len(attacks) > 1 else [])
     sums: dict[tuple[str, str], dict] = {}
     for batch in batches:
         labels = batch["labels"]
         for name, result in batch["defenses"].items():
             s = sums.setdefault((batch["dataset"], name), {
-                "n": 0, "correct_clean": 0, "correct_adv": 0, "tau_clean": 0.0, "tau_adv": 0.0,
-                "ca_clean": 0, "ca_adv": 0, "forwards": 0, "backwards": 0, "seconds": 0.0,
-                "peak": None, "has_tau": False})
+                "n": 0, "correct_clean": 0, "tau_clean": 0.0, "ca_clean": 0, "has_tau": False,
+                "correct_adv": dict.fromkeys(attack_names, 0), "tau_adv": dict.fromkeys(attacks, 0.0),
+                "ca_adv": dict.fromkeys(attacks, 0), "forwards": 0, "backwards": 0, "defended": 0,
+                "seconds": 0.0, "peak": None})
             s["n"] += len(labels)
             s["correct_clean"] += sum(p == y for p, y in zip(result["clean"]["pred"], labels))
-            s["correct_adv"] += sum(p == y for p, y in zip(result["adv"]["pred"], labels))
+            robust_to_all = [True] * len(labels)
+            for attack in attacks:
+                adv = result["adv"][attack]
+                correct = [p == y for p, y in zip(adv["pred"], labels)]
+                s["correct_adv"][attack] += sum(correct)
+                robust_to_all = [a and b for a, b in zip(robust_to_all, correct)]
+                if adv["tau"] is not None:
+                    s["tau_adv"][attack] += sum(adv["tau"])
+                    s["ca_adv"][attack] += sum(adv["counterattacked"])
+            if WORST_CASE in s["correct_adv"]:
+                s["correct_adv"][WORST_CASE] += sum(robust_to_all)
             if result["clean"]["tau"] is not None:
                 s["has_tau"] = True
                 s["tau_clean"] += sum(result["clean"]["tau"])
-                s["tau_adv"] += sum(result["adv"]["tau"])
                 s["ca_clean"] += sum(result["clean"]["counterattacked"])
-                s["ca_adv"] += sum(result["adv"]["counterattacked"])
             s["forwards"] += result["forwards"]
             s["backwards"] += result["backwards"]
+            s["defended"] += result["defended_images"]
             s["seconds"] += result["seconds"]
             if result["peak_memory_mb"] is not None:
                 s["peak"] = max(s["peak"] or 0.0, result["peak_memory_mb"])
     records = []
     for dataset in datasets:
-        for name in defenses:
-            s = sums.get((dataset, name))
-            if s is None:
-                continue
-            n, images = s["n"], 2 * s["n"]  # each image is defended twice: clean and adversarial
+        for attack in attack_names:
+            for name in defenses:
+                s = sums.get((dataset, name))
+                if s is None:
+                    continue
+                n = s["n"]
 
-            def mean(total: float) -> float | None:
-                return total / n if s["has_tau"] else None
+                def mean(total: float) -> float | None:
+                    return total / n if s["has_tau"] and attack != WORST_CASE else None
 
-            records.append({
-                "dataset": dataset,
-                "attack": attack,
-                "threat": threat,
-                "adaptive": adaptive,
-                "defense": name,
-                "n": n,
-                "clean_acc": 100.0 * s["correct_clean"] / n,
-                "robust_acc": 100.0 * s["correct_adv"] / n,
-                "mean_tau_clean": mean(s["tau_clean"]),
-                "mean_tau_adv": mean(s["tau_adv"]),
-                "counterattacked_clean": mean(s["ca_clean"]),
-                "counterattacked_adv": mean(s["ca_adv"]),
-                "forwards_per_image": s["forwards"] / images,
-                "backwards_per_image": s["backwards"] / images,
-                "ms_per_image": 1000.0 * s["seconds"] / images,
-                "peak_memory_mb": s["peak"],
-            })
+                records.append({
+                    "dataset": dataset,
+                    "attack": attack,
+                    "threat": threat,
+                    "adaptive": adaptive,
+                    "defense": name,
+                    "n": n,
+                    "clean_acc": 100.0 * s["correct_clean"] / n,
+                    "robust_acc": 100.0 * s["correct_adv"][attack] / n,
+                    "mean_tau_clean": mean(s["tau_clean"]),
+                    "mean_tau_adv": mean(s["tau_adv"].get(attack, 0.0)),
+                    "counterattacked_clean": mean(s["ca_clean"]),
+                    "counterattacked_adv": mean(s["ca_adv"].get(attack, 0)),
+                    # The cost of the defense itself, over its clean and adversarial inputs.
+                    "forwards_per_image": s["forwards"] / s["defended"],
+                    "backwards_per_image": s["backwards"] / s["defended"],
+                    "ms_per_image": 1000.0 * s["seconds"] / s["defended"],
+                    "peak_memory_mb": s["peak"],
+                })
     return records
 
 
 def average_records(records: Sequence[dict]) -> list[dict]:
-    """Per attack and defense, the mean clean and robust accuracy across datasets (the paper's "Average")."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for record in records:
-        groups.setdefault((record["attack"], record["defense"]), []).append(record)
-    return [
-        {"attack": attack, "defense": defense, "datasets": len(rs),
-         "clean_acc": sum(r["clean_acc"] for r in rs) / len(rs),
-         "robust_acc": sum(r["robust_acc"] for r in rs) / len(rs)}
-        for (attack, defense), rs in groups.items()
-    ]
+    """Per attack and defense, the mean clean and robust accuracy across datasets.
+
+    Two scopes: ``paper``, over the datasets run that are among the TTC paper's 16 (its headline
+    "Average"; Tiny ImageNet and image folders are outside it), and ``all``, over every dataset run.
+    """
+    averages = []
+    for scope, keep in (("paper", lambda d: d in PAPER_AVERAGE_DATASETS), ("all", lambda d: True)):
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for record in records:
+            if keep(record["dataset"]):
+                groups.setdefault((record["attack"], record["defense"]), []).append(record)
+        averages += [
+            {"scope": scope, "attack": attack, "defense": defense, "datasets": len(rs),
+             "clean_acc": sum(r["clean_acc"] for r in rs) / len(rs),
+             "robust_acc": sum(r["robust_acc"] for r in rs) / len(rs)}
+            for (attack, defense), rs in groups.items()
+        ]
+    return averages

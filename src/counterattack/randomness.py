@@ -1,7 +1,8 @@
 """Per-image random streams.
 
 Every random draw for image ``i`` (an attack's random start, TTC's ``delta0``) comes from a
-generator seeded by ``(seed, dataset, i, purpose)``. An image's result therefore does not depend on
+generator seeded by ``(seed, dataset, i, purpose)``, where ``i`` is the image's stable id (an index
+or a file's relative path). An image's result therefore does not depend on
 the batch size, on the order of the images or on how they are split across processes.
 """
 
@@ -29,9 +30,9 @@ class ImageRandomness:
         self.generators = list(generators)
 
     @classmethod
-    def for_images(cls, seed: int, dataset: str, image_ids: Sequence[int], purpose: str) -> "ImageRandomness":
+    def for_images(cls, seed: int, dataset: str, image_ids: Sequence[int | str], purpose: str) -> "ImageRandomness":
         return cls(
-            torch.Generator().manual_seed(derive_seed(seed, dataset, int(i), purpose)) for i in image_ids
+            torch.Generator().manual_seed(derive_seed(seed, dataset, i, purpose)) for i in image_ids
         )
 
     @classmethod

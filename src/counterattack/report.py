@@ -14,7 +14,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from .data import short_name
 from .errors import CounterattackError
+from .evaluate import average_records
 from .results import ResultsStore
 
 _COLUMNS = (
@@ -49,14 +51,6 @@ def format_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def short_name(dataset: str) -> str:
-    """``imagefolder:../data/cifar10/test`` -> ``cifar10/test``; registry names stay."""
-    if not dataset.startswith("imagefolder:"):
-        return dataset
-    parts = Path(dataset.split(":", 1)[1]).parts
-    return "/".join(parts[-2:]) if parts and parts[-1] in ("test", "val", "train") else (parts[-1] if parts else dataset)
-
-
 def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
@@ -68,34 +62,47 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def paper_tables(records: Sequence[dict]) -> str:
-    """Markdown: per attack, clean and robust accuracy (defenses x datasets + average), then cost."""
-    sections = []
-    for attack in _ordered(r["attack"] for r in records):
-        mine = [r for r in records if r["attack"] == attack]
-        datasets = _ordered(r["dataset"] for r in mine)
-        defenses = _ordered(r["defense"] for r in mine)
-        by_key = {(r["dataset"], r["defense"]): r for r in mine}
-        for key, title in (("clean_acc", "Clean accuracy (%)"), ("robust_acc", f"Robust accuracy (%), attack {attack}")):
-            rows = []
-            for defense in defenses:
-                values = [by_key[(d, defense)][key] if (d, defense) in by_key else None for d in datasets]
-                present = [v for v in values if v is not None]
-                average = sum(present) / len(present) if present else None
-                rows.append([defense] + ["-" if v is None else f"{v:.2f}" for v in values + [average]])
-            sections.append(f"### {title}\n\n" + _markdown(["defense", *map(short_name, datasets), "average"], rows))
-        cost_rows = []
+    """Markdown in the paper's Table 1 layout: clean accuracy, robust accuracy per attack (defenses x
+    datasets + averages), then the cost of each defense.
+
+    Two averages: over the TTC paper's 16 datasets among those run (its headline number), and over
+    everything run.
+    """
+    averages = {(a["scope"], a["attack"], a["defense"]): a for a in average_records(records)}
+    attacks = _ordered(r["attack"] for r in records)
+    datasets = _ordered(r["dataset"] for r in records)
+    defenses = _ordered(r["defense"] for r in records)
+    by_key = {(r["attack"], r["dataset"], r["defense"]): r for r in records}
+    counts = {scope: max((a["datasets"] for (s, _, _), a in averages.items() if s == scope), default=0)
+              for scope in ("paper", "all")}
+    header = ["defense", *map(short_name, datasets),
+              f"average, paper's datasets ({counts['paper']} of 16)", f"average, all ({counts['all']})"]
+
+    def table(attack: str, key: str) -> str:
+        rows = []
         for defense in defenses:
-            rs = [r for r in mine if r["defense"] == defense]
-            peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
-            cost_rows.append([
-                defense,
-                f"{sum(r['forwards_per_image'] for r in rs) / len(rs):.2f}",
-                f"{sum(r['backwards_per_image'] for r in rs) / len(rs):.2f}",
-                f"{sum(r['ms_per_image'] for r in rs) / len(rs):.2f}" if all(r.get("ms_per_image") is not None for r in rs) else "-",
-                f"{max(peaks):.0f}" if peaks else "-",
-            ])
-        sections.append("### Cost per image\n\n" + _markdown(
-            ["defense", "forwards", "backwards", "ms", "peak GPU memory (MB)"], cost_rows))
+            values = [by_key[(attack, d, defense)][key] if (attack, d, defense) in by_key else None for d in datasets]
+            means = [averages[(scope, attack, defense)][key] if (scope, attack, defense) in averages else None
+                     for scope in ("paper", "all")]
+            rows.append([defense] + ["-" if v is None else f"{v:.2f}" for v in values + means])
+        return _markdown(header, rows)
+
+    # Clean accuracy does not depend on the attack: the first attack's records give it.
+    sections = [f"### Clean accuracy (%)\n\n{table(attacks[0], 'clean_acc')}"]
+    sections += [f"### Robust accuracy (%), attack {attack}\n\n{table(attack, 'robust_acc')}" for attack in attacks]
+    cost_rows = []
+    for defense in defenses:
+        rs = [r for r in records if r["defense"] == defense and r["attack"] == attacks[0]]
+        peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
+        cost_rows.append([
+            defense,
+            f"{sum(r['forwards_per_image'] for r in rs) / len(rs):.2f}",
+            f"{sum(r['backwards_per_image'] for r in rs) / len(rs):.2f}",
+            f"{sum(r['ms_per_image'] for r in rs) / len(rs):.2f}" if all(r.get("ms_per_image") is not None for r in rs) else "-",
+            f"{max(peaks):.0f}" if peaks else "-",
+        ])
+    sections.append("### Cost per image of each defense\n\n" + _markdown(
+        ["defense", "forwards", "backwards", "ms", "peak GPU memory (MB)"], cost_rows))
     return "\n\n".join(sections)
 
 
@@ -110,14 +117,15 @@ def plot_tau_histograms(batches: Sequence[dict], tau_thres: float | None, out: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    taus: dict[str, dict[str, list[float]]] = {}
+    taus: dict[str, dict] = {}
     for batch in batches:
         for name, result in batch["defenses"].items():
             if result["clean"]["tau"] is not None:
-                entry = taus.setdefault(batch["dataset"], {"defense": name, "clean": [], "adv": []})
+                attack = next(iter(result["adv"]))
+                entry = taus.setdefault(batch["dataset"], {"defense": name, "attack": attack, "clean": [], "adv": []})
                 if entry["defense"] == name:
                     entry["clean"] += result["clean"]["tau"]
-                    entry["adv"] += result["adv"]["tau"]
+                    entry["adv"] += result["adv"][entry["attack"]]["tau"]
     written = []
     for dataset, entry in taus.items():
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -125,7 +133,7 @@ def plot_tau_histograms(batches: Sequence[dict], tau_thres: float | None, out: P
         values = entry["clean"] + entry["adv"] + ([tau_thres] if tau_thres is not None else [])
         span = (min(values), max(values)) if max(values) > min(values) else (min(values) - 0.5, min(values) + 0.5)
         ax.hist(entry["clean"], bins=60, range=span, alpha=0.6, label=f"clean (n={len(entry['clean'])})")
-        ax.hist(entry["adv"], bins=60, range=span, alpha=0.6, label="adversarial")
+        ax.hist(entry["adv"], bins=60, range=span, alpha=0.6, label=f"adversarial ({entry['attack']})")
         if tau_thres is not None:
             ax.axvline(tau_thres, color="black", linestyle="--", label=f"tau_thres = {tau_thres:g}")
         ax.set_xlabel("tau = ||f(x + delta0) - f(x)|| / ||f(x)||")
@@ -171,6 +179,21 @@ def plot_accuracy(records: Sequence[dict], out: Path) -> Path:
     return path
 
 
+def _what_was_run(config: dict, records: Sequence[dict]) -> str:
+    """The attacks, the prompts and how many images stand behind each number, in words."""
+    attacks = "; ".join(f"`{json.dumps(a)}`" for a in config.get("attacks", []))
+    images = ", ".join(f"{short_name(d)}: {n}" for d, n in dict.fromkeys((r["dataset"], r["n"]) for r in records))
+    prompts = config.get("prompts", "paper")
+    prompt_words = ("the TTC code's per-dataset prompts" if prompts == "paper" else "curated class names with one template")
+    prompt_words += " for benchmark datasets; image folders use their folder names"
+    if config.get("templates"):
+        prompt_words += f", templates overridden by {config['templates']}"
+    worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
+        r["attack"] == "worst-case" for r in records) else ""
+    return (f"Attacks ({config.get('threat', 'paper')} threat): {attacks}.{worst}\n\n"
+            f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; seed {config.get('seed')}.")
+
+
 def write_report(out: Path) -> list[Path]:
     """Write report.md, report.csv and the PNG plots from a run folder's results."""
     out = Path(out)
@@ -190,10 +213,10 @@ def write_report(out: Path) -> list[Path]:
         writer.writeheader()
         writer.writerows(records)
     plots = [plot_accuracy(records, out), *plot_tau_histograms(ResultsStore(out).batches(), tau_thres, out)]
-    settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "limit", "seed") if k in config)
+    settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "prompts", "limit", "seed") if k in config)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     (out / "report.md").write_text(
-        f"# Evaluation report\n\n{settings}\n\nattack: `{json.dumps(config.get('attack'))}`\n\n"
+        f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n"
         f"{paper_tables(records)}\n\n## Plots\n\n{images}\n",
         encoding="utf-8",
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,18 @@ RUN_ONLY_KEYS = ("run",)
 def config_hash(config: dict) -> str:
     relevant = {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dataset_changes(old: dict, new: dict) -> str:
+    """What changed in the datasets' identities, in words (file lists are fingerprinted)."""
+    before = {d.get("name"): d for d in old.get("datasets", []) if isinstance(d, dict)}
+    notes = []
+    for dataset in new.get("datasets", []):
+        previous = before.get(dataset["name"])
+        if previous is not None and previous != dataset:
+            notes.append(f"{dataset['name']} changed: {previous.get('images')} images (fingerprint "
+                         f"{previous.get('fingerprint')}) then, {dataset['images']} (fingerprint {dataset['fingerprint']}) now")
+    return ("; " + "; ".join(notes)) if notes else ""
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
@@ -56,11 +69,39 @@ class ResultsStore:
                 changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
                 raise CounterattackError(
                     f"{self.out} holds results of another configuration (hash {stored.get('hash')}, this one "
-                    f"{digest}; differing: {', '.join(changed) or 'unknown'}). Use another --out, or delete "
-                    "the folder to start over."
+                    f"{digest}; differing: {', '.join(changed) or 'unknown'}{_dataset_changes(old, config)}). "
+                    "Use another --out, or delete the folder to start over."
                 )
         elif write:
             write_json_atomically(self.config_path, {"hash": digest, "config": config})
+
+    def complete_batches(self, expected: dict[str, list]) -> list[dict]:
+        """Every batch, once each expected image id (per dataset) is found exactly once and no other is.
+
+        The merge of the processes' files: a missing or doubled image refuses the summary rather
+        than averaging over whatever happens to be there.
+        """
+        batches = [batch for path in sorted(self.parts.glob("rank-*.jsonl")) for batch in self._lines(path)]
+        counts = Counter((batch["dataset"], image_id) for batch in batches for image_id in batch["ids"])
+        problems = []
+        for dataset, ids in expected.items():
+            missing = sum(1 for image_id in ids if counts[(dataset, image_id)] == 0)
+            doubled = sum(1 for image_id in ids if counts[(dataset, image_id)] > 1)
+            if missing:
+                problems.append(f"{missing} of {len(ids)} images of {dataset} are missing")
+            if doubled:
+                problems.append(f"{doubled} images of {dataset} appear more than once")
+        wanted = {(dataset, image_id) for dataset, ids in expected.items() for image_id in ids}
+        foreign = sum(1 for key in counts if key not in wanted)
+        if foreign:
+            problems.append(f"{foreign} results are of images this run does not evaluate")
+        if problems:
+            raise CounterattackError(
+                f"Cannot merge the results in {self.parts}: {'; '.join(problems)}. Run the same command again "
+                "to evaluate what is missing; if results are doubled or foreign, the folder was written by "
+                "something else: use another --out."
+            )
+        return batches
 
     def _lines(self, path: Path) -> Iterator[dict]:
         with path.open("r", encoding="utf-8") as f:
@@ -82,8 +123,8 @@ class ResultsStore:
                 result.append(batch)
         return result
 
-    def done(self) -> dict[str, set[int]]:
-        """Image indices already evaluated, per dataset."""
+    def done(self) -> dict[str, set]:
+        """Image ids already evaluated, per dataset."""
         done: dict[str, set[int]] = {}
         for batch in self.batches():
             done.setdefault(batch["dataset"], set()).update(batch["ids"])

@@ -14,7 +14,7 @@ Sweeps use the step size 2.5 * eps / steps (Madry et al.'s rule), so every point
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,7 @@ from .attacks.autoattack import collecting_warnings
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, WithIndex, balanced_subset
 from .defenses import Defense
+from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize
 from .randomness import ImageRandomness
 
@@ -64,9 +65,9 @@ class DefendedModel(nn.Module):
         return self.defense.attack_view(self.classifier, images, rng, "exact").logits
 
 
-def _robust_accuracy(classifier, data, defense, attack, settings) -> float:
-    batches = list(evaluate_dataset(classifier, data, attack, [defense], settings))
-    return summarize(batches, [data.name], [defense.name], attack.name)[0]["robust_acc"]
+def _robust_accuracy(classifier, data, defense, attack, settings, indices) -> float:
+    batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices))
+    return summarize(batches, [data.name], [defense.name], [attack.name])[0]["robust_acc"]
 
 
 def _never_increases(points: list[tuple[float, float]], tolerance: float) -> tuple[bool, str]:
@@ -77,7 +78,12 @@ def _never_increases(points: list[tuple[float, float]], tolerance: float) -> tup
 
 def autoattack_warnings(classifier: ZeroShotClassifier, defense: Defense, images: torch.Tensor, labels: torch.Tensor, seed: int) -> list[str]:
     """Run AutoAttack's checks on the defended model; return what they flag."""
-    from pyautoattack import checks
+    try:
+        from pyautoattack import checks
+    except ImportError as exc:
+        raise CounterattackError(
+            "counterattack sanity runs AutoAttack's checks, which need the pyautoattack package: pip install pyautoattack"
+        ) from exc
 
     model = DefendedModel(classifier, defense, seed)
     found: list[str] = []
@@ -101,15 +107,18 @@ def run_sanity(
     base_eps: float,
     base_steps: int,
     settings: RunSettings,
+    indices: Sequence[int] | None = None,
 ) -> SanityReport:
-    """``make_attack(eps, steps, step_size)`` (pixel units) builds the attack under test."""
+    """``make_attack(eps, steps, step_size)`` (pixel units) builds the attack under test; ``indices``
+    are the images (default: the class-balanced subset of ``settings.limit``)."""
     report = SanityReport()
-    n = len(balanced_subset(data.targets, settings.limit))
+    indices = balanced_subset(data.targets, settings.limit) if indices is None else list(indices)
+    n = len(indices)
     tolerance = max(100.0 / n, 0.5)  # one image, or half a point
 
     def accuracy(eps: float, steps: int) -> float:
         attack = make_attack(eps * PIXEL, steps, 2.5 * eps * PIXEL / max(steps, 1))
-        return _robust_accuracy(classifier, data, defense, attack, settings)
+        return _robust_accuracy(classifier, data, defense, attack, settings, indices)
 
     for eps in sorted({base_eps / 2, base_eps, 2 * base_eps, 4 * base_eps, 8 * base_eps, UNBOUNDED_EPS}):
         report.eps_sweep.append((eps, accuracy(eps, base_steps)))
@@ -123,7 +132,7 @@ def run_sanity(
     ok, detail = _never_increases(report.steps_sweep, tolerance)
     report.checks.append(Check("more attack steps do not help the defense", ok, detail))
 
-    first = WithIndex(data.dataset, balanced_subset(data.targets, min(settings.limit or 32, 32)))
+    first = WithIndex(data.dataset, [indices[i] for i in balanced_subset([data.targets[j] for j in indices], 32)])
     images = torch.stack([first[i][0] for i in range(len(first))]).to(settings.device)
     labels = torch.tensor([first[i][1] for i in range(len(first))], device=settings.device)
     report.autoattack_warnings = autoattack_warnings(classifier, defense, images, labels, settings.seed)

@@ -10,7 +10,7 @@ from ..classifier import ZeroShotClassifier
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
 from .adaptive import AdaptiveAttack
-from .autoattack import AutoAttack
+from .autoattack import DEFAULT_APGD_ITERATIONS, AutoAttack
 from .loop import project, replay_steps, run_steps, sign_gradient_steps, sign_step
 from .losses import LOSSES, cross_entropy, cw_margin
 from .pgd import PGD
@@ -37,12 +37,18 @@ ATTACKS: dict[str, str] = {
 }
 
 
-def build_attack(name: str, eps: float, steps: int, step_size: float) -> Attack:
+def default_steps(name: str) -> int:
+    """The paper's iterations: PGD-10 and CW-10; AutoAttack's APGD with pyautoattack's default of 100."""
+    return DEFAULT_APGD_ITERATIONS if name in ("autoattack-paper", "autoattack") else 10
+
+
+def build_attack(name: str, eps: float, steps: int | None = None, step_size: float = 1 / 255) -> Attack:
     """An attack of the paper's protocol by name; budgets in [0, 1] pixel units.
 
-    For AutoAttack, ``steps`` is APGD's number of iterations and ``step_size`` is not used (APGD
-    adapts its own).
+    ``steps`` defaults to ``default_steps(name)``. For AutoAttack, ``steps`` is APGD's number of
+    iterations and ``step_size`` is not used (APGD adapts its own).
     """
+    steps = default_steps(name) if steps is None else steps
     if name in ("pgd", "cw"):
         return PGD(eps=eps, steps=steps, step_size=step_size, loss="ce" if name == "pgd" else "cw")
     if name in ("autoattack-paper", "autoattack"):
@@ -51,6 +57,6 @@ def build_attack(name: str, eps: float, steps: int, step_size: float) -> Attack:
 
 
 __all__ = [
-    "PIXEL", "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "LOSSES", "PGD", "build_attack", "cross_entropy", "cw_margin",
+    "PIXEL", "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "LOSSES", "PGD", "build_attack", "default_steps", "cross_entropy", "cw_margin",
     "project", "replay_steps", "run_steps", "sign_gradient_steps", "sign_step",
 ]

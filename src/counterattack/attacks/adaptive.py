@@ -14,6 +14,8 @@ defense of the library can be attacked through its ``attack_view``:
 The PGD loop and its projection are the paper's; the loss is cross-entropy (``pgd``) or CW's
 margin (``cw``) on the defended logits. The attack starts from the paper protocol's adversarial
 image (PGD against the undefended model, from its random start) and goes on through the defense.
+It returns, per image, the iterate whose objective (the loss plus the gate term, averaged over
+the EOT draws) was highest, as AutoAttack keeps its best point, rather than the last iterate.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..classifier import ZeroShotClassifier
+from ..classifier import ZeroShotClassifier, check_pixels
 from ..defenses.base import ADAPTIVE_METHODS, Defense
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
-from .loop import run_steps
+from .loop import project, run_steps
 from .losses import ATTACK_NAMES, LOSSES
 from .pgd import PGD
 
@@ -59,20 +61,31 @@ class AdaptiveAttack:
     def __call__(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
     ) -> torch.Tensor:
-        images = images.detach().float()
+        images = check_pixels(images).detach().float()
         transfer = PGD(self.eps, self.steps, self.step_size, self.loss)(classifier, images, labels, rng)
         loss_of_logits = LOSSES[self.loss]
+        best_delta = transfer - images
+        best_loss = torch.full((len(images),), float("-inf"), device=images.device)
 
-        def loss(adv: torch.Tensor) -> torch.Tensor:
-            total = adv.new_zeros(())
+        def keep_best(adv: torch.Tensor, losses: torch.Tensor) -> None:
+            improved = losses > best_loss
+            best_loss[improved] = losses[improved]
+            best_delta[improved] = project(images, adv.detach() - images, self.eps)[improved]
+
+        def objective(adv: torch.Tensor) -> torch.Tensor:
+            per_image = adv.new_zeros(len(adv))
             for _ in range(self.eot_samples):
                 view = self.defense.attack_view(classifier, adv, rng, self.method, with_tau=self.gate_weight > 0)
-                total = total + loss_of_logits(view.logits, labels).sum()
+                per_image = per_image + loss_of_logits(view.logits, labels)
                 if self.gate_weight > 0 and view.tau is not None:
-                    total = total + self.gate_weight * view.tau.clamp(max=GATE_MARGIN * view.tau_thres).sum()
-            return total / self.eot_samples
+                    per_image = per_image + self.gate_weight * view.tau.clamp(max=GATE_MARGIN * view.tau_thres)
+            per_image = per_image / self.eot_samples
+            keep_best(adv, per_image.detach())
+            return per_image.sum()
 
-        return images + run_steps(loss, images, transfer - images, self.eps, self.step_size, self.steps)
+        final = run_steps(objective, images, best_delta.clone(), self.eps, self.step_size, self.steps)
+        objective(images + final)  # the last iterate is a candidate too
+        return images + best_delta
 
     def describe(self) -> dict:
         return {"attack": self.name, "loss": self.loss, "eps": self.eps, "steps": self.steps,

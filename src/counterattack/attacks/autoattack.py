@@ -1,12 +1,13 @@
 """AutoAttack (Croce and Hein, ICML 2020) through fra31's reference code (PyPI ``pyautoattack``).
 
 ``autoattack-paper`` is the TTC paper's subset: APGD-CE and APGD-DLR with the standard version's
-settings (1 restart, ``steps`` iterations, 100 by default), APGD-CE alone where there are fewer than
-3 classes (DLR needs three). ``autoattack`` is the full standard version: APGD-CE, APGD-T, FAB-T and
-Square. AutoAttack draws its randomness from its own seed; we give it one drawn from the first
-image's stream, so a batch is reproducible, but unlike the other attacks its result can depend on
-which images share the batch. Its warnings (randomised or gradient-masking defenses) are kept in
-``warnings`` for ``counterattack sanity``.
+settings (1 restart, ``steps`` iterations, 100 by default as in pyautoattack), APGD-CE alone where
+there are fewer than 3 classes (DLR needs three). ``autoattack`` is the full standard version:
+APGD-CE, APGD-T, FAB-T and Square. AutoAttack draws its randomness from one global seed per call;
+we give it one drawn from the batch's first image's stream, so a batch is reproducible, but unlike
+the other attacks its result depends on which images share the batch: a run with AutoAttack puts
+its batch size and number of processes into the configuration hash that guards resumption. Its
+warnings (randomised or gradient-masking defenses) are kept in ``warnings`` for ``counterattack sanity``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..classifier import ZeroShotClassifier
+from ..classifier import ZeroShotClassifier, check_pixels
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
+
+DEFAULT_APGD_ITERATIONS = 100  # pyautoattack's default, which the TTC paper's AutoAttack runs
 
 
 class _Collect(logging.Handler):
@@ -46,7 +49,7 @@ def collecting_warnings(logger: logging.Logger, into: list[str]) -> Iterator[Non
 @dataclass(frozen=True)
 class AutoAttack:
     eps: float = 1 / 255
-    steps: int = 100
+    steps: int = DEFAULT_APGD_ITERATIONS
     version: str = "paper"  # "paper" (APGD-CE + APGD-DLR) or "standard"
     warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
@@ -59,24 +62,44 @@ class AutoAttack:
             return ["apgd-ce", "apgd-t", "fab-t", "square"]
         return ["apgd-ce", "apgd-dlr"] if num_classes >= 3 else ["apgd-ce"]
 
+    def adversary(self, model: torch.nn.Module, num_classes: int, seed: int, device: torch.device):
+        """pyautoattack's ``AutoAttack`` in its ``custom`` version, with the standard version's settings.
+
+        The APGD attacks are built with ``n_iter=steps``: APGD derives its step-size schedule
+        (checkpoints, minimum interval, decrease) from ``n_iter`` in its constructor, so setting the
+        iterations afterwards would keep the schedule of 100.
+        """
+        try:
+            from pyautoattack import AutoAttack as Reference
+            from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+        except ImportError as exc:
+            raise CounterattackError(
+                "AutoAttack needs the pyautoattack package: pip install pyautoattack "
+                "(it is a dependency of clip-counterattack; reinstall with pip install -e .)"
+            ) from exc
+        adversary = Reference(model, attacks=self.attacks_for(num_classes), eps=self.eps, norm="Linf", seed=seed,
+                              device=device, version="custom")
+        shared = dict(n_iter=self.steps, n_restarts=1, eps=self.eps, norm="Linf", eot_iter=1, rho=0.75, seed=seed,
+                      device=device, logger=adversary.logger, verbose=False)
+        adversary.apgd = APGDAttack(model, **shared)
+        adversary.apgd_targeted = APGDAttack_targeted(model, **shared)
+        targets = min(9, num_classes - 1)
+        adversary.apgd_targeted.n_target_classes = targets
+        adversary.fab.n_restarts = 1
+        adversary.fab.n_target_classes = targets
+        return adversary
+
     def __call__(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
     ) -> torch.Tensor:
-        try:
-            from pyautoattack import AutoAttack as Reference
-        except ImportError as exc:  # pragma: no cover - a dependency
-            raise CounterattackError("AutoAttack needs pyautoattack: pip install pyautoattack") from exc
+        images = check_pixels(images).detach().float()
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng.generators[0]))
-        adversary = Reference(classifier, eps=self.eps, norm="Linf", version="standard", seed=seed, device=images.device)
-        adversary.apgd.n_iter = self.steps
-        adversary.apgd_targeted.n_iter = self.steps
-        adversary.apgd_targeted.n_target_classes = min(9, classifier.num_classes - 1)
-        adversary.fab.n_target_classes = min(9, classifier.num_classes - 1)
-        adversary.attacks_to_run = self.attacks_for(classifier.num_classes)
+        adversary = self.adversary(classifier, classifier.num_classes, seed, images.device)
         with collecting_warnings(adversary.logger, self.warnings):
-            adversarial, _ = adversary.run_standard_evaluation(images.detach().float(), labels, batch_size=len(images))
+            adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=len(images))
         return adversarial.detach()
 
     def describe(self) -> dict:
-        return {"attack": self.name, "eps": self.eps, "steps": self.steps,
-                "attacks": "apgd-ce, apgd-t, fab-t, square" if self.version == "standard" else "apgd-ce, apgd-dlr (apgd-ce below 3 classes)"}
+        return {"attack": self.name, "eps": self.eps, "steps": self.steps, "restarts": 1,
+                "attacks": "apgd-ce, apgd-t, fab-t, square" if self.version == "standard" else "apgd-ce, apgd-dlr (apgd-ce below 3 classes)",
+                "seeded_by": "the batch's first image: depends on batch composition"}

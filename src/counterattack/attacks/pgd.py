@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..classifier import ZeroShotClassifier
+from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
 from .loop import project, run_steps
 from .losses import ATTACK_NAMES, LOSSES
@@ -42,7 +42,7 @@ class PGD:
     def __call__(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
     ) -> torch.Tensor:
-        images = images.detach().float()
+        images = check_pixels(images).detach().float()
         delta = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
         loss_of_logits = LOSSES[self.loss]
 

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from open_clip.transform import image_transform
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
+from tqdm.auto import tqdm
+
+from ..classifier import DEFAULT_TEMPLATES
 from ..errors import CounterattackError
 from ..models import LoadedCLIP
-from .registry import DATASETS, DatasetInfo, curated_class_names, is_present
+from .prompts import IMAGENET_DROPPED_WNID, PROMPT_SETS, check_own_classes, class_prompts, raw_classes
+from .registry import DATASETS, DatasetInfo, is_present
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
+# The datasets behind the TTC paper's headline average (Table 1); Tiny ImageNet is evaluated there but left out of it.
+PAPER_AVERAGE_DATASETS: tuple[str, ...] = tuple(name for name in DATASETS if name != "tinyimagenet")
+
 __all__ = [
-    "DATASETS", "DatasetInfo", "EvalDataset", "IMAGEFOLDER_PREFIX", "WithIndex", "balanced_subset", "check_manual_datasets",
-    "dataset_names", "is_present", "load_dataset", "model_eval_transform", "paper_transform",
+    "DATASETS", "DatasetInfo", "EvalDataset", "IMAGEFOLDER_PREFIX", "ImageId", "PAPER_AVERAGE_DATASETS", "PROMPT_SETS", "TRANSFORMS", "WithIndex",
+    "balanced_subset", "check_manual_datasets", "dataset_names", "find_unreadable", "is_present", "load_dataset",
+    "model_eval_transform", "paper_transform", "short_name",
 ]
 
 
@@ -56,30 +67,76 @@ def model_eval_transform(clip: LoadedCLIP) -> Callable[[Any], torch.Tensor]:
     )
 
 
+ImageId = Union[int, str]  # the dataset's own index, or an image file's path relative to its folder
+
+
 @dataclass
 class EvalDataset:
-    """A test split: ``dataset[i]`` is ``(image in [0, 1], label)``; ``targets[i]`` its label."""
+    """A test split: ``dataset[i]`` is ``(image in [0, 1], label)``; ``targets[i]`` its label.
+
+    ``image_ids[i]`` is image i's stable key (results, resumption and its random streams use it):
+    the torchvision dataset's own index, or for an image folder the file's path relative to the
+    folder, so adding a file does not renumber the others. ``fingerprint`` identifies the content
+    (the file list with sizes, or the labels); ``randomness_key`` names the dataset in random
+    streams, independent of where the data lies. ``files[i]`` is image i's file, where known.
+    """
 
     name: str
     dataset: Dataset
     class_names: list[str]
     targets: list[int]
+    image_ids: list[ImageId]
+    fingerprint: str
+    randomness_key: str
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    files: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
 
+    def describe(self) -> dict:
+        """The dataset's identity, as the run's configuration records it."""
+        return {"name": self.name, "images": len(self), "classes": len(self.class_names), "fingerprint": self.fingerprint}
 
-def _imagefolder(directory: Path, clip: LoadedCLIP) -> EvalDataset:
+
+def _digest(lines: Iterable[str]) -> str:
+    hasher = hashlib.sha256()
+    for line in lines:
+        hasher.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return hasher.hexdigest()[:16]
+
+
+def _labels_fingerprint(targets: Sequence[int]) -> str:
+    return _digest([str(len(targets)), *map(str, targets)])
+
+
+TRANSFORMS = ("model", "paper")
+
+
+def _imagefolder(directory: Path, clip: LoadedCLIP, transform: str) -> EvalDataset:
+    directory = directory.resolve()
     if not directory.is_dir():
         raise CounterattackError(f"Image folder not found: {directory}")
     try:
-        ds = datasets.ImageFolder(str(directory), transform=model_eval_transform(clip))
+        ds = datasets.ImageFolder(str(directory), transform=model_eval_transform(clip) if transform == "model" else paper_transform())
     except (FileNotFoundError, OSError) as exc:
         raise CounterattackError(
             f"{directory} is not an image folder: expected one sub-folder per class holding images ({exc})."
         ) from exc
     names = [c.replace("_", " ") for c in ds.classes]
-    return EvalDataset(f"{IMAGEFOLDER_PREFIX}{directory}", ds, names, list(ds.targets))
+    files = [path for path, _ in ds.samples]
+    ids: list[ImageId] = [Path(path).relative_to(directory).as_posix() for path in files]
+    fingerprint = _digest(f"{i}\t{os.path.getsize(f)}\t{y}" for i, f, y in zip(ids, files, ds.targets))
+    return EvalDataset(f"{IMAGEFOLDER_PREFIX}{directory}", ds, names, list(ds.targets), ids, fingerprint,
+                       f"{IMAGEFOLDER_PREFIX}{fingerprint}", files=files)
+
+
+def short_name(dataset: str) -> str:
+    """``imagefolder:/data/cifar10/test`` -> ``cifar10/test``; registry names stay."""
+    if not dataset.startswith(IMAGEFOLDER_PREFIX):
+        return dataset
+    parts = Path(dataset[len(IMAGEFOLDER_PREFIX) :]).parts
+    return "/".join(parts[-2:]) if parts and parts[-1] in ("test", "val", "train") else (parts[-1] if parts else dataset)
 
 
 def dataset_names(specs: Sequence[str]) -> list[str]:
@@ -99,10 +156,62 @@ def check_manual_datasets(specs: Sequence[str], data_root: str | Path) -> None:
         )
 
 
-def load_dataset(spec: str, clip: LoadedCLIP, data_root: str | Path = "data", download: bool = True) -> EvalDataset:
-    """A registered dataset's evaluation split by name, or ``imagefolder:DIR``."""
+class _Relabelled(Dataset):
+    """The images ``indices`` of ``dataset``, their labels mapped through ``labels``."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], labels: dict[int, int]):
+        self.dataset, self.indices, self.labels = dataset, list(indices), labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[self.indices[i]]
+        return image, self.labels[label]
+
+
+def _drop_class(data: EvalDataset, dropped: int) -> EvalDataset:
+    """``data`` without the class ``dropped`` and its images; later labels move down by one; ids stay."""
+    keep = [i for i, y in enumerate(data.targets) if y != dropped]
+    labels = {y: y - (y > dropped) for y in range(len(data.class_names) + 1) if y != dropped}
+    targets = [labels[data.targets[i]] for i in keep]
+    return EvalDataset(
+        data.name, _Relabelled(data.dataset, keep, labels), data.class_names, targets, [data.image_ids[i] for i in keep],
+        _labels_fingerprint(targets), data.randomness_key, data.templates,
+        None if data.files is None else [data.files[i] for i in keep],
+    )
+
+
+def _files_of(dataset: Dataset) -> list[str] | None:
+    """The image file behind each index of a torchvision dataset, where it keeps them in a list."""
+    for attribute in ("samples", "_samples"):
+        entries = getattr(dataset, attribute, None)
+        if isinstance(entries, list) and entries and isinstance(entries[0], tuple):
+            return [str(entry[0]) for entry in entries]
+    for attribute in ("_image_files", "_images"):
+        entries = getattr(dataset, attribute, None)
+        if isinstance(entries, list) and entries and isinstance(entries[0], (str, Path)):
+            return [str(entry) for entry in entries]
+    return None
+
+
+def load_dataset(
+    spec: str, clip: LoadedCLIP, data_root: str | Path = "data", download: bool = True,
+    prompts: str = "paper", transform: str = "model",
+) -> EvalDataset:
+    """A registered dataset's evaluation split by name, or ``imagefolder:DIR``.
+
+    ``prompts`` chooses a registered dataset's class names and templates: ``paper`` as the TTC
+    authors' code builds them (ImageNet then has their 999 classes), ``openai`` the curated names
+    with ``"This is a photo of a {}."``. ``transform`` is an image folder's preprocessing: the
+    model's own eval transform, or the paper's Resize 256 -> CenterCrop 224.
+    """
+    if prompts not in PROMPT_SETS:
+        raise CounterattackError(f"Unknown prompt set {prompts!r}. Available: {', '.join(PROMPT_SETS)}.")
+    if transform not in TRANSFORMS:
+        raise CounterattackError(f"Unknown transform {transform!r}. Available: {', '.join(TRANSFORMS)}.")
     if spec.startswith(IMAGEFOLDER_PREFIX):
-        return _imagefolder(Path(spec[len(IMAGEFOLDER_PREFIX) :]).expanduser(), clip)
+        return _imagefolder(Path(spec[len(IMAGEFOLDER_PREFIX) :]).expanduser(), clip, transform)
     if spec not in DATASETS:
         raise CounterattackError(
             f"Unknown dataset {spec!r}. Available: {', '.join(DATASETS)}, all, or imagefolder:DIR."
@@ -118,13 +227,41 @@ def load_dataset(spec: str, clip: LoadedCLIP, data_root: str | Path = "data", do
         raise CounterattackError(
             f"Could not load {spec} from {root}: {exc}. It is {info.how_to_get}."
         ) from exc
-    curated = curated_class_names().get(spec)
-    names = curated if curated is not None else [info.clean_name(c) for c in own_names]
-    if len(names) != info.num_classes or len(own_names) != info.num_classes:
+    if len(own_names) != info.num_classes:
         raise CounterattackError(
             f"{spec} under {root} has {len(own_names)} classes, expected {info.num_classes}: is it the full dataset?"
         )
-    return EvalDataset(spec, ds, list(names), labels)
+    check_own_classes(spec, own_names)
+    names, templates = class_prompts(spec, prompts)
+    data = EvalDataset(spec, ds, list(names), list(labels), list(range(len(labels))), _labels_fingerprint(labels), spec,
+                       tuple(templates), _files_of(ds))
+    if spec == "imagenet" and len(names) == info.num_classes - 1:
+        data = _drop_class(data, raw_classes(spec).index(IMAGENET_DROPPED_WNID))
+    return data
+
+
+def _decode_error(path: str) -> str | None:
+    """Why an image file cannot be decoded, or None. JPEGs decode at 1/8 scale: fast, and a
+    truncated or corrupt stream still fails."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (image.width // 8 or 1, image.height // 8 or 1))
+            image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def find_unreadable(data: EvalDataset, indices: Sequence[int], progress: bool = True) -> dict[int, str]:
+    """The images among ``indices`` whose file cannot be decoded, with the reason (empty where files are unknown)."""
+    if data.files is None:
+        return {}
+    problems = {}
+    for i in tqdm(indices, desc=f"checking {short_name(data.name)}", unit="img", disable=not progress, leave=False):
+        reason = _decode_error(data.files[i])
+        if reason is not None:
+            problems[i] = reason
+    return problems
 
 
 def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
@@ -152,7 +289,7 @@ def balanced_subset(targets: Sequence[int], limit: int | None) -> list[int]:
 
 
 class WithIndex(Dataset):
-    """Yields ``(image, label, index in the full dataset)``: the index seeds the image's randomness."""
+    """Yields ``(image, label, index in the full dataset)``: the index leads to the image's id."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]):
         self.subset = Subset(dataset, list(indices))

@@ -31,7 +31,7 @@ class DatasetInfo:
     test_size: int
     split: str
     folder: str  # under --data-root; its presence means the dataset is there
-    load: Loader  # (data root, transform, download) -> (dataset, labels, the dataset's own class names)
+    load: Loader  # (data root, transform, download) -> (dataset, labels, its own raw class list: raw_classes.json)
     how_to_get: str  # shown when the data is missing
     downloadable: bool = True
     clean_name: Callable[[str], str] = str  # for datasets without a curated list: their own labels, tidied
@@ -41,6 +41,26 @@ class DatasetInfo:
 def curated_class_names() -> dict[str, list[str]]:
     text = files("counterattack.data").joinpath("classnames.json").read_text(encoding="utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def _shipped_own_classes(dataset: str) -> list[str]:
+    """The shipped own-class list, for datasets whose files name no class."""
+    from .prompts import raw_classes  # prompts imports this module
+
+    return raw_classes(dataset)
+
+
+@cache
+def _openai_imagenet_names() -> dict[str, str]:
+    from .prompts import raw_classes  # prompts imports this module
+
+    return dict(zip(raw_classes("imagenet"), curated_class_names()["imagenet"]))
+
+
+def _openai_imagenet_name(wnid: str) -> str:
+    """Tiny ImageNet's WordNet ids named as OpenAI's curated ImageNet names (all 200 are ImageNet-1k synsets);
+    an unknown id stays as it is."""
+    return _openai_imagenet_names().get(wnid, wnid)
 
 
 def _cifar10(root, transform, download):
@@ -60,7 +80,7 @@ def _stl10(root, transform, download):
 
 def _imagenet(root, transform, download):
     ds = tv.ImageNet(str(root / "imagenet"), split="val", transform=transform)
-    return ds, list(ds.targets), [names[0] for names in ds.classes]
+    return ds, list(ds.targets), list(ds.wnids)
 
 
 def _caltech101(root, transform, download):
@@ -80,7 +100,7 @@ def _oxford_pets(root, transform, download):
 
 def _flowers102(root, transform, download):
     ds = tv.Flowers102(str(root), split="test", transform=transform, download=download)
-    return ds, list(ds._labels), [str(i) for i in range(102)]
+    return ds, list(ds._labels), _shipped_own_classes("flowers102")  # its files hold label numbers only
 
 
 def _fgvc_aircraft(root, transform, download):
@@ -126,7 +146,7 @@ def _pcam(root, transform, download):
     ds = tv.PCAM(str(root), split="test", transform=transform, download=download)
     with h5py.File(ds._base_folder / ds._FILES["test"]["targets"][0]) as f:
         labels = [int(y) for y in f["y"][:, 0, 0, 0]]
-    return ds, labels, ["no tumor", "tumor"]
+    return ds, labels, _shipped_own_classes("pcam")  # torchvision names no PCAM class
 
 
 class TinyImageNetVal(Dataset):
@@ -160,7 +180,7 @@ class TinyImageNetVal(Dataset):
 
 def _tinyimagenet(root, transform, download):
     ds = TinyImageNetVal(root, transform, download)
-    return ds, [label for _, label in ds.samples], ds.classes
+    return ds, [label for _, label in ds.samples], list(ds.wnids)
 
 
 def _manual(files_: str, layout: str) -> str:
@@ -209,7 +229,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
     DatasetInfo("pcam", 2, 32768, "test", "pcam", _pcam,
                 "downloaded automatically (Google Drive; needs h5py: pip install 'clip-counterattack[pcam]')"),
     DatasetInfo("tinyimagenet", 200, 10000, "val", "tiny-imagenet-200", _tinyimagenet,
-                f"downloaded automatically from {TinyImageNetVal.URL}"),
+                f"downloaded automatically from {TinyImageNetVal.URL}", clean_name=_openai_imagenet_name),
 ]}
 
 

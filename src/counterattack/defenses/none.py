@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..classifier import ZeroShotClassifier
+from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
 from .base import AttackView, DefenseOptions, DefenseOutput
 
@@ -21,12 +21,12 @@ class NoDefense:
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        return DefenseOutput(logits=classifier.logits(images), forwards=len(images), images=images)
+        return DefenseOutput(logits=classifier.logits(check_pixels(images)), forwards=len(images), images=images)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
     ) -> AttackView:
-        return AttackView(classifier.logits(images))
+        return AttackView(classifier.logits(check_pixels(images)))
 
     def describe(self) -> dict:
         return {"defense": self.name}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attacks.loop import project
-from ..classifier import ZeroShotClassifier
+from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
 from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
 
@@ -28,14 +28,14 @@ class RandomNoise:
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        x = images.detach().float()
+        x = check_pixels(images).detach().float()
         delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
         return DefenseOutput(logits=classifier.logits(x + delta0), forwards=len(x), images=x + delta0)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
     ) -> AttackView:
-        delta0 = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
+        delta0 = project(check_pixels(images), rng.uniform_like(images, -self.eps, self.eps), self.eps)
         return AttackView(classifier.logits(through_defense(images, delta0, method)))
 
     def describe(self) -> dict:

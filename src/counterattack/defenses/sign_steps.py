@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attacks.loop import replay_steps, run_steps
-from ..classifier import ZeroShotClassifier
+from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
 from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
 
@@ -43,7 +43,7 @@ class SignStepDefense:
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        x = images.detach().float()
+        x = check_pixels(images).detach().float()
         defended = x + self.perturbation(classifier, x)
         n = len(x)
         return DefenseOutput(classifier.logits(defended), forwards=(self.steps + 1) * n, backwards=self.steps * n, images=defended)
@@ -52,7 +52,7 @@ class SignStepDefense:
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
     ) -> AttackView:
         signs: list[torch.Tensor] = []
-        self.perturbation(classifier, images.detach().float(), signs)
+        self.perturbation(classifier, check_pixels(images).detach().float(), signs)
         start = torch.zeros_like(images)
         delta = replay_steps(images, start, signs, self.step_size, self.eps)[-1] if signs else start
         return AttackView(classifier.logits(through_defense(images, delta, method)))

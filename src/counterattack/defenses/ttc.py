@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attacks.loop import project, replay_steps, sign_gradient_steps, sign_step
-from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
 from ..errors import CounterattackError
 from ..precision import PRECISIONS, autocast
 from ..randomness import ImageRandomness
@@ -92,7 +92,7 @@ class TTC:
 
     def _counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
         encoder = classifier.encoder
-        x = images.detach().float()
+        x = check_pixels(images).detach().float()
         n = len(x)
         noise = rng.uniform_like(x, -self.eps, self.eps)
         delta0 = project(x, noise, self.eps)

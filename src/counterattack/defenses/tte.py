@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..classifier import ZeroShotClassifier
+from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
 from .base import AttackView, DefenseOptions, DefenseOutput
 
@@ -64,14 +64,14 @@ class TransformEnsemble:
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        x = images.detach().float()
+        x = check_pixels(images).detach().float()
         return DefenseOutput(logits=self._mean_logits(classifier, x), forwards=len(self._views(x)) * len(x))
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
     ) -> AttackView:
         """Flips and shifts are differentiable: both methods differentiate the ensemble itself."""
-        return AttackView(self._mean_logits(classifier, images))
+        return AttackView(self._mean_logits(classifier, check_pixels(images)))
 
     def describe(self) -> dict:
         return {"defense": self.name, "views": len(self.transforms) if self.transforms else 10,
