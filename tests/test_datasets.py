@@ -1,10 +1,15 @@
 """Every dataset of the benchmark on a tiny fake copy of its on-disk layout (torchvision's own test
-strategy): the loader finds the files, yields the right labels and the right number of class names,
-and a broken layout gives a clear error."""
+strategy): the loader finds the files, yields the right labels and the prompt set's class names, refuses
+a copy whose own class list is not the shipped one, and a broken layout gives a clear error.
+
+The fakes use each dataset's real class list (``raw_classes``), laid out so that the stock torchvision
+class derives exactly that list from the files, as it would from the real download."""
 
 import io
 import json
+import os
 import pickle
+import zlib
 
 import numpy as np
 import pytest
@@ -14,7 +19,10 @@ import torchvision.datasets as tv
 
 from counterattack import CounterattackError, load_clip, load_dataset
 from counterattack.cli import main
-from counterattack.data import DATASETS
+from counterattack.data import DATASETS, PAPER_AVERAGE_DATASETS
+from counterattack.data.prompts import (
+    IMAGENET_DROPPED_WNID, OPENAI_TEMPLATE, class_prompts, imagenet_paper_name, raw_classes, tinyimagenet_paper_name,
+)
 from counterattack.data.registry import curated_class_names, readable
 
 PAPER_COUNTS = {
@@ -34,69 +42,82 @@ def jpeg(seed: int, mode: str = "RGB") -> bytes:
 
 
 def put(path, data: bytes = b"") -> None:
+    """Write ``data`` to ``path``, by default a JPEG seeded by the file's name (crc32: the same in every process,
+    unlike ``hash``, which Python salts per process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data or jpeg(hash(path.name) % 1000))
+    path.write_bytes(data or jpeg(zlib.crc32(path.name.encode("utf-8"))))
 
 
-def names(prefix: str, n: int) -> list[str]:
-    return [f"{prefix}{i:03d}" for i in range(n)]
+def file_exists(path, md5=None) -> bool:
+    """Stands in for torchvision's md5 integrity check: the fake files have the right names, not the real bytes."""
+    return os.path.isfile(path)
 
 
 # Each builder lays out the dataset under root and returns the labels it should load, in order.
-def build_cifar10(root, monkeypatch):
-    monkeypatch.setattr(tv.cifar, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+def build_cifar10(root, monkeypatch, label_names=None):
+    monkeypatch.setattr(tv.cifar, "check_integrity", file_exists)
     base = root / "cifar-10-batches-py"
     base.mkdir()
     labels = [3, 1, 4, 1, 5, 9]
     data = np.random.default_rng(0).integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
     pickle.dump({"data": data, "labels": labels}, open(base / "test_batch", "wb"))
-    pickle.dump({"label_names": names("c", 10)}, open(base / "batches.meta", "wb"))
+    pickle.dump({"label_names": label_names or raw_classes("cifar10")}, open(base / "batches.meta", "wb"))
     for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"):
         put(base / name, b"x")
     return labels
 
 
 def build_cifar100(root, monkeypatch):
-    monkeypatch.setattr(tv.cifar, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+    monkeypatch.setattr(tv.cifar, "check_integrity", file_exists)
     base = root / "cifar-100-python"
     base.mkdir()
     labels = [0, 99, 42]
     data = np.random.default_rng(0).integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
     pickle.dump({"data": data, "fine_labels": labels}, open(base / "test", "wb"))
-    pickle.dump({"fine_label_names": names("c", 100)}, open(base / "meta", "wb"))
+    pickle.dump({"fine_label_names": raw_classes("cifar100")}, open(base / "meta", "wb"))
     put(base / "train", b"x")
     return labels
 
 
 def build_stl10(root, monkeypatch):
-    monkeypatch.setattr(tv.stl10, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+    monkeypatch.setattr(tv.stl10, "check_integrity", file_exists)
     base = root / "stl10_binary"
     base.mkdir()
     labels = [2, 0, 9]
-    np.random.default_rng(0).integers(0, 256, size=len(labels) * 3 * 96 * 96, dtype=np.uint8).tofile(base / "test_X.bin")
-    (np.array(labels, dtype=np.uint8) + 1).tofile(base / "test_y.bin")
-    (base / "class_names.txt").write_text("\n".join(names("c", 10)))
+    pixels = np.random.default_rng(0).integers(0, 256, size=len(labels) * 3 * 96 * 96, dtype=np.uint8)
+    pixels.tofile(base / "test_X.bin")
+    (np.array(labels, dtype=np.uint8) + 1).tofile(base / "test_y.bin")  # STL-10 counts from 1
+    (base / "class_names.txt").write_text("\n".join(raw_classes("stl10")) + "\n")
     for name in ("train_X.bin", "train_y.bin", "unlabeled_X.bin"):
         put(base / name, b"x")
     return labels
 
 
-def build_imagenet(root, monkeypatch):
+def imagenet_layout(root, images_per_class: dict[str, int] | None = None) -> list[int]:
+    """ImageNet as torchvision leaves it once unpacked: ``imagenet/meta.bin`` and ``imagenet/val/<wnid>/*.JPEG``.
+    ImageFolder refuses an empty class folder, so every synset holds one image, or ``images_per_class[wnid]``."""
     base = root / "imagenet"
-    wnids = [f"n{i:08d}" for i in range(1000)]
+    wnids = raw_classes("imagenet")
     base.mkdir()
-    torch.save(({w: (f"class {i}",) for i, w in enumerate(wnids)}, []), base / "meta.bin")
-    for i, wnid in enumerate(wnids):
-        put(base / "val" / wnid / f"ILSVRC2012_val_{i:08d}.JPEG", jpeg(0))
-    return list(range(1000))
+    torch.save(({w: (name,) for w, name in zip(wnids, curated_class_names()["imagenet"])}, []), base / "meta.bin")
+    labels, number = [], 0
+    for label, wnid in enumerate(wnids):
+        for _ in range((images_per_class or {}).get(wnid, 1)):
+            number += 1
+            put(base / "val" / wnid / f"ILSVRC2012_val_{number:08d}.JPEG")  # each image its own pixels
+            labels.append(label)
+    return labels
+
+
+def build_imagenet(root, monkeypatch):
+    return imagenet_layout(root)
 
 
 def build_caltech101(root, monkeypatch):
     base = root / "caltech101" / "101_ObjectCategories"
-    categories = sorted(["Faces", "Faces_easy", "Leopards", "Motorbikes"] + names("cat", 97))
-    put(base / "BACKGROUND_Google" / "image_0001.jpg")
+    put(base / "BACKGROUND_Google" / "image_0001.jpg")  # torchvision drops this folder: not a class
     labels = []
-    for i, category in enumerate(categories):
+    for i, category in enumerate(raw_classes("caltech101")):
         (base / category).mkdir(parents=True)
         if i % 50 == 0:
             put(base / category / "image_0001.jpg", jpeg(i, "L"))  # grayscale, as some Caltech images are
@@ -104,33 +125,36 @@ def build_caltech101(root, monkeypatch):
     return labels
 
 
-def build_caltech256(root, monkeypatch):
+def build_caltech256(root, monkeypatch, rename: dict[str, str] | None = None):
     base = root / "caltech256" / "256_ObjectCategories"
     labels = []
-    for i in range(257):
-        folder = base / f"{i + 1:03d}.{'motorbikes-101' if i == 144 else f'thing-{i}'}"
-        folder.mkdir(parents=True)
+    for i, folder in enumerate(raw_classes("caltech256")):
+        folder = (rename or {}).get(folder, folder)
+        (base / folder).mkdir(parents=True)
         if i in (0, 144, 256):
-            put(folder / f"{i + 1:03d}_0001.jpg", jpeg(i, "CMYK"))
+            put(base / folder / f"{i + 1:03d}_0001.jpg", jpeg(i, "CMYK"))
             labels.append(i)
     return labels
 
 
 def build_oxford_pets(root, monkeypatch):
+    # torchvision names the classes after the image ids (``american_bulldog_12`` -> "American Bulldog"),
+    # ordered by label: every breed needs an image in the split. The lines come shuffled.
     base = root / "oxford-iiit-pet"
     (base / "annotations").mkdir(parents=True)
-    lines, labels = [], []
-    for i in range(37):
-        image_id = f"breed_{i:02d}_1"
+    breeds = raw_classes("oxford_pets")
+    labels = [int(i) for i in np.random.default_rng(0).permutation(len(breeds))]
+    lines = []
+    for label in labels:
+        image_id = f"{breeds[label].lower().replace(' ', '_')}_{label + 1}"
         put(base / "images" / f"{image_id}.jpg")
-        lines.append(f"{image_id} {i + 1} 1 1")
-        labels.append(i)
+        lines.append(f"{image_id} {label + 1} 1 1")
     (base / "annotations" / "test.txt").write_text("\n".join(lines) + "\n")
     return labels
 
 
 def build_flowers102(root, monkeypatch):
-    monkeypatch.setattr(tv.flowers102, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+    monkeypatch.setattr(tv.flowers102, "check_integrity", file_exists)
     base = root / "flowers-102"
     labels = [5, 101, 0]
     for i in range(1, 4):
@@ -142,19 +166,21 @@ def build_flowers102(root, monkeypatch):
 
 def build_fgvc_aircraft(root, monkeypatch):
     data = root / "fgvc-aircraft-2013b" / "data"
-    variants = ["707-320", "A300B4"] + names("variant", 98)
+    variants = raw_classes("fgvc_aircraft")
     data.mkdir(parents=True)
     (data / "variants.txt").write_text("\n".join(variants) + "\n")
-    (data / "images_variant_test.txt").write_text("0001 A300B4\n0002 707-320\n")
-    for image in ("0001", "0002"):
-        put(data / "images" / f"{image}.jpg")
-    return [1, 0]
+    labels = [1, 0, variants.index("Boeing 717"), 99]  # a variant with a space in its name, too
+    (data / "images_variant_test.txt").write_text("".join(f"{i:04d} {variants[y]}\n" for i, y in enumerate(labels)))
+    for i in range(len(labels)):
+        put(data / "images" / f"{i:04d}.jpg")
+    return labels
 
 
 def build_stanford_cars(root, monkeypatch):
     base = root / "stanford_cars"
     (base / "devkit").mkdir(parents=True)
-    scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(names("car", 196), dtype=object)})
+    scipy.io.savemat(base / "devkit" / "cars_meta.mat",
+                     {"class_names": np.array(raw_classes("stanford_cars"), dtype=object)})
     annotations = np.array([("00001.jpg", 7), ("00002.jpg", 196)], dtype=[("fname", object), ("class", object)])
     scipy.io.savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annotations})
     for image in ("00001.jpg", "00002.jpg"):
@@ -163,47 +189,51 @@ def build_stanford_cars(root, monkeypatch):
 
 
 def build_sun397(root, monkeypatch):
+    # torchvision finds the images with rglob, whose order is the file system's: the test compares in path order.
     base = root / "SUN397"
-    classes = [f"/{c[0]}/{c}" for c in names("s", 396)] + ["/s/swimming_pool/outdoor"]
+    classes = raw_classes("sun397")
     base.mkdir()
-    (base / "ClassName.txt").write_text("\n".join(classes) + "\n")
-    put(base / "s" / "swimming_pool" / "outdoor" / "sun_a.jpg")
-    return [396]
+    (base / "ClassName.txt").write_text("".join(f"/{c[0]}/{c}\n" for c in classes))
+    labels = [classes.index("abbey"), classes.index("swimming_pool/outdoor"), len(classes) - 1]
+    for i, label in enumerate(labels):
+        put(base / classes[label][0] / classes[label] / f"sun_{i}.jpg")
+    return labels  # in path order: a/abbey, s/swimming_pool/outdoor, y/youth_hostel
 
 
 def build_country211(root, monkeypatch):
-    codes = sorted(f"{a}{b}" for a in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" for b in "ABCDEFGHI")[:211]
-    for i, code in enumerate(codes):
-        put(root / "country211" / "test" / code / f"{i}.jpg", jpeg(0))
+    image = jpeg(0)
+    for i, code in enumerate(raw_classes("country211")):
+        put(root / "country211" / "test" / code / f"{i}.jpg", image)
     return list(range(211))
 
 
 def build_food101(root, monkeypatch):
     base = root / "food-101"
-    classes = names("dish_", 101)
-    meta = {c: [f"{c}/{i}"] if i < 2 else [] for i, c in enumerate(classes)}
+    classes = raw_classes("food101")
+    with_images = {3: 2, 100: 1}  # class -> images
+    meta = {c: [f"{c}/{j}" for j in range(with_images.get(i, 0))] for i, c in enumerate(classes)}
     (base / "meta").mkdir(parents=True)
     (base / "meta" / "test.json").write_text(json.dumps(meta))
-    for i in range(2):
-        put(base / "images" / classes[i] / f"{i}.jpg")
-    return [0, 1]
+    for paths in meta.values():
+        for path in paths:
+            put(base / "images" / f"{path}.jpg")
+    return [3, 3, 100]
 
 
 def build_eurosat(root, monkeypatch):
-    classes = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-               "PermanentCrop", "Residential", "River", "SeaLake"]
-    for i, c in enumerate(classes):
+    for i, c in enumerate(raw_classes("eurosat")):
         put(root / "eurosat" / "2750" / c / f"{c}_1.jpg", jpeg(i))
     return list(range(10))
 
 
 def build_dtd(root, monkeypatch):
     data = root / "dtd" / "dtd"
-    classes = curated_class_names()["dtd"]
+    classes = raw_classes("dtd")
     (data / "labels").mkdir(parents=True)
     (data / "labels" / "test1.txt").write_text("\n".join(f"{c}/{c}_0001.jpg" for c in classes) + "\n")
+    image = jpeg(0)
     for c in classes:
-        put(data / "images" / c / f"{c}_0001.jpg", jpeg(0))
+        put(data / "images" / c / f"{c}_0001.jpg", image)
     return list(range(47))
 
 
@@ -222,7 +252,7 @@ def build_pcam(root, monkeypatch):
 
 def build_tinyimagenet(root, monkeypatch):
     base = root / "tiny-imagenet-200"
-    wnids = [f"n{i:08d}" for i in range(200)]
+    wnids = raw_classes("tinyimagenet")
     (base / "val" / "images").mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
     (base / "words.txt").write_text("\n".join(f"{w}\tthing {i}, other name" for i, w in enumerate(wnids)) + "\n")
@@ -247,6 +277,9 @@ def test_class_name_lists_have_the_datasets_class_counts():
         assert all(isinstance(n, str) and n.strip() and "_" not in n for n in names_), name
     assert curated["country211"][:2] == ["Andorra", "United Arab Emirates"]  # names, not ISO codes
     assert curated["pcam"] == ["lymph node", "lymph node containing metastatic tumor tissue"]
+    for name, count in PAPER_COUNTS.items():
+        assert len(raw_classes(name)) == count, name
+    assert "tinyimagenet" not in PAPER_AVERAGE_DATASETS and len(PAPER_AVERAGE_DATASETS) == 16
 
 
 @pytest.fixture(scope="module")
@@ -254,21 +287,105 @@ def clip(random_clip_dir):
     return load_clip(f"local-dir:{random_clip_dir}")
 
 
+# A few class names of each prompt set, written out: the TTC code's names ("paper") and the curated ones ("openai").
+SPOT_NAMES = {
+    "cifar100": {"paper": {1: "aquarium_fish"}, "openai": {1: "aquarium fish"}},
+    "imagenet": {"paper": {0: "tench", 637: "mailbox", 638: "maillot", 998: "toilet tissue"},
+                 "openai": {0: "tench", 638: "tights", 639: "one-piece bathing suit", 999: "toilet paper"}},
+    "caltech101": {"paper": {0: "person", 1: "person", 2: "Leopards"},
+                   "openai": {0: "off-center face", 1: "centered face"}},
+    "caltech256": {"paper": {0: "ak47", 1: "american flag", 144: "motorbikes"},
+                   "openai": {0: "ak47", 144: "motorbikes"}},
+    "oxford_pets": {"paper": {1: "american bulldog"}, "openai": {1: "American Bulldog"}},
+    "fgvc_aircraft": {"paper": {0: "boeing 707-320", 1: "boeing 727-200"}, "openai": {0: "707-320", 1: "727-200"}},
+    "stanford_cars": {"paper": {0: "am general hummer suv"}, "openai": {0: "AM General Hummer SUV 2000"}},
+    "country211": {"paper": {0: "Andorra", 210: "Zimbabwe"}, "openai": {0: "Andorra"}},
+    "eurosat": {"paper": {0: "annualcrop"}, "openai": {0: "annual crop land"}},
+    "pcam": {"paper": {0: "This is a photo of a healthy lymph node tissue."},
+             "openai": {1: "lymph node containing metastatic tumor tissue"}},
+    "tinyimagenet": {"paper": {0: "Egyptian cat", 7: tinyimagenet_paper_name(raw_classes("tinyimagenet")[7])},
+                     "openai": {0: "Egyptian Mau"}},
+}
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
 def test_fake_layout_loads_with_labels_and_class_names(tmp_path, monkeypatch, clip, name):
     expected = BUILDERS[name](tmp_path, monkeypatch)
-    data = load_dataset(name, clip, tmp_path, download=False)
-    assert data.targets == expected
-    assert len(data.class_names) == PAPER_COUNTS[name]
+    fingerprints = {}
+    for prompts in ("openai", "paper"):
+        data = load_dataset(name, clip, tmp_path, download=False, prompts=prompts)
+        names, templates = class_prompts(name, prompts)
+        assert data.class_names == names and data.templates == tuple(templates)
+        if prompts == "openai":
+            assert data.templates == (OPENAI_TEMPLATE,)
+        for label, text in SPOT_NAMES.get(name, {}).get(prompts, {}).items():
+            assert data.class_names[label] == text, (prompts, label)
+        assert data.randomness_key == name and data.describe()["fingerprint"] == data.fingerprint
+        fingerprints[prompts] = data.fingerprint
+        if name == "imagenet" and prompts == "paper":
+            assert len(data.class_names) == 999  # the rest: test_paper_imagenet_is_the_ttc_codes_999_classes
+            continue
+        assert len(data.class_names) == PAPER_COUNTS[name]
+        targets = data.targets
+        if name == "sun397":  # its order is the file system's
+            targets = [y for _, y in sorted(zip(data.files, data.targets))]
+        assert targets == expected
+        assert data.image_ids == list(range(len(expected)))
+        if data.files is not None:
+            assert len(data.files) == len(data) and all(os.path.isfile(f) for f in data.files)
+    assert (fingerprints["paper"] == fingerprints["openai"]) == (name != "imagenet")
     image, label = data.dataset[0]
-    assert label == expected[0]
+    assert label == data.targets[0]
     assert image.shape == (3, 224, 224) and 0 <= image.min() and image.max() <= 1
-    if name == "caltech256":
-        assert data.class_names[0] == "thing 0" and data.class_names[144] == "motorbikes"
-    if name == "fgvc_aircraft":
-        assert data.class_names[:2] == ["707-320", "A300B4"]
-    if name == "tinyimagenet":
-        assert data.class_names[7] == "thing 7"
+
+
+def test_paper_imagenet_is_the_ttc_codes_999_classes(tmp_path, clip):
+    wnids = raw_classes("imagenet")
+    dropped = wnids.index(IMAGENET_DROPPED_WNID)
+    # Two images in the dropped synset, and more than one in its neighbours and the last synset.
+    labels = imagenet_layout(tmp_path, {wnids[dropped - 1]: 2, IMAGENET_DROPPED_WNID: 2, wnids[dropped + 1]: 3,
+                                        wnids[-1]: 2})
+    full = load_dataset("imagenet", clip, tmp_path, download=False, prompts="openai")
+    paper = load_dataset("imagenet", clip, tmp_path, download=False)
+
+    # openai: all 1000 classes and every image, in torchvision's order.
+    assert len(full.class_names) == 1000 and full.class_names == curated_class_names()["imagenet"]
+    assert full.targets == labels and full.image_ids == list(range(len(labels))) and len(full.files) == len(labels)
+
+    # paper: exactly the dropped synset's images are gone; the others keep their torchvision index as id.
+    kept = [i for i, y in enumerate(labels) if y != dropped]
+    assert len(paper) == len(labels) - 2 and paper.image_ids == kept
+    assert paper.files == [full.files[i] for i in kept]
+    assert [f for f in full.files if f not in paper.files] == [f for f in full.files if f"/{IMAGENET_DROPPED_WNID}/" in f]
+    # Later classes move down by one; earlier ones stay; each label names its image's synset.
+    assert len(paper.class_names) == 999
+    assert paper.targets == [labels[i] - (labels[i] > dropped) for i in kept]
+    assert paper.targets[paper.image_ids.index(kept[-1])] == 998
+    for target, i in zip(paper.targets, paper.image_ids):
+        assert paper.class_names[target] == imagenet_paper_name(wnids[labels[i]])
+    assert paper.class_names[dropped - 1 : dropped + 1] == ["mailbox", "maillot"]  # n03710193, n03710721
+    # The images themselves come with the moved labels.
+    for wnid in (wnids[dropped - 1], wnids[dropped + 1], wnids[-1]):
+        k = next(k for k, f in enumerate(paper.files) if f"/{wnid}/" in f)
+        image, label = paper.dataset[k]
+        assert label == paper.targets[k] == labels[paper.image_ids[k]] - (wnid > IMAGENET_DROPPED_WNID)
+        assert torch.equal(image, full.dataset[paper.image_ids[k]][0])
+    assert paper.fingerprint != full.fingerprint and paper.randomness_key == full.randomness_key == "imagenet"
+
+
+def test_a_copy_with_another_class_list_is_refused_naming_the_first_difference(tmp_path, monkeypatch, clip):
+    swapped = raw_classes("cifar10")
+    swapped[3], swapped[5] = swapped[5], swapped[3]
+    build_cifar10(tmp_path, monkeypatch, label_names=swapped)
+    for prompts in ("paper", "openai"):  # the prompts are matched to labels by position, whichever the set
+        with pytest.raises(CounterattackError, match=r"cifar10's own class list does not match .* 10 classes, "
+                           r"expected 10; first difference at index 3: expected 'cat', found 'dog'"):
+            load_dataset("cifar10", clip, tmp_path, download=False, prompts=prompts)
+    # A Caltech-256 copy with a renamed folder: same count and order, one name differs.
+    build_caltech256(tmp_path / "other", monkeypatch, rename={"145.motorbikes-101": "145.motorbikes"})
+    with pytest.raises(CounterattackError, match=r"first difference at index 144: expected '145\.motorbikes-101', "
+                       r"found '145\.motorbikes'\."):
+        load_dataset("caltech256", clip, tmp_path / "other", download=False)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
@@ -301,22 +418,46 @@ def test_datasets_command_lists_every_dataset_and_what_is_present(tmp_path, monk
     assert "imagefolder:DIR" in capsys.readouterr().out
 
 
-def test_suite_runs_dataset_by_dataset_with_the_average(tmp_path, monkeypatch, random_clip_dir, capsys):
-    build_eurosat(tmp_path, monkeypatch)
-    build_dtd(tmp_path, monkeypatch)
+def test_suite_runs_dataset_by_dataset_with_the_averages(tmp_path, monkeypatch, random_clip_dir, capsys):
+    for build in (build_eurosat, build_dtd, build_tinyimagenet):
+        build(tmp_path, monkeypatch)
+    datasets, attacks, defenses = ["eurosat", "dtd", "tinyimagenet"], ["pgd", "cw", "worst-case"], ["none", "ttc"]
     out = tmp_path / "out"
     assert main(["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}",
-                 "--data-root", str(tmp_path), "--dataset", "eurosat", "--dataset", "dtd", "--limit", "10",
-                 "--attack-steps", "1", "--defense", "none,ttc", "--out", str(out)]) == 0
+                 "--data-root", str(tmp_path), "--dataset", "eurosat", "--dataset", "dtd", "--dataset", "tinyimagenet",
+                 "--limit", "4", "--attack", "pgd,cw", "--attack-steps", "1", "--defense", "none,ttc",
+                 "--ttc-steps", "1", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [(r["dataset"], r["defense"]) for r in results["records"]] == [
-        ("eurosat", "none"), ("eurosat", "ttc"), ("dtd", "none"), ("dtd", "ttc")]
-    average = {a["defense"]: a for a in results["average"]}
-    records = {(r["dataset"], r["defense"]): r for r in results["records"]}
-    assert average["ttc"]["datasets"] == 2
-    assert average["ttc"]["robust_acc"] == pytest.approx((records["eurosat", "ttc"]["robust_acc"] + records["dtd", "ttc"]["robust_acc"]) / 2)
+    assert [a["attack"] for a in results["config"]["attacks"]] == ["pgd", "cw"]
+    # Per dataset: each attack, then the worst case over both; within each, the defenses.
+    assert [(r["dataset"], r["attack"], r["defense"]) for r in results["records"]] == [
+        (d, a, f) for d in datasets for a in attacks for f in defenses]
+    assert {r["dataset"]: r["n"] for r in results["records"]} == {"eurosat": 4, "dtd": 4, "tinyimagenet": 2}
+    records = {(r["dataset"], r["attack"], r["defense"]): r for r in results["records"]}
+    for d in datasets:
+        for f in defenses:  # robust under both attacks: no more than under either
+            worst = records[d, "worst-case", f]["robust_acc"]
+            assert worst <= min(records[d, a, f]["robust_acc"] for a in ("pgd", "cw"))
+    averages = {(a["scope"], a["attack"], a["defense"]): a for a in results["average"]}
+    assert set(averages) == {(s, a, f) for s in ("paper", "all") for a in attacks for f in defenses}
+    for a in attacks:
+        for f in defenses:
+            paper, everything = averages["paper", a, f], averages["all", a, f]
+            assert paper["datasets"] == 2 and everything["datasets"] == 3  # Tiny ImageNet is outside the paper's
+            for key in ("clean_acc", "robust_acc"):
+                assert paper[key] == pytest.approx(sum(records[d, a, f][key] for d in datasets[:2]) / 2)
+                assert everything[key] == pytest.approx(sum(records[d, a, f][key] for d in datasets) / 3)
     printed = capsys.readouterr().out
-    assert "| defense | eurosat | dtd | average |" in printed
+    header = "| defense | eurosat | dtd | tinyimagenet | average, paper's datasets (2 of 16) | average, all (3) |"
+    sections = ["### Clean accuracy (%)", "### Robust accuracy (%), attack pgd", "### Robust accuracy (%), attack cw",
+                "### Robust accuracy (%), attack worst-case"]
+    assert [printed.index(s) for s in sections] == sorted(printed.index(s) for s in sections)
+    assert printed.count(header) == len(sections)
+    for a in attacks:
+        values = [records[d, a, "ttc"]["robust_acc"] for d in datasets]
+        values += [averages["paper", a, "ttc"]["robust_acc"], averages["all", a, "ttc"]["robust_acc"]]
+        assert "| ttc | " + " | ".join(f"{v:.2f}" for v in values) + " |" in printed
+    assert (out / "report.md").read_text().count(header) == len(sections)
 
 
 def test_all_expands_to_every_dataset(tmp_path, random_clip_dir, capsys):

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__, distributed
 from .attacks import ATTACKS, PGD, PIXEL, AdaptiveAttack, Attack, AutoAttack, build_attack, default_steps
+from .attacks.autoattack import import_pyautoattack
 from .classifier import ImageEncoder, ZeroShotClassifier
 from .data import (
     DATASETS, PROMPT_SETS, TRANSFORMS, EvalDataset, balanced_subset, check_manual_datasets, dataset_names, find_unreadable,
@@ -251,8 +252,11 @@ def _attacks(args: argparse.Namespace, names: Sequence[str]) -> list[Attack]:
 def _setup(args: argparse.Namespace, names: Sequence[str], attack_names: Sequence[str], device: torch.device):
     """Validate the cheap things first, then load the model; return it, its tau model's name, and the defenses."""
     check_defense_names(names)  # before the model loads: a typo fails in seconds
-    for attack in _attacks(args, attack_names):
+    attacks = _attacks(args, attack_names)
+    for attack in attacks:
         _attack_for(args, NoDefense(), attack)
+    if args.command == "sanity" or any(isinstance(a, AutoAttack) for a in attacks):
+        import_pyautoattack()  # a missing dependency fails now, not after hours of other attacks
     for template in args.templates or ():
         if template.count("{}") != 1:
             raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import short_name
+from .data import PAPER_AVERAGE_DATASETS, short_name
 from .errors import CounterattackError
 from .evaluate import average_records
 from .results import ResultsStore
@@ -76,7 +76,7 @@ def paper_tables(records: Sequence[dict]) -> str:
     counts = {scope: max((a["datasets"] for (s, _, _), a in averages.items() if s == scope), default=0)
               for scope in ("paper", "all")}
     header = ["defense", *map(short_name, datasets),
-              f"average, paper's datasets ({counts['paper']} of 16)", f"average, all ({counts['all']})"]
+              f"average, paper's datasets ({counts['paper']} of {len(PAPER_AVERAGE_DATASETS)})", f"average, all ({counts['all']})"]
 
     def table(attack: str, key: str) -> str:
         rows = []

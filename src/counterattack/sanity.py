@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import PIXEL, Attack
-from .attacks.autoattack import collecting_warnings
+from .attacks.autoattack import collecting_warnings, import_pyautoattack
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, WithIndex, balanced_subset
 from .defenses import Defense
-from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize
 from .randomness import ImageRandomness
 
@@ -78,12 +77,7 @@ def _never_increases(points: list[tuple[float, float]], tolerance: float) -> tup
 
 def autoattack_warnings(classifier: ZeroShotClassifier, defense: Defense, images: torch.Tensor, labels: torch.Tensor, seed: int) -> list[str]:
     """Run AutoAttack's checks on the defended model; return what they flag."""
-    try:
-        from pyautoattack import checks
-    except ImportError as exc:
-        raise CounterattackError(
-            "counterattack sanity runs AutoAttack's checks, which need the pyautoattack package: pip install pyautoattack"
-        ) from exc
+    checks = import_pyautoattack().checks
 
     model = DefendedModel(classifier, defense, seed)
     found: list[str] = []

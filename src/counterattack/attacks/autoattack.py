@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -46,6 +47,20 @@ def collecting_warnings(logger: logging.Logger, into: list[str]) -> Iterator[Non
         logger.removeHandler(handler)
 
 
+def import_pyautoattack() -> ModuleType:
+    """pyautoattack, or a one-line error saying what to install."""
+    try:
+        import pyautoattack
+        import pyautoattack.autopgd_base
+        import pyautoattack.checks
+    except ImportError as exc:
+        raise CounterattackError(
+            f"AutoAttack needs the pyautoattack package ({exc}): pip install pyautoattack "
+            "(a dependency of clip-counterattack: pip install -e . installs it)"
+        ) from exc
+    return pyautoattack
+
+
 @dataclass(frozen=True)
 class AutoAttack:
     eps: float = 1 / 255
@@ -69,15 +84,9 @@ class AutoAttack:
         (checkpoints, minimum interval, decrease) from ``n_iter`` in its constructor, so setting the
         iterations afterwards would keep the schedule of 100.
         """
-        try:
-            from pyautoattack import AutoAttack as Reference
-            from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
-        except ImportError as exc:
-            raise CounterattackError(
-                "AutoAttack needs the pyautoattack package: pip install pyautoattack "
-                "(it is a dependency of clip-counterattack; reinstall with pip install -e .)"
-            ) from exc
-        adversary = Reference(model, attacks=self.attacks_for(num_classes), eps=self.eps, norm="Linf", seed=seed,
+        pyautoattack = import_pyautoattack()
+        APGDAttack, APGDAttack_targeted = pyautoattack.autopgd_base.APGDAttack, pyautoattack.autopgd_base.APGDAttack_targeted
+        adversary = pyautoattack.AutoAttack(model, attacks=self.attacks_for(num_classes), eps=self.eps, norm="Linf", seed=seed,
                               device=device, version="custom")
         shared = dict(n_iter=self.steps, n_restarts=1, eps=self.eps, norm="Linf", eot_iter=1, rho=0.75, seed=seed,
                       device=device, logger=adversary.logger, verbose=False)

@@ -183,7 +183,13 @@ def _drop_class(data: EvalDataset, dropped: int) -> EvalDataset:
 
 
 def _files_of(dataset: Dataset) -> list[str] | None:
-    """The image file behind each index of a torchvision dataset, where it keeps them in a list."""
+    """The image file behind each index of a torchvision dataset, where it keeps them in a list
+    (or, for Caltech, where its ``__getitem__`` would open)."""
+    if isinstance(dataset, (datasets.Caltech101, datasets.Caltech256)):
+        folder, name = (("101_ObjectCategories", "image_{index:04d}.jpg") if isinstance(dataset, datasets.Caltech101)
+                        else ("256_ObjectCategories", "{label:03d}_{index:04d}.jpg"))
+        return [os.path.join(dataset.root, folder, dataset.categories[y], name.format(index=i, label=y + 1))
+                for i, y in zip(dataset.index, dataset.y)]
     for attribute in ("samples", "_samples"):
         entries = getattr(dataset, attribute, None)
         if isinstance(entries, list) and entries and isinstance(entries[0], tuple):

@@ -115,6 +115,8 @@ def _stanford_cars(root, transform, download):
 
 def _sun397(root, transform, download):
     ds = tv.SUN397(str(root), transform=transform)
+    # torchvision lists the files in the file system's order: sorted, an index names the same image on every copy.
+    ds._image_files, ds._labels = map(list, zip(*sorted(zip(ds._image_files, ds._labels)))) if ds._labels else ([], [])
     return ds, list(ds._labels), list(ds.classes)
 
 
