@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 
-from counterattack import TTC, ImageRandomness, LoadedCLIP, ZeroShotClassifier, load_clip  # noqa: E402
+from counterattack import TTC, ImageRandomness, LoadedCLIP, ZeroShotClassifier, count_encoder_passes, load_clip  # noqa: E402
 from counterattack.defenses.reference import reference_ttc  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "models" / "tiny-clip-cifar10"
@@ -81,8 +81,10 @@ def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.devic
         ttc = TTC(tau_thres=threshold)
         t_ref = timed(lambda: [reference_ttc(ttc, classifier, b, streams(i, b)) for i, b in enumerate(batches)], repeats, device)
         t_fast = timed(lambda: [ttc(classifier, b, streams(i, b)) for i, b in enumerate(batches)], repeats, device)
-        ref_images, ref_out = reference_ttc(ttc, classifier, batches[0], streams(0, batches[0]))
-        fast_out = ttc(classifier, batches[0], streams(0, batches[0]))
+        with count_encoder_passes() as ref_passes:
+            ref_images, ref_out = reference_ttc(ttc, classifier, batches[0], streams(0, batches[0]))
+        with count_encoder_passes() as fast_passes:
+            fast_out = ttc(classifier, batches[0], streams(0, batches[0]))
         fast_images = ttc.counterattack(classifier, batches[0], streams(0, batches[0])).images
         agree = bool(
             torch.allclose(fast_images, ref_images, atol=1e-5)
@@ -92,8 +94,8 @@ def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.devic
         result["agree"] = bool(result["agree"]) and agree
         m = len(batches[0])
         print(
-            f"[{regime:5}] reference {1000 * t_ref / n:8.3f} ms/img ({ref_out.forwards / m:.0f} fwd, {ref_out.backwards / m:.0f} bwd)"
-            f" | fast {1000 * t_fast / n:8.3f} ms/img ({fast_out.forwards / m:.0f} fwd, {fast_out.backwards / m:.0f} bwd)"
+            f"[{regime:5}] reference {1000 * t_ref / n:8.3f} ms/img ({ref_passes.forwards / m:.0f} fwd, {ref_passes.backwards / m:.0f} bwd)"
+            f" | fast {1000 * t_fast / n:8.3f} ms/img ({fast_passes.forwards / m:.0f} fwd, {fast_passes.backwards / m:.0f} bwd)"
             f" | fast/reference {t_fast / t_ref:.3f} fast/plain {t_fast / t_plain:.3f} agree={'yes' if agree else 'no'}"
         )
         result[f"fast/reference({regime})"] = t_fast / t_ref

@@ -215,3 +215,35 @@ def test_flowers102_is_checked_by_count_only():
     check_own_classes("flowers102", [str(i) for i in range(102)])  # torchvision reads no names from its files
     with pytest.raises(CounterattackError, match="101 classes, expected 102"):
         check_own_classes("flowers102", [str(i) for i in range(101)])
+
+
+@pytest.mark.parametrize("prompt_set", ["paper", "openai"])
+def test_prompts_command_prints_one_prompt_per_class_without_the_data(capsys, prompt_set):
+    from counterattack.cli import main
+
+    for dataset, info in DATASETS.items():
+        assert main(["prompts", dataset, "--prompts", prompt_set]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        expected = info.num_classes - (dataset == "imagenet" and prompt_set == "paper")
+        assert len(lines) == expected, dataset
+        names, templates = class_prompts(dataset, prompt_set)
+        assert lines[0] == templates[0].format(names[0])
+    assert main(["prompts", "cifar10"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["This is a photo of a airplane.", "This is a photo of a automobile."]
+    assert main(["prompts", "eurosat"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "A centered satellite photo of annualcrop."
+    assert main(["prompts", "mnist"]) == 2
+    assert "Unknown dataset 'mnist'" in capsys.readouterr().err
+
+
+def test_image_folders_take_the_model_transform_or_the_papers(tmp_path, random_clip_dir):
+    from counterattack import load_clip, load_dataset
+
+    from test_data import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", {"cat": 1}, size=(300, 400))
+    clip = load_clip(f"local-dir:{random_clip_dir}")
+    model = load_dataset(f"imagefolder:{folder}", clip)  # the model's own: resize the short side to 32, crop
+    paper = load_dataset(f"imagefolder:{folder}", clip, transform="paper")  # Resize 256, CenterCrop 224
+    assert model.dataset[0][0].shape == (3, 32, 32) and paper.dataset[0][0].shape == (3, 224, 224)
+    assert model.fingerprint == paper.fingerprint and paper.image_ids == ["cat/0000.png"]

@@ -94,7 +94,8 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random
     assert records(tmp_path) == reference
     batches = [json.loads(line) for line in parts.read_text().splitlines()]
     ids = [i for b in batches for i in b["ids"]]
-    assert sorted(ids) == list(range(18))  # nothing lost, nothing twice
+    files = [f"{c}/{i:04d}.png" for c in ("cat", "dog", "sea_lion") for i in range(6)]
+    assert sorted(ids) == files  # nothing lost, nothing twice
 
 
 def test_changed_configuration_in_the_same_out_is_refused(tmp_path, random_clip_dir, folder, capsys):

@@ -308,3 +308,41 @@ def test_every_attack_refuses_pixels_outside_0_1(random_classifier, images, atta
     labels = torch.zeros(len(images), dtype=torch.long)
     with pytest.raises(ValueError, match="pixels"):
         attack(random_classifier, BAD_PIXELS[bad](images), labels, ImageRandomness.from_seed(0, len(images)))
+
+
+# --- Distributed: one process's failure ends every process with its message --------------------------
+
+FAILING_RANK = """
+import sys
+from datetime import timedelta
+import torch
+from counterattack import distributed
+from counterattack.errors import CounterattackError
+
+group, _ = distributed.start(torch.device("cpu"), timedelta(seconds=60))
+
+def work():
+    if group.rank == 1:
+        raise CounterattackError("cannot decode dog/0001.png")
+    return "fine"
+
+try:
+    group.first_on_main(lambda: "downloaded")
+    group.together(work)
+    print(f"rank {group.rank}: no error")
+except CounterattackError as exc:
+    print(f"rank {group.rank}: {exc}")
+finally:
+    group.close()
+"""
+
+
+def test_a_failed_process_fails_the_others_with_its_error_instead_of_a_hang(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(FAILING_RANK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+                           str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: process 1 of 2 failed: cannot decode dog/0001.png", "rank 1: cannot decode dog/0001.png"], (
+        done.stdout + done.stderr[-2000:])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from counterattack import TTC, ImageRandomness, ZeroShotClassifier, load_clip
+from counterattack import TTC, ImageRandomness, ZeroShotClassifier, count_encoder_passes, load_clip
 from counterattack.defenses import relative_shift
 
 from conftest import CIFAR10_CLASSES, RANDOM_CLIP_CFG, write_local_dir
@@ -95,14 +95,15 @@ def test_mixed_batch_follows_each_images_own_gate(random_classifier, images):
 def test_defense_logits_are_the_logits_of_the_defended_images(random_classifier, images):
     taus = TTC().counterattack(random_classifier, images, rng(len(images))).tau
     ttc = TTC(tau_thres=float(taus.median()))
-    output = ttc(random_classifier, images, rng(len(images)))
+    with count_encoder_passes() as passes:
+        output = ttc(random_classifier, images, rng(len(images)))
     defended = ttc.counterattack(random_classifier, images, rng(len(images))).images
     with torch.no_grad():
         assert torch.allclose(output.logits, random_classifier.logits(defended), atol=1e-4)
     attacked = int(output.counterattacked.sum())
     # Images judged clean: f(x), f(x + delta0). Attacked ones: also 2 steps and a final forward.
-    assert output.forwards == 2 * len(images) + 3 * attacked
-    assert output.backwards == 2 * attacked
+    assert passes.forwards == 2 * len(images) + 3 * attacked
+    assert passes.backwards == 2 * attacked
 
 
 def test_seeded_determinism(random_classifier, images):

@@ -19,7 +19,7 @@ def _package_version() -> str:
 __version__ = _package_version()
 
 from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, AutoAttack, build_attack
-from .classifier import DEFAULT_TEMPLATES, ImageEncoder, ZeroShotClassifier
+from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, PixelRangeError, ZeroShotClassifier, check_pixels, count_encoder_passes
 from .data import EvalDataset, balanced_subset, load_dataset
 from .defenses import (
     DEFENSES, TTC, AntiAdversary, Defense, DefenseOptions, DefenseOutput, HedgeDefense, NoDefense, RandomNoise,
@@ -31,7 +31,7 @@ from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_di
 from .randomness import ImageRandomness
 
 __all__ = [
-    "__version__",
+    "__version__", "EncoderPasses", "PixelRangeError", "check_pixels", "count_encoder_passes",
     "AdaptiveAttack", "AutoAttack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
     "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "DefenseOptions",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",

@@ -6,7 +6,9 @@ with its mean/std happen here, differentiably, so gradients reach the pixels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,42 @@ def check_pixels(images: torch.Tensor) -> torch.Tensor:
             "normalisation (the classifier normalises with the model's own mean and std)"
         )
     return images
+
+
+@dataclass
+class EncoderPasses:
+    """Image-encoder passes over single images: a batch of n counts n."""
+
+    forwards: int = 0
+    backwards: int = 0
+
+
+_ACTIVE_COUNTERS: list[EncoderPasses] = []
+
+
+@contextlib.contextmanager
+def count_encoder_passes() -> Iterator[EncoderPasses]:
+    """Count every image-encoder forward, and every backward through one, inside the block.
+
+    Costs are measured here rather than declared by each defense, so a defense's reported cost is
+    the computation it actually did (every ``ImageEncoder`` counts, a separate tau encoder too).
+    """
+    passes = EncoderPasses()
+    _ACTIVE_COUNTERS.append(passes)
+    try:
+        yield passes
+    finally:
+        _ACTIVE_COUNTERS.remove(passes)
+
+
+def _count(batch: int, embeddings: torch.Tensor) -> None:
+    for passes in list(_ACTIVE_COUNTERS):
+        passes.forwards += batch
+        if embeddings.requires_grad:
+            def backward(grad: torch.Tensor, passes: EncoderPasses = passes) -> None:
+                passes.backwards += batch
+
+            embeddings.register_hook(backward)
 
 
 class ImageEncoder(nn.Module):
@@ -83,9 +121,12 @@ class ImageEncoder(nn.Module):
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            return self.visual(self.preprocess(pixels))
+            embeddings = self.visual(self.preprocess(pixels))
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+        if _ACTIVE_COUNTERS:
+            _count(len(pixels), embeddings)
+        return embeddings
 
 
 class ZeroShotClassifier(nn.Module):

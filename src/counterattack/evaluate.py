@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attacks import Attack
-from .classifier import ZeroShotClassifier
+from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
 from .randomness import ImageRandomness
@@ -117,18 +117,17 @@ def evaluate_dataset(
                             adv_images = attack_of_defense(classifier, images, labels, streams("attack"))
                         crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
                     adversarial_sets[attack.name] = crafted[id(attack_of_defense)]
-                with _Stopwatch(settings.device) as cost:
+                with _Stopwatch(settings.device) as cost, count_encoder_passes() as passes:
                     # Every defense draws the same noise for an image, so their results pair up.
                     clean = defense(classifier, images, streams("defense-clean"))
                     adv = {name: defense(classifier, adversarial, streams("defense-adv"))
                            for name, (adversarial, _) in adversarial_sets.items()}
-                outputs = [clean, *adv.values()]
                 batch["defenses"][defense.name] = {
                     "clean": _per_image(clean),
                     "adv": {name: _per_image(output) for name, output in adv.items()},
-                    "forwards": sum(o.forwards for o in outputs),
-                    "backwards": sum(o.backwards for o in outputs),
-                    "defended_images": len(ids) * len(outputs),
+                    "forwards": passes.forwards,
+                    "backwards": passes.backwards,
+                    "defended_images": len(ids) * (1 + len(adv)),
                     "seconds": cost.seconds,
                     "peak_memory_mb": cost.peak_memory_mb,
                     "attack_seconds": {name: seconds for name, (_, seconds) in adversarial_sets.items()},

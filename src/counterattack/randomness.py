@@ -1,9 +1,15 @@
-"""Per-image random streams.
+"""Per-image randomness as a pure function, drawn on the images' device.
 
-Every random draw for image ``i`` (an attack's random start, TTC's ``delta0``) comes from a
-generator seeded by ``(seed, dataset, i, purpose)``, where ``i`` is the image's stable id (an index
-or a file's relative path). An image's result therefore does not depend on
-the batch size, on the order of the images or on how they are split across processes.
+Element ``j`` of the ``k``-th draw for image ``i`` is a pure function of ``(seed, dataset, image
+id, purpose, k, j)``: a counter-based generator, like JAX's keys or Philox, built here from a
+32-bit integer hash. Each image's key comes from SHA-256 of its identity (once per image, on the
+host: a few microseconds); every element is then computed with vectorised integer tensor
+operations on the device where the images are, so no generator lives on the host and nothing is
+copied per element. The same seed gives bit-identical uniforms on CPU and CUDA, and an image's
+numbers do not depend on the batch size, on the order of the images or on how they are split
+across processes.
+
+``reference_uniform`` computes the same numbers in plain Python, for the tests.
 """
 
 from __future__ import annotations
@@ -13,27 +19,70 @@ from collections.abc import Sequence
 
 import torch
 
+_MASK = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters apart
+_M1, _M2 = 0x7FEB352D, 0x846CA68B  # the multipliers of Wellons' "lowbias32" integer hash
+
 
 def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable parts; stable across processes and Python versions."""
+    """A 63-bit integer from any printable parts; stable across processes and Python versions."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class ImageRandomness:
-    """One ``torch.Generator`` per image of a batch.
+def _signed(value: int) -> int:
+    """A 32-bit pattern as the int32 that holds it."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
-    Draws are made on the CPU, so a seed gives the same numbers on every device.
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int32 bit patterns (PyTorch's ``>>`` extends the sign)."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash with strong avalanche (Wellons' lowbias32), on int32 tensors.
+
+    Products wrap modulo 2^32, as two's-complement int32 multiplication does on CPU and CUDA; the
+    pure-Python ``reference_uniform`` checks the result bit for bit.
+    """
+    x = x ^ _shift_right(x, 16)
+    x = x * _signed(_M1)
+    x = x ^ _shift_right(x, 15)
+    x = x * _signed(_M2)
+    return x ^ _shift_right(x, 16)
+
+
+def _bits(words: torch.Tensor, draw: int, count: int) -> torch.Tensor:
+    """32 random bits per (image, element), as int32 of shape ``(len(words), count)``; ``words``
+    holds each image's key as two int32 words."""
+    low, high = words[:, 0], words[:, 1]
+    per_image = _hash32(low ^ _hash32(high ^ _hash32(torch.full_like(low, _signed(draw & _MASK)))))
+    # The counters' own hash is shared by every image; one keyed round per element then suffices.
+    counters = _hash32(torch.arange(count, device=words.device, dtype=torch.int32) * _signed(_GOLDEN))
+    return _hash32(counters[None, :] ^ per_image[:, None])
+
+
+def _key(seed: int, dataset: str, image_id: int | str, purpose: str) -> int:
+    return derive_seed(seed, dataset, image_id, purpose)
+
+
+class ImageRandomness:
+    """Random streams for the images of a batch, one key per image.
+
+    Each call to ``uniform_like`` is the next draw (k = 0, 1, ...) of every image's stream, so
+    repeated draws (EOT samples, a defense's noise per attack step) differ, and an image's k-th
+    draw is the same however the images are batched.
     """
 
-    def __init__(self, generators: Sequence[torch.Generator]):
-        self.generators = list(generators)
+    def __init__(self, keys: Sequence[int]):
+        self.words = torch.tensor([[_signed(k & _MASK), _signed((k >> 32) & _MASK)] for k in keys],
+                                  dtype=torch.int32).view(-1, 2)
+        self.draws = 0
 
     @classmethod
     def for_images(cls, seed: int, dataset: str, image_ids: Sequence[int | str], purpose: str) -> "ImageRandomness":
-        return cls(
-            torch.Generator().manual_seed(derive_seed(seed, dataset, i, purpose)) for i in image_ids
-        )
+        return cls([_key(seed, dataset, i, purpose) for i in image_ids])
 
     @classmethod
     def from_seed(cls, seed: int, batch_size: int, purpose: str = "") -> "ImageRandomness":
@@ -41,12 +90,39 @@ class ImageRandomness:
         return cls.for_images(seed, "", range(batch_size), purpose)
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.words)
+
+    def _next_bits(self, per_image: int, device: torch.device) -> torch.Tensor:
+        bits = _bits(self.words.to(device, non_blocking=True), self.draws, per_image)
+        self.draws += 1
+        return bits
 
     def uniform_like(self, images: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        """Uniform noise in [low, high) with the shape, dtype and device of ``images``."""
-        if len(images) != len(self.generators):
-            raise ValueError(f"{len(images)} images but {len(self.generators)} random streams")
-        shape = images.shape[1:]
-        noise = torch.stack([torch.rand(shape, generator=g, dtype=torch.float32) for g in self.generators])
-        return (noise * (high - low) + low).to(device=images.device, dtype=images.dtype)
+        """Uniform noise in [low, high) with the shape, dtype and device of ``images``, computed there."""
+        if len(images) != len(self.words):
+            raise ValueError(f"{len(images)} images but {len(self.words)} random streams")
+        bits = self._next_bits(images[0].numel() if len(images) else 0, images.device)
+        # The top 24 bits make a float32 in [0, 1) exactly, the same on every device.
+        unit = _shift_right(bits, 8).to(torch.float32) * (1.0 / (1 << 24))
+        return (unit * (high - low) + low).view(images.shape).to(images.dtype)
+
+    def batch_seed(self) -> int:
+        """One 31-bit seed for code that takes a single seed for a whole batch (AutoAttack): the next
+        draw of the first image's stream. It depends on which image comes first."""
+        return int(self._next_bits(1, torch.device("cpu"))[0, 0]) & 0x7FFFFFFF
+
+
+def reference_uniform(seed: int, dataset: str, image_id: int | str, purpose: str, draw: int, count: int) -> list[float]:
+    """The first ``count`` uniforms in [0, 1) of an image's ``draw``-th draw, in plain Python."""
+
+    def hash32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * _M1) & _MASK
+        x ^= x >> 15
+        x = (x * _M2) & _MASK
+        return x ^ (x >> 16)
+
+    key = _key(seed, dataset, image_id, purpose)
+    low, high = key & _MASK, (key >> 32) & _MASK
+    per_image = hash32(low ^ hash32(high ^ hash32(draw & _MASK)))
+    return [(hash32(hash32((j * _GOLDEN) & _MASK) ^ per_image) >> 8) / (1 << 24) for j in range(count)]

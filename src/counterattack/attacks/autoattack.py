@@ -102,7 +102,7 @@ class AutoAttack:
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
     ) -> torch.Tensor:
         images = check_pixels(images).detach().float()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng.generators[0]))
+        seed = rng.batch_seed()
         adversary = self.adversary(classifier, classifier.num_classes, seed, images.device)
         with collecting_warnings(adversary.logger, self.warnings):
             adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=len(images))

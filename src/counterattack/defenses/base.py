@@ -16,16 +16,14 @@ class DefenseOutput:
     """What a defense returns for a batch.
 
     ``logits`` rather than images, so a defense can classify from embeddings it already has.
-    ``tau`` and ``counterattacked`` are per image (None for defenses without a tau gate);
-    ``forwards`` and ``backwards`` count image-encoder passes over single images, summed over the batch.
+    ``tau`` and ``counterattacked`` are per image (None for defenses without a tau gate).
+    Costs are not declared here: ``classifier.count_encoder_passes`` measures them.
     ``images`` are the defended images, for defenses that classify one image per input.
     """
 
     logits: torch.Tensor
     tau: torch.Tensor | None = None
     counterattacked: torch.Tensor | None = None
-    forwards: int = 0
-    backwards: int = 0
     images: torch.Tensor | None = None
 
 

@@ -21,7 +21,7 @@ class NoDefense:
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        return DefenseOutput(logits=classifier.logits(check_pixels(images)), forwards=len(images), images=images)
+        return DefenseOutput(logits=classifier.logits(check_pixels(images)), images=images)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False

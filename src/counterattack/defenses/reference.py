@@ -38,5 +38,4 @@ def reference_ttc(ttc: TTC, classifier: ZeroShotClassifier, images: torch.Tensor
     defended = x + torch.where(counterattacked.view(-1, 1, 1, 1), combined, delta0)
     with torch.no_grad():
         logits = classifier.logits(defended)
-    n = len(x)
-    return defended, DefenseOutput(logits, tau, counterattacked, forwards=(4 + ttc.steps) * n, backwards=ttc.steps * n)
+    return defended, DefenseOutput(logits, tau, counterattacked)

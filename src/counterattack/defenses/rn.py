@@ -30,7 +30,7 @@ class RandomNoise:
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = check_pixels(images).detach().float()
         delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
-        return DefenseOutput(logits=classifier.logits(x + delta0), forwards=len(x), images=x + delta0)
+        return DefenseOutput(logits=classifier.logits(x + delta0), images=x + delta0)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False

@@ -45,8 +45,7 @@ class SignStepDefense:
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = check_pixels(images).detach().float()
         defended = x + self.perturbation(classifier, x)
-        n = len(x)
-        return DefenseOutput(classifier.logits(defended), forwards=(self.steps + 1) * n, backwards=self.steps * n, images=defended)
+        return DefenseOutput(classifier.logits(defended), images=defended)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False

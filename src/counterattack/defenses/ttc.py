@@ -37,8 +37,6 @@ class TTCResult:
     tau: torch.Tensor
     counterattacked: torch.Tensor
     noisy_embeddings: torch.Tensor  # f(x + delta0), reused to classify images judged clean
-    forwards: int
-    backwards: int
     noise: torch.Tensor  # the uniform draw behind delta0
     signs: list[torch.Tensor]  # gradient signs of each step, for the counterattacked images only
 
@@ -103,16 +101,13 @@ class TTC:
         with torch.set_grad_enabled(may_attack):
             start = delta0.clone().requires_grad_(may_attack)
             noisy = encoder(x + start)
-        forwards = 2 * n
         if self.tau_encoder is None:
             tau = relative_shift(noisy.detach().float(), anchor)
         else:
             tau = relative_shift(self.tau_encoder(x + delta0).float(), self.tau_encoder(x).float())
-            forwards += 2 * n
         counterattacked = tau < self.tau_thres
         chosen = counterattacked.nonzero().flatten()
         delta = delta0.clone()
-        backwards = 0
         signs: list[torch.Tensor] = []
         if len(chosen):
             # A backward costs about two forwards: once the chosen images are two thirds of the batch,
@@ -121,9 +116,7 @@ class TTC:
             if not reuse:
                 noisy = noisy.detach()  # free the full-batch graph before the steps build their own
             delta[chosen] = self._counterattack_chosen(encoder, x, delta0, anchor, noisy, start, chosen, reuse, signs)
-            forwards += (self.steps - int(reuse)) * len(chosen)
-            backwards += self.steps * len(chosen) + (n - len(chosen) if reuse else 0)
-        return TTCResult(x + delta, tau, counterattacked, noisy.detach(), forwards, backwards, noise, signs)
+        return TTCResult(x + delta, tau, counterattacked, noisy.detach(), noise, signs)
 
     def _counterattack_chosen(self, encoder, x, delta0, anchor, noisy, start, chosen, reuse_gate_forward: bool, signs) -> torch.Tensor:
         """``sum_k w_k delta_k`` for the chosen images; the first step from the gate's graph if asked."""
@@ -152,12 +145,10 @@ class TTC:
         result = self.counterattack(classifier, images, rng)
         logits = classifier.logits_from_embeddings(result.noisy_embeddings)
         chosen = result.counterattacked.nonzero().flatten()
-        forwards = result.forwards
         if len(chosen):
             with autocast(images.device, self.precision):
                 logits[chosen] = classifier.logits(result.images[chosen])
-            forwards += len(chosen)
-        return DefenseOutput(logits, result.tau, result.counterattacked, forwards, result.backwards, result.images)
+        return DefenseOutput(logits, result.tau, result.counterattacked, result.images)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False

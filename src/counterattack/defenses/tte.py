@@ -65,7 +65,7 @@ class TransformEnsemble:
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = check_pixels(images).detach().float()
-        return DefenseOutput(logits=self._mean_logits(classifier, x), forwards=len(self._views(x)) * len(x))
+        return DefenseOutput(logits=self._mean_logits(classifier, x))
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
