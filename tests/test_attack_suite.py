@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from counterattack import (
-    PGD, TTC, AdaptiveAttack, AutoAttack, DefenseOptions, ImageRandomness, build_attack, build_defenses,
+    PGD, TTC, AdaptiveAttack, AutoAttack, ImageRandomness, build_attack, build_defenses,
 )
 from counterattack.attacks import cw_margin
 from counterattack.cli import main
@@ -77,7 +77,7 @@ def test_autoattack_subset_is_at_least_as_strong_as_pgd10(tiny_classifier, cifar
 def test_attack_view_computes_the_defense_and_passes_gradients(random_classifier, images, name):
     """The differentiable view an adaptive attack uses is the defense itself, same draws, same logits."""
     taus = TTC().counterattack(random_classifier, images, rng(len(images), "d")).tau
-    (defense,) = build_defenses([name], DefenseOptions(tau_thres=float(taus.median())))
+    (defense,) = build_defenses([name], tau_thres=float(taus.median()))
     expected = defense(random_classifier, images, rng(len(images), "d")).logits
     for method in ("exact", "bpda"):
         x = images.clone().requires_grad_(True)

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from counterattack import (
-    DEFENSES, count_encoder_passes, TTC, AntiAdversary, DefenseOptions, HedgeDefense, ImageRandomness, RandomNoise, TransformEnsemble,
+    DEFENSES, count_encoder_passes, TTC, AntiAdversary, HedgeDefense, ImageRandomness, RandomNoise, TransformEnsemble,
     build_defenses,
 )
-from counterattack.defenses.hedge import summed_class_losses
+from counterattack.defenses.hd import summed_class_losses
 from counterattack.defenses.tte import default_transforms
 
 EPS = 4 / 255
@@ -20,7 +20,7 @@ def rng(n: int) -> ImageRandomness:
 
 @pytest.mark.parametrize("name", ["rn", "anti-adversary", "hd", "ttc"])
 def test_defended_images_stay_in_budget_and_box_and_are_what_is_classified(random_classifier, images, name):
-    (defense,) = build_defenses([name], DefenseOptions(tau_thres=float("inf")))
+    (defense,) = build_defenses([name], tau_thres=float("inf"))
     output = defense(random_classifier, images, rng(len(images)))
     assert (output.images - images).abs().max() <= EPS + 1e-6
     assert output.images.min() >= -1e-6 and output.images.max() <= 1 + 1e-6
@@ -90,7 +90,7 @@ def test_tte_views_flip_and_shift():
 def test_every_registered_defense_costs_what_its_paper_says(random_classifier, images):
     """Encoder passes as counted by the encoder itself (forwards, and backwards through it), per image."""
     costs = {}
-    for defense in build_defenses(list(DEFENSES), DefenseOptions(tau_thres=float("inf"))):
+    for defense in build_defenses(list(DEFENSES), tau_thres=float("inf")):
         with count_encoder_passes() as passes:
             defense(random_classifier, images, rng(len(images)))
         costs[defense.name] = passes

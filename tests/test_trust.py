@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from counterattack import (
-    DEFENSES, PGD, TTC, AdaptiveAttack, AutoAttack, CounterattackError, DefenseOptions, ImageRandomness, build_attack,
+    DEFENSES, PGD, TTC, AdaptiveAttack, AutoAttack, CounterattackError, ImageRandomness, build_attack,
     build_defenses,
 )
 from counterattack.attacks import run_steps
@@ -292,7 +292,7 @@ BAD_PIXELS = {
 @pytest.mark.parametrize("bad", list(BAD_PIXELS))
 @pytest.mark.parametrize("name", list(DEFENSES))
 def test_every_defense_refuses_pixels_outside_0_1(random_classifier, images, name, bad):
-    (defense,) = build_defenses([name], DefenseOptions())
+    (defense,) = build_defenses([name])
     pixels = BAD_PIXELS[bad](images)
     rng = ImageRandomness.from_seed(0, len(images))
     with pytest.raises(ValueError, match="pixels"):

@@ -22,8 +22,8 @@ from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, AutoAttack, build_att
 from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, PixelRangeError, ZeroShotClassifier, check_pixels, count_encoder_passes
 from .data import EvalDataset, balanced_subset, load_dataset
 from .defenses import (
-    DEFENSES, TTC, AntiAdversary, Defense, DefenseOptions, DefenseOutput, HedgeDefense, NoDefense, RandomNoise,
-    TransformEnsemble, TTCResult, build_defenses,
+    DEFENSES, TTC, AntiAdversary, Defense, DefenseOutput, HedgeDefense, NoDefense, RandomNoise, TransformEnsemble,
+    TTCResult, build_defense, build_defenses, register_defense,
 )
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize
@@ -33,7 +33,7 @@ from .randomness import ImageRandomness
 __all__ = [
     "__version__", "EncoderPasses", "PixelRangeError", "check_pixels", "count_encoder_passes",
     "AdaptiveAttack", "AutoAttack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
-    "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "DefenseOptions",
+    "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "build_defense", "register_defense",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
     "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",
     "build_defenses", "evaluate_dataset", "load_clip", "load_dataset", "summarize",

@@ -144,6 +144,8 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("text_embeddings", F.normalize(text_embeddings.float(), dim=-1))
         self.logit_scale = float(logit_scale)
         self.class_names = list(class_names)
+        self.clip: LoadedCLIP | None = None  # set by from_clip
+        self.templates: tuple[str, ...] = DEFAULT_TEMPLATES
 
     @classmethod
     @torch.no_grad()
@@ -169,7 +171,10 @@ class ZeroShotClassifier(nn.Module):
             per_class.append(text.view(len(names), len(templates), -1).mean(dim=1))
         embeddings = torch.cat(per_class)
         logit_scale = clip.model.logit_scale.exp().item()
-        return cls(ImageEncoder.from_clip(clip), embeddings, logit_scale, class_names).to(device)
+        classifier = cls(ImageEncoder.from_clip(clip), embeddings, logit_scale, class_names).to(device)
+        # Defenses that work on the text side (R-TPT's prompt tuning) need the model and the prompts.
+        classifier.clip, classifier.templates = clip, tuple(templates)
+        return classifier
 
     @property
     def num_classes(self) -> int:

@@ -9,10 +9,11 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,11 +26,12 @@ from .data import (
     is_present, load_dataset,
 )
 from .data.prompts import class_prompts
-from .defenses import ADAPTIVE_METHODS, DEFENSES, Defense, DefenseOptions, NoDefense, build_defenses, check_defense_names
+from .defenses import (
+    ADAPTIVE_METHODS, DEFENSES, PIXEL_UNIT, Defense, NoDefense, build_defenses, check_defense_names, options_of,
+)
 from .errors import CounterattackError
 from .evaluate import RunSettings, average_records, evaluate_dataset, summarize
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
-from .precision import PRECISIONS
 from .report import format_table, paper_tables, write_report
 from .results import ResultsStore, write_json_atomically
 from .sanity import format_report, run_sanity
@@ -73,6 +75,48 @@ def _attack_names(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"attack listed twice: {text}")
     return names
+
+
+def _cli_value(value: Any, meta: Mapping[str, Any]) -> Any:
+    """An option's value as the command line writes it (budgets in 1/255)."""
+    return round(value * 255, 6) if meta.get("unit") == PIXEL_UNIT and isinstance(value, float) else value
+
+
+def _flag(name: str, setting: str) -> str:
+    return f"--{name}-{setting.replace('_', '-')}"
+
+
+def _add_registered_options(command: argparse.ArgumentParser, kind: str, registry: Mapping[str, type]) -> None:
+    """``--NAME-SETTING`` for every option of every registered defense (or attack), from its dataclass."""
+    for name, cls in registry.items():
+        settings = options_of(cls)
+        if not settings:
+            continue
+        group = command.add_argument_group(f"{kind} {name}", (cls.__doc__ or "").strip().splitlines()[0])
+        for setting in settings:
+            meta = setting.metadata
+            high = None if meta["high"] is None else _cli_value(float(meta["high"]), meta)
+            if meta["choices"] is not None:
+                parse: Callable[[str], Any] = str
+            else:
+                parse = _number(int if isinstance(setting.default, int) and not isinstance(setting.default, bool) else float,
+                                meta["low"], high)
+            unit = f", in {PIXEL_UNIT}" if meta["unit"] == PIXEL_UNIT else ""
+            group.add_argument(_flag(name, setting.name), *meta["aliases"], dest=f"{kind}:{name}:{setting.name}",
+                               type=parse, choices=meta["choices"], default=argparse.SUPPRESS,
+                               metavar=None if meta["choices"] else ("N" if parse is not str and isinstance(setting.default, int) else "X"),
+                               help=f"{meta['help']}{unit} (default {_cli_value(setting.default, meta)})")
+
+
+def _registered_settings(args: argparse.Namespace, kind: str, name: str) -> dict[str, Any]:
+    """The options of ``name`` given on the command line, in the library's units."""
+    cls = DEFENSES[name]
+    given = {}
+    for setting in options_of(cls):
+        value = getattr(args, f"{kind}:{name}:{setting.name}", None)
+        if value is not None:
+            given[setting.name] = value * PIXEL if setting.metadata["unit"] == PIXEL_UNIT else value
+    return given
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,13 +177,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
         defense.add_argument("--defense", default="none", choices=list(DEFENSES), help="the defense to check")
     else:
         defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
-    defense.add_argument("--ttc-eps", type=PIXELS, default=4.0, help="counterattack budget, in 1/255")
-    defense.add_argument("--ttc-steps", type=COUNT, default=2)
-    defense.add_argument("--ttc-step-size", type=PIXELS, default=1.0, help="in 1/255")
-    defense.add_argument("--tau-thres", type=_number(float, 0), default=0.2)
-    defense.add_argument("--beta", type=_number(float), default=2.0)
-    defense.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
-                         help="of the defenses' encoder passes (attacks always run in fp32)")
+    _add_registered_options(command, "defense", DEFENSES)
     run = command.add_argument_group("run")
     run.add_argument("--batch-size", type=POSITIVE, default=128)
     run.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
@@ -179,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("datasets", help="list the benchmark's datasets and whether they are under --data-root")
     listing.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
     listing.add_argument("--json", action="store_true", help="print JSON: [{name, num_classes, present, ...}]")
+    defenses = commands.add_parser("defenses", help="list every defense with its options and defaults")
+    defenses.add_argument("--json", action="store_true", help="print JSON: {name: {summary, options: {flag: default}}}")
     prompts = commands.add_parser("prompts", help="print a benchmark dataset's zero-shot prompts, one a line")
     prompts.add_argument("dataset", help="a name from `counterattack datasets`")
     prompts.add_argument("--prompts", default="paper", choices=PROMPT_SETS, help="the prompt set")
@@ -262,16 +302,8 @@ def _setup(args: argparse.Namespace, names: Sequence[str], attack_names: Sequenc
             raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")
     clip = load_clip(args.model, args.pretrained, device=device)
     tau_encoder, tau_model = _tau_encoder(args, clip, device)
-    options = DefenseOptions(
-        eps=args.ttc_eps * PIXEL,
-        steps=args.ttc_steps,
-        step_size=args.ttc_step_size * PIXEL,
-        tau_thres=args.tau_thres,
-        beta=args.beta,
-        precision=args.precision,
-        tau_encoder=tau_encoder,
-    )
-    return clip, tau_model, build_defenses(names, options)
+    settings = {name: _registered_settings(args, "defense", name) for name in names}
+    return clip, tau_model, build_defenses(names, settings, tau_encoder=tau_encoder)
 
 
 def _load(args: argparse.Namespace, spec: str, clip: LoadedCLIP) -> EvalDataset:
@@ -410,6 +442,22 @@ def run_sanity_command(args: argparse.Namespace) -> bool:
     return report.passed
 
 
+def list_defenses(args: argparse.Namespace) -> None:
+    listing = {
+        name: {"summary": (cls.__doc__ or "").strip().splitlines()[0],
+               "options": {_flag(name, f.name): _cli_value(f.default, f.metadata) for f in options_of(cls)}}
+        for name, cls in DEFENSES.items()
+    }
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return
+    for name, entry in listing.items():
+        print(f"{name}: {entry['summary']}")
+        for flag, default in entry["options"].items():
+            print(f"    {flag} {default}")
+    print("\nBudgets and step sizes are in 1/255. Use --defense NAME,NAME,... with eval.")
+
+
 def print_prompts(args: argparse.Namespace) -> None:
     if args.dataset not in DATASETS:
         raise CounterattackError(f"Unknown dataset {args.dataset!r}. Available: {', '.join(DATASETS)}.")
@@ -437,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             list_datasets(args)
         elif args.command == "prompts":
             print_prompts(args)
+        elif args.command == "defenses":
+            list_defenses(args)
         elif args.command == "report":
             for path in write_report(args.folder):
                 print(path)

@@ -15,6 +15,7 @@ across processes.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -101,10 +102,23 @@ class ImageRandomness:
         """Uniform noise in [low, high) with the shape, dtype and device of ``images``, computed there."""
         if len(images) != len(self.words):
             raise ValueError(f"{len(images)} images but {len(self.words)} random streams")
-        bits = self._next_bits(images[0].numel() if len(images) else 0, images.device)
-        # The top 24 bits make a float32 in [0, 1) exactly, the same on every device.
+        # The top 24 bits of each word make a float32 in [0, 1) exactly, the same on every device.
+        unit = self.uniform(*images.shape[1:], device=images.device)
+        return (unit * (high - low) + low).to(images.dtype)
+
+    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The next draw as a float32 tensor of shape ``(len(self), *shape)`` in [low, high), computed on ``device``
+        (per-image parameters: an augmentation's angle, a probability, a noise level)."""
+        bits = self._next_bits(math.prod(shape), torch.device(device))
         unit = _shift_right(bits, 8).to(torch.float32) * (1.0 / (1 << 24))
-        return (unit * (high - low) + low).view(images.shape).to(images.dtype)
+        return (unit * (high - low) + low).view(len(self), *shape)
+
+    def normal_like(self, images: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise with the shape, dtype and device of ``images`` (Box-Muller on two draws)."""
+        first = self.uniform(*images.shape[1:], device=images.device)
+        second = self.uniform(*images.shape[1:], device=images.device)
+        radius = torch.sqrt(-2.0 * torch.log1p(-first))  # 1 - u lies in (0, 1]: the logarithm is finite
+        return (radius * torch.cos(2 * math.pi * second)).to(images.dtype)
 
     def batch_seed(self) -> int:
         """One 31-bit seed for code that takes a single seed for a whole batch (AutoAttack): the next

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ..classifier import ZeroShotClassifier
+from .base import register_defense
 from .sign_steps import SignStepDefense
 
 
+@register_defense
 @dataclass(frozen=True)
 class AntiAdversary(SignStepDefense):
-    name: str = "anti-adversary"
+    """Alfarra et al., AAAI 2022: signed steps from x that decrease the loss of the predicted class."""
 
     def objective(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         predicted: list[torch.Tensor] = []

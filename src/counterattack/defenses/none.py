@@ -8,16 +8,13 @@ import torch
 
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOptions, DefenseOutput
+from .base import AttackView, DefenseOutput, describe_options, register_defense
 
 
+@register_defense
 @dataclass(frozen=True)
 class NoDefense:
-    name: str = "none"
-
-    @classmethod
-    def from_options(cls, options: DefenseOptions) -> "NoDefense":
-        return cls()
+    """The plain zero-shot classifier (1 forward per image)."""
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
@@ -29,4 +26,4 @@ class NoDefense:
         return AttackView(classifier.logits(check_pixels(images)))
 
     def describe(self) -> dict:
-        return {"defense": self.name}
+        return describe_options(self)

@@ -11,7 +11,7 @@ import torch
 from ..attacks.loop import project
 from ..classifier import ZeroShotClassifier
 from ..randomness import ImageRandomness
-from .base import DefenseOutput
+from .base import DefenseOutput, weighted_mix
 from .ttc import TTC, relative_shift
 
 
@@ -32,8 +32,7 @@ def reference_ttc(ttc: TTC, classifier: ZeroShotClassifier, images: torch.Tensor
         (grad,) = torch.autograd.grad(loss, delta)
         delta = project(x, delta.detach() + ttc.step_size * grad.sign(), ttc.eps)
         deltas.append(delta)
-    weights = ttc.step_weights().to(x.device)
-    combined = sum(w.float() * d for w, d in zip(weights, deltas))
+    combined = weighted_mix(deltas, ttc.step_weights())
     counterattacked = tau < ttc.tau_thres
     defended = x + torch.where(counterattacked.view(-1, 1, 1, 1), combined, delta0)
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """Random noise (RN): TTC's ``delta0`` alone, with no gradient steps and no gate.
 
-The baseline that isolates TTC's counterattack: the same uniform noise in the eps_ttc ball
-(``DefenseOptions.eps``, 4/255 by default) drawn from the same per-image stream, so RN equals
-TTC whenever TTC judges every image clean.
+The baseline that isolates TTC's counterattack: the same uniform noise in the eps_ttc ball (4/255
+by default) drawn from the same per-image stream, so RN equals TTC whenever TTC judges every image
+clean (at equal eps).
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ import torch
 from ..attacks.loop import project
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
+from .base import PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense
 
 
+@register_defense
 @dataclass(frozen=True)
 class RandomNoise:
-    eps: float = 4 / 255
-    name: str = "rn"
+    """TTC's uniform noise delta0 alone: no steps, no gate (1 forward per image)."""
 
-    @classmethod
-    def from_options(cls, options: DefenseOptions) -> "RandomNoise":
-        return cls(eps=options.eps)
+    eps: float = option(TTC_EPS, "noise budget (uniform in [-eps, eps])", unit=PIXEL_UNIT)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
@@ -39,4 +40,4 @@ class RandomNoise:
         return AttackView(classifier.logits(through_defense(images, delta0, method)))
 
     def describe(self) -> dict:
-        return {"defense": self.name, "eps": self.eps}
+        return describe_options(self)

@@ -10,7 +10,10 @@ import torch
 from ..attacks.loop import replay_steps, run_steps
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
+from .base import (
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,
+    through_defense,
+)
 
 
 @dataclass(frozen=True)
@@ -20,14 +23,12 @@ class SignStepDefense:
     Cost: ``steps`` forwards and backwards plus one final forward per image.
     """
 
-    eps: float = 4 / 255
-    steps: int = 2
-    step_size: float = 1 / 255
-    name: str = ""
+    eps: float = option(TTC_EPS, "budget of the steps", unit=PIXEL_UNIT)
+    steps: int = option(TTC_STEPS, "signed-gradient steps")
+    step_size: float = option(TTC_STEP_SIZE, "size of each step", unit=PIXEL_UNIT)
 
-    @classmethod
-    def from_options(cls, options: DefenseOptions) -> "SignStepDefense":
-        return cls(options.eps, options.steps, options.step_size)
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def objective(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The scalar to ascend, as a function of the moved images (summed over the batch)."""
@@ -57,4 +58,4 @@ class SignStepDefense:
         return AttackView(classifier.logits(through_defense(images, delta, method)))
 
     def describe(self) -> dict:
-        return {"defense": self.name, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}
+        return describe_options(self)

@@ -17,16 +17,18 @@ fine-tuned one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..attacks.loop import project, replay_steps, sign_gradient_steps, sign_step
 from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
-from ..errors import CounterattackError
 from ..precision import PRECISIONS, autocast
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOptions, DefenseOutput, through_defense
+from .base import (
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,
+    register_defense, runtime, softmax_weights, through_defense, weighted_mix,
+)
 
 
 @dataclass
@@ -46,6 +48,7 @@ def relative_shift(moved: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return (moved - anchor).norm(dim=-1) / anchor.norm(dim=-1)
 
 
+@register_defense
 @dataclass(frozen=True)
 class TTC:
     """Test-time Counterattacks with the paper's defaults (eps 4/255, 2 steps of 1/255, tau_thres 0.2, beta 2).
@@ -57,31 +60,20 @@ class TTC:
         predictions = classifier.logits(result.images).argmax(-1)
     """
 
-    eps: float = 4 / 255
-    steps: int = 2
-    step_size: float = 1 / 255
-    tau_thres: float = 0.2
-    beta: float = 2.0
-    tau_encoder: ImageEncoder | None = field(default=None, compare=False, repr=False)
-    precision: str = "fp32"
-    name: str = "ttc"
+    eps: float = option(TTC_EPS, "counterattack budget (and delta0's range)", unit=PIXEL_UNIT)
+    steps: int = option(TTC_STEPS, "counterattack steps")
+    step_size: float = option(TTC_STEP_SIZE, "size of each step", unit=PIXEL_UNIT)
+    tau_thres: float = option(0.2, "an image with tau below this is judged attacked", aliases=("--tau-thres",))
+    beta: float = option(2.0, "weights of the kept deltas: softmax(beta * k)", low=None, aliases=("--beta",))
+    tau_encoder: ImageEncoder | None = runtime()  # None: the defended encoder measures tau
+    precision: str = option("fp32", "autocast of the encoder passes", choices=tuple(PRECISIONS), aliases=("--precision",))
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise CounterattackError(f"Unknown precision {self.precision!r}. Available: {', '.join(PRECISIONS)}.")
-        if self.eps < 0 or self.step_size < 0 or self.steps < 0 or self.tau_thres < 0:
-            raise CounterattackError("TTC's eps, steps, step_size and tau_thres must be >= 0.")
-
-    @classmethod
-    def from_options(cls, options: DefenseOptions) -> "TTC":
-        return cls(
-            options.eps, options.steps, options.step_size, options.tau_thres, options.beta, options.tau_encoder,
-            options.precision,
-        )
+        check_options(self)
 
     def step_weights(self) -> torch.Tensor:
         """``w_k = exp(beta k) / sum_j exp(beta j)`` for k = 0..steps."""
-        return torch.softmax(self.beta * torch.arange(self.steps + 1, dtype=torch.float64), dim=0)
+        return softmax_weights(self.beta, self.steps + 1)
 
     @torch.no_grad()
     def counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
@@ -125,20 +117,18 @@ class TTC:
         def embedding_shift(moved: torch.Tensor) -> torch.Tensor:
             return (encoder(moved).float() - target).pow(2).sum()
 
-        weights = self.step_weights().to(x.device)
-        mixed = weights[0].float() * delta0[chosen]
+        weights = self.step_weights()
+        kept = [delta0[chosen]]
         first, remaining = delta0[chosen], self.steps
         if reuse_gate_forward:
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad((noisy[chosen].float() - target).pow(2).sum(), start)
             signs.append(grad[chosen].sign())
             first = sign_step(x_chosen, first, grad[chosen], self.step_size, self.eps)
-            mixed = mixed + weights[1].float() * first
+            kept.append(first)
             remaining -= 1
-        steps = sign_gradient_steps(embedding_shift, x_chosen, first, self.eps, self.step_size, remaining, signs)
-        for k, delta_k in enumerate(steps, start=self.steps - remaining + 1):
-            mixed = mixed + weights[k].float() * delta_k
-        return mixed
+        kept += sign_gradient_steps(embedding_shift, x_chosen, first, self.eps, self.step_size, remaining, signs)
+        return weighted_mix(kept, weights)
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
@@ -161,9 +151,7 @@ class TTC:
         chosen = result.counterattacked.nonzero().flatten()
         if len(chosen):
             kept = [delta0[chosen], *replay_steps(images[chosen], delta0[chosen], result.signs, self.step_size, self.eps)]
-            weights = self.step_weights().to(images.device)
-            mixed = sum(w.float() * d for w, d in zip(weights, kept))
-            delta = delta0.index_put((chosen,), mixed)
+            delta = delta0.index_put((chosen,), weighted_mix(kept, self.step_weights()))
         tau = None
         if with_tau:
             tau_encoder = self.tau_encoder or classifier.encoder
@@ -171,13 +159,4 @@ class TTC:
         return AttackView(classifier.logits(through_defense(images, delta, method)), tau, self.tau_thres)
 
     def describe(self) -> dict:
-        return {
-            "defense": self.name,
-            "eps": self.eps,
-            "steps": self.steps,
-            "step_size": self.step_size,
-            "tau_thres": self.tau_thres,
-            "beta": self.beta,
-            "separate_tau_encoder": self.tau_encoder is not None,
-            "precision": self.precision,
-        }
+        return {**describe_options(self), "separate_tau_encoder": self.tau_encoder is not None}

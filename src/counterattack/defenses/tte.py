@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOptions, DefenseOutput
+from .base import AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,15 +46,16 @@ def default_transforms(size: int, shift_fraction: float = 1 / 16) -> list[Transf
     return shifts + [flipped(t) for t in shifts]
 
 
+@register_defense
 @dataclass(frozen=True)
 class TransformEnsemble:
-    shift_fraction: float = 1 / 16
-    transforms: Sequence[Transform] | None = None  # None: default_transforms for the image size
-    name: str = "tte"
+    """Pérez et al., 2021: logits averaged over 10 flips and shifts (10 forwards per image)."""
 
-    @classmethod
-    def from_options(cls, options: DefenseOptions) -> "TransformEnsemble":
-        return cls()
+    shift_fraction: float = option(1 / 16, "shift of the shifted views, as a fraction of the image side", high=0.5)
+    transforms: Sequence[Transform] | None = runtime()  # None: default_transforms for the image size
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def _views(self, images: torch.Tensor) -> Sequence[Transform]:
         return self.transforms or default_transforms(images.shape[-1], self.shift_fraction)
@@ -74,5 +75,4 @@ class TransformEnsemble:
         return AttackView(self._mean_logits(classifier, check_pixels(images)))
 
     def describe(self) -> dict:
-        return {"defense": self.name, "views": len(self.transforms) if self.transforms else 10,
-                "shift_fraction": self.shift_fraction}
+        return {**describe_options(self), "views": len(self.transforms) if self.transforms else 10}

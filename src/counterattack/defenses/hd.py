@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..classifier import ZeroShotClassifier
+from .base import register_defense
 from .sign_steps import SignStepDefense
 
 
@@ -24,9 +25,10 @@ def summed_class_losses(logits: torch.Tensor) -> torch.Tensor:
     return -torch.log_softmax(logits, dim=-1).sum()
 
 
+@register_defense
 @dataclass(frozen=True)
 class HedgeDefense(SignStepDefense):
-    name: str = "hd"
+    """Hedge Defense, Wu et al., ICML 2021: signed steps from x that increase the summed loss of every class."""
 
     def objective(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda moved: summed_class_losses(classifier.logits(moved))
