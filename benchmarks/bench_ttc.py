@@ -13,6 +13,10 @@ same predictions) and ends with one line:
     python benchmarks/bench_ttc.py                       # ViT-B/32 (random weights) and the tiny CLIP
     python benchmarks/bench_ttc.py --model tiny --n 512 --device cuda
     python benchmarks/bench_ttc.py --quick               # a run of seconds
+    python benchmarks/bench_ttc.py --precision bf16      # plain and fast under the precision policy
+
+Timings under ``--precision`` apply the policy (``counterattack.precision``) to plain inference and
+to the fast path; the agreement check always compares fp32 runs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch  # noqa: E402
 
 from counterattack import TTC, ImageRandomness, LoadedCLIP, ZeroShotClassifier, count_encoder_passes, load_clip  # noqa: E402
 from counterattack.defenses.reference import reference_ttc  # noqa: E402
+from counterattack.precision import PRECISIONS, precision_context  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "models" / "tiny-clip-cifar10"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -59,7 +64,8 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.device) -> dict[str, float | bool]:
+def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.device,
+                precision: str = "fp32") -> dict[str, float | bool]:
     clip = load(name, device)
     classifier = ZeroShotClassifier.from_clip(clip, CLASSES)
     images = torch.rand(n, 3, *clip.image_size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -69,18 +75,23 @@ def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.devic
         return ImageRandomness.for_images(0, "bench", range(i * batch, i * batch + len(b)), "ttc")
 
     def plain() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), precision_context(device, precision):
             for b in batches:
                 classifier.logits(b)
 
-    print(f"\n== {clip.description}: {n} images of {clip.image_size[0]}px, batch {batch}, {device}")
+    def fast(ttc: TTC) -> None:
+        with precision_context(device, precision):
+            for i, b in enumerate(batches):
+                ttc(classifier, b, streams(i, b))
+
+    print(f"\n== {clip.description}: {n} images of {clip.image_size[0]}px, batch {batch}, {device}, precision {precision}")
     t_plain = timed(plain, repeats, device)
     print(f"plain zero-shot        {1000 * t_plain / n:8.3f} ms/img")
     result: dict[str, float | bool] = {"agree": True}
     for regime, threshold in (("clean", 0.0), ("adv", float("inf"))):
         ttc = TTC(tau_thres=threshold)
         t_ref = timed(lambda: [reference_ttc(ttc, classifier, b, streams(i, b)) for i, b in enumerate(batches)], repeats, device)
-        t_fast = timed(lambda: [ttc(classifier, b, streams(i, b)) for i, b in enumerate(batches)], repeats, device)
+        t_fast = timed(lambda: fast(ttc), repeats, device)
         with count_encoder_passes() as ref_passes:
             ref_images, ref_out = reference_ttc(ttc, classifier, batches[0], streams(0, batches[0]))
         with count_encoder_passes() as fast_passes:
@@ -111,6 +122,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="few images, one repeat: seconds")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="policy for plain and fast")
     args = parser.parse_args()
     device = torch.device(args.device)
     models = args.model or (["vit-b-32", "tiny"] if TINY.is_dir() else ["vit-b-32"])
@@ -118,7 +130,7 @@ def main() -> None:
     agree = True
     for name in models:
         n = args.n or (8 if args.quick else 64 if name == "vit-b-32" else 512)
-        result = bench_model(name, n, min(args.batch_size, n), 1 if args.quick else args.repeats, device)
+        result = bench_model(name, n, min(args.batch_size, n), 1 if args.quick else args.repeats, device, args.precision)
         agree = agree and bool(result["agree"])
     print(
         f"RATIOS fast/plain(clean)={result['fast/plain(clean)']:.3f} "

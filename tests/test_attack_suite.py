@@ -13,7 +13,7 @@ from counterattack.attacks import cw_margin
 from counterattack.cli import main
 from counterattack.sanity import _never_increases
 
-from conftest import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared
+from conftest import CIFAR10_TEST_DIR, IN_CI, TINY_CLIP_DIR, needs_shared
 
 
 def rng(n: int, purpose: str = "attack") -> ImageRandomness:
@@ -30,7 +30,7 @@ def cifar_batch():
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import to_tensor
 
-    if not CIFAR10_TEST_DIR.is_dir():
+    if not CIFAR10_TEST_DIR.is_dir() and not IN_CI:
         pytest.skip(f"CIFAR-10 images not found at {CIFAR10_TEST_DIR}")
     folder = ImageFolder(str(CIFAR10_TEST_DIR))
     picks = [c * 1000 + i for c in range(10) for i in range(12)]

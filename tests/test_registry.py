@@ -79,12 +79,11 @@ def test_a_new_file_is_all_a_defense_needs(toy_defense, tmp_path, random_clip_di
 def test_generated_flags_keep_the_old_spellings_and_the_1_255_unit():
     parser = build_parser()
     old = parser.parse_args(["eval", "--ttc-eps", "8", "--ttc-steps", "3", "--tau-thres", "0.1", "--beta", "-1",
-                             "--precision", "bf16", "--rn-eps", "2"])
-    assert _registered_settings(old, "defense", "ttc") == {
-        "eps": 8 / 255, "steps": 3, "tau_thres": 0.1, "beta": -1.0, "precision": "bf16"}
+                             "--rn-eps", "2"])
+    assert _registered_settings(old, "defense", "ttc") == {"eps": 8 / 255, "steps": 3, "tau_thres": 0.1, "beta": -1.0}
     assert _registered_settings(old, "defense", "rn") == {"eps": 2 / 255}
-    new = parser.parse_args(["eval", "--ttc-tau-thres", "0.1", "--ttc-beta", "-1", "--ttc-precision", "bf16"])
-    assert _registered_settings(new, "defense", "ttc") == {"tau_thres": 0.1, "beta": -1.0, "precision": "bf16"}
+    new = parser.parse_args(["eval", "--ttc-tau-thres", "0.1", "--ttc-beta", "-1"])
+    assert _registered_settings(new, "defense", "ttc") == {"tau_thres": 0.1, "beta": -1.0}
     assert _registered_settings(parser.parse_args(["eval"]), "defense", "ttc") == {}
 
 
@@ -93,8 +92,8 @@ def test_defaults_live_in_the_options_and_bad_settings_are_refused():
     assert {DEFENSES[n]().eps for n in ("rn", "anti-adversary", "hd", "ttc")} == {4 / 255}
     with pytest.raises(CounterattackError, match="eps must be >= 0"):
         TTC(eps=-1 / 255)
-    with pytest.raises(CounterattackError, match="precision must be one of"):
-        TTC(precision="fp8")
+    with pytest.raises(CounterattackError, match="tau_thres must be >= 0"):
+        TTC(tau_thres=-0.1)
     with pytest.raises(CounterattackError, match="rn has no setting steps"):
         build_defense("rn", steps=3)
 
@@ -104,4 +103,4 @@ def test_defenses_json_lists_every_defense_with_its_defaults(capsys):
     listing = json.loads(capsys.readouterr().out)
     assert list(listing) == list(DEFENSES)
     assert listing["ttc"]["options"] == {"--ttc-eps": 4.0, "--ttc-steps": 2, "--ttc-step-size": 1.0,
-                                         "--ttc-tau-thres": 0.2, "--ttc-beta": 2.0, "--ttc-precision": "fp32"}
+                                         "--ttc-tau-thres": 0.2, "--ttc-beta": 2.0}

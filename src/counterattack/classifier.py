@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import CounterattackError
 from .models import LoadedCLIP
+from .precision import full_precision
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("This is a photo of a {}.",)
 
@@ -184,7 +185,9 @@ class ZeroShotClassifier(nn.Module):
         return self.encoder(pixels)
 
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return (self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T).float()
+        """The zero-shot head, always in float32 (even inside an autocast region)."""
+        with full_precision(embeddings.device):
+            return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embeddings(self.encode_image(pixels))

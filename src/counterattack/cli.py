@@ -33,6 +33,7 @@ from .errors import CounterattackError
 from .evaluate import RunSettings, average_records, evaluate_dataset, summarize
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
 from .report import format_table, paper_tables, write_report
+from .precision import PRECISIONS
 from .results import ResultsStore, write_json_atomically
 from .sanity import format_report, run_sanity
 
@@ -179,6 +180,11 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
         defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
     _add_registered_options(command, "defense", DEFENSES)
     run = command.add_argument_group("run")
+    run.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                     help="of the attacks' and the defenses' encoder passes: fp32, tf32 (CUDA matrix products), bf16 or "
+                     "fp16 autocast, or paper (fp16 autocast for both, as the TTC code ran); gates and the logit head stay fp32")
+    run.add_argument("--attack-precision", choices=list(PRECISIONS), help="the attacks' precision (default: --precision)")
+    run.add_argument("--defense-precision", choices=list(PRECISIONS), help="the defenses' precision (default: --precision)")
     run.add_argument("--batch-size", type=POSITIVE, default=128)
     run.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -285,6 +291,11 @@ def _attack_for(args: argparse.Namespace, defense: Defense, attack: Attack) -> A
                           args.adaptive_method, args.eot_samples, args.gate_weight)
 
 
+def _precisions(args: argparse.Namespace) -> dict[str, str]:
+    """The precision of each part: its own flag, else --precision."""
+    return {"attack": args.attack_precision or args.precision, "defense": args.defense_precision or args.precision}
+
+
 def _attacks(args: argparse.Namespace, names: Sequence[str]) -> list[Attack]:
     return [build_attack(name, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL) for name in names]
 
@@ -360,6 +371,7 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
         if args.threat == "adaptive" else None,
         "defenses": [d.describe() for d in defenses],
         "units": "eps and step sizes in [0, 1] pixel units",
+        "precision": _precisions(args),
         "seed": args.seed,
         # Settings that change no result: a resumed run may differ in them.
         "run": {"batch_size": args.batch_size, "device": str(device), "processes": group.world_size,
@@ -373,7 +385,7 @@ def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.
     done = store.done()
     group.barrier()  # everyone has read what is done before anyone adds to it
     settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress,
-                           group.rank, group.world_size)
+                           group.rank, group.world_size, **{f"{part}_precision": p for part, p in _precisions(args).items()})
 
     def evaluate_my_share() -> None:
         for data, (chosen, _) in zip(loaded, selections):
@@ -425,7 +437,8 @@ def run_sanity_command(args: argparse.Namespace) -> bool:
     data = _load(args, args.dataset, clip)
     chosen, _ = _select(args, data)
     classifier = _classifier(args, clip, data)
-    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress)
+    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress,
+                           **{f"{part}_precision": p for part, p in _precisions(args).items()})
     report = run_sanity(
         classifier, data, defense,
         lambda eps, steps, step: _attack_for(args, defense, build_attack(args.attack, eps, steps, step)),

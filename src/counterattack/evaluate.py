@@ -19,6 +19,7 @@ from .attacks import Attack
 from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
+from .precision import precision_context
 from .randomness import ImageRandomness
 
 
@@ -32,6 +33,8 @@ class RunSettings:
     progress: bool = True
     rank: int = 0
     world_size: int = 1
+    attack_precision: str = "fp32"  # see precision.py: the policy of the attacks' and the defenses' passes
+    defense_precision: str = "fp32"
 
 
 class _Stopwatch:
@@ -113,11 +116,12 @@ def evaluate_dataset(
                 for attack in attacks:
                     attack_of_defense = attack_for(attack, defense)
                     if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
-                        with _Stopwatch(settings.device) as attack_time:
-                            adv_images = attack_of_defense(classifier, images, labels, streams("attack"))
+                        with _Stopwatch(settings.device) as attack_time, precision_context(settings.device, settings.attack_precision):
+                            adv_images = attack_of_defense(classifier, images, labels, streams("attack")).float()
                         crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
                     adversarial_sets[attack.name] = crafted[id(attack_of_defense)]
-                with _Stopwatch(settings.device) as cost, count_encoder_passes() as passes:
+                with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes,
+                      precision_context(settings.device, settings.defense_precision)):
                     # Every defense draws the same noise for an image, so their results pair up.
                     clean = defense(classifier, images, streams("defense-clean"))
                     adv = {name: defense(classifier, adversarial, streams("defense-adv"))

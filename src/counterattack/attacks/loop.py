@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..precision import loss_scale
+
 
 def project(images: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
     """Project a perturbation onto the L-inf ball of radius ``eps`` and keep ``images + delta`` in [0, 1]."""
@@ -37,7 +39,8 @@ def sign_gradient_steps(
     for _ in range(steps):
         with torch.enable_grad():
             delta.requires_grad_(True)
-            loss = loss_fn(images + delta)
+            # Under fp16 autocast a small gradient would round to zero and lose its sign.
+            loss = loss_fn(images + delta) * loss_scale(images.device)
             (grad,) = torch.autograd.grad(loss, delta)
         if signs is not None:
             signs.append(grad.sign())

@@ -23,7 +23,7 @@ import torch
 
 from ..attacks.loop import project, replay_steps, sign_gradient_steps, sign_step
 from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
-from ..precision import PRECISIONS, autocast
+from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
     PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,
@@ -66,7 +66,6 @@ class TTC:
     tau_thres: float = option(0.2, "an image with tau below this is judged attacked", aliases=("--tau-thres",))
     beta: float = option(2.0, "weights of the kept deltas: softmax(beta * k)", low=None, aliases=("--beta",))
     tau_encoder: ImageEncoder | None = runtime()  # None: the defended encoder measures tau
-    precision: str = option("fp32", "autocast of the encoder passes", choices=tuple(PRECISIONS), aliases=("--precision",))
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -77,26 +76,25 @@ class TTC:
 
     @torch.no_grad()
     def counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
-        with autocast(images.device, self.precision):
-            return self._counterattack(classifier, images, rng)
-
-    def _counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> TTCResult:
+        """The defended images and the gate's diagnostics. Under a mixed-precision policy
+        (``precision_context``) the gate's two passes stay in float32 and the steps use the policy."""
         encoder = classifier.encoder
         x = check_pixels(images).detach().float()
         n = len(x)
         noise = rng.uniform_like(x, -self.eps, self.eps)
         delta0 = project(x, noise, self.eps)
-        anchor = encoder(x).float()  # f(x): computed once, shared by tau and the counterattack's loss
         may_attack = self.steps > 0 and self.tau_thres > 0
-        # f(x + delta0) is tau's numerator, the embedding of every image judged clean, and the first
-        # forward of the counterattack: one pass, its graph kept while the gate may open.
-        with torch.set_grad_enabled(may_attack):
-            start = delta0.clone().requires_grad_(may_attack)
-            noisy = encoder(x + start)
-        if self.tau_encoder is None:
-            tau = relative_shift(noisy.detach().float(), anchor)
-        else:
-            tau = relative_shift(self.tau_encoder(x + delta0).float(), self.tau_encoder(x).float())
+        with full_precision(x.device):  # the gate compares two nearby embeddings: float32 only
+            anchor = encoder(x).float()  # f(x): computed once, shared by tau and the counterattack's loss
+            # f(x + delta0) is tau's numerator, the embedding of every image judged clean, and the first
+            # forward of the counterattack: one pass, its graph kept while the gate may open.
+            with torch.set_grad_enabled(may_attack):
+                start = delta0.clone().requires_grad_(may_attack)
+                noisy = encoder(x + start)
+            if self.tau_encoder is None:
+                tau = relative_shift(noisy.detach().float(), anchor)
+            else:
+                tau = relative_shift(self.tau_encoder(x + delta0).float(), self.tau_encoder(x).float())
         counterattacked = tau < self.tau_thres
         chosen = counterattacked.nonzero().flatten()
         delta = delta0.clone()
@@ -136,8 +134,7 @@ class TTC:
         logits = classifier.logits_from_embeddings(result.noisy_embeddings)
         chosen = result.counterattacked.nonzero().flatten()
         if len(chosen):
-            with autocast(images.device, self.precision):
-                logits[chosen] = classifier.logits(result.images[chosen])
+            logits[chosen] = classifier.logits(result.images[chosen])
         return DefenseOutput(logits, result.tau, result.counterattacked, result.images)
 
     def attack_view(
@@ -155,7 +152,8 @@ class TTC:
         tau = None
         if with_tau:
             tau_encoder = self.tau_encoder or classifier.encoder
-            tau = relative_shift(tau_encoder(images + delta0).float(), tau_encoder(images).float())
+            with full_precision(images.device):
+                tau = relative_shift(tau_encoder(images + delta0).float(), tau_encoder(images).float())
         return AttackView(classifier.logits(through_defense(images, delta, method)), tau, self.tau_thres)
 
     def describe(self) -> dict:
