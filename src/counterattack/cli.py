@@ -188,7 +188,8 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
     run.add_argument("--batch-size", type=POSITIVE, default=128)
     run.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--workers", type=COUNT, default=min(4, os.cpu_count() or 1), help="data loading processes")
+    run.add_argument("--workers", type=COUNT, default=min(8 if torch.cuda.is_available() else 4, os.cpu_count() or 1),
+                     help="data loading processes (more on a GPU machine, to keep the GPU busy)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if not sanity:
         run.add_argument("--dist-timeout", type=_number(float, 1), default=60.0,

@@ -20,7 +20,7 @@ from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
 from .precision import precision_context
-from .randomness import ImageRandomness
+from .randomness import ImageRandomness, key_words
 
 
 @dataclass
@@ -101,13 +101,20 @@ def evaluate_dataset(
         pin_memory=settings.device.type == "cuda",
     )
     show = settings.progress and settings.rank == 0
+    # Every image's random keys, once: a batch then indexes them, with no per-image work on the host.
+    keys = {purpose: key_words(settings.seed, data.randomness_key, [data.image_ids[i] for i in mine], purpose)
+            for purpose in ("attack", "defense-clean", "defense-adv")}
+    row_of = torch.full((len(data),), -1, dtype=torch.long)
+    row_of[torch.tensor(mine)] = torch.arange(len(mine))
     with tqdm(total=len(mine), desc=short_name(data.name), unit="img", disable=not show, leave=False) as bar:
         for images, labels, positions in loader:
-            images, labels = images.to(settings.device), labels.to(settings.device)
+            images = images.to(settings.device, non_blocking=True)
+            labels = labels.to(settings.device, non_blocking=True)
+            rows = row_of[positions]
             ids = [data.image_ids[i] for i in positions.tolist()]
 
             def streams(purpose: str) -> ImageRandomness:
-                return ImageRandomness.for_images(settings.seed, data.randomness_key, ids, purpose)
+                return ImageRandomness(keys[purpose][rows])
 
             batch = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
             crafted: dict[int, tuple[torch.Tensor, float]] = {}

@@ -68,6 +68,13 @@ def _key(seed: int, dataset: str, image_id: int | str, purpose: str) -> int:
     return derive_seed(seed, dataset, image_id, purpose)
 
 
+def key_words(seed: int, dataset: str, image_ids: Sequence[int | str], purpose: str) -> torch.Tensor:
+    """The images' keys as an int32 tensor of shape ``(len(image_ids), 2)``: computed once per image on
+    the host, then indexed per batch (``ImageRandomness(words[positions])``) with no loop over images."""
+    keys = [_key(seed, dataset, i, purpose) for i in image_ids]
+    return torch.tensor([[_signed(k & _MASK), _signed((k >> 32) & _MASK)] for k in keys], dtype=torch.int32).view(-1, 2)
+
+
 class ImageRandomness:
     """Random streams for the images of a batch, one key per image.
 
@@ -76,14 +83,13 @@ class ImageRandomness:
     draw is the same however the images are batched.
     """
 
-    def __init__(self, keys: Sequence[int]):
-        self.words = torch.tensor([[_signed(k & _MASK), _signed((k >> 32) & _MASK)] for k in keys],
-                                  dtype=torch.int32).view(-1, 2)
+    def __init__(self, words: torch.Tensor):
+        self.words = words  # each image's key as two int32 words: see ``key_words``
         self.draws = 0
 
     @classmethod
     def for_images(cls, seed: int, dataset: str, image_ids: Sequence[int | str], purpose: str) -> "ImageRandomness":
-        return cls([_key(seed, dataset, i, purpose) for i in image_ids])
+        return cls(key_words(seed, dataset, image_ids, purpose))
 
     @classmethod
     def from_seed(cls, seed: int, batch_size: int, purpose: str = "") -> "ImageRandomness":
