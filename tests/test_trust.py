@@ -346,3 +346,15 @@ def test_a_failed_process_fails_the_others_with_its_error_instead_of_a_hang(tmp_
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
     assert lines == ["rank 0: process 1 of 2 failed: cannot decode dog/0001.png", "rank 1: cannot decode dog/0001.png"], (
         done.stdout + done.stderr[-2000:])
+
+
+# --- Intervals ---------------------------------------------------------------------------------------
+
+def test_wilson_intervals_match_known_values():
+    """Newcombe (1998), Stat. Med. 17:857, Table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775."""
+    from counterattack.evaluate import wilson_interval
+
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 27.753), abs=1e-3)
+    assert wilson_interval(5, 10) == pytest.approx((23.659, 76.341), abs=1e-3)
+    assert wilson_interval(10, 10) == pytest.approx((72.247, 100.0), abs=1e-3)
+    assert wilson_interval(81, 263) == pytest.approx((25.53, 36.62), abs=0.01)

@@ -7,6 +7,7 @@ a batch's results do not depend on how the images were batched, resumed or shard
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,17 @@ def evaluate_dataset(
             bar.update(len(ids))
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion, in percent (95% by default): unlike the normal
+    approximation it stays inside [0, 100] and is sensible at 0 or n successes."""
+    if n == 0:
+        return (0.0, 100.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half))
+
+
 def summarize(
     batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attacks: Sequence[str],
     threat: str = "paper", adaptive: str | None = None,
@@ -210,6 +222,8 @@ def summarize(
                     "n": n,
                     "clean_acc": 100.0 * s["correct_clean"] / n,
                     "robust_acc": 100.0 * s["correct_adv"][attack] / n,
+                    "clean_ci95": wilson_interval(s["correct_clean"], n),
+                    "robust_ci95": wilson_interval(s["correct_adv"][attack], n),
                     "mean_tau_clean": mean(s["tau_clean"]),
                     "mean_tau_adv": mean(s["tau_adv"].get(attack, 0.0)),
                     "counterattacked_clean": mean(s["ca_clean"]),

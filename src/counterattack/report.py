@@ -148,6 +148,17 @@ def plot_tau_histograms(batches: Sequence[dict], tau_thres: float | None, out: P
     return written
 
 
+def _error_bars(by_key: dict, datasets: Sequence[str], defense: str, kind: str) -> list[list[float]]:
+    """Matplotlib's asymmetric error bars (below, above) from the records' 95% intervals."""
+    below, above = [], []
+    for dataset in datasets:
+        record = by_key.get((dataset, defense), {})
+        value, (low, high) = record.get(f"{kind}_acc", 0.0), record.get(f"{kind}_ci95", (0.0, 0.0)) or (0.0, 0.0)
+        below.append(max(0.0, value - low) if record else 0.0)
+        above.append(max(0.0, high - value) if record else 0.0)
+    return [below, above]
+
+
 def plot_accuracy(records: Sequence[dict], out: Path) -> Path:
     """Grouped bars: per dataset, clean (light) and robust (dark) accuracy of each defense."""
     import matplotlib
@@ -166,10 +177,12 @@ def plot_accuracy(records: Sequence[dict], out: Path) -> Path:
         clean = [by_key.get((d, defense), {}).get("clean_acc", 0) for d in datasets]
         robust = [by_key.get((d, defense), {}).get("robust_acc", 0) for d in datasets]
         color = colors[j % len(colors)]
-        ax.bar(xs, clean, width, color=color, alpha=0.35)
-        ax.bar(xs, robust, width, color=color, label=defense)
+        ax.bar(xs, clean, width, color=color, alpha=0.35, yerr=_error_bars(by_key, datasets, defense, "clean"),
+               error_kw={"alpha": 0.5, "capsize": 2})
+        ax.bar(xs, robust, width, color=color, label=defense, yerr=_error_bars(by_key, datasets, defense, "robust"),
+               error_kw={"capsize": 2})
     ax.set_xticks(range(len(datasets)), [short_name(d) for d in datasets])
-    ax.set_ylabel("accuracy (%): light clean, dark robust")
+    ax.set_ylabel("accuracy (%): light clean, dark robust\n(bars: 95% Wilson intervals)")
     ax.set_ylim(0, 100)
     ax.legend(ncol=min(len(defenses), 6), fontsize="small")
     fig.tight_layout()
