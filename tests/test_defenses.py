@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from counterattack import (
-    DEFENSES, count_encoder_passes, TTC, AntiAdversary, HedgeDefense, ImageRandomness, RandomNoise, TransformEnsemble,
+    count_encoder_passes, TTC, AntiAdversary, HedgeDefense, ImageRandomness, RandomNoise, TransformEnsemble,
     build_defenses,
 )
 from counterattack.defenses.hd import summed_class_losses
@@ -90,7 +90,8 @@ def test_tte_views_flip_and_shift():
 def test_every_registered_defense_costs_what_its_paper_says(random_classifier, images):
     """Encoder passes as counted by the encoder itself (forwards, and backwards through it), per image."""
     costs = {}
-    for defense in build_defenses(list(DEFENSES), tau_thres=float("inf")):
+    # The successors (mac, doc, csr, rtpt) test their own costs against their papers' counts.
+    for defense in build_defenses(["none", "rn", "anti-adversary", "hd", "tte", "ttc"], tau_thres=float("inf")):
         with count_encoder_passes() as passes:
             defense(random_classifier, images, rng(len(images)))
         costs[defense.name] = passes
