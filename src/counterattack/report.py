@@ -110,8 +110,9 @@ def _file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def plot_tau_histograms(batches: Sequence[dict], tau_thres: float | None, out: Path) -> list[Path]:
-    """Per dataset: tau of clean vs adversarial images, for the first defense that has a tau."""
+def plot_tau_histograms(batches: Sequence[dict], thresholds: dict[str, float], out: Path) -> list[Path]:
+    """Per dataset: the gate score of clean vs adversarial images, for TTC if it ran, else the first
+    defense with a gate (``thresholds``: each defense's threshold, from the configuration)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +120,8 @@ def plot_tau_histograms(batches: Sequence[dict], tau_thres: float | None, out: P
 
     taus: dict[str, dict] = {}
     for batch in batches:
-        for name, result in batch["defenses"].items():
+        gated = sorted(batch["defenses"].items(), key=lambda item: item[0] != "ttc")
+        for name, result in gated:
             if result["clean"]["tau"] is not None:
                 attack = next(iter(result["adv"]))
                 entry = taus.setdefault(batch["dataset"], {"defense": name, "attack": attack, "clean": [], "adv": []})
@@ -130,15 +132,17 @@ def plot_tau_histograms(batches: Sequence[dict], tau_thres: float | None, out: P
     for dataset, entry in taus.items():
         fig, ax = plt.subplots(figsize=(6, 3.6))
         # The threshold is always in view: whether the taus fall far below it is the story.
+        tau_thres = thresholds.get(entry["defense"])
         values = entry["clean"] + entry["adv"] + ([tau_thres] if tau_thres is not None else [])
         span = (min(values), max(values)) if max(values) > min(values) else (min(values) - 0.5, min(values) + 0.5)
         ax.hist(entry["clean"], bins=60, range=span, alpha=0.6, label=f"clean (n={len(entry['clean'])})")
         ax.hist(entry["adv"], bins=60, range=span, alpha=0.6, label=f"adversarial ({entry['attack']})")
         if tau_thres is not None:
             ax.axvline(tau_thres, color="black", linestyle="--", label=f"tau_thres = {tau_thres:g}")
-        ax.set_xlabel("tau = ||f(x + delta0) - f(x)|| / ||f(x)||")
+        ax.set_xlabel("tau = ||f(x + delta0) - f(x)|| / ||f(x)||" if entry["defense"] == "ttc"
+                      else f"{entry['defense']}'s gate score")
         ax.set_ylabel("images")
-        ax.set_title(f"{short_name(dataset)}: tau of clean vs adversarial images")
+        ax.set_title(f"{short_name(dataset)}: {entry['defense']}'s gate on clean vs adversarial images")
         ax.legend()
         fig.tight_layout()
         path = out / f"tau_hist_{_file_name(short_name(dataset))}.png"
@@ -218,14 +222,13 @@ def write_report(out: Path) -> list[Path]:
     if not records:
         raise CounterattackError(f"{results_path} holds no records yet.")
     config = results.get("config", {})
-    ttc = [d for d in config.get("defenses", []) if "tau_thres" in d]
-    tau_thres = ttc[0]["tau_thres"] if ttc else None
+    thresholds = {d["defense"]: d["tau_thres"] for d in config.get("defenses", []) if "tau_thres" in d}
 
     with (out / "report.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    plots = [plot_accuracy(records, out), *plot_tau_histograms(ResultsStore(out).batches(), tau_thres, out)]
+    plots = [plot_accuracy(records, out), *plot_tau_histograms(ResultsStore(out).batches(), thresholds, out)]
     settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "prompts", "limit", "seed") if k in config)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     (out / "report.md").write_text(
