@@ -21,12 +21,14 @@ __version__ = _package_version()
 from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, AutoAttack, build_attack
 from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, PixelRangeError, ZeroShotClassifier, check_pixels, count_encoder_passes
 from .data import EvalDataset, balanced_subset, load_dataset
+from .defended import DefendedModel, defended
 from .defenses import (
     DEFENSES, TTC, AntiAdversary, Defense, DefenseOutput, HedgeDefense, NoDefense, RandomNoise, TransformEnsemble,
     TTCResult, build_defense, build_defenses, register_defense,
 )
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize
+from .hf_transformers import TransformersCLIP, TransformersTokenizer
 from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_dict
 from .randomness import ImageRandomness
 
@@ -37,4 +39,5 @@ __all__ = [
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
     "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",
     "build_defenses", "evaluate_dataset", "load_clip", "load_dataset", "summarize",
+    "DefendedModel", "defended", "TransformersCLIP", "TransformersTokenizer",
 ]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
 from .errors import CounterattackError
 from .models import LoadedCLIP
 from .precision import full_precision
@@ -131,19 +133,23 @@ class ImageEncoder(nn.Module):
 
 
 class ZeroShotClassifier(nn.Module):
-    """CLIP as a classifier: ``logits(x) = logit_scale * cos(f(x), t_c)`` for every class ``c``.
+    """CLIP as a classifier: ``logits(x) = logit_scale * cos(f(x), t_c) + logit_bias`` for every class ``c``.
 
     Text embeddings are computed once (L2-normalised, averaged over the templates, normalised
     again) and cached. ``encode_image`` returns unnormalised embeddings, as TTC's tau needs.
+    ``logit_bias`` is 0 for CLIP and the learnt bias of SigLIP's sigmoid head; one bias shared by
+    every class changes no prediction and no softmax or margin loss, only the logits' values.
     """
 
-    def __init__(self, encoder: ImageEncoder, text_embeddings: torch.Tensor, logit_scale: float, class_names: Sequence[str]):
+    def __init__(self, encoder: ImageEncoder, text_embeddings: torch.Tensor, logit_scale: float, class_names: Sequence[str],
+                 logit_bias: float = 0.0):
         super().__init__()
         if len(class_names) != len(text_embeddings):
             raise ValueError("one text embedding per class name is needed")
         self.encoder = encoder
         self.register_buffer("text_embeddings", F.normalize(text_embeddings.float(), dim=-1))
         self.logit_scale = float(logit_scale)
+        self.logit_bias = float(logit_bias)
         self.class_names = list(class_names)
         self.clip: LoadedCLIP | None = None  # set by from_clip
         self.templates: tuple[str, ...] = DEFAULT_TEMPLATES
@@ -163,16 +169,14 @@ class ZeroShotClassifier(nn.Module):
             if template.count("{}") != 1:
                 raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")
         device = next(clip.model.parameters()).device
-        per_class = []
-        for start in range(0, len(class_names), chunk_size):
-            names = class_names[start : start + chunk_size]
-            prompts = [t.format(name) for name in names for t in templates]
-            tokens = clip.tokenizer(prompts).to(device)
-            text = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)
-            per_class.append(text.view(len(names), len(templates), -1).mean(dim=1))
-        embeddings = torch.cat(per_class)
+        # open_clip's own head builder: per class, the mean of the L2-normalised template
+        # embeddings, normalised again; it returns (dim, classes).
+        embeddings = build_zero_shot_classifier(clip.model, clip.tokenizer, list(class_names), list(templates),
+                                                num_classes_per_batch=chunk_size, device=device).T
         logit_scale = clip.model.logit_scale.exp().item()
-        classifier = cls(ImageEncoder.from_clip(clip), embeddings, logit_scale, class_names).to(device)
+        bias = getattr(clip.model, "logit_bias", None)  # SigLIP (open_clip's or transformers')
+        logit_bias = bias.item() if bias is not None else 0.0
+        classifier = cls(ImageEncoder.from_clip(clip), embeddings, logit_scale, class_names, logit_bias).to(device)
         # Defenses that work on the text side (R-TPT's prompt tuning) need the model and the prompts.
         classifier.clip, classifier.templates = clip, tuple(templates)
         return classifier
@@ -187,7 +191,8 @@ class ZeroShotClassifier(nn.Module):
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The zero-shot head, always in float32 (even inside an autocast region)."""
         with full_precision(embeddings.device):
-            return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T
+            logits = self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T
+        return logits + self.logit_bias if self.logit_bias else logits
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embeddings(self.encode_image(pixels))

@@ -1,4 +1,5 @@
-"""Load a CLIP through open_clip: built-in name + pretrained tag, ``local-dir:PATH`` or ``hf-hub:org/name``.
+"""Load a CLIP through open_clip: built-in name + pretrained tag, ``local-dir:PATH`` or ``hf-hub:org/name``;
+or through Hugging Face transformers: ``transformers:ORG/NAME`` or ``transformers:PATH`` (hf_transformers.py).
 
 Weights are only ever read safely (safetensors, or ``torch.load(weights_only=True)``), and a model
 that is neither on disk nor reachable fails within seconds with a message saying what to fetch.
@@ -27,13 +28,15 @@ from .errors import CounterattackError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-32"
+TRANSFORMERS_PREFIX = "transformers:"  # a Hugging Face transformers model: hf_transformers.py
 DEFAULT_PRETRAINED = "openai"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 @dataclass
 class LoadedCLIP:
-    """An open_clip model in eval mode with frozen weights, its tokenizer and its image settings."""
+    """An open_clip model (or a transformers one behind the same interface, ``TransformersCLIP``) in
+    eval mode with frozen weights, its tokenizer and its image settings."""
 
     model: torch.nn.Module
     tokenizer: Callable[[list[str]], torch.Tensor]
@@ -72,7 +75,15 @@ def load_clip(
     ``openai``, or a weights file), or ``local-dir:PATH`` / ``hf-hub:org/name`` (``pretrained`` is
     then ignored). Tags trained with QuickGELU (OpenAI's among them) are loaded into the QuickGELU
     variant of the architecture, so the features are the original model's.
+
+    ``transformers:ORG/NAME`` or ``transformers:PATH`` loads a Hugging Face ``CLIPModel`` or
+    ``SiglipModel`` with its processor's image settings and tokenizer (needs the ``transformers``
+    extra; ``pretrained`` is ignored).
     """
+    if model.startswith(TRANSFORMERS_PREFIX):
+        from .hf_transformers import load_transformers_clip  # it imports this module: imported here
+
+        return load_transformers_clip(model[len(TRANSFORMERS_PREFIX):], device=device, cache_dir=cache_dir)
     schema, identifier = _parse(model)
     force_quick_gelu = False
     needs_hub = schema == "hf-hub"
@@ -106,12 +117,17 @@ def load_clip(
     return LoadedCLIP.from_model(clip.to(device), tokenizer, description)
 
 
-def _refusal(what: str, exc: Exception) -> CounterattackError:
-    return CounterattackError(
+def refusal_message(what: str, details: str) -> str:
+    """Why pickled weights are refused, and what to do instead (shared by every loader)."""
+    return (
         f"Refusing to load {what}: the checkpoint holds pickled objects whose loading could run code, "
         "not only tensors. Convert it to safetensors (or a plain state dict) on a machine you trust. "
-        f"Details: {str(exc).splitlines()[0]}"
+        f"Details: {details}"
     )
+
+
+def _refusal(what: str, exc: Exception) -> CounterattackError:
+    return CounterattackError(refusal_message(what, str(exc).splitlines()[0]))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -252,17 +268,21 @@ def _go_offline_if_hub_unreachable() -> None:
 def _missing_download_message(schema: str | None, identifier: str, pretrained: str | None, exc: Exception) -> str:
     from huggingface_hub import constants
 
-    if schema == "hf-hub":
-        repo, what = identifier, f"hf-hub:{identifier}"
+    if schema in ("hf-hub", "transformers"):
+        repo, what = identifier, f"{schema}:{identifier}"
     else:
         tag_cfg = open_clip.get_pretrained_cfg(identifier, pretrained or "")
         # open_clip's convention: "org/name/" (default file) or "org/name/file.bin".
         repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]
         what = f"{identifier} with pretrained weights {pretrained!r}"
+    folder = (
+        "save the model and its processor with save_pretrained into a folder and pass --model transformers:FOLDER"
+        if schema == "transformers"
+        else "put open_clip_config.json and the weights in a folder and pass --model local-dir:FOLDER"
+    )
     fetch = (
         f"On a machine with internet, run `hf download {repo}` and copy the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}) here, or put open_clip_config.json and the weights in a folder "
-        "and pass --model local-dir:FOLDER."
+        f"({constants.HF_HUB_CACHE}) here, or {folder}."
         if repo
         else "Download the weights file and pass its path as --pretrained, or use --model local-dir:FOLDER."
     )

@@ -19,15 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .attacks import PIXEL, Attack
 from .attacks.autoattack import collecting_warnings, import_pyautoattack
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, WithIndex, balanced_subset
+from .defended import defended
 from .defenses import Defense
 from .evaluate import RunSettings, evaluate_dataset, summarize
-from .randomness import ImageRandomness
 
 UNBOUNDED_EPS = 255.0  # in 1/255: the whole [0, 1] box
 
@@ -51,19 +50,6 @@ class SanityReport:
         return all(check.passed for check in self.checks)
 
 
-class DefendedModel(nn.Module):
-    """The defended classifier as a plain model, fresh randomness at every call, for AutoAttack's checks."""
-
-    def __init__(self, classifier: ZeroShotClassifier, defense: Defense, seed: int):
-        super().__init__()
-        self.classifier, self.defense, self.seed, self.calls = classifier, defense, seed, 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        rng = ImageRandomness.from_seed(self.seed, len(images), f"sanity-call-{self.calls}")
-        return self.defense.attack_view(self.classifier, images, rng, "exact").logits
-
-
 def _robust_accuracy(classifier, data, defense, attack, settings, indices) -> float:
     batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices))
     return summarize(batches, [data.name], [defense.name], [attack.name])[0]["robust_acc"]
@@ -79,7 +65,7 @@ def autoattack_warnings(classifier: ZeroShotClassifier, defense: Defense, images
     """Run AutoAttack's checks on the defended model; return what they flag."""
     checks = import_pyautoattack().checks
 
-    model = DefendedModel(classifier, defense, seed)
+    model = defended(classifier, defense, seed=seed, method="exact")  # fresh draws at every call
     found: list[str] = []
     logger = logging.getLogger("counterattack.sanity.autoattack")
     logger.propagate = False

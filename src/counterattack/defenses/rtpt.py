@@ -1,0 +1,498 @@
+"""Robust Test-time Prompt Tuning (R-TPT; Sheng, Liang, Wang, He; CVPR 2025, arXiv 2504.11195).
+
+R-TPT leaves the image alone and tunes the text prompt, separately for every test image:
+
+1. Views: the image itself and ``views - 1`` AugMix views (a random resized crop and flip, then
+   three chains of 1-3 AugMix operations at severity 1, mixed with Dirichlet(1, 1, 1) weights and
+   blended with the crop by a Beta(1, 1) factor). ``augmentation="crop-flip"`` gives the crop and
+   flip alone, as the authors' code does for ImageNet and its variants.
+2. The image encoder embeds every view once (``views`` forwards per image, no backward).
+3. Prompt tuning: the learnable context is the token embeddings of the template's words before the
+   class name ("This is a photo of a" for "This is a photo of a {}."), reset for every image. The
+   ``selection`` fraction of views whose predictions have the lowest entropy is kept, and one AdamW
+   step (lr 5e-3) lowers the mean of their entropies (R-TPT drops TPT's marginal-entropy term).
+4. Reliability-weighted ensemble: each view's score is the mean cosine similarity of its image
+   embedding to its ``neighbours`` (20) most similar other views; ``w = softmax(score / 0.01)``; the
+   output is ``sum_v w_v logits_v`` with the tuned prompt.
+
+Costs per image: ``views`` image-encoder forwards (64 at defaults) and no image-encoder backward. The
+text encoder runs over all C class prompts ``steps + 1`` times (2 at defaults, ``steps`` of them
+with a graph) and backpropagates ``steps`` times (1): its cost grows with the number of classes.
+
+Where the specification (``successors.md`` section 4, from the ``TomSheng21/R-TPT`` code) leaves a
+choice, this implementation takes the following, each marked in the code:
+
+- The context is the template's words before ``{}``, so the untuned prompt is exactly the
+  classifier's own prompt; the authors initialise 4 tokens from "a photo of a". Exactly one
+  template, with words before ``{}``, is needed.
+- The authors' code runs the image encoder 1 + 4 x 64 times per image; the features do not depend on
+  the prompt, so they are computed once here (the specification's minimum of 64).
+- Views are rendered at the image's own resolution with tensor operations (the authors use PIL at
+  224 px): AugMix's pixel amounts (translation) are scaled from 224 px, and images are not rounded to
+  8 bits, except inside the operations defined on 8-bit levels (equalize, posterize and solarize's
+  threshold). The sign of each operation's random direction makes orientation conventions moot.
+- A view is excluded from its own neighbours by masking the diagonal (the code masks similarities
+  >= 1.0, which also drops exact duplicates). With fewer than 21 views every other view is a
+  neighbour, and at least one view is selected (``int(views * selection)`` as coded, minimum 1).
+- AdamW has PyTorch's defaults besides the learning rate (weight decay 0.01), as the code builds it.
+
+Adaptive attacks (``attack_view``): the logits are differentiated through the views and the image
+embeddings, and through the reliability weights; the tuned context is held fixed (computed from
+the same views without a graph). Little is lost by that: one Adam step from a fresh state moves each
+coordinate by ``lr * g / (|g| + 1e-8)``, whose derivative in ``g`` vanishes unless ``|g|`` is about
+1e-8, and the choice of the confident views is discrete. ``exact`` differentiates every augmentation
+whose gradient exists (crops, flips, affine operations, autocontrast, solarize, the mixing) and passes
+the gradient straight through equalize and posterize, whose derivative is zero almost everywhere;
+``bpda`` passes it straight through every colour operation and differentiates only the geometry and
+the mixing. Every call draws fresh views from ``rng``, so EOT is repeated calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+
+from ..classifier import ZeroShotClassifier, check_pixels
+from ..errors import CounterattackError
+from ..precision import full_precision
+from ..randomness import ImageRandomness
+from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime
+
+AUGMENTATIONS = ("augmix", "crop-flip")
+
+# AugMix's operations as the R-TPT code lists them (augmix_ops.augmentations), in that order.
+AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y", "translate_x", "translate_y")
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+ZERO_GRADIENT_OPS = ("equalize", "posterize")  # piecewise constant in the pixels
+AUGMIX_CHAINS = 3
+AUGMIX_MAX_DEPTH = 3  # each chain applies 1-3 operations
+AUGMIX_REFERENCE_SIZE = 224  # AugMix gives its translations in pixels of a 224-px image
+
+# torchvision's RandomResizedCrop defaults, which the R-TPT views use.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
+
+
+def _straight_through(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``after`` in the forward pass, the identity in the backward pass."""
+    return before + (after - before).detach()
+
+
+# --- the views -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewDraws:
+    """Each image's random parameters for its ``views - 1`` augmented views (uniforms in [0, 1) unless noted)."""
+
+    crop: torch.Tensor  # (n, views-1, attempts, 4): area scale, log aspect ratio, top, left
+    flip: torch.Tensor  # (n, views-1)
+    mixing: torch.Tensor  # (n, views-1, chains + 1): chain weights (as exponentials), then the blend
+    depth: torch.Tensor  # (n, views-1, chains)
+    op: torch.Tensor  # (n, views-1, chains, max depth)
+    level: torch.Tensor  # (n, views-1, chains, max depth), uniform in [0.1, severity) as AugMix samples it
+    sign: torch.Tensor  # (n, views-1, chains, max depth)
+
+    def __getitem__(self, images: slice) -> "ViewDraws":
+        return ViewDraws(*(getattr(self, name)[images] for name in self.__dataclass_fields__))
+
+
+def draw_views(rng: ImageRandomness, views: int, severity: float, device: torch.device) -> ViewDraws:
+    """The next draws of every image's stream for its augmented views (seven draws, whatever the batch)."""
+    extra = views - 1
+    return ViewDraws(
+        crop=rng.uniform(extra, CROP_ATTEMPTS, 4, device=device),
+        flip=rng.uniform(extra, device=device),
+        mixing=rng.uniform(extra, AUGMIX_CHAINS + 1, device=device),
+        depth=rng.uniform(extra, AUGMIX_CHAINS, device=device),
+        op=rng.uniform(extra, AUGMIX_CHAINS, AUGMIX_MAX_DEPTH, device=device),
+        level=rng.uniform(extra, AUGMIX_CHAINS, AUGMIX_MAX_DEPTH, low=0.1, high=severity, device=device),
+        sign=rng.uniform(extra, AUGMIX_CHAINS, AUGMIX_MAX_DEPTH, device=device),
+    )
+
+
+def _pixel_affine_to_theta(a, b, c, d, e, f, height: int, width: int) -> torch.Tensor:
+    """``affine_grid``'s matrix for the pixel-coordinate map ``(x, y) -> (a x + b y + c, d x + e y + f)``
+    from output to input (continuous coordinates, pixel centres at +0.5, as PIL's affine transform)."""
+    ratio = height / width
+    row_x = torch.stack([a, b * ratio, a + b * ratio + 2 * c / width - 1], dim=-1)
+    row_y = torch.stack([d / ratio, e, d / ratio + e + 2 * f / height - 1], dim=-1)
+    return torch.stack([row_x, row_y], dim=-2)
+
+
+def _warp(images: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def crop_boxes(crop: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop.get_params``, vectorised: ``(top, left, h, w)`` per row of
+    ``crop`` (``(..., attempts, 4)`` uniforms), the first valid attempt or, failing all, the centre."""
+    area = height * width
+    target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * crop[..., 0])
+    low, high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    aspect = torch.exp(low + (high - low) * crop[..., 1])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(crop[..., 2] * (height - h + 1))
+    left = torch.floor(crop[..., 3] * (width - w + 1))
+    first = valid.to(torch.int8).argmax(dim=-1, keepdim=True)  # the first valid attempt, 0 if none
+    found = valid.any(dim=-1)
+    # torchvision's fallback: the central crop, its aspect ratio clamped to CROP_RATIO.
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        fallback_w, fallback_h = width, round(width / CROP_RATIO[0])
+    elif in_ratio > CROP_RATIO[1]:
+        fallback_w, fallback_h = round(height * CROP_RATIO[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    fallback = torch.tensor([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w],
+                            dtype=crop.dtype, device=crop.device)
+    boxes = torch.stack([t.gather(-1, first).squeeze(-1) for t in (top, left, h, w)], dim=-1)
+    return torch.where(found[..., None], boxes, fallback)
+
+
+def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Each image's crop ``(top, left, h, w)`` resized (bilinear) to the image's size, mirrored where ``flip``:
+    RandomResizedCrop then RandomHorizontalFlip. Sampling stays inside the crop, as cropping first would."""
+    height, width = images.shape[-2:]
+    top, left, h, w = boxes.unbind(-1)
+    zero = torch.zeros_like(top)
+    scale_x = torch.where(flip, -w / width, w / width)
+    shift_x = torch.where(flip, left + w, left)
+    theta = _pixel_affine_to_theta(scale_x, zero, shift_x, zero, h / height, top, height, width)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    # Normalised coordinates of the crop's first and last pixel centres: bilinear sampling clamps there.
+    low = torch.stack([2 * (left + 0.5) / width, 2 * (top + 0.5) / height], dim=-1) - 1
+    high = torch.stack([2 * (left + w - 0.5) / width, 2 * (top + h - 0.5) / height], dim=-1) - 1
+    grid = torch.max(torch.min(grid, high[:, None, None].to(grid.dtype)), low[:, None, None].to(grid.dtype))
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _op_theta(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The affine map of AugMix's geometric operations (rotate, shear, translate) at ``level``."""
+    one, zero = torch.ones_like(level), torch.zeros_like(level)
+    # AugMix: int_parameter(level, 30) degrees, float_parameter(level, 0.3) shear, int_parameter(level, 224/3) px.
+    angle = torch.deg2rad(torch.floor(level * 30 / 10)) * sign
+    shear = level * 0.3 / 10 * sign
+    shift = torch.floor(level * AUGMIX_REFERENCE_SIZE / 3 / 10) * sign
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cx, cy = width / 2, height / 2
+    candidates = {  # (a, b, c, d, e, f) from output to input pixel coordinates
+        "rotate": (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy),  # about the centre, as PIL
+        "shear_x": (one, shear, zero, zero, one, zero),  # about the top-left corner, as PIL
+        "shear_y": (one, zero, zero, shear, one, zero),
+        "translate_x": (one, zero, shift * width / AUGMIX_REFERENCE_SIZE, zero, one, zero),
+        "translate_y": (one, zero, zero, zero, one, shift * height / AUGMIX_REFERENCE_SIZE),
+    }
+    coefficients = [one, zero, zero, zero, one, zero]
+    for name, values in candidates.items():
+        chosen = op == AUGMIX_OPS.index(name)
+        coefficients = [torch.where(chosen, v, current) for v, current in zip(values, coefficients)]
+    return _pixel_affine_to_theta(*coefficients, height, width)
+
+
+def _levels(images: torch.Tensor) -> torch.Tensor:
+    """8-bit levels 0..255 of [0, 1] pixels."""
+    return torch.round(images * 255).clamp(0, 255)
+
+
+def autocontrast(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """PIL's ``autocontrast``: each channel stretched so its darkest pixel is 0 and its brightest 1."""
+    low = images.amin(dim=(-2, -1), keepdim=True)
+    high = images.amax(dim=(-2, -1), keepdim=True)
+    spread = high - low
+    flat = spread < 0.5 / 255  # one 8-bit level: PIL leaves such a channel alone
+    return torch.where(flat, images, (images - low) / torch.where(flat, torch.ones_like(spread), spread))
+
+
+def equalize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """PIL's ``equalize`` on 8-bit levels, per channel (its look-up table, written with tensors)."""
+    m, channels, height, width = images.shape
+    levels = _levels(images).long().view(m, channels, -1)
+    counts = torch.zeros(m, channels, 256, dtype=torch.long, device=images.device).scatter_add_(
+        2, levels, torch.ones_like(levels))
+    present = counts > 0
+    brightest = (present * torch.arange(256, device=images.device)).argmax(dim=-1, keepdim=True)
+    step = (height * width - counts.gather(2, brightest)) // 255
+    before = counts.cumsum(dim=-1) - counts
+    table = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255)
+    keep = (present.sum(dim=-1, keepdim=True) <= 1) | (step == 0)
+    table = torch.where(keep, torch.arange(256, device=images.device), table)
+    return (table.gather(2, levels).to(images.dtype) / 255).view_as(images)
+
+
+def posterize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """PIL's ``posterize`` to ``4 - int_parameter(level, 4)`` bits."""
+    bits = 4 - torch.floor(level * 4 / 10)
+    bucket = torch.pow(2.0, 8 - bits).view(-1, 1, 1, 1)
+    return torch.floor(_levels(images) / bucket) * bucket / 255
+
+
+def solarize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """PIL's ``solarize``: levels at or above ``256 - int_parameter(level, 256)`` are inverted."""
+    threshold = (256 - torch.floor(level * 256 / 10)).view(-1, 1, 1, 1)
+    return torch.where(_levels(images) < threshold, images, 1 - images)
+
+
+PIXEL_OPS = {"autocontrast": autocontrast, "equalize": equalize, "posterize": posterize, "solarize": solarize}
+
+
+def _augmix_chains(chains: torch.Tensor, draws: ViewDraws, method: str | None) -> torch.Tensor:
+    """Apply each chain's 1-3 random operations; ``chains`` is ``(n * (views-1) * chains, 3, H, W)``."""
+    height, width = chains.shape[-2:]
+    depth = 1 + torch.floor(draws.depth * AUGMIX_MAX_DEPTH).flatten()  # np.random.randint(1, 4)
+    ops = torch.floor(draws.op * len(AUGMIX_OPS)).long().flatten(0, -2)  # np.random.choice(aug_list)
+    levels = draws.level.flatten(0, -2)
+    signs = torch.where(draws.sign > 0.5, -1.0, 1.0).flatten(0, -2)
+    geometric = torch.tensor([name in GEOMETRIC_OPS for name in AUGMIX_OPS], device=chains.device)
+    for step in range(AUGMIX_MAX_DEPTH):
+        active = step < depth
+        op, level, sign = ops[:, step], levels[:, step], signs[:, step]
+        # Every chain takes one operation per step: read the step's inputs from ``chains``, write into a copy.
+        updated = chains.clone()
+        chosen = (active & geometric[op]).nonzero().flatten()
+        if len(chosen):
+            theta = _op_theta(op[chosen], level[chosen], sign[chosen], height, width)
+            updated[chosen] = _warp(chains[chosen], theta, "zeros")
+        for name, apply in PIXEL_OPS.items():
+            chosen = (active & (op == AUGMIX_OPS.index(name))).nonzero().flatten()
+            if not len(chosen):
+                continue
+            before = chains[chosen]
+            after = apply(before, level[chosen])
+            if method == "bpda" or (method == "exact" and name in ZERO_GRADIENT_OPS):
+                after = _straight_through(before, after)
+            updated[chosen] = after
+        chains = updated
+    return chains
+
+
+def render_views(images: torch.Tensor, draws: ViewDraws, augmentation: str = "augmix",
+                 method: str | None = None) -> torch.Tensor:
+    """``(n, views, 3, H, W)``: each image itself, then its augmented views (the image's own resolution).
+
+    ``method`` ("exact", "bpda" or None) says which colour operations pass their gradient straight
+    through (see the module's docstring); the geometry and the mixing are always differentiated.
+    """
+    n, channels, height, width = images.shape
+    extra = draws.flip.shape[1]
+    repeated = images.repeat_interleave(extra, dim=0)
+    boxes = crop_boxes(draws.crop, height, width).flatten(0, 1)
+    cropped = crop_and_resize(repeated, boxes, draws.flip.flatten() < 0.5)
+    if augmentation == "crop-flip":
+        views = cropped
+    else:
+        chains = _augmix_chains(cropped.repeat_interleave(AUGMIX_CHAINS, dim=0), draws, method)
+        exponentials = -torch.log1p(-draws.mixing[..., :AUGMIX_CHAINS])  # Dirichlet(1, 1, 1) = normalised Exp(1)
+        chain_weights = (exponentials / exponentials.sum(dim=-1, keepdim=True)).flatten(0, 1)
+        blend = draws.mixing[..., AUGMIX_CHAINS].flatten()[:, None, None, None]  # Beta(1, 1) = uniform
+        mix = (chain_weights[:, :, None, None, None] * chains.view(n * extra, AUGMIX_CHAINS, channels, height, width)).sum(1)
+        views = blend * cropped + (1 - blend) * mix
+    return torch.cat([images[:, None], views.view(n, extra, channels, height, width)], dim=1)
+
+
+# --- the prompt -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptContext:
+    """The class prompts with the template's words before the class name made learnable."""
+
+    model: torch.nn.Module
+    tokens: torch.Tensor  # (C, L) token ids of the class prompts
+    frozen: torch.Tensor  # (C, L, width) their token embeddings
+    start: int  # position of the first context token (after the start-of-text token)
+    init: torch.Tensor  # (n_ctx, width) the context's initial value: the template words' embeddings
+
+    @property
+    def length(self) -> int:
+        return len(self.init)
+
+
+def prompt_context(classifier: ZeroShotClassifier) -> PromptContext:
+    """The learnable context of ``classifier``'s prompts, or a ``CounterattackError`` saying why there is none."""
+    clip = classifier.clip
+    if clip is None:
+        raise CounterattackError("rtpt tunes the text prompt: build the classifier with ZeroShotClassifier.from_clip.")
+    model = clip.model
+    if not isinstance(model, open_clip.CLIP):
+        raise CounterattackError(f"rtpt tunes the text prompt of open_clip's CLIP class only; this model is a "
+                                 f"{type(model).__name__}, whose text tower it cannot open.")
+    if len(classifier.templates) != 1:
+        raise CounterattackError(f"rtpt tunes one prompt template; the classifier averages {len(classifier.templates)} "
+                                 f"({', '.join(map(repr, classifier.templates))}). Give a single --templates.")
+    template = classifier.templates[0]
+    words = template.split("{}")[0].strip()
+    if not words:
+        raise CounterattackError(f"rtpt tunes the template's words before the class name; {template!r} has none.")
+    device = model.token_embedding.weight.device
+    tokens = clip.tokenizer([template.format(name) for name in classifier.class_names]).to(device)
+    alone = clip.tokenizer([words])[0].to(device)
+    start = 1  # after the start-of-text token; the end-of-text token is the largest id (open_clip's argmax pooling)
+    context = alone[start : int(alone.argmax())]
+    length = len(context)
+    ends = tokens.argmax(dim=-1)
+    if not length or (ends <= start + length).any() or not (tokens[:, start : start + length] == context).all():
+        raise CounterattackError(f"rtpt: the tokenizer does not keep the words {words!r} as the first tokens of "
+                                 f"every prompt of {template!r}, so they cannot be tuned as a shared context.")
+    with torch.no_grad():
+        frozen = model.token_embedding(tokens)
+    return PromptContext(model, tokens, frozen, start, frozen[0, start : start + length].clone())
+
+
+def encode_prompts(prompt: PromptContext, context: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text embeddings ``(n, C, dim)`` of the class prompts with each image's ``context``
+    (``(n, n_ctx, width)``): open_clip's ``CLIP.encode_text`` with the context's embeddings in place."""
+    model, tokens = prompt.model, prompt.tokens
+    n, classes = len(context), len(tokens)
+    end = prompt.start + prompt.length
+    embeddings = torch.cat([
+        prompt.frozen[None, :, : prompt.start].expand(n, -1, -1, -1),
+        context[:, None].expand(-1, classes, -1, -1),
+        prompt.frozen[None, :, end:].expand(n, -1, -1, -1),
+    ], dim=2).flatten(0, 1)
+    cast = model.transformer.get_cast_dtype()
+    x = embeddings.to(cast) + model.positional_embedding.to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens.repeat(n, 1), model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return F.normalize(x.float(), dim=-1).view(n, classes, -1)
+
+
+# --- selection, tuning, weighting -------------------------------------------------------------------
+
+
+def view_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each view's predicted class distribution (last dimension: classes)."""
+    return -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1)
+
+
+def reliability_weights(features: torch.Tensor, neighbours: int, temperature: float) -> torch.Tensor:
+    """``softmax(score / temperature)`` over each image's views, ``score`` being a view's mean cosine
+    similarity to its ``neighbours`` most similar other views; ``features`` ``(n, views, dim)`` normalised."""
+    views = features.shape[1]
+    similarity = features @ features.transpose(1, 2)
+    self_pairs = torch.eye(views, dtype=torch.bool, device=features.device)
+    similarity = similarity.masked_fill(self_pairs, float("-inf"))
+    score = similarity.topk(min(neighbours, views - 1), dim=-1).values.mean(dim=-1)
+    return torch.softmax(score / temperature, dim=-1)
+
+
+@register_defense
+@dataclass(frozen=True)
+class RTPT:
+    """R-TPT, Sheng et al. 2025: per-image prompt tuning on 64 views, reliability-weighted ensemble (64 forwards per image)."""
+
+    views: int = option(64, "views per image, the image itself included", low=2)
+    augmentation: str = option("augmix", "the views: AugMix (the code's choice outside ImageNet) or crop and flip only",
+                               choices=AUGMENTATIONS)
+    severity: float = option(1.0, "AugMix severity (operation levels are drawn in [0.1, severity))", low=0.1, high=10)
+    selection: float = option(0.1, "fraction of views, lowest entropy first, whose mean entropy is minimised",
+                              high=1)
+    steps: int = option(1, "AdamW steps on the prompt context per image")
+    lr: float = option(5e-3, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay (PyTorch's default, which the R-TPT code keeps)")
+    neighbours: int = option(20, "a view's reliability is its mean cosine to this many most similar other views", low=1)
+    temperature: float = option(0.01, "reliability weights: softmax(reliability / temperature)", low=1e-6)
+    # Memory bounds, not settings: images are processed in chunks whose AugMix chains hold at most
+    # ``chunk_values`` pixel values and whose text-encoder passes hold at most ``chunk_prompts`` prompts.
+    chunk_values: int = runtime(2**25)
+    chunk_prompts: int = runtime(8192)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    @property
+    def selected_views(self) -> int:
+        """How many views the entropy loss keeps: ``int(views * selection)`` as coded, at least one."""
+        return max(1, int(self.views * self.selection))
+
+    def _chunks(self, images: torch.Tensor, classes: int) -> Iterator[slice]:
+        per_image = self.views * (AUGMIX_CHAINS + 1) * images[0].numel()
+        size = max(1, min(self.chunk_values // per_image, self.chunk_prompts // max(classes, 1)))
+        for start in range(0, len(images), size):
+            yield slice(start, start + size)
+
+    def _embed_views(self, classifier: ZeroShotClassifier, views: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings ``(n, views, dim)``: one encoder forward per view (under the caller's
+        precision policy; everything after the image encoder runs in float32)."""
+        features = classifier.encode_image(views.flatten(0, 1))
+        return F.normalize(features.float(), dim=-1).view(*views.shape[:2], -1)
+
+    def tune_context(self, prompt: PromptContext, features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        """Each image's context after ``steps`` AdamW steps on the mean entropy of its most confident views
+        (chosen at the first step, as coded); ``features`` are the views' normalised embeddings, held fixed."""
+        context = prompt.init.detach().expand(len(features), -1, -1).clone().requires_grad_(True)
+        # Adam works element by element, so one optimiser over every image's context is one per image.
+        optimizer = torch.optim.AdamW([context], lr=self.lr, weight_decay=self.weight_decay)
+        selected = None
+        for _ in range(self.steps):
+            with torch.enable_grad():
+                text = encode_prompts(prompt, context)
+                entropy = view_entropy(logit_scale * features.detach() @ text.transpose(1, 2))
+                if selected is None:
+                    selected = entropy.detach().argsort(dim=1, stable=True)[:, : self.selected_views]
+                # Summed over images, so each image's gradient is its own mean over its selected views.
+                loss = entropy.gather(1, selected).mean(dim=1).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+        return context.detach()
+
+    def _defended_logits(self, classifier: ZeroShotClassifier, prompt: PromptContext, features: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor:
+        """``sum_v w_v logits_v`` with each image's tuned prompt (differentiable in ``features`` and ``weights``)."""
+        context = self.tune_context(prompt, features.detach(), classifier.logit_scale)
+        with torch.no_grad():
+            text = encode_prompts(prompt, context)
+        logits = classifier.logit_scale * features @ text.transpose(1, 2)
+        return (weights[..., None] * logits).sum(dim=1)
+
+    def _logits(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness,
+                method: str | None) -> torch.Tensor:
+        prompt = prompt_context(classifier)
+        draws = draw_views(rng, self.views, self.severity, images.device)
+        logits = []
+        for chunk in self._chunks(images, len(prompt.tokens)):
+            views = render_views(images[chunk], draws[chunk], self.augmentation, method)
+            features = self._embed_views(classifier, views)
+            # The text side, the weights and the head in float32 whatever the image encoder's precision:
+            # softmax(score / 0.01) and the entropy gradient's signs are sensitive to rounding.
+            with full_precision(images.device):
+                weights = reliability_weights(features, self.neighbours, self.temperature)
+                logits.append(self._defended_logits(classifier, prompt, features, weights))
+        return torch.cat(logits)
+
+    @torch.no_grad()
+    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
+        x = check_pixels(images).detach().float()
+        return DefenseOutput(logits=self._logits(classifier, x, rng, None))
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        """The ensemble as a function of the images: fresh views from ``rng``, the tuned context held fixed
+        (see the module's docstring for what ``exact`` and ``bpda`` differentiate). R-TPT has no gate."""
+        if method not in ADAPTIVE_METHODS:
+            raise ValueError(f"unknown adaptive method {method!r}; one of {ADAPTIVE_METHODS}")
+        return AttackView(self._logits(classifier, check_pixels(images), rng, method))
+
+    def describe(self) -> dict:
+        return {
+            **describe_options(self),
+            "selected_views": self.selected_views,
+            "neighbours_used": min(self.neighbours, self.views - 1),
+            "context": "the template's words before the class name",
+            "text_encoder_per_image": {"forwards": self.steps + 1, "backwards": self.steps, "over": "every class prompt"},
+        }
