@@ -69,6 +69,9 @@ def autoattack_warnings(classifier: ZeroShotClassifier, defense: Defense, images
     found: list[str] = []
     logger = logging.getLogger("counterattack.sanity.autoattack")
     logger.propagate = False
+    # pyautoattack counts gradient calls in a module-level dict it never resets: without this, a
+    # model checked after a dynamic one would be flagged dynamic too.
+    checks.funcs.update(dict.fromkeys(checks.funcs, 0))
     with collecting_warnings(logger, found):
         checks.check_randomized(model, images, labels, bs=len(images), logger=logger)
         checks.check_range_output(model, images, logger=logger)
