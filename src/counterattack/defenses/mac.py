@@ -1,0 +1,383 @@
+"""Multi-view guided Adaptive Counterattack (MAC; Kim & Um, CVPR 2026).
+
+"When CLIP Sees More, It Fights Back Harder". Specified in ``docs/successors.md`` section 1, after
+the authors' ``code/mac.py``. For each image x, with f the image encoder (unnormalised embeddings):
+
+1. Views: ``v_0 = x`` and ``v_i = T_i(x)`` for i = 1..views-1, each T_i a fresh draw from the
+   augmentation distribution below.
+2. For every view v (the views form one batch; the paper's joint objective splits per view):
+   - anchor ``e = f(v)``;
+   - corruption degree ``d = ||f(T'(v)) - e|| / (||e|| + 1e-10)`` with a second, fresh draw T'
+     (for v_1 this is ``T'(T_1(x))``, as the code does);
+   - soft weight ``w = sigmoid((d - tau_thres) / tau_temp)``: a large d (an augmentation breaks
+     the embedding) reads as heavy corruption, the opposite of TTC's "falsely stable" signal;
+   - counterattack from ``delta0 ~ U[-eps, eps]`` (kept in [0, 1]): ``steps`` signed steps of
+     ``step_size`` ascending ``||f(v + delta) - e||^2``, projected onto the eps ball and the box;
+   - defended view ``v + w * delta_K``: the last iterate only, no step averaging, no fallback
+     to delta0. Every view gets all the steps, even where w is about 0.
+3. Logits: the mean over the views of ``logit_scale * cos(f(v + w delta_K), t_c)``.
+
+The augmentation distribution (the code's ``build_aug``, torchvision ops on [0, 1] tensors, in
+this order): a random affine map (rotation within +-5 degrees, translation up to 4 % of each side,
+scale in [0.92, 1.08], bilinear, fill 0); colour jitter with probability 0.5 (brightness,
+contrast, saturation 0.08, hue 0.02, in a random order); a 5x5 Gaussian blur with probability 0.5,
+sigma in [0.5, 1.2]; with probability 0.5 additive Gaussian noise of a standard deviation drawn
+in [0, 0.02], clamped to [0, 1]. Here each is a batched tensor operation, differentiable in the
+image, whose parameters are per-image draws of ``ImageRandomness`` (torchvision's random
+transforms draw from the global generator, so results would depend on batching). They equal
+torchvision's functional ops for the same parameters (the tests check this), down to two of its
+details: translations are rounded to whole pixels, and the bilinear fill multiplies by the
+interpolated coverage mask, so border pixels fade towards 0.
+
+Defaults (``mac_test.sh``): eps 8/255, 4 steps of 2/255 (the code's eps/4), 2 views,
+tau_thres 0.7, tau_temp 0.01. tau_thres was calibrated on OpenAI ViT-B/32 under fp16 autocast and
+is backbone-specific (the spec marks it so): recalibrate it on the distribution of d for clean and
+adversarial images before trusting the gate on another encoder. ``tau_temp = 0`` makes the gate
+hard (``w = 1`` where ``d > tau_thres``), the paper's ablation. The spec marks one reading
+uncertain, the second augmentation of an already augmented view; this follows the code.
+
+Cost per image, as counted by ``count_encoder_passes`` at the defaults: per view f(v) and
+f(T'(v)), ``steps`` forward/backward pairs and one classification forward, i.e.
+``views * (steps + 3)`` forwards and ``views * steps`` backwards: 14 / 8, the spec's count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..attacks.loop import project, replay_steps, run_steps
+from ..classifier import ZeroShotClassifier, check_pixels
+from ..errors import CounterattackError
+from ..precision import full_precision
+from ..randomness import ImageRandomness
+from .base import (
+    PIXEL_UNIT, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense,
+)
+
+# torchvision's rgb_to_grayscale weights, which its contrast and saturation adjustments blend towards.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+# Columns of one augmentation draw: every per-image parameter comes from a single uniform draw.
+_ANGLE, _SHIFT_X, _SHIFT_Y, _SCALE = 0, 1, 2, 3
+_JITTER, _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 4, 5, 6, 7, 8
+_ORDER = slice(9, 13)  # four uniforms whose ranks give the colour jitter's random order
+_BLUR, _BLUR_SIGMA, _NOISE, _NOISE_SIGMA = 13, 14, 15, 16
+_PARAMETERS = 17
+
+# The colour jitter's operations, numbered as the order columns rank them.
+_BRIGHTNESS_OP, _CONTRAST_OP, _SATURATION_OP, _HUE_OP = range(4)
+
+
+def corruption_degree(moved: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """``||moved - anchor|| / (||anchor|| + 1e-10)`` per row: MAC's d (its code's epsilon)."""
+    return (moved - anchor).norm(dim=-1) / (anchor.norm(dim=-1) + 1e-10)
+
+
+def soft_weight(degree: torch.Tensor, tau_thres: float, tau_temp: float) -> torch.Tensor:
+    """``sigmoid((d - tau_thres) / tau_temp)``; with ``tau_temp = 0`` the hard gate ``d > tau_thres``."""
+    if tau_temp == 0:
+        return (degree > tau_thres).to(degree.dtype)
+    return torch.sigmoid((degree - tau_thres) / tau_temp)
+
+
+def _per_image(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def affine(images: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rotate by ``angle`` degrees (clockwise on screen), scale and shift by ``shift`` = (dx, dy) pixels
+    about the image centre; bilinear, fill 0, as torchvision's ``affine`` on a tensor with ``fill=0``.
+
+    Each output pixel samples the input at the inverse map of its centre. torchvision also samples
+    a coverage mask (1 inside the input) and multiplies by it; so does this, to give its numbers.
+    """
+    n, _, height, width = images.shape
+    radians = torch.deg2rad(angle).view(n, 1, 1)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    xs = torch.arange(width, device=images.device, dtype=images.dtype) - (width - 1) / 2
+    ys = torch.arange(height, device=images.device, dtype=images.dtype) - (height - 1) / 2
+    x = xs.view(1, 1, width) - shift[:, 0].view(n, 1, 1)
+    y = ys.view(1, height, 1) - shift[:, 1].view(n, 1, 1)
+    scale = scale.view(n, 1, 1)
+    source_x = (cos * x + sin * y) / scale
+    source_y = (cos * y - sin * x) / scale
+    grid = torch.stack((source_x / (width / 2), source_y / (height / 2)), dim=-1)
+    with_mask = torch.cat((images, images.new_ones(n, 1, height, width)), dim=1)
+    sampled = F.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled[:, :-1] * sampled[:, -1:]
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    weights = images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def blend(images: torch.Tensor, towards: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``factor * images + (1 - factor) * towards``, clamped to [0, 1] (torchvision's ``_blend``)."""
+    factor = _per_image(factor)
+    return (factor * images + (1 - factor) * towards).clamp(0, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(images, torch.zeros_like(images), factor)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(images, grayscale(images).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(images, grayscale(images), factor)
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by ``shift`` turns, keeping saturation and value.
+
+    Through the chroma ``c = max - min`` rather than HSV's saturation, so no division by the
+    value is needed; a gray pixel (c = 0) has no hue and is left as it is.
+    """
+    red, green, blue = images.unbind(dim=1)
+    value = images.amax(dim=1)
+    chroma = value - images.amin(dim=1)
+    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sextant = torch.where(
+        value == red, ((green - blue) / safe_chroma).remainder(6),
+        torch.where(value == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4),
+    )
+    sextant = (sextant + 6 * shift.view(-1, 1, 1)).remainder(6)
+
+    def channel(offset: int) -> torch.Tensor:
+        k = (sextant + offset).remainder(6)
+        return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+
+    return torch.stack((channel(5), channel(3), channel(1)), dim=1)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """A ``kernel_size`` square Gaussian blur with each image's own sigma, reflect-padded (torchvision's)."""
+    n, channels, height, width = images.shape
+    offsets = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - (kernel_size - 1) / 2
+    profile = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    profile = profile / profile.sum(dim=1, keepdim=True)
+    kernels = profile[:, :, None] * profile[:, None, :]  # (n, k, k)
+    kernels = kernels.repeat_interleave(channels, dim=0).unsqueeze(1)  # one per (image, channel)
+    pad = kernel_size // 2
+    padded = F.pad(images.reshape(1, n * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(padded, kernels, groups=n * channels).view(n, channels, height, width)
+
+
+def _apply_to(images: torch.Tensor, chosen: torch.Tensor, transform) -> torch.Tensor:
+    """``transform`` of the chosen images (an index tensor), the others unchanged; differentiable."""
+    if len(chosen) == 0:
+        return images
+    return images.index_put((chosen,), transform(images[chosen], chosen))
+
+
+@dataclass
+class AugmentationDraw:
+    """Per-image parameters of draws from MAC's augmentation distribution (one row per augmented image)."""
+
+    parameters: torch.Tensor  # (m, _PARAMETERS): the uniforms, mapped to ranges by MAC.augment
+    noise: torch.Tensor  # (m, 3, H, W) standard normal, scaled by the drawn noise level where applied
+
+    def rows(self, index: torch.Tensor) -> "AugmentationDraw":
+        return AugmentationDraw(self.parameters[index], self.noise[index])
+
+
+@register_defense
+@dataclass(frozen=True)
+class MAC:
+    """Multi-view guided Adaptive Counterattack, Kim & Um, CVPR 2026 (2 views, 8/255, 4 steps of 2/255; 14 fwd / 8 bwd).
+
+    Example::
+
+        mac = MAC()
+        output = mac(classifier, images, ImageRandomness.from_seed(0, len(images), "mac"))
+        predictions = output.logits.argmax(-1)  # output.tau: corruption degree of each image itself
+    """
+
+    eps: float = option(8 / 255, "counterattack budget (and delta0's range)", unit=PIXEL_UNIT)
+    steps: int = option(4, "counterattack steps")
+    step_size: float = option(2 / 255, "size of each step (the code's eps / 4)", unit=PIXEL_UNIT)
+    views: int = option(2, "views per image: the image and views-1 augmentations of it", low=1)
+    tau_thres: float = option(0.7, "corruption degree where the weight is 1/2 (calibrated for ViT-B/32)")
+    tau_temp: float = option(0.01, "temperature of the sigmoid weight (0: hard gate)")
+    rotation: float = option(5.0, "augmentation: rotation range, +- degrees", high=180)
+    translate: float = option(0.04, "augmentation: translation range, +- fraction of each side", high=1)
+    scale_low: float = option(0.92, "augmentation: smallest scale", low=0.01)
+    scale_high: float = option(1.08, "augmentation: largest scale", low=0.01)
+    jitter_p: float = option(0.5, "augmentation: probability of the colour jitter", high=1)
+    brightness: float = option(0.08, "colour jitter: brightness factor within 1 +- this", high=1)
+    contrast: float = option(0.08, "colour jitter: contrast factor within 1 +- this", high=1)
+    saturation: float = option(0.08, "colour jitter: saturation factor within 1 +- this", high=1)
+    hue: float = option(0.02, "colour jitter: hue shift within +- this (turns)", high=0.5)
+    blur_p: float = option(0.5, "augmentation: probability of the Gaussian blur", high=1)
+    blur_kernel: int = option(5, "Gaussian blur: kernel side (odd)", low=1)
+    blur_sigma_low: float = option(0.5, "Gaussian blur: smallest sigma, pixels", low=0.01)
+    blur_sigma_high: float = option(1.2, "Gaussian blur: largest sigma, pixels", low=0.01)
+    noise_p: float = option(0.5, "augmentation: probability of additive Gaussian noise", high=1)
+    noise_sigma: float = option(0.02, "additive noise: standard deviation drawn in [0, this]", high=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.scale_low > self.scale_high or self.blur_sigma_low > self.blur_sigma_high:
+            raise CounterattackError(f"{self.name}: a range's low end exceeds its high end (scale or blur sigma).")
+        if self.blur_kernel % 2 == 0:
+            raise CounterattackError(f"{self.name}: blur_kernel must be odd, got {self.blur_kernel}.")
+
+    # The augmentation distribution ------------------------------------------------------------
+
+    def draw_augmentations(self, rng: ImageRandomness, copies: int, images: torch.Tensor) -> AugmentationDraw:
+        """``copies`` draws for each image of ``images`` (shaped like one view per stream), image-major:
+        row ``i * copies + j`` is image i's j-th draw. Three draws of each image's stream (parameters, normal noise)."""
+        n = len(rng)
+        uniforms = rng.uniform(copies, _PARAMETERS, device=images.device).view(n * copies, _PARAMETERS)
+        normal = rng.normal_like(images.new_empty(n, copies, *images.shape[1:])).view(n * copies, *images.shape[1:])
+        applied = (uniforms[:, _NOISE] < self.noise_p).to(normal.dtype)
+        level = uniforms[:, _NOISE_SIGMA] * self.noise_sigma * applied
+        return AugmentationDraw(uniforms, normal * _per_image(level))
+
+    def augment(self, images: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
+        """The drawn augmentations applied to ``images`` (one row of ``draw`` each); differentiable."""
+        u = draw.parameters
+        height, width = images.shape[-2:]
+
+        def symmetric(column: int, half_range: float) -> torch.Tensor:
+            return (2 * u[:, column] - 1) * half_range
+
+        # RandomAffine rounds its translation to whole pixels.
+        shift = torch.stack((torch.round(symmetric(_SHIFT_X, self.translate * width)),
+                             torch.round(symmetric(_SHIFT_Y, self.translate * height))), dim=1)
+        scale = self.scale_low + u[:, _SCALE] * (self.scale_high - self.scale_low)
+        out = affine(images, symmetric(_ANGLE, self.rotation), shift, scale)
+
+        jittered = (u[:, _JITTER] < self.jitter_p).nonzero().flatten()
+        out = _apply_to(out, jittered, lambda x, rows: self._color_jitter(x, u[rows]))
+
+        blurred = (u[:, _BLUR] < self.blur_p).nonzero().flatten()
+        sigma = self.blur_sigma_low + u[:, _BLUR_SIGMA] * (self.blur_sigma_high - self.blur_sigma_low)
+        out = _apply_to(out, blurred, lambda x, rows: gaussian_blur(x, sigma[rows], self.blur_kernel))
+
+        noisy = (u[:, _NOISE] < self.noise_p).nonzero().flatten()
+        return _apply_to(out, noisy, lambda x, rows: (x + draw.noise[rows]).clamp(0, 1))
+
+    def _color_jitter(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """ColorJitter's four adjustments in each image's own random order."""
+        factors = {
+            _BRIGHTNESS_OP: 1 + (2 * u[:, _BRIGHTNESS] - 1) * self.brightness,
+            _CONTRAST_OP: 1 + (2 * u[:, _CONTRAST] - 1) * self.contrast,
+            _SATURATION_OP: 1 + (2 * u[:, _SATURATION] - 1) * self.saturation,
+            _HUE_OP: (2 * u[:, _HUE] - 1) * self.hue,
+        }
+        adjust = {_BRIGHTNESS_OP: adjust_brightness, _CONTRAST_OP: adjust_contrast,
+                  _SATURATION_OP: adjust_saturation, _HUE_OP: adjust_hue}
+        order = u[:, _ORDER].argsort(dim=1)  # a uniformly random permutation per image
+        for position in range(order.shape[1]):
+            for op, function in adjust.items():
+                chosen = (order[:, position] == op).nonzero().flatten()
+                images = _apply_to(images, chosen, lambda x, rows, f=function, a=factors[op]: f(x, a[rows]))
+        return images
+
+    def build_views(self, images: torch.Tensor, draw: AugmentationDraw | None) -> torch.Tensor:
+        """``(n * views, 3, H, W)``, image-major: each image, then its augmented views."""
+        if draw is None:
+            return images
+        n = len(images)
+        augmented = self.augment(images.repeat_interleave(self.views - 1, dim=0), draw)
+        return torch.cat((images.unsqueeze(1), augmented.view(n, self.views - 1, *images.shape[1:])), dim=1).flatten(0, 1)
+
+    # The defense ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def counterattack(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> "MACResult":
+        """The views, their defended versions and the gate's diagnostics. Under a mixed-precision policy
+        (``precision_context``) the gate's passes, f(v) and f(T'(v)), stay in float32; the steps use the policy."""
+        encoder = classifier.encoder
+        x = check_pixels(images).detach().float()
+        if len(rng) != len(x):
+            raise ValueError(f"{len(x)} images but {len(rng)} random streams")
+        n, v = len(x), self.views
+        # The spec's draw order: the views, the second augmentations, delta0.
+        view_draw = self.draw_augmentations(rng, v - 1, x) if v > 1 else None
+        views = self.build_views(x, view_draw)
+        corruption_draw = self.draw_augmentations(rng, v, x)
+        corrupted = self.augment(views, corruption_draw)
+        noise = rng.uniform_like(views.view(n, v, *x.shape[1:]), -self.eps, self.eps).flatten(0, 1)
+
+        with full_precision(x.device):  # d compares two nearby embeddings: float32 only
+            embeddings = encoder(torch.cat((views, corrupted))).float()
+        anchor, moved = embeddings[: n * v], embeddings[n * v :]
+        degree = corruption_degree(moved, anchor)
+        weights = soft_weight(degree, self.tau_thres, self.tau_temp)
+
+        def embedding_shift(perturbed: torch.Tensor) -> torch.Tensor:
+            return (encoder(perturbed).float() - anchor).pow(2).sum()
+
+        signs: list[torch.Tensor] = []
+        last = run_steps(embedding_shift, views, project(views, noise, self.eps), self.eps, self.step_size, self.steps, signs)
+        defended = views + _per_image(weights) * last
+        return MACResult(views, defended, degree.view(n, v), weights.view(n, v), view_draw, corruption_draw, noise, signs)
+
+    def _mean_over_views(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.view(-1, self.views, logits.shape[-1]).mean(dim=1)
+
+    @torch.no_grad()
+    def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
+        result = self.counterattack(classifier, images, rng)
+        logits = self._mean_over_views(classifier.logits(result.defended))
+        return DefenseOutput(logits, result.tau, result.tau > self.tau_thres)
+
+    def attack_view(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+    ) -> AttackView:
+        """MAC as a function of its input, for this draw of every augmentation, noise and delta0.
+
+        The views are differentiable functions of the image (the augmentations are tensor ops) under
+        both methods. ``exact`` replays the recorded step signs through the projections of each view
+        and holds the weights w; ``bpda`` holds ``w * delta_K`` constant. ``with_tau`` gives the
+        corruption degree d of the image itself (its own view), differentiated through f and the
+        same second augmentation, with ``tau_thres``: d *above* the threshold means counterattacked.
+        """
+        x = check_pixels(images)
+        result = self.counterattack(classifier, x.detach(), rng)
+        views = self.build_views(x, result.view_draw)
+        if method == "exact":
+            last = project(views, result.noise, self.eps)
+            if result.signs:
+                last = replay_steps(views, last, result.signs, self.step_size, self.eps)[-1]
+            delta = _per_image(result.weights.flatten()) * last
+        else:
+            delta = result.defended - result.views
+        logits = self._mean_over_views(classifier.logits(through_defense(views, delta, method)))
+        tau = None
+        if with_tau:
+            own = torch.arange(len(x), device=x.device) * self.views
+            corrupted = self.augment(x, result.corruption_draw.rows(own))
+            with full_precision(x.device):
+                tau = corruption_degree(classifier.encoder(corrupted).float(), classifier.encoder(x).float())
+        return AttackView(logits, tau, self.tau_thres)
+
+    def describe(self) -> dict:
+        return describe_options(self)
+
+
+@dataclass
+class MACResult:
+    """Views, defended views (image-major, ``n * views`` rows) and per-view diagnostics."""
+
+    views: torch.Tensor  # row i * views + j: view j of image i; view 0 is the image itself
+    defended: torch.Tensor  # views + w * delta_K
+    degree: torch.Tensor  # (n, views): corruption degree d of each view
+    weights: torch.Tensor  # (n, views): w = sigmoid((d - tau_thres) / tau_temp)
+    view_draw: AugmentationDraw | None  # the augmentations T_i that made views 1.. (None for one view)
+    corruption_draw: AugmentationDraw  # the second augmentations T' behind d, one per view
+    noise: torch.Tensor  # the uniform draw behind delta0, one per view
+    signs: list[torch.Tensor]  # gradient signs of each step, for replay_steps
+
+    @property
+    def tau(self) -> torch.Tensor:
+        """The corruption degree of each image's own view, which the gate reads on the input."""
+        return self.degree[:, 0]
