@@ -69,7 +69,7 @@ def test_score_noise_is_a_fair_sign_or_a_uniform_within_eps(images):
 
 
 def test_each_image_follows_the_papers_algorithm(random_classifier, images):
-    doc = DOC()
+    images, doc = images[:3], DOC()
     ids = list(range(20, 20 + len(images)))
     result = doc.counterattack(random_classifier, images, ImageRandomness.for_images(0, "d", ids, "p"))
     for i, image_id in enumerate(ids):
@@ -146,6 +146,7 @@ def test_seeded_determinism(random_classifier, images):
 
 
 def test_batch_size_invariance(random_classifier, images):
+    images = images[:4]
     ids = list(range(10, 10 + len(images)))
     whole = DOC()(random_classifier, images, ImageRandomness.for_images(0, "d", ids, "p"))
     for i, image_id in enumerate(ids):
