@@ -9,7 +9,7 @@ from torchvision.transforms import InterpolationMode
 from counterattack import PGD, AdaptiveAttack, CounterattackError, ImageRandomness, count_encoder_passes
 from counterattack.defenses import DEFENSES
 from counterattack.defenses.mac import (
-    MAC, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, corruption_degree, gaussian_blur,
+    MAC, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, gaussian_blur,
 )
 
 from conftest import CIFAR10_TEST_DIR, needs_shared

@@ -9,7 +9,7 @@ defense of the library can be attacked through its ``attack_view``:
 - ``eot_samples=K``: each step averages the loss over K draws of the defense's randomness (EOT),
 - ``gate_weight=w``: adds ``w * min(tau, 1.5 tau_thres)``, pushing tau above TTC's threshold (with
   a margin, since the defense draws its own noise at test time) so the image is judged clean and
-  left to ``delta0`` alone.
+  left to ``delta0`` alone; for a gate that flags high scores (MAC), ``-w * max(tau, tau_thres / 1.5)``.
 
 The PGD loop and its projection are the paper's; the loss is cross-entropy (``pgd``) or CW's
 margin (``cw``) on the defended logits. The attack starts from the paper protocol's adversarial
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..classifier import ZeroShotClassifier, check_pixels
-from ..defenses.base import ADAPTIVE_METHODS, Defense
+from ..defenses.base import ADAPTIVE_METHODS, AttackView, Defense
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
 from .loop import project, run_steps
@@ -33,6 +33,14 @@ from .losses import ATTACK_NAMES, LOSSES
 from .pgd import PGD
 
 GATE_MARGIN = 1.5  # the gate-evasion term pushes tau up to 1.5 tau_thres
+
+
+def gate_evasion(view: AttackView) -> torch.Tensor:
+    """Per image, a term that grows as the score moves to the unflagged side of the gate, with a margin
+    (``GATE_MARGIN``) beyond which it stops: the defense draws its own noise at test time."""
+    if view.flagged_above:
+        return -view.tau.clamp(min=view.tau_thres / GATE_MARGIN)
+    return view.tau.clamp(max=GATE_MARGIN * view.tau_thres)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class AdaptiveAttack:
                 view = self.defense.attack_view(classifier, adv, rng, self.method, with_tau=self.gate_weight > 0)
                 per_image = per_image + loss_of_logits(view.logits, labels)
                 if self.gate_weight > 0 and view.tau is not None:
-                    per_image = per_image + self.gate_weight * view.tau.clamp(max=GATE_MARGIN * view.tau_thres)
+                    per_image = per_image + self.gate_weight * gate_evasion(view)
             per_image = per_image / self.eot_samples
             keep_best(adv, per_image.detach())
             return per_image.sum()

@@ -34,12 +34,14 @@ class DefenseOutput:
 class AttackView:
     """A defense's logits as a differentiable function of its input, for adaptive attacks.
 
-    ``tau`` (differentiable too) is given for defenses with a gate, when asked for.
+    ``tau`` (differentiable too) is given for defenses with a gate, when asked for. A score below
+    ``tau_thres`` flags the image (TTC, DOC, CSR) unless ``flagged_above`` (MAC: a score above it flags).
     """
 
     logits: torch.Tensor
     tau: torch.Tensor | None = None
     tau_thres: float | None = None
+    flagged_above: bool = False
 
 
 # bpda: the defense's perturbation is a constant in the backward pass (straight-through, d(x + delta)/dx = I).

@@ -358,7 +358,7 @@ class MAC:
             corrupted = self.augment(x, result.corruption_draw.rows(own))
             with full_precision(x.device):
                 tau = corruption_degree(classifier.encoder(corrupted).float(), classifier.encoder(x).float())
-        return AttackView(logits, tau, self.tau_thres)
+        return AttackView(logits, tau, self.tau_thres, flagged_above=True)
 
     def describe(self) -> dict:
         return describe_options(self)
