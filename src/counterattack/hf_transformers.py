@@ -29,7 +29,8 @@ from torch import nn
 
 from .errors import CounterattackError
 from .models import (
-    TRANSFORMERS_PREFIX, LoadedCLIP, _go_offline_if_hub_unreachable, _missing_download_message, refusal_message,
+    TRANSFORMERS_PREFIX, LoadedCLIP, _go_offline_if_hub_unreachable, _missing_download_message, read_json_config,
+    refusal_message,
 )
 
 log = logging.getLogger(__name__)
@@ -251,10 +252,7 @@ def _check_folder(folder: Path, description: str) -> str:
             f"{folder} is not a transformers model folder: it needs config.json (model.save_pretrained(FOLDER)) "
             "beside the weights, the image processor and the tokenizer (processor.save_pretrained(FOLDER))."
         )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CounterattackError(f"Cannot read {config_file}: {exc}") from exc
+    config = read_json_config(config_file)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CounterattackError(

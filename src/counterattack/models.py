@@ -190,6 +190,14 @@ def _parse(model: str) -> tuple[str | None, str]:
         raise CounterattackError(f"Bad model name {model!r}: {exc}") from exc
 
 
+def read_json_config(path: Path) -> Any:
+    """A model folder's JSON configuration, or a one-line error saying why it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CounterattackError(f"Cannot read {path}: {exc}") from exc
+
+
 def _check_local_dir(path: Path) -> None:
     config = path / "open_clip_config.json"
     if not path.is_dir():
@@ -199,10 +207,7 @@ def _check_local_dir(path: Path) -> None:
             f"{path} is not an open_clip model folder: it needs open_clip_config.json "
             "(with 'model_cfg' and 'preprocess_cfg') beside a weights file."
         )
-    try:
-        parsed = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CounterattackError(f"Cannot read {config}: {exc}") from exc
+    parsed = read_json_config(config)
     if not isinstance(parsed, dict) or "model_cfg" not in parsed:
         raise CounterattackError(f"{config} has no 'model_cfg' entry.")
     if not any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir()):
