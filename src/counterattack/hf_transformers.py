@@ -16,7 +16,6 @@ module imports it only when a model is loaded. Weights are read from safetensors
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..classifier import ZeroShotClassifier
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
 
