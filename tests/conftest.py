@@ -82,3 +82,25 @@ def images() -> torch.Tensor:
     x[:, :, :4] = 0.0
     x[:, :, -4:] = 1.0
     return x
+
+
+def transfer_and_adaptive(defense, classifier, images, labels, budget: dict, rng) -> dict:
+    """A defense against PGD crafted on the undefended model and against PGD through it (same budget,
+    same draws): the defended accuracy of each, and at the transfer images the gradient of the loss
+    through the defense's exact view beside the undefended one. ``rng(n, seed=...)`` makes streams."""
+    import torch.nn.functional as F
+
+    from counterattack import PGD, AdaptiveAttack, ImageRandomness
+
+    def defended_accuracy(adversarial: torch.Tensor) -> float:
+        logits = defense(classifier, adversarial, ImageRandomness.from_seed(0, len(images), "defense")).logits
+        return (logits.argmax(-1) == labels).float().mean().item()
+
+    transfer = PGD(**budget)(classifier, images, labels, rng(len(images)))
+    adaptive = AdaptiveAttack(defense, **budget)(classifier, images, labels, rng(len(images)))
+    x = transfer.clone().requires_grad_(True)
+    view = defense.attack_view(classifier, x, rng(len(images), seed=1), "exact")
+    (through,) = torch.autograd.grad(F.cross_entropy(view.logits, labels, reduction="sum"), x)
+    (undefended,) = torch.autograd.grad(F.cross_entropy(classifier.logits(x), labels, reduction="sum"), x)
+    return {"transfer": defended_accuracy(transfer), "adaptive": defended_accuracy(adaptive),
+            "through": through, "undefended": undefended}

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from counterattack import PGD, AdaptiveAttack, CounterattackError, ImageRandomness, count_encoder_passes
+from counterattack import CounterattackError, ImageRandomness, count_encoder_passes
 from counterattack.defenses import DEFENSES
 from counterattack.defenses.mac import (
     MAC, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, gaussian_blur,
 )
 
-from conftest import CIFAR10_TEST_DIR, needs_shared
+from conftest import CIFAR10_TEST_DIR, needs_shared, transfer_and_adaptive
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 4
 # Every augmentation switched off: T(x) = x, so the corruption degree is 0 whatever is drawn.
@@ -230,18 +230,9 @@ def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classif
     mac = MAC()
     budget = dict(eps=2 / 255, steps=1, step_size=1 / 255)  # one step: MAC costs 14 passes per image
 
-    def defended_accuracy(adversarial: torch.Tensor) -> float:
-        logits = mac(tiny_classifier, adversarial, ImageRandomness.from_seed(0, len(images), "defense")).logits
-        return (logits.argmax(-1) == labels).float().mean().item()
-
-    transfer = PGD(**budget)(tiny_classifier, images, labels, rng(len(images)))
-    adaptive = AdaptiveAttack(mac, **budget)(tiny_classifier, images, labels, rng(len(images)))
-    assert defended_accuracy(adaptive) <= defended_accuracy(transfer)
-
-    x = transfer.clone().requires_grad_(True)
-    view = mac.attack_view(tiny_classifier, x, rng(len(images), seed=1), "exact")
-    (through_mac,) = torch.autograd.grad(F.cross_entropy(view.logits, labels, reduction="sum"), x)
-    (undefended,) = torch.autograd.grad(F.cross_entropy(tiny_classifier.logits(x), labels, reduction="sum"), x)
+    result = transfer_and_adaptive(mac, tiny_classifier, images, labels, budget, rng)
+    assert result["adaptive"] <= result["transfer"]
+    through_mac, undefended = result["through"], result["undefended"]
     assert through_mac.abs().sum(dim=(1, 2, 3)).gt(0).all()
     cosine = F.cosine_similarity(through_mac.flatten(1), undefended.flatten(1), dim=1)
     assert cosine.mean() < 0.95 and not torch.allclose(through_mac, undefended)

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from counterattack import PGD, AdaptiveAttack, CounterattackError, ImageRandomness, ZeroShotClassifier, count_encoder_passes
+from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, count_encoder_passes
 from counterattack.defenses.rtpt import (
     AUGMIX_OPS, RTPT, crop_and_resize, crop_boxes, draw_views, encode_prompts, prompt_context, reliability_weights,
     render_views, view_entropy,
 )
 from counterattack.models import LoadedCLIP
 
-from conftest import CIFAR10_CLASSES, CIFAR10_TEST_DIR, RANDOM_CLIP_CFG, needs_shared
+from conftest import CIFAR10_CLASSES, CIFAR10_TEST_DIR, RANDOM_CLIP_CFG, needs_shared, transfer_and_adaptive
 
 FEW_VIEWS = 8  # most tests: a few views keep them fast; the default 64 is checked for the pass count only
 
@@ -411,18 +411,9 @@ def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classif
     defense = RTPT(views=FEW_VIEWS)
     budget = dict(eps=2 / 255, steps=3, step_size=1 / 255)
 
-    def defended_accuracy(adversarial: torch.Tensor) -> float:
-        logits = defense(tiny_classifier, adversarial, ImageRandomness.from_seed(0, len(images), "defense")).logits
-        return (logits.argmax(-1) == labels).float().mean().item()
-
-    transfer = PGD(**budget)(tiny_classifier, images, labels, rng(len(images)))
-    adaptive = AdaptiveAttack(defense, **budget)(tiny_classifier, images, labels, rng(len(images)))
-    assert defended_accuracy(adaptive) <= defended_accuracy(transfer)
-
-    x = transfer.clone().requires_grad_(True)
-    view = defense.attack_view(tiny_classifier, x, rng(len(images), seed=1), "exact")
-    (through_rtpt,) = torch.autograd.grad(F.cross_entropy(view.logits, labels, reduction="sum"), x)
-    (undefended,) = torch.autograd.grad(F.cross_entropy(tiny_classifier.logits(x), labels, reduction="sum"), x)
+    result = transfer_and_adaptive(defense, tiny_classifier, images, labels, budget, rng)
+    assert result["adaptive"] <= result["transfer"]
+    through_rtpt, undefended = result["through"], result["undefended"]
     assert through_rtpt.abs().sum(dim=(1, 2, 3)).gt(0).all()
     cosine = F.cosine_similarity(through_rtpt.flatten(1), undefended.flatten(1), dim=1)
     assert (cosine < 0.99).all()
