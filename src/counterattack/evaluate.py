@@ -105,13 +105,13 @@ def evaluate_dataset(
     # Every image's random keys, once: a batch then indexes them, with no per-image work on the host.
     keys = {purpose: key_words(settings.seed, data.randomness_key, [data.image_ids[i] for i in mine], purpose)
             for purpose in ("attack", "defense-clean", "defense-adv")}
-    row_of = torch.full((len(data),), -1, dtype=torch.long)
-    row_of[torch.tensor(mine)] = torch.arange(len(mine))
+    done_here = 0  # the loader keeps the order of ``mine``: a batch is the next rows of the keys
     with tqdm(total=len(mine), desc=short_name(data.name), unit="img", disable=not show, leave=False) as bar:
         for images, labels, positions in loader:
             images = images.to(settings.device, non_blocking=True)
             labels = labels.to(settings.device, non_blocking=True)
-            rows = row_of[positions]
+            rows = slice(done_here, done_here + len(positions))
+            done_here += len(positions)
             ids = [data.image_ids[i] for i in positions.tolist()]
 
             def streams(purpose: str) -> ImageRandomness:
