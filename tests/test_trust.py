@@ -326,12 +326,16 @@ def work():
         raise CounterattackError("cannot decode dog/0001.png")
     return "fine"
 
+def report(text):  # one file per process: two processes printing to one pipe can interleave
+    with open(f"{sys.argv[1]}/rank-{group.rank}.txt", "w") as f:
+        f.write(f"rank {group.rank}: {text}")
+
 try:
     group.first_on_main(lambda: "downloaded")
     group.together(work)
-    print(f"rank {group.rank}: no error")
+    report("no error")
 except CounterattackError as exc:
-    print(f"rank {group.rank}: {exc}")
+    report(exc)
 finally:
     group.close()
 """
@@ -341,9 +345,9 @@ def test_a_failed_process_fails_the_others_with_its_error_instead_of_a_hang(tmp_
     script = tmp_path / "script.py"
     script.write_text(FAILING_RANK)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-                           str(script)], capture_output=True, text=True, timeout=120,
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted(path.read_text() for path in tmp_path.glob("rank-*.txt"))
     assert lines == ["rank 0: process 1 of 2 failed: cannot decode dog/0001.png", "rank 1: cannot decode dog/0001.png"], (
         done.stdout + done.stderr[-2000:])
 
