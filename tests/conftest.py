@@ -97,7 +97,7 @@ def transfer_and_adaptive(defense, classifier, images, labels, budget: dict, rng
         return (logits.argmax(-1) == labels).float().mean().item()
 
     transfer = PGD(**budget)(classifier, images, labels, rng(len(images)))
-    adaptive = AdaptiveAttack(defense, **budget)(classifier, images, labels, rng(len(images)))
+    adaptive = AdaptiveAttack(defense, PGD(**budget))(classifier, images, labels, rng(len(images)))
     x = transfer.clone().requires_grad_(True)
     view = defense.attack_view(classifier, x, rng(len(images), seed=1), "exact")
     (through,) = torch.autograd.grad(F.cross_entropy(view.logits, labels, reduction="sum"), x)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from counterattack import (
-    PGD, TTC, AdaptiveAttack, AutoAttack, ImageRandomness, build_attack, build_defenses,
+    PGD, TTC, AdaptiveAttack, AutoAttackPaper, ImageRandomness, build_attack, build_attacks, build_defenses,
 )
 from counterattack.attacks import cw_margin
 from counterattack.cli import main
@@ -46,17 +46,18 @@ def test_cw_margin_is_the_papers_formula():
 
 
 def test_attack_registry_builds_what_it_names():
-    assert build_attack("cw", 1 / 255, 10, 1 / 255).describe()["loss"] == "cw"
-    assert build_attack("autoattack-paper", 4 / 255, 100, 0).attacks_for(10) == ["apgd-ce", "apgd-dlr"]
-    assert build_attack("autoattack-paper", 4 / 255, 100, 0).attacks_for(2) == ["apgd-ce"]
-    assert build_attack("autoattack", 4 / 255, 100, 0).attacks_for(10) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert build_attack("cw", eps=1 / 255).describe() == {"attack": "cw", "eps": 1 / 255, "steps": 10, "step_size": 1 / 255,
+                                                           "kappa": 50.0}
+    assert build_attack("autoattack-paper", eps=4 / 255).attacks_for(10) == ["apgd-ce", "apgd-dlr"]
+    assert build_attack("autoattack-paper", eps=4 / 255).attacks_for(2) == ["apgd-ce"]
+    assert build_attack("autoattack", eps=4 / 255).attacks_for(10) == ["apgd-ce", "apgd-t", "fab-t", "square"]
 
 
 @needs_shared
 @pytest.mark.parametrize("name", ["pgd", "cw", "autoattack-paper"])
 def test_every_attack_lowers_accuracy_within_budget(tiny_classifier, cifar_batch, name):
     images, labels = cifar_batch[0][::2], cifar_batch[1][::2]
-    attack = build_attack(name, 2 / 255, 10, 1 / 255)
+    (attack,) = build_attacks([name], eps=2 / 255, steps=10, step_size=1 / 255)
     adv = attack(tiny_classifier, images, labels, rng(len(images)))
     assert (adv - images).abs().max() <= 2 / 255 + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
@@ -67,7 +68,7 @@ def test_every_attack_lowers_accuracy_within_budget(tiny_classifier, cifar_batch
 def test_autoattack_subset_is_at_least_as_strong_as_pgd10(tiny_classifier, cifar_batch):
     images, labels = cifar_batch[0][::2], cifar_batch[1][::2]
     pgd = PGD(eps=1 / 255, steps=10, step_size=1 / 255)(tiny_classifier, images, labels, rng(len(images)))
-    aa = AutoAttack(eps=1 / 255)
+    aa = AutoAttackPaper(eps=1 / 255)
     adv = aa(tiny_classifier, images, labels, rng(len(images)))
     assert accuracy(tiny_classifier, adv, labels) <= accuracy(tiny_classifier, pgd, labels)
     assert aa.warnings == []  # the undefended model raises none of AutoAttack's flags
@@ -93,7 +94,7 @@ def test_gate_evasion_pushes_tau_above_the_threshold(tiny_classifier, cifar_batc
     ttc = TTC(tau_thres=0.04)  # near this model's taus, so the gate decides
     judged_attacked, mean_tau = {}, {}
     for weight in (0.0, 100.0):
-        adv = AdaptiveAttack(ttc, eps=4 / 255, steps=10, step_size=1 / 255, gate_weight=weight)(
+        adv = AdaptiveAttack(ttc, PGD(eps=4 / 255, steps=10, step_size=1 / 255), gate_weight=weight)(
             tiny_classifier, images, labels, rng(len(images)))
         result = ttc.counterattack(tiny_classifier, adv, rng(len(images), "d"))
         judged_attacked[weight] = result.counterattacked.float().mean().item()

@@ -29,7 +29,7 @@ def test_eval_writes_one_record_per_dataset_and_defense(tmp_path, random_clip_di
     assert none["mean_tau_clean"] is None and none["counterattacked_adv"] is None
     assert ttc["mean_tau_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
     config = results["config"]
-    assert config["attacks"] == [{"attack": "pgd", "loss": "ce", "eps": 1 / 255, "steps": 2, "step_size": 1 / 255}]
+    assert config["attacks"] == [{"attack": "pgd", "eps": 1 / 255, "steps": 2, "step_size": 1 / 255}]
     assert config["prompts"] == "paper" and config["templates"] is None and config["transform"] == "model"
     assert [d["images"] for d in config["datasets"]] == [6, 6] and all(len(d["fingerprint"]) == 16 for d in config["datasets"])
     assert config["threat"] == "paper" and records[0]["threat"] == "paper" and records[0]["adaptive"] is None

@@ -243,7 +243,7 @@ def test_adaptive_attack_beats_transfer_and_sees_the_defense(tiny_classifier, ci
     csr = CSR()
     eps, steps = 4 / 255, 3
     transfer = PGD(eps=eps, steps=steps, step_size=1 / 255)(tiny_classifier, images, labels, rng(len(images), "attack"))
-    adaptive = AdaptiveAttack(csr, eps=eps, steps=steps, step_size=1 / 255, method="exact")
+    adaptive = AdaptiveAttack(csr, PGD(eps=eps, steps=steps, step_size=1 / 255), method="exact")
     adversarial = adaptive(tiny_classifier, images, labels, rng(len(images), "attack"))
     assert (adversarial - images).abs().max() <= eps + 1e-6
     on_transfer = csr(tiny_classifier, transfer, rng(len(images)))

@@ -244,7 +244,7 @@ def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classif
     # Two steps each keep this test short; the adaptive attack starts from the transfer attack's image.
     budget = {"eps": 1 / 255, "steps": 2, "step_size": 1 / 255}
     transfer = PGD(**budget)(tiny_classifier, images, labels, rng(len(images), purpose="attack"))
-    adaptive = AdaptiveAttack(doc, **budget)(tiny_classifier, images, labels, rng(len(images), purpose="attack"))
+    adaptive = AdaptiveAttack(doc, PGD(**budget))(tiny_classifier, images, labels, rng(len(images), purpose="attack"))
     assert (adaptive - images).abs().max() <= 1 / 255 + 1e-6
     assert defended_accuracy(adaptive) <= defended_accuracy(transfer)
 

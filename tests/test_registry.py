@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
+import counterattack.attacks as attacks
 import counterattack.defenses as defenses
-from counterattack import DEFENSES, TTC, CounterattackError, build_defense
-from counterattack.cli import _registered_settings, build_parser, main
+from counterattack import ATTACKS, DEFENSES, TTC, CounterattackError, build_defense
+from counterattack.cli import _attacks, _registered_settings, build_parser, main
 
 from test_data import write_image_folder
 
@@ -46,16 +47,53 @@ class Mirror:
 '''
 
 
+TOY_ATTACK = '''
+"""A toy attack for the registry test: uniform noise at the budget's corners."""
+
+from dataclasses import dataclass
+
+from counterattack.attacks import register_attack
+from counterattack.attacks.loop import project
+from counterattack.options import PIXEL_UNIT, describe_options, option
+
+
+@register_attack
+@dataclass(frozen=True)
+class CornerNoise:
+    """Move every pixel by +-eps at random."""
+
+    eps: float = option(1 / 255, "L-inf budget", unit=PIXEL_UNIT)
+
+    def __call__(self, classifier, images, labels, rng):
+        signs = rng.uniform_like(images, -1.0, 1.0).sign()
+        return images + project(images, self.eps * signs, self.eps)
+
+    def describe(self):
+        return describe_options(self)
+'''
+
+
+def _one_more_file(tmp_path, monkeypatch, package, registry, module: str, source: str):
+    """Put ``module`` (source text) in a folder on ``package``'s path, discover it, and remove it afterwards."""
+    folder = tmp_path / f"more-{package.__name__}"
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(source)
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    registry.discover(package.__name__, package.__path__)
+    name = module.replace("_", "-")
+    yield registry[name]
+    registry.pop(name)
+    sys.modules.pop(f"{package.__name__}.{module}")
+
+
 @pytest.fixture
 def toy_defense(tmp_path, monkeypatch):
-    folder = tmp_path / "more-defenses"
-    folder.mkdir()
-    (folder / "toy_mirror.py").write_text(TOY_DEFENSE)
-    monkeypatch.setattr(defenses, "__path__", [*defenses.__path__, str(folder)])
-    defenses.discover_defenses()
-    yield DEFENSES["toy-mirror"]
-    DEFENSES.pop("toy-mirror")
-    sys.modules.pop("counterattack.defenses.toy_mirror")
+    yield from _one_more_file(tmp_path, monkeypatch, defenses, DEFENSES, "toy_mirror", TOY_DEFENSE)
+
+
+@pytest.fixture
+def toy_attack(tmp_path, monkeypatch):
+    yield from _one_more_file(tmp_path, monkeypatch, attacks, ATTACKS, "toy_corners", TOY_ATTACK)
 
 
 def test_a_new_file_is_all_a_defense_needs(toy_defense, tmp_path, random_clip_dir, capsys):
@@ -104,3 +142,37 @@ def test_defenses_json_lists_every_defense_with_its_defaults(capsys):
     assert list(listing) == list(DEFENSES)
     assert listing["ttc"]["options"] == {"--ttc-eps": 4.0, "--ttc-steps": 2, "--ttc-step-size": 1.0,
                                          "--ttc-tau-thres": 0.2, "--ttc-beta": 2.0}
+
+
+def test_a_new_file_is_all_an_attack_needs(toy_attack, tmp_path, random_clip_dir, capsys):
+    assert main(["attacks"]) == 0
+    listing = capsys.readouterr().out
+    assert "toy-corners: Move every pixel by +-eps at random." in listing and "--toy-corners-eps 1.0" in listing
+    folder = write_image_folder(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    out = tmp_path / "out"
+    assert main(["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}",
+                 "--dataset", f"imagefolder:{folder}", "--attack", "pgd,toy-corners", "--attack-steps", "1",
+                 "--defense", "none", "--toy-corners-eps", "3", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["attacks"][1] == {"attack": "toy-corners", "eps": 3 / 255}
+    assert [r["attack"] for r in results["records"]] == ["pgd", "toy-corners", "worst-case"]
+
+
+def test_an_attacks_own_flag_wins_over_the_shared_one():
+    parser = build_parser()
+    args = parser.parse_args(["eval", "--attack", "pgd,cw,autoattack-paper", "--eps", "2", "--pgd-eps", "4",
+                              "--attack-steps", "3", "--cw-kappa", "5", "--attack-step-size", "0.5"])
+    pgd, cw, autoattack = _attacks(args, args.attack)
+    assert (pgd.eps, pgd.steps, pgd.step_size) == (4 / 255, 3, 0.5 / 255)
+    assert (cw.eps, cw.steps, cw.step_size, cw.kappa) == (2 / 255, 3, 0.5 / 255, 5.0)
+    assert (autoattack.eps, autoattack.steps) == (2 / 255, 3)  # it has no step size: the shared one passes it by
+    defaults = parser.parse_args(["eval", "--attack", "pgd,autoattack"])
+    assert [(a.eps, a.steps) for a in _attacks(defaults, defaults.attack)] == [(1 / 255, 10), (1 / 255, 100)]
+
+
+def test_attacks_json_lists_every_attack_with_its_defaults(capsys):
+    assert main(["attacks", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert list(listing)[:4] == ["pgd", "cw", "autoattack-paper", "autoattack"]
+    assert listing["cw"]["options"] == {"--cw-eps": 1.0, "--cw-steps": 10, "--cw-step-size": 1.0, "--cw-kappa": 50.0}
+    assert listing["autoattack"]["options"] == {"--autoattack-eps": 1.0, "--autoattack-steps": 100}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from counterattack import (
-    DEFENSES, PGD, TTC, AdaptiveAttack, AutoAttack, CounterattackError, ImageRandomness, build_attack,
+    DEFENSES, PGD, TTC, AdaptiveAttack, AutoAttackPaper, CounterattackError, ImageRandomness, build_attack,
     build_defenses,
 )
 from counterattack.attacks import run_steps
@@ -47,7 +47,7 @@ def folder(tmp_path) -> Path:
 
 @pytest.mark.parametrize("steps, schedule", [(10, (2, 1, 1)), (100, (22, 6, 3))])
 def test_autoattack_apgd_derives_its_schedule_from_the_iterations(random_classifier, steps, schedule):
-    adversary = AutoAttack(eps=1 / 255, steps=steps).adversary(random_classifier, 10, seed=0, device=torch.device("cpu"))
+    adversary = AutoAttackPaper(eps=1 / 255, steps=steps).adversary(random_classifier, 10, seed=0, device=torch.device("cpu"))
     assert adversary.attacks_to_run == ["apgd-ce", "apgd-dlr"]
     for apgd in (adversary.apgd, adversary.apgd_targeted):
         # APGD's checkpoints (n_iter_2), minimum interval (n_iter_min) and step decrease (size_decr)
@@ -56,9 +56,8 @@ def test_autoattack_apgd_derives_its_schedule_from_the_iterations(random_classif
 
 
 def test_autoattack_defaults_to_100_iterations_and_pgd_to_10():
-    assert build_attack("autoattack-paper", 1 / 255).steps == 100
-    assert build_attack("autoattack", 1 / 255).steps == 100
-    assert build_attack("pgd", 1 / 255).steps == build_attack("cw", 1 / 255).steps == 10
+    assert build_attack("autoattack-paper").steps == build_attack("autoattack").steps == 100
+    assert build_attack("pgd").steps == build_attack("cw").steps == 10
 
 
 def test_autoattack_run_records_its_batch_composition_and_refuses_another(tmp_path, random_clip_dir, folder, capsys):
@@ -92,7 +91,7 @@ def test_worst_case_counts_an_image_only_if_it_survives_every_attack(tmp_path, r
 def test_adaptive_attack_returns_its_best_iterate_not_its_last(random_classifier, images):
     labels = torch.arange(len(images)) % 10
     ttc = TTC(tau_thres=float("inf"))  # every image counterattacked
-    attack = AdaptiveAttack(ttc, eps=8 / 255, steps=6, step_size=4 / 255)
+    attack = AdaptiveAttack(ttc, PGD(eps=8 / 255, steps=6, step_size=4 / 255))
     adversarial = attack(random_classifier, images, labels, ImageRandomness.from_seed(0, len(images), "attack"))
     # The same run, by hand, with the same draws in the same order: every iterate and its loss.
     rng = ImageRandomness.from_seed(0, len(images), "attack")
@@ -302,7 +301,7 @@ def test_every_defense_refuses_pixels_outside_0_1(random_classifier, images, nam
 
 
 @pytest.mark.parametrize("bad", list(BAD_PIXELS))
-@pytest.mark.parametrize("attack", [PGD(), build_attack("autoattack-paper", 1 / 255, 2), AdaptiveAttack(TTC(), steps=1)],
+@pytest.mark.parametrize("attack", [PGD(), build_attack("autoattack-paper", steps=2), AdaptiveAttack(TTC(), PGD(steps=1))],
                          ids=["pgd", "autoattack", "adaptive"])
 def test_every_attack_refuses_pixels_outside_0_1(random_classifier, images, attack, bad):
     labels = torch.zeros(len(images), dtype=torch.long)

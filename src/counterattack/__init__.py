@@ -18,7 +18,9 @@ def _package_version() -> str:
 
 __version__ = _package_version()
 
-from .attacks import ATTACKS, PGD, AdaptiveAttack, Attack, AutoAttack, build_attack
+from .attacks import (
+    ATTACKS, CW, PGD, AdaptiveAttack, Attack, AutoAttack, AutoAttackPaper, build_attack, build_attacks, register_attack,
+)
 from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, PixelRangeError, ZeroShotClassifier, check_pixels, count_encoder_passes
 from .data import EvalDataset, balanced_subset, load_dataset
 from .defended import DefendedModel, defended
@@ -34,7 +36,7 @@ from .randomness import ImageRandomness
 
 __all__ = [
     "__version__", "EncoderPasses", "PixelRangeError", "check_pixels", "count_encoder_passes",
-    "AdaptiveAttack", "AutoAttack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
+    "AdaptiveAttack", "AutoAttack", "AutoAttackPaper", "CW", "build_attacks", "register_attack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
     "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "build_defense", "register_defense",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
     "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from . import __version__, distributed
-from .attacks import ATTACKS, PGD, PIXEL, AdaptiveAttack, Attack, AutoAttack, build_attack, default_steps
+from .attacks import ATTACKS, PGD, PIXEL, AdaptiveAttack, Attack, AutoAttack, build_attacks
+from .attacks import summary as attack_summary
 from .attacks.autoattack import import_pyautoattack
 from .classifier import ImageEncoder, ZeroShotClassifier
 from .data import (
@@ -109,9 +111,12 @@ def _add_registered_options(command: argparse.ArgumentParser, kind: str, registr
                                help=f"{meta['help']}{unit} (default {_cli_value(setting.default, meta)})")
 
 
+_REGISTRIES = {"defense": DEFENSES, "attack": ATTACKS}
+
+
 def _registered_settings(args: argparse.Namespace, kind: str, name: str) -> dict[str, Any]:
     """The options of ``name`` given on the command line, in the library's units."""
-    cls = DEFENSES[name]
+    cls = _REGISTRIES[kind][name]
     given = {}
     for setting in options_of(cls):
         value = getattr(args, f"{kind}:{name}:{setting.name}", None)
@@ -154,18 +159,19 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
                       help="imagefolder: preprocessing: the model's own eval transform, or the paper's Resize 256, CenterCrop 224")
     data.add_argument("--skip-unreadable", action="store_true",
                       help="skip image files that cannot be decoded (listed in results.json) instead of stopping")
-    attack = command.add_argument_group("attack")
+    attack = command.add_argument_group("attack", "Every attack's own options are below (--pgd-steps, --cw-kappa, ...); "
+                                        "--eps, --attack-steps and --attack-step-size set them for every attack that has them.")
     attacks = ["pgd", "cw"] if sanity else list(ATTACKS)
     if sanity:
-        attack.add_argument("--attack", default="pgd", choices=attacks, help="; ".join(f"{k}: {ATTACKS[k]}" for k in attacks))
+        attack.add_argument("--attack", default="pgd", choices=attacks, help="; ".join(f"{k}: {attack_summary(k)}" for k in attacks))
     else:
         attack.add_argument("--attack", type=_attack_names, default=["pgd"],
                             help="comma-separated; several give a worst-case record too. "
-                            + "; ".join(f"{k}: {ATTACKS[k]}" for k in attacks))
-    attack.add_argument("--eps", type=PIXELS, default=1.0, help="L-inf budget, in 1/255")
+                            + "; ".join(f"{k}: {attack_summary(k)}" for k in attacks))
+    attack.add_argument("--eps", type=PIXELS, help="L-inf budget of every attack, in 1/255 (None: each attack's own, 1)")
     attack.add_argument("--attack-steps", type=COUNT,
-                        help="iterations (default: 10 for pgd and cw, 100 for AutoAttack's APGD)")
-    attack.add_argument("--attack-step-size", type=PIXELS, default=1.0, help="in 1/255 (pgd, cw)")
+                        help="iterations of every attack (None: each attack's own, 10 for pgd and cw, 100 for AutoAttack's APGD)")
+    attack.add_argument("--attack-step-size", type=PIXELS, help="step size of every attack that has one, in 1/255 (None: each attack's own, 1)")
     attack.add_argument("--threat", default="paper", choices=["paper", "adaptive"],
                         help="paper: crafted against the undefended model; adaptive: through each defense")
     attack.add_argument("--adaptive-method", default="exact", choices=list(ADAPTIVE_METHODS),
@@ -173,6 +179,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
     attack.add_argument("--eot-samples", type=POSITIVE, default=1, help="adaptive: draws of the defense's randomness per step")
     attack.add_argument("--gate-weight", type=_number(float, 0), default=0.0,
                         help="adaptive: weight of the term pushing TTC's tau above its threshold")
+    _add_registered_options(command, "attack", {name: ATTACKS[name] for name in attacks})
     defense = command.add_argument_group("defense")
     if sanity:
         defense.add_argument("--defense", default="none", choices=list(DEFENSES), help="the defense to check")
@@ -224,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("datasets", help="list the benchmark's datasets and whether they are under --data-root")
     listing.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
     listing.add_argument("--json", action="store_true", help="print JSON: [{name, num_classes, present, ...}]")
-    defenses = commands.add_parser("defenses", help="list every defense with its options and defaults")
-    defenses.add_argument("--json", action="store_true", help="print JSON: {name: {summary, options: {flag: default}}}")
+    for kind in ("defense", "attack"):
+        listing = commands.add_parser(f"{kind}s", help=f"list every {kind} with its options and defaults")
+        listing.add_argument("--json", action="store_true", help="print JSON: {name: {summary, options: {flag: default}}}")
     prompts = commands.add_parser("prompts", help="print a benchmark dataset's zero-shot prompts, one a line")
     prompts.add_argument("dataset", help="a name from `counterattack datasets`")
     prompts.add_argument("--prompts", default="paper", choices=PROMPT_SETS, help="the prompt set")
@@ -288,8 +296,7 @@ def _attack_for(args: argparse.Namespace, defense: Defense, attack: Attack) -> A
     if not isinstance(attack, PGD):
         raise CounterattackError("--threat adaptive runs the pgd or cw loop through the defense; "
                                  f"{attack.name} is for the paper's protocol.")
-    return AdaptiveAttack(defense, attack.eps, attack.steps, attack.step_size, attack.loss,
-                          args.adaptive_method, args.eot_samples, args.gate_weight)
+    return AdaptiveAttack(defense, attack, args.adaptive_method, args.eot_samples, args.gate_weight)
 
 
 def _precisions(args: argparse.Namespace) -> dict[str, str]:
@@ -298,7 +305,12 @@ def _precisions(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _attacks(args: argparse.Namespace, names: Sequence[str]) -> list[Attack]:
-    return [build_attack(name, args.eps * PIXEL, args.attack_steps, args.attack_step_size * PIXEL) for name in names]
+    """The attacks: each one's own flags, else the shared --eps/--attack-steps/--attack-step-size, else its defaults."""
+    def pixels(value: float | None) -> float | None:
+        return None if value is None else value * PIXEL
+
+    return build_attacks(names, {name: _registered_settings(args, "attack", name) for name in names},
+                         eps=pixels(args.eps), steps=args.attack_steps, step_size=pixels(args.attack_step_size))
 
 
 def _setup(args: argparse.Namespace, names: Sequence[str], attack_names: Sequence[str], device: torch.device):
@@ -435,6 +447,7 @@ def list_datasets(args: argparse.Namespace) -> None:
 def run_sanity_command(args: argparse.Namespace) -> bool:
     device = _device(args.device)
     clip, _, (defense,) = _setup(args, [args.defense], [args.attack], device)
+    (attack,) = _attacks(args, [args.attack])
     data = _load(args, args.dataset, clip)
     chosen, _ = _select(args, data)
     classifier = _classifier(args, clip, data)
@@ -442,8 +455,8 @@ def run_sanity_command(args: argparse.Namespace) -> bool:
                            **{f"{part}_precision": p for part, p in _precisions(args).items()})
     report = run_sanity(
         classifier, data, defense,
-        lambda eps, steps, step: _attack_for(args, defense, build_attack(args.attack, eps, steps, step)),
-        args.eps, args.attack_steps if args.attack_steps is not None else default_steps(args.attack), settings, chosen,
+        lambda eps, steps, step: _attack_for(args, defense, replace(attack, eps=eps, steps=steps, step_size=step)),
+        attack.eps / PIXEL, attack.steps, settings, chosen,
     )
     threat = "paper protocol" if args.threat == "paper" else f"adaptive ({args.adaptive_method})"
     text = format_report(report, f"{args.model} on {data.name}, defense {defense.name}, {args.attack} ({threat})")
@@ -456,11 +469,12 @@ def run_sanity_command(args: argparse.Namespace) -> bool:
     return report.passed
 
 
-def list_defenses(args: argparse.Namespace) -> None:
+def list_registered(args: argparse.Namespace, kind: str) -> None:
+    """``counterattack defenses`` and ``counterattack attacks``: every one with its flags and defaults."""
     listing = {
         name: {"summary": (cls.__doc__ or "").strip().splitlines()[0],
                "options": {_flag(name, f.name): _cli_value(f.default, f.metadata) for f in options_of(cls)}}
-        for name, cls in DEFENSES.items()
+        for name, cls in _REGISTRIES[kind].items()
     }
     if args.json:
         print(json.dumps(listing, indent=2))
@@ -469,7 +483,7 @@ def list_defenses(args: argparse.Namespace) -> None:
         print(f"{name}: {entry['summary']}")
         for flag, default in entry["options"].items():
             print(f"    {flag} {default}")
-    print("\nBudgets and step sizes are in 1/255. Use --defense NAME,NAME,... with eval.")
+    print(f"\nBudgets and step sizes are in 1/255. Use --{kind} NAME,NAME,... with eval.")
 
 
 def print_prompts(args: argparse.Namespace) -> None:
@@ -499,8 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             list_datasets(args)
         elif args.command == "prompts":
             print_prompts(args)
-        elif args.command == "defenses":
-            list_defenses(args)
+        elif args.command in ("defenses", "attacks"):
+            list_registered(args, args.command[:-1])
         elif args.command == "report":
             for path in write_report(args.folder):
                 print(path)

@@ -1,62 +1,42 @@
-"""Attacks: functions of (classifier, [0, 1] images, labels, per-image randomness) -> adversarial images."""
+"""Attacks: functions of (classifier, [0, 1] images, labels, per-image randomness) -> adversarial images.
+
+One file each, registered by name with ``@register_attack``: every module of this package is
+imported here, so a new file that registers an attack is all it takes; its options become
+``--NAME-OPTION`` flags and ``counterattack attacks`` lists it.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
-
-from ..classifier import ZeroShotClassifier
-from ..errors import CounterattackError
-from ..randomness import ImageRandomness
-from .adaptive import AdaptiveAttack
-from .autoattack import DEFAULT_APGD_ITERATIONS, AutoAttack
-from .loop import project, replay_steps, run_steps, sign_gradient_steps, sign_step
-from .losses import LOSSES, cross_entropy, cw_margin
-from .pgd import PGD
+from .base import ATTACKS, PIXEL, Attack, register_attack
 
 
-PIXEL = 1 / 255  # the command line's unit for budgets and step sizes
+def discover_attacks() -> None:
+    """Import every module on this package's path, registering the attacks they define (the paper's first)."""
+    ATTACKS.discover(__name__, __path__, first=("pgd", "cw", "autoattack_paper", "autoattack"))
 
 
-class Attack(Protocol):
-    name: str
+discover_attacks()
 
-    def __call__(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
-    ) -> torch.Tensor: ...
+from .adaptive import AdaptiveAttack  # noqa: E402
+from .autoattack import AutoAttack  # noqa: E402
+from .autoattack_paper import AutoAttackPaper  # noqa: E402
+from .cw import CW  # noqa: E402
+from .loop import project, replay_steps, run_steps, sign_gradient_steps, sign_step  # noqa: E402
+from .losses import cross_entropy, cw_margin  # noqa: E402
+from .pgd import PGD  # noqa: E402
 
-    def describe(self) -> dict: ...
-
-
-ATTACKS: dict[str, str] = {
-    "pgd": "L-inf PGD on the cross-entropy",
-    "cw": "L-inf PGD on CW's margin loss (kappa 50)",
-    "autoattack-paper": "APGD-CE + APGD-DLR (the TTC paper's subset)",
-    "autoattack": "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square",
-}
+check_attack_names = ATTACKS.check_names
+build_attack = ATTACKS.build  # build_attack("cw", eps=4 / 255): budgets in [0, 1] pixel units
+build_attacks = ATTACKS.build_many  # build_attacks(names, {name: settings}, eps=...): shared settings
 
 
-def default_steps(name: str) -> int:
-    """The paper's iterations: PGD-10 and CW-10; AutoAttack's APGD with pyautoattack's default of 100."""
-    return DEFAULT_APGD_ITERATIONS if name in ("autoattack-paper", "autoattack") else 10
-
-
-def build_attack(name: str, eps: float, steps: int | None = None, step_size: float = 1 / 255) -> Attack:
-    """An attack of the paper's protocol by name; budgets in [0, 1] pixel units.
-
-    ``steps`` defaults to ``default_steps(name)``. For AutoAttack, ``steps`` is APGD's number of
-    iterations and ``step_size`` is not used (APGD adapts its own).
-    """
-    steps = default_steps(name) if steps is None else steps
-    if name in ("pgd", "cw"):
-        return PGD(eps=eps, steps=steps, step_size=step_size, loss="ce" if name == "pgd" else "cw")
-    if name in ("autoattack-paper", "autoattack"):
-        return AutoAttack(eps=eps, steps=steps, version="paper" if name == "autoattack-paper" else "standard")
-    raise CounterattackError(f"Unknown attack {name!r}. Available: {', '.join(ATTACKS)}.")
+def summary(name: str) -> str:
+    """The first line of an attack's docstring, for listings and help."""
+    return (ATTACKS[name].__doc__ or "").strip().splitlines()[0]
 
 
 __all__ = [
-    "PIXEL", "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "LOSSES", "PGD", "build_attack", "default_steps", "cross_entropy", "cw_margin",
-    "project", "replay_steps", "run_steps", "sign_gradient_steps", "sign_step",
+    "PIXEL", "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "AutoAttackPaper", "CW", "PGD", "build_attack",
+    "build_attacks", "check_attack_names", "cross_entropy", "cw_margin", "project", "register_attack", "replay_steps",
+    "run_steps", "sign_gradient_steps", "sign_step", "summary",
 ]

@@ -11,9 +11,9 @@ defense of the library can be attacked through its ``attack_view``:
   a margin, since the defense draws its own noise at test time) so the image is judged clean and
   left to ``delta0`` alone; for a gate that flags high scores (MAC), ``-w * max(tau, tau_thres / 1.5)``.
 
-The PGD loop and its projection are the paper's; the loss is cross-entropy (``pgd``) or CW's
-margin (``cw``) on the defended logits. The attack starts from the paper protocol's adversarial
-image (PGD against the undefended model, from its random start) and goes on through the defense.
+The PGD loop and its projection are the paper's; ``base`` (``PGD`` or ``CW``) gives the budget, the
+steps and the loss on the defended logits. The attack starts from ``base``'s adversarial image
+against the undefended model (the paper's protocol, from its random start) and goes on through the defense.
 It returns, per image, the iterate whose objective (the loss plus the gate term, averaged over
 the EOT draws) was highest, as AutoAttack keeps its best point, rather than the last iterate.
 """
@@ -29,7 +29,6 @@ from ..defenses.base import ADAPTIVE_METHODS, AttackView, Defense
 from ..errors import CounterattackError
 from ..randomness import ImageRandomness
 from .loop import project, run_steps
-from .losses import ATTACK_NAMES, LOSSES
 from .pgd import PGD
 
 GATE_MARGIN = 1.5  # the gate-evasion term pushes tau up to 1.5 tau_thres
@@ -46,10 +45,7 @@ def gate_evasion(view: AttackView) -> torch.Tensor:
 @dataclass(frozen=True)
 class AdaptiveAttack:
     defense: Defense = field(compare=False)
-    eps: float = 1 / 255
-    steps: int = 10
-    step_size: float = 1 / 255
-    loss: str = "ce"
+    base: PGD = field(default_factory=PGD)
     method: str = "exact"
     eot_samples: int = 1
     gate_weight: float = 0.0
@@ -57,45 +53,44 @@ class AdaptiveAttack:
     def __post_init__(self) -> None:
         if self.method not in ADAPTIVE_METHODS:
             raise CounterattackError(f"Unknown adaptive method {self.method!r}. Available: {', '.join(ADAPTIVE_METHODS)}.")
-        if self.loss not in LOSSES:
-            raise CounterattackError(f"Adaptive attacks use the pgd or cw loss, not {self.loss!r}.")
+        if not isinstance(self.base, PGD):
+            raise CounterattackError(f"Adaptive attacks run the pgd or cw loop through the defense, not {self.base.name}.")
         if self.eot_samples < 1:
             raise CounterattackError("--eot-samples must be at least 1.")
 
     @property
     def name(self) -> str:
-        return ATTACK_NAMES[self.loss]
+        return self.base.name
 
     def __call__(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
     ) -> torch.Tensor:
         images = check_pixels(images).detach().float()
-        transfer = PGD(self.eps, self.steps, self.step_size, self.loss)(classifier, images, labels, rng)
-        loss_of_logits = LOSSES[self.loss]
+        base = self.base
+        transfer = base(classifier, images, labels, rng)
         best_delta = transfer - images
         best_loss = torch.full((len(images),), float("-inf"), device=images.device)
 
         def keep_best(adv: torch.Tensor, losses: torch.Tensor) -> None:
             improved = losses > best_loss
             best_loss[improved] = losses[improved]
-            best_delta[improved] = project(images, adv.detach() - images, self.eps)[improved]
+            best_delta[improved] = project(images, adv.detach() - images, base.eps)[improved]
 
         def objective(adv: torch.Tensor) -> torch.Tensor:
             per_image = adv.new_zeros(len(adv))
             for _ in range(self.eot_samples):
                 view = self.defense.attack_view(classifier, adv, rng, self.method, with_tau=self.gate_weight > 0)
-                per_image = per_image + loss_of_logits(view.logits, labels)
+                per_image = per_image + base.loss(view.logits, labels)
                 if self.gate_weight > 0 and view.tau is not None:
                     per_image = per_image + self.gate_weight * gate_evasion(view)
             per_image = per_image / self.eot_samples
             keep_best(adv, per_image.detach())
             return per_image.sum()
 
-        final = run_steps(objective, images, best_delta.clone(), self.eps, self.step_size, self.steps)
+        final = run_steps(objective, images, best_delta.clone(), base.eps, base.step_size, base.steps)
         objective(images + final)  # the last iterate is a candidate too
         return images + best_delta
 
     def describe(self) -> dict:
-        return {"attack": self.name, "loss": self.loss, "eps": self.eps, "steps": self.steps,
-                "step_size": self.step_size, "threat": "adaptive", "method": self.method,
+        return {**self.base.describe(), "threat": "adaptive", "method": self.method,
                 "eot_samples": self.eot_samples, "gate_weight": self.gate_weight, "defense": self.defense.name}

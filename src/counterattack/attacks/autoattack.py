@@ -1,9 +1,8 @@
 """AutoAttack (Croce and Hein, ICML 2020) through fra31's reference code (PyPI ``pyautoattack``).
 
-``autoattack-paper`` is the TTC paper's subset: APGD-CE and APGD-DLR with the standard version's
-settings (1 restart, ``steps`` iterations, 100 by default as in pyautoattack), APGD-CE alone where
-there are fewer than 3 classes (DLR needs three). ``autoattack`` is the full standard version:
-APGD-CE, APGD-T, FAB-T and Square. AutoAttack draws its randomness from one global seed per call;
+``autoattack`` is the full standard version: APGD-CE, APGD-T, FAB-T and Square, with 1 restart and
+``steps`` APGD iterations (100 by default, as in pyautoattack). ``autoattack-paper`` (its own file)
+is the TTC paper's subset. AutoAttack draws its randomness from one global seed per call;
 we give it one drawn from the batch's first image's stream, so a batch is reproducible, but unlike
 the other attacks its result depends on which images share the batch: a run with AutoAttack puts
 its batch size and number of processes into the configuration hash that guards resumption. Its
@@ -15,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..errors import CounterattackError
+from ..options import PIXEL_UNIT, check_options, describe_options, option, runtime
 from ..randomness import ImageRandomness
+from .base import register_attack
 
 DEFAULT_APGD_ITERATIONS = 100  # pyautoattack's default, which the TTC paper's AutoAttack runs
 
@@ -61,21 +62,23 @@ def import_pyautoattack() -> ModuleType:
     return pyautoattack
 
 
+@register_attack
 @dataclass(frozen=True)
 class AutoAttack:
-    eps: float = 1 / 255
-    steps: int = DEFAULT_APGD_ITERATIONS
-    version: str = "paper"  # "paper" (APGD-CE + APGD-DLR) or "standard"
-    warnings: list[str] = field(default_factory=list, compare=False, repr=False)
+    """AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square."""
 
-    @property
-    def name(self) -> str:
-        return "autoattack-paper" if self.version == "paper" else "autoattack"
+    eps: float = option(1 / 255, "L-inf budget", unit=PIXEL_UNIT)
+    steps: int = option(DEFAULT_APGD_ITERATIONS, "APGD iterations (APGD adapts its own step size)", low=1)
+    warnings: list[str] = runtime(None)  # AutoAttack's warnings, for `counterattack sanity`
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.warnings is None:
+            object.__setattr__(self, "warnings", [])
 
     def attacks_for(self, num_classes: int) -> list[str]:
-        if self.version == "standard":
-            return ["apgd-ce", "apgd-t", "fab-t", "square"]
-        return ["apgd-ce", "apgd-dlr"] if num_classes >= 3 else ["apgd-ce"]
+        """The attacks run on a dataset with ``num_classes`` classes."""
+        return ["apgd-ce", "apgd-t", "fab-t", "square"]
 
     def adversary(self, model: torch.nn.Module, num_classes: int, seed: int, device: torch.device):
         """pyautoattack's ``AutoAttack`` in its ``custom`` version, with the standard version's settings.
@@ -109,6 +112,5 @@ class AutoAttack:
         return adversarial.detach()
 
     def describe(self) -> dict:
-        return {"attack": self.name, "eps": self.eps, "steps": self.steps, "restarts": 1,
-                "attacks": "apgd-ce, apgd-t, fab-t, square" if self.version == "standard" else "apgd-ce, apgd-dlr (apgd-ce below 3 classes)",
+        return {**describe_options(self), "restarts": 1, "attacks": ", ".join(self.attacks_for(3)),
                 "seeded_by": "the batch's first image: depends on batch composition"}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -20,8 +18,3 @@ def cw_margin(logits: torch.Tensor, labels: torch.Tensor, kappa: float = CW_KAPP
     others = logits.scatter(1, labels[:, None], float("-inf")).max(dim=1).values
     return -F.relu(true - others + kappa)
 
-
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": cross_entropy, "cw": cw_margin}
-
-# The name an attack goes by with each loss (the paper calls PGD on the margin loss "CW").
-ATTACK_NAMES: dict[str, str] = {"ce": "pgd", "cw": "cw"}

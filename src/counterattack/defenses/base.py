@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import Field, dataclass, field, fields
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 
 from ..classifier import ZeroShotClassifier
-from ..errors import CounterattackError
+from ..options import PIXEL_UNIT, Registry, check_options, describe_options, option, options_of, runtime
 from ..randomness import ImageRandomness
 
 
@@ -61,71 +60,8 @@ TTC_EPS = 4 / 255
 TTC_STEPS = 2
 TTC_STEP_SIZE = 1 / 255
 
-PIXEL_UNIT = "1/255"  # an option in pixel units is given in 1/255 on the command line
-
-
-def option(default: Any, help: str, *, unit: str | None = None, low: float | None = 0, high: float | None = None,
-           choices: Sequence[str] | None = None, aliases: Sequence[str] = ()) -> Any:
-    """A defense's (or attack's) setting: a dataclass field whose metadata generates its command-line flag.
-
-    ``unit=PIXEL_UNIT`` marks a budget or step size: stored in [0, 1] pixel units, given in 1/255
-    on the command line (and bounded by 255 there). ``aliases`` are older flag spellings.
-    """
-    if unit == PIXEL_UNIT and high is None:
-        high = 1.0
-    return field(default=default, metadata={"help": help, "unit": unit, "low": low, "high": high, "choices": choices,
-                                            "aliases": tuple(aliases), "cli": True})
-
-
-def runtime(default: Any = None) -> Any:
-    """A field set by code, not from the command line (an encoder, a list of transforms)."""
-    return field(default=default, compare=False, repr=False, metadata={"cli": False})
-
-
-def options_of(cls: type) -> list[Field]:
-    """The command-line settings of a registered class, in declaration order."""
-    return [f for f in fields(cls) if f.metadata.get("cli")]
-
-
-def describe_options(instance: Any) -> dict:
-    """``{"defense": name, option: value, ...}`` of a registered defense or attack, as results record it."""
-    kind = "defense" if instance.name in DEFENSES else "attack"
-    return {kind: instance.name, **{f.name: getattr(instance, f.name) for f in options_of(type(instance))}}
-
-
-def check_options(instance: Any) -> None:
-    """Refuse values outside an option's bounds or choices, or not finite, with the option's name."""
-    for f in options_of(type(instance)):
-        value, meta = getattr(instance, f.name), f.metadata
-        if meta["choices"] is not None:
-            if value not in meta["choices"]:
-                raise CounterattackError(f"{instance.name}: {f.name} must be one of {', '.join(meta['choices'])}, got {value!r}.")
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value) and not (math.isinf(value) and value > 0 and meta["high"] is None):
-            raise CounterattackError(f"{instance.name}: {f.name} must be a finite number, got {value}.")
-        if meta["low"] is not None and value < meta["low"]:
-            raise CounterattackError(f"{instance.name}: {f.name} must be >= {meta['low']:g}, got {value:g}.")
-        if meta["high"] is not None and value > meta["high"]:
-            raise CounterattackError(f"{instance.name}: {f.name} must be <= {meta['high']:g}, got {value:g}.")
-
-
-DEFENSES: dict[str, type] = {}
-
-
-def register_defense(cls: type) -> type:
-    """Register a defense class under its module's name (``_`` written ``-``): one file is one defense.
-
-    The class is a frozen dataclass whose ``option`` fields are its settings with their defaults;
-    the command line gets ``--NAME-FIELD`` flags for them, ``counterattack defenses`` lists them.
-    """
-    name = cls.__module__.rsplit(".", 1)[-1].replace("_", "-")
-    if name in DEFENSES and DEFENSES[name] is not cls:
-        raise ValueError(f"two defenses are named {name!r}: {DEFENSES[name].__module__} and {cls.__module__}")
-    cls.name = name
-    DEFENSES[name] = cls
-    return cls
+DEFENSES = Registry("defense")
+register_defense = DEFENSES.register  # @register_defense on a frozen dataclass: its options become --NAME-FIELD flags
 
 
 def weighted_mix(deltas: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -150,3 +86,10 @@ class Defense(Protocol):
         ...
 
     def describe(self) -> dict: ...
+
+
+__all__ = [
+    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "AttackView", "Defense",
+    "DefenseOutput", "check_options", "describe_options", "option", "options_of", "register_defense", "runtime",
+    "softmax_weights", "through_defense", "weighted_mix",
+]

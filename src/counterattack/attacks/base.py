@@ -1,0 +1,29 @@
+"""The attack protocol and registry: one file is one attack, its options become ``--NAME-FIELD`` flags."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+
+from ..classifier import ZeroShotClassifier
+from ..options import Registry
+from ..randomness import ImageRandomness
+
+PIXEL = 1 / 255  # the command line's unit for budgets and step sizes
+
+
+class Attack(Protocol):
+    """Adversarial images from [0, 1] images and labels, every random draw from the images' own streams."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
+    ) -> torch.Tensor: ...
+
+    def describe(self) -> dict: ...
+
+
+ATTACKS = Registry("attack")
+register_attack = ATTACKS.register  # @register_attack on a frozen dataclass: its options become --NAME-FIELD flags

@@ -1,0 +1,128 @@
+"""Settings of registered defenses and attacks: dataclass fields that generate their own command-line flags.
+
+A defense or an attack is one file: a frozen dataclass whose ``option(...)`` fields are its settings
+(defaults, bounds and help in one place), registered by name in a ``Registry``. The command line
+turns every option into a ``--NAME-FIELD`` flag, and ``counterattack defenses`` / ``counterattack
+attacks`` list them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import Field, field, fields
+from typing import Any
+
+from .errors import CounterattackError
+
+PIXEL_UNIT = "1/255"  # an option in pixel units is given in 1/255 on the command line
+
+
+def option(default: Any, help: str, *, unit: str | None = None, low: float | None = 0, high: float | None = None,
+           choices: Sequence[str] | None = None, aliases: Sequence[str] = ()) -> Any:
+    """A setting: a dataclass field whose metadata generates its command-line flag.
+
+    ``unit=PIXEL_UNIT`` marks a budget or step size: stored in [0, 1] pixel units, given in 1/255
+    on the command line (and bounded by 255 there). ``aliases`` are older flag spellings.
+    """
+    if unit == PIXEL_UNIT and high is None:
+        high = 1.0
+    return field(default=default, metadata={"help": help, "unit": unit, "low": low, "high": high, "choices": choices,
+                                            "aliases": tuple(aliases), "cli": True})
+
+
+def runtime(default: Any = None) -> Any:
+    """A field set by code, not from the command line (an encoder, a list of transforms)."""
+    return field(default=default, compare=False, repr=False, metadata={"cli": False})
+
+
+def options_of(cls: type) -> list[Field]:
+    """The command-line settings of a registered class, in declaration order."""
+    return [f for f in fields(cls) if f.metadata.get("cli")]
+
+
+def describe_options(instance: Any) -> dict:
+    """``{"defense": name, option: value, ...}`` (or ``"attack"``), as results record a registered instance."""
+    return {instance.registry_kind: instance.name, **{f.name: getattr(instance, f.name) for f in options_of(type(instance))}}
+
+
+def check_options(instance: Any) -> None:
+    """Refuse values outside an option's bounds or choices, or not finite, with the option's name."""
+    for f in options_of(type(instance)):
+        value, meta = getattr(instance, f.name), f.metadata
+        if meta["choices"] is not None:
+            if value not in meta["choices"]:
+                raise CounterattackError(f"{instance.name}: {f.name} must be one of {', '.join(meta['choices'])}, got {value!r}.")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) and not (math.isinf(value) and value > 0 and meta["high"] is None):
+            raise CounterattackError(f"{instance.name}: {f.name} must be a finite number, got {value}.")
+        if meta["low"] is not None and value < meta["low"]:
+            raise CounterattackError(f"{instance.name}: {f.name} must be >= {meta['low']:g}, got {value:g}.")
+        if meta["high"] is not None and value > meta["high"]:
+            raise CounterattackError(f"{instance.name}: {f.name} must be <= {meta['high']:g}, got {value:g}.")
+
+
+class Registry(dict):
+    """Registered classes of one kind ("defense" or "attack") by name, in registration order."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.first: tuple[str, ...] = ()
+
+    def register(self, cls: type) -> type:
+        """Register ``cls`` under its module's name, ``_`` written ``-``: one file is one defense (or attack)."""
+        name = cls.__module__.rsplit(".", 1)[-1].replace("_", "-")
+        if name in self and self[name] is not cls:
+            raise ValueError(f"two {self.kind}s are named {name!r}: {self[name].__module__} and {cls.__module__}")
+        cls.name = name
+        cls.registry_kind = self.kind
+        self[name] = cls
+        return cls
+
+    def discover(self, package: str, path: Iterable[str], first: Sequence[str] = ()) -> None:
+        """Import every module on a package's ``path``, registering what they define, and list them in
+        the order of ``first`` (module names; kept for later discoveries), then alphabetically."""
+        first = self.first = tuple(first) or self.first
+        modules = sorted((m.name for m in pkgutil.iter_modules(list(path)) if not m.name.startswith("_")),
+                         key=lambda n: (n not in first, first.index(n) if n in first else 0, n))
+        for module in modules:
+            importlib.import_module(f"{package}.{module}")
+        order = [m.replace("_", "-") for m in modules]
+        registered = sorted(self.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+        self.clear()
+        self.update(registered)
+
+    def check_names(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self]
+        if unknown:
+            raise CounterattackError(f"Unknown {self.kind}(s) {', '.join(map(repr, unknown))}. Available: {', '.join(self)}.")
+        if len(set(names)) != len(names):
+            raise CounterattackError(f"{self.kind.capitalize()} listed twice: {', '.join(names)}.")
+
+    def build(self, name: str, **settings: Any) -> Any:
+        """A registered instance with some settings changed (budgets in [0, 1] pixel units)."""
+        self.check_names([name])
+        cls = self[name]
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CounterattackError(f"{name} has no setting {', '.join(unknown)}; its settings: "
+                                     f"{', '.join(f.name for f in options_of(cls)) or 'none'}.")
+        return cls(**settings)
+
+    def build_many(self, names: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None = None,
+                   **shared: Any) -> list:
+        """Instances by name. ``settings[name]`` changes one instance's settings; a ``shared`` setting goes to
+        every class that has a field of that name, and an instance's own setting wins over it."""
+        self.check_names(names)
+        settings = settings or {}
+        built = []
+        for name in names:
+            own = {f.name for f in fields(self[name])}
+            given = {k: v for k, v in shared.items() if k in own and v is not None}
+            built.append(self.build(name, **{**given, **settings.get(name, {})}))
+        return built
