@@ -1,0 +1,205 @@
+"""Stored adversarial images: attack once, then evaluate any number of defenses on the same images.
+
+Layout under ``counterattack attack --out ADV``::
+
+    config.json                          the attack's settings and their hash; a different configuration is refused
+    shards/rank-R-NNNNNN.safetensors     one batch written by process R: tensors ``labels`` (int64, n) and
+                                         ``adv/<attack>`` (float32, n x C x H x W), metadata ``dataset`` and
+                                         ``ids`` (a JSON list of image ids: torchvision indices or relative paths)
+
+Images are stored losslessly (float32, bit-exact). A shard is written to a temporary file and renamed into
+place, so a run killed at any moment leaves whole shards only; running the same command again continues
+after the highest shard number of its rank and skips every image already stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CounterattackError
+from .results import RUN_ONLY_KEYS, _dataset_changes, config_hash, write_json_atomically
+
+SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
+CACHED_TENSORS = 4  # shard tensors kept in memory while reading: a large set is never loaded whole
+
+
+class AdversarialSet:
+    """A folder of adversarial images: ADV/config.json (config + hash) and ADV/shards/rank-R-NNNNNN.safetensors."""
+
+    def __init__(self, folder: Path, rank: int = 0):
+        self.folder = Path(folder)
+        self.shards = self.folder / "shards"
+        self.rank = rank
+        self._config: dict | None = None
+        self._index: dict[tuple[str, object], tuple[Path, int]] | None = None
+        self._cache: OrderedDict[tuple[Path, str], torch.Tensor] = OrderedDict()
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.json"
+
+    @classmethod
+    def open(cls, folder: Path) -> AdversarialSet:
+        """An existing set for reading; a folder that is not one is refused before any work is done."""
+        adversarial = cls(folder)
+        try:
+            stored = json.loads(adversarial.config_path.read_text(encoding="utf-8"))
+            adversarial._config = stored["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CounterattackError(
+                f"{adversarial.folder} is not an adversarial set (no config.json); "
+                "make one with `counterattack attack --out DIR`."
+            ) from None
+        return adversarial
+
+    @property
+    def config(self) -> dict:
+        """The stored configuration: what the images were made with (model, attacks, datasets)."""
+        if self._config is None:
+            self._config = type(self).open(self.folder).config
+        return self._config
+
+    def check_config(self, config: dict, write: bool) -> None:
+        """Refuse to mix attacks: the stored configuration must be this one (written if absent and ``write``)."""
+        digest = config_hash(config)
+        if self.config_path.is_file():
+            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
+            if stored.get("hash") != digest:
+                old = stored.get("config", {})
+                changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
+                raise CounterattackError(
+                    f"{self.folder} holds adversarial images of another configuration (hash {stored.get('hash')}, "
+                    f"this one {digest}; differing: {', '.join(changed) or 'unknown'}{_dataset_changes(old, config)}). "
+                    "Use another --out, or delete the folder to start over."
+                )
+        elif write:
+            write_json_atomically(self.config_path, {"hash": digest, "config": config})
+            self._config = None
+
+    def _shard_paths(self) -> list[tuple[int, int, Path]]:
+        """(rank, number, path) of every finished shard; temporary files do not match the name."""
+        found = []
+        for path in self.shards.glob("rank-*-*.safetensors"):
+            match = SHARD_NAME.fullmatch(path.name)
+            if match:
+                found.append((int(match[1]), int(match[2]), path))
+        return sorted(found)
+
+    def _shard_ids(self) -> list[tuple[Path, str, list]]:
+        """(path, dataset, ids) of every shard, from the metadata alone (no tensor is read)."""
+        result = []
+        for _, _, path in self._shard_paths():
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata()
+            result.append((path, metadata["dataset"], json.loads(metadata["ids"])))
+        return result
+
+    def append(self, dataset: str, ids: list, labels: torch.Tensor, images: dict[str, torch.Tensor]) -> None:
+        """Store one batch as one shard, all at once: a killed run leaves no half shard."""
+        labels = torch.as_tensor(labels).detach().to("cpu", torch.int64).contiguous()
+        tensors = {"labels": labels}
+        for attack, adv in images.items():
+            tensors[f"adv/{attack}"] = adv.detach().to("cpu", torch.float32).contiguous()
+        if any(t.shape[0] != len(ids) for t in tensors.values()):
+            raise ValueError(f"{len(ids)} ids but tensors of {[tuple(t.shape) for t in tensors.values()]}")
+        numbers = [number for rank, number, _ in self._shard_paths() if rank == self.rank]
+        path = self.shards / f"rank-{self.rank}-{max(numbers, default=-1) + 1:06d}.safetensors"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.shards.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"dataset": dataset, "ids": json.dumps(list(ids))})
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._index = None
+
+    def done(self) -> dict[str, set]:
+        """Image ids already stored, per dataset (all ranks): what a resumed attack skips."""
+        done: dict[str, set] = {}
+        for _, dataset, ids in self._shard_ids():
+            done.setdefault(dataset, set()).update(ids)
+        return done
+
+    def complete(self, expected: dict[str, list]) -> None:
+        """Refuse a set that is not exactly the expected images, each once: no defense is evaluated on a part."""
+        counts = Counter((dataset, image_id) for _, dataset, ids in self._shard_ids() for image_id in ids)
+        problems = []
+        for dataset, ids in expected.items():
+            missing = sum(1 for image_id in ids if counts[(dataset, image_id)] == 0)
+            doubled = sum(1 for image_id in ids if counts[(dataset, image_id)] > 1)
+            if missing:
+                problems.append(f"{missing} of {len(ids)} images of {dataset} are missing")
+            if doubled:
+                problems.append(f"{doubled} images of {dataset} are stored more than once")
+        wanted = {(dataset, image_id) for dataset, ids in expected.items() for image_id in ids}
+        foreign = sum(1 for key in counts if key not in wanted)
+        if foreign:
+            problems.append(f"{foreign} stored images are not of this run's datasets")
+        if problems:
+            raise CounterattackError(
+                f"The adversarial set {self.folder} is incomplete: {'; '.join(problems)}. Run `counterattack attack` "
+                "again with the same arguments to finish it; if images are doubled or foreign, the folder was "
+                "written by something else: use another --out."
+            )
+
+    def attacks(self) -> list[str]:
+        """The attacks whose images are stored, in the configuration's order."""
+        configured = [a["attack"] for a in self.config.get("attacks", []) if isinstance(a, dict) and "attack" in a]
+        if configured:
+            return configured
+        paths = self._shard_paths()
+        if not paths:
+            return []
+        with safe_open(str(paths[0][2]), framework="pt") as f:
+            keys = f.keys()
+        return [key.removeprefix("adv/") for key in keys if key.startswith("adv/")]
+
+    def _rows(self, dataset: str, ids: list) -> list[tuple[Path, int]]:
+        if self._index is None:
+            self._index = {}
+            for path, shard_dataset, shard_ids in self._shard_ids():
+                for row, image_id in enumerate(shard_ids):
+                    self._index.setdefault((shard_dataset, image_id), (path, row))
+        rows = []
+        for image_id in ids:
+            if (dataset, image_id) not in self._index:
+                raise CounterattackError(
+                    f"image {image_id!r} of {dataset} is not in {self.folder}; the set was made for another subset."
+                )
+            rows.append(self._index[(dataset, image_id)])
+        return rows
+
+    def _tensor(self, path: Path, key: str) -> torch.Tensor:
+        """One shard's tensor, from a small LRU cache: batches are read in roughly the order they were written."""
+        if (path, key) in self._cache:
+            self._cache.move_to_end((path, key))
+            return self._cache[(path, key)]
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.keys()
+            if key not in stored:
+                raise CounterattackError(
+                    f"attack {key.removeprefix('adv/')!r} is not in {self.folder} (it holds: "
+                    f"{', '.join(k.removeprefix('adv/') for k in stored if k != 'labels')}); "
+                    "choose one of those, or attack again with it."
+                )
+            tensor = f.get_tensor(key)
+        self._cache[(path, key)] = tensor
+        if len(self._cache) > CACHED_TENSORS:
+            self._cache.popitem(last=False)
+        return tensor
+
+    def images(self, dataset: str, ids: list, attack: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The stored images of those ids, in that order (float32, exactly as attacked)."""
+        rows = self._rows(dataset, ids)
+        return torch.stack([self._tensor(path, f"adv/{attack}")[row] for path, row in rows]).to(device)
+
+    def labels(self, dataset: str, ids: list) -> list[int]:
+        """The stored labels of those ids, in that order."""
+        return [int(self._tensor(path, "labels")[row]) for path, row in self._rows(dataset, ids)]
