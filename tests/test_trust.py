@@ -355,7 +355,7 @@ def test_a_failed_process_fails_the_others_with_its_error_instead_of_a_hang(tmp_
 
 def test_wilson_intervals_match_known_values():
     """Newcombe (1998), Stat. Med. 17:857, Table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775."""
-    from counterattack.evaluate import wilson_interval
+    from counterattack.calibration import wilson_interval
 
     assert wilson_interval(0, 10) == pytest.approx((0.0, 27.753), abs=1e-3)
     assert wilson_interval(5, 10) == pytest.approx((23.659, 76.341), abs=1e-3)

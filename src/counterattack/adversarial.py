@@ -84,6 +84,24 @@ class AdversarialSet:
             write_json_atomically(self.config_path, {"hash": digest, "config": config})
             self._config = None
 
+    @property
+    def hash(self) -> str:
+        """The stored configuration's hash: an evaluation records which set it read."""
+        return config_hash(self.config)
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse to evaluate on images made for another model, prompt set, preprocessing or image subset:
+        each key of ``identity`` must equal the stored one; the differing ones are named."""
+        stored = self.config
+        changed = sorted(k for k in identity if stored.get(k) != identity[k])
+        if changed:
+            details = "; ".join(f"{k}: {json.dumps(stored.get(k))[:200]} in the set, {json.dumps(identity[k])[:200]} here"
+                                if k != "datasets" else "datasets" for k in changed)
+            raise CounterattackError(
+                f"{self.folder} was made with other settings: {details}{_dataset_changes(stored, identity)}. Craft a set for these settings with `counterattack attack`, "
+                "or give the set's settings."
+            )
+
     def _shard_paths(self) -> list[tuple[int, int, Path]]:
         """(rank, number, path) of every finished shard; temporary files do not match the name."""
         found = []

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import wilson_interval
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion, in percent (95% by default): unlike the normal
+    approximation it stays inside [0, 100] and is sensible at 0 or n successes."""
+    if n == 0:
+        return (0.0, 100.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half))
+
 
 
 def _finite_array(values: Sequence[float], what: str) -> np.ndarray:
@@ -229,7 +239,7 @@ def _draw_point(ax, point: dict, **style) -> None:
     ax.annotate(point["label"], (x, y), xytext=(3, 3), textcoords="offset points", fontsize="x-small")
 
 
-def plot_pareto(points: Sequence[dict], path: Path, baseline: dict | None = None) -> Path:
+def plot_pareto(points: Sequence[dict], path: Path, baseline: dict | None = None, title: str | None = None) -> Path:
     """Clean against robust accuracy of defense settings, with their 95% intervals as error bars
     (``clean_ci95``/``robust_ci95``; derived from ``n`` when only that is given) and the Pareto
     front of ``points`` as a staircase (the edge of what the settings reach). ``baseline``, the
@@ -253,6 +263,8 @@ def plot_pareto(points: Sequence[dict], path: Path, baseline: dict | None = None
                     markerfacecolor="none", label="no defense")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("robust accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

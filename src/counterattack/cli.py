@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import math
 import os
 import sys
-from dataclasses import replace
+from dataclasses import Field, dataclass, replace
+from dataclasses import fields as dataclass_fields
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -32,9 +34,12 @@ from .defenses import (
     ADAPTIVE_METHODS, DEFENSES, PIXEL_UNIT, Defense, NoDefense, build_defenses, check_defense_names, options_of,
 )
 from .errors import CounterattackError
-from .evaluate import RunSettings, average_records, evaluate_dataset, summarize
+from .adversarial import AdversarialSet
+from .evaluate import RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedCLIP, load_clip, load_vision_checkpoint
-from .report import format_table, paper_tables, write_report
+from .calibration import flagged_fraction, plot_pareto, plot_score_histograms, roc_auc, threshold_at_fpr
+from .data import short_name
+from .report import _file_name, format_table, paper_tables, write_report
 from .precision import PRECISIONS
 from .results import ResultsStore, write_json_atomically
 from .sanity import format_report, run_sanity
@@ -64,6 +69,14 @@ def _number(kind: type, low: float | None = None, high: float | None = None) -> 
 PIXELS = _number(float, 0, 255)  # a budget or step size in 1/255: at most the whole [0, 1] range
 COUNT = _number(int, 0)
 POSITIVE = _number(int, 1)
+
+
+def _seeds(text: str) -> list[int]:
+    parse = _number(int, 0, 2**63 - 1)
+    seeds = [parse(part) for part in _names(text)]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds like 0,1,2, got {text!r}")
+    return seeds
 
 
 def _names(text: str) -> list[str]:
@@ -132,8 +145,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False) -> None:
-    """The options eval and sanity share: model, data, attack, defense and run."""
+def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False, defenses: bool = True) -> None:
+    """The options eval, sanity, attack, sweep and calibrate share: model, data, attack, defense (unless not
+    ``defenses``) and run."""
     model = command.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help="open_clip name, local-dir:PATH or hf-hub:org/name")
     model.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag or weights file (built-in names only)")
@@ -180,12 +194,19 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
     attack.add_argument("--gate-weight", type=_number(float, 0), default=0.0,
                         help="adaptive: weight of the term pushing TTC's tau above its threshold")
     _add_registered_options(command, "attack", {name: ATTACKS[name] for name in attacks})
+    if not defenses:
+        _add_run_arguments(command, sanity)
+        return
     defense = command.add_argument_group("defense")
     if sanity:
         defense.add_argument("--defense", default="none", choices=list(DEFENSES), help="the defense to check")
     else:
         defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
     _add_registered_options(command, "defense", DEFENSES)
+    _add_run_arguments(command, sanity)
+
+
+def _add_run_arguments(command: argparse.ArgumentParser, sanity: bool) -> None:
     run = command.add_argument_group("run")
     run.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                      help="of the attacks' and the defenses' encoder passes: fp32, tf32 (CUDA matrix products), bf16 or "
@@ -219,6 +240,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_arguments(ev)
     ev.add_argument("--out", type=Path, default=Path("runs/latest"),
                     help="folder for the results; running the same command again resumes there")
+    ev.add_argument("--adversarial", type=Path, metavar="ADV",
+                    help="evaluate on the adversarial images stored by `counterattack attack --out ADV` instead of attacking "
+                    "(its attacks and their settings are the set's; model, data and prompt flags must match it)")
+    ev.add_argument("--seeds", type=_seeds, metavar="S,S,...",
+                    help="repeat the run once per seed (attack starts, defense noise) under --out/seed-S and report "
+                    "mean and sample standard deviation")
+    attack = commands.add_parser(
+        "attack",
+        help="craft adversarial images once and store them, for eval/sweep/calibrate --adversarial",
+        description="Craft the paper protocol's adversarial images (against the undefended CLIP) and store them "
+        "losslessly (float32 safetensors shards with image ids, labels and the full configuration). Running the "
+        "same command again resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_common_arguments(attack, defenses=False)
+    attack.add_argument("--out", type=Path, required=True, metavar="ADV", help="folder for the adversarial set")
+    sweep = commands.add_parser(
+        "sweep",
+        help="evaluate a grid of one defense's settings on one adversarial set, with a Pareto plot",
+        description="Every combination of --grid values (any option of the defense; budgets in 1/255) is evaluated on "
+        "the same adversarial images: --adversarial ADV, or crafted once into --out/adversarial. Writes one record "
+        "per setting (and the undefended model), a table and pareto.png. Resumable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="a gate's score on clean and adversarial images: histograms, ROC AUC, threshold at a target FPR",
+        description="Computes a gated defense's score (TTC's tau, MAC's d, DOC's s, CSR's consistency) on clean and "
+        "adversarial images, its ROC AUC as a detector of adversarial images, and the threshold that flags "
+        "--target-fpr of the clean images, with the clean and robust accuracy the defense gets there. Resumable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for study in (sweep, calibrate):
+        _add_common_arguments(study)
+        study.add_argument("--adversarial", type=Path, metavar="ADV", help="a set from `counterattack attack` (default: craft one)")
+        study.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
+    sweep.add_argument("--grid", action="append", required=True, metavar="OPTION=V1,V2,...",
+                       help="values of one option of the defense (repeatable: the cartesian product is swept)")
+    calibrate.add_argument("--target-fpr", type=_number(float, 0, 1), default=0.05,
+                           help="fraction of clean images the chosen threshold judges attacked")
     sanity = commands.add_parser(
         "sanity",
         help="check an evaluation for gradient masking",
@@ -276,17 +337,37 @@ def _tau_encoder(args: argparse.Namespace, clip: LoadedCLIP, device: torch.devic
     return ImageEncoder.from_clip(other), name
 
 
+def _with_group(args: argparse.Namespace, run: Callable[..., Any]) -> Any:
+    """``run(args, group, device)`` inside a process group (a torchrun group, or this process alone)."""
+    group, device = distributed.start(_device(args.device), timedelta(minutes=args.dist_timeout))
+    try:
+        return run(args, group, device)
+    finally:
+        group.close()
+
+
 def run_eval(args: argparse.Namespace) -> dict | None:
     """Evaluate, appending each batch to ``--out`` as it finishes; resume what is already there.
 
+    With ``--seeds``, one run per seed under ``--out/seed-S``, then their mean and standard deviation.
     Returns the results on the main process (None on the others of a torchrun group).
     """
-    datasets = dataset_names(args.dataset or ["cifar10"])
-    group, device = distributed.start(_device(args.device), timedelta(minutes=args.dist_timeout))
-    try:
-        return _run_eval(args, datasets, group, device)
-    finally:
-        group.close()
+    if not args.seeds:
+        return _with_group(args, _run_eval)
+    runs = []
+    for seed in args.seeds:
+        runs.append(_with_group(argparse.Namespace(**{**vars(args), "seed": seed, "out": args.out / f"seed-{seed}"}), _run_eval))
+    if runs[0] is None:
+        return None
+    records = combine_seeds([run["records"] for run in runs], args.seeds)
+    config = {**runs[0]["config"], "seed": None, "seeds": args.seeds}
+    results = {"config": config, "records": records, "average": average_records(records), "unreadable": runs[0]["unreadable"]}
+    write_json_atomically(args.out / "results.json", results)
+    print(f"\nmean over seeds {', '.join(map(str, args.seeds))} (± sample standard deviation):\n"
+          + format_table(results["records"]))
+    written = write_report(args.out)
+    print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}")
+    return results
 
 
 def _attack_for(args: argparse.Namespace, defense: Defense, attack: Attack) -> Attack:
@@ -358,72 +439,367 @@ def _select(args: argparse.Namespace, data: EvalDataset) -> tuple[list[int], lis
     return [i for i in chosen if i not in unreadable], skipped
 
 
-def _run_eval(args: argparse.Namespace, datasets: list[str], group: distributed.ProcessGroup, device: torch.device) -> dict | None:
-    clip, tau_model, defenses = _setup(args, args.defense, args.attack, device)
-    attacks = _attacks(args, args.attack)
-    attack_for = {(a.name, d.name): _attack_for(args, d, a) for a in attacks for d in defenses}
+@dataclass
+class _Context:
+    """What every command that evaluates shares: the model, the datasets and their chosen images, the run settings."""
+
+    args: argparse.Namespace
+    group: distributed.ProcessGroup
+    clip: LoadedCLIP
+    tau_model: str
+    loaded: list[EvalDataset]
+    selections: list[tuple[list[int], list[dict]]]
+    settings: RunSettings
+
+    def identity(self) -> dict:
+        """What the images and the classifier are: a stored adversarial set must have been made for the same."""
+        args = self.args
+        return {
+            "model": args.model,
+            "pretrained": None if ":" in args.model else args.pretrained,
+            "vision_checkpoint": str(args.vision_checkpoint) if args.vision_checkpoint else None,
+            "prompts": args.prompts,
+            "templates": args.templates,  # None: each dataset's own (the prompt set's)
+            "transform": args.transform,
+            "datasets": [data.describe() for data in self.loaded],
+            "limit": args.limit,
+            "skip_unreadable": args.skip_unreadable,
+        }
+
+    def run_config(self) -> dict:
+        """Settings that change no result: a resumed run may differ in them."""
+        return {"batch_size": self.args.batch_size, "device": str(self.settings.device), "processes": self.group.world_size,
+                "data_root": str(self.args.data_root), "versions": _versions()}
+
+    def expected(self) -> dict[str, list]:
+        return {data.name: [data.image_ids[i] for i in chosen] for data, (chosen, _) in zip(self.loaded, self.selections)}
+
+    def unreadable(self) -> list[dict]:
+        return [entry for _, skipped in self.selections for entry in skipped]
+
+
+def _context(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device, defense_names: Sequence[str],
+             attack_names: Sequence[str]) -> tuple[_Context, list[Defense]]:
+    """Validate, load the model and the datasets (downloads on the main process first), choose the images."""
+    datasets = dataset_names(args.dataset or ["cifar10"])
+    clip, tau_model, defenses = _setup(args, defense_names, attack_names, device)
     # Every dataset is found before any work starts, so a typo fails in seconds, not hours in.
     check_manual_datasets(datasets, args.data_root)
     # Downloads happen once, on the main process; the others then read what it fetched.
     loaded = group.first_on_main(lambda: [_load(args, spec, clip) for spec in datasets])
     selections = group.together(lambda: [_select(args, data) for data in loaded])
-    config = {
-        "model": args.model,
-        "pretrained": None if ":" in args.model else args.pretrained,
-        "vision_checkpoint": str(args.vision_checkpoint) if args.vision_checkpoint else None,
-        "tau_model": tau_model,
-        "prompts": args.prompts,
-        "templates": args.templates,  # None: each dataset's own (the prompt set's)
-        "transform": args.transform,
-        "datasets": [data.describe() for data in loaded],
-        "limit": args.limit,
-        "skip_unreadable": args.skip_unreadable,
-        "attacks": [attack.describe() for attack in attacks],
-        "threat": args.threat,
-        "adaptive": {"method": args.adaptive_method, "eot_samples": args.eot_samples, "gate_weight": args.gate_weight}
-        if args.threat == "adaptive" else None,
-        "defenses": [d.describe() for d in defenses],
-        "units": "eps and step sizes in [0, 1] pixel units",
-        "precision": _precisions(args),
-        "seed": args.seed,
-        # Settings that change no result: a resumed run may differ in them.
-        "run": {"batch_size": args.batch_size, "device": str(device), "processes": group.world_size,
-                "data_root": str(args.data_root), "versions": _versions()},
-    }
+    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress,
+                           group.rank, group.world_size, **{f"{part}_precision": p for part, p in _precisions(args).items()})
+    return _Context(args, group, clip, tau_model, loaded, selections, settings), defenses
+
+
+def _batch_composition(ctx: _Context, attacks: Sequence[Attack]) -> dict:
+    """AutoAttack seeds a whole batch at once: its results depend on which images share one."""
     if any(isinstance(a, AutoAttack) for a in attacks):
-        # AutoAttack seeds a whole batch at once: its results depend on which images share one.
-        config["batch_composition"] = {"batch_size": args.batch_size, "processes": group.world_size}
-    store = ResultsStore(args.out, group.rank)
+        return {"batch_composition": {"batch_size": ctx.args.batch_size, "processes": ctx.group.world_size}}
+    return {}
+
+
+def _craft_into(ctx: _Context, folder: Path, attacks: Sequence[Attack]) -> AdversarialSet:
+    """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is there."""
+    config = {**ctx.identity(), "attacks": [a.describe() for a in attacks], "threat": "paper",
+              "precision": {"attack": ctx.settings.attack_precision}, "seed": ctx.args.seed,
+              **_batch_composition(ctx, attacks), "run": ctx.run_config()}
+    group = ctx.group
+    adversarial = AdversarialSet(folder, group.rank)
+    group.first_on_main(lambda: adversarial.check_config(config, write=group.is_main))
+    done = adversarial.done()
+    group.barrier()
+
+    def craft_my_share() -> None:
+        for data, (chosen, _) in zip(ctx.loaded, ctx.selections):
+            classifier = _classifier(ctx.args, ctx.clip, data)
+            for ids, labels, images in craft_dataset(classifier, data, attacks, ctx.settings, done.get(data.name, ()), chosen):
+                adversarial.append(data.name, ids, labels, images)
+
+    group.together(craft_my_share)
+    if group.is_main:
+        adversarial.complete(ctx.expected())
+    group.barrier()
+    return AdversarialSet.open(folder)
+
+
+def _stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
+    """The attacks a stored set was made with, rebuilt from its configuration (their names and settings)."""
+    built = []
+    for described in adversarial.config["attacks"]:
+        fields_of = {f.name for f in dataclass_fields(ATTACKS[described["attack"]])}
+        built.append(build_attacks([described["attack"]], {described["attack"]: {
+            k: v for k, v in described.items() if k in fields_of and k != "warnings"}})[0])
+    return built
+
+
+def _open_adversarial(ctx: _Context, folder: Path) -> tuple[AdversarialSet, list[Attack]]:
+    if ctx.args.threat != "paper":
+        raise CounterattackError("--adversarial holds images crafted against the undefended model (the paper's protocol); "
+                                 "adaptive attacks are crafted through each defense and cannot be stored once for all.")
+    adversarial = AdversarialSet.open(folder)
+    adversarial.check_identity(ctx.identity())
+    return adversarial, _stored_attacks(adversarial)
+
+
+def _evaluate_into(ctx: _Context, out: Path, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
+                   config: dict, adversarial: AdversarialSet | None = None,
+                   attack_for: Callable[[Attack, Defense], Attack] | None = None) -> list[dict] | None:
+    """Evaluate ``defenses`` (name -> defense) into the results store ``out``, resuming; the records on the main process."""
+    group = ctx.group
+    store = ResultsStore(out, group.rank)
     group.first_on_main(lambda: store.check_config(config, write=group.is_main))
     done = store.done()
     group.barrier()  # everyone has read what is done before anyone adds to it
-    settings = RunSettings(args.seed, args.limit, args.batch_size, args.workers, device, not args.no_progress,
-                           group.rank, group.world_size, **{f"{part}_precision": p for part, p in _precisions(args).items()})
 
     def evaluate_my_share() -> None:
-        for data, (chosen, _) in zip(loaded, selections):
-            classifier = _classifier(args, clip, data)
-            for batch in evaluate_dataset(classifier, data, attacks, defenses, settings, done.get(data.name, ()),
-                                          lambda attack, defense: attack_for[(attack.name, defense.name)], chosen):
+        for data, (chosen, _) in zip(ctx.loaded, ctx.selections):
+            classifier = _classifier(ctx.args, ctx.clip, data)
+            for batch in evaluate_dataset(classifier, data, attacks, defenses, ctx.settings, done.get(data.name, ()),
+                                          attack_for, chosen, adversarial):
                 store.append(batch)
 
     group.together(evaluate_my_share)
     if not group.is_main:
         return None
-    expected = {data.name: [data.image_ids[i] for i in chosen] for data, (chosen, _) in zip(loaded, selections)}
+    expected = ctx.expected()
     adaptive = None
-    if args.threat == "adaptive":
-        adaptive = f"{args.adaptive_method}, eot {args.eot_samples}, gate weight {args.gate_weight:g}"
-    records = summarize(store.complete_batches(expected), list(expected), [d.name for d in defenses],
-                        [a.name for a in attacks], args.threat, adaptive)
-    results = {"config": config, "records": records, "average": average_records(records),
-               "unreadable": [entry for _, skipped in selections for entry in skipped]}
+    if ctx.args.threat == "adaptive":
+        adaptive = f"{ctx.args.adaptive_method}, eot {ctx.args.eot_samples}, gate weight {ctx.args.gate_weight:g}"
+    return summarize(store.complete_batches(expected), list(expected), list(defenses), [a.name for a in attacks],
+                     ctx.args.threat, adaptive)
+
+
+def _evaluation_config(ctx: _Context, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
+                       adversarial: AdversarialSet | None) -> dict:
+    args = ctx.args
+    config = {
+        **ctx.identity(),
+        "tau_model": ctx.tau_model,
+        "attacks": [attack.describe() for attack in attacks],
+        "threat": args.threat,
+        "adaptive": {"method": args.adaptive_method, "eot_samples": args.eot_samples, "gate_weight": args.gate_weight}
+        if args.threat == "adaptive" else None,
+        "defenses": [{**d.describe(), "name": name} if name != d.name else d.describe() for name, d in defenses.items()],
+        "units": "eps and step sizes in [0, 1] pixel units",
+        "precision": _precisions(args),
+        "seed": args.seed,
+        "run": ctx.run_config(),
+    }
+    if adversarial is None:
+        config.update(_batch_composition(ctx, attacks))
+    else:  # the attacks' own settings are the set's
+        stored = adversarial.config
+        config["precision"]["attack"] = stored["precision"]["attack"]
+        config["adversarial"] = {"hash": adversarial.hash, "seed": stored["seed"], "folder": str(adversarial.folder)}
+        config["run"]["adversarial_folder"] = config["adversarial"].pop("folder")  # a moved set is the same set
+    return config
+
+
+def _run_eval(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> dict | None:
+    ctx, defense_list = _context(args, group, device, args.defense, args.attack)
+    defenses = {d.name: d for d in defense_list}
+    adversarial = None
+    if args.adversarial:
+        adversarial, attacks = _open_adversarial(ctx, args.adversarial)
+    else:
+        attacks = _attacks(args, args.attack)
+    attack_for = {(a.name, d.name): _attack_for(args, d, a) for a in attacks for d in defense_list}
+    config = _evaluation_config(ctx, defenses, attacks, adversarial)
+    records = _evaluate_into(ctx, args.out, defenses, attacks, config, adversarial,
+                             lambda attack, defense: attack_for[(attack.name, defense.name)])
+    if records is None:
+        return None
+    results = {"config": config, "records": records, "average": average_records(records), "unreadable": ctx.unreadable()}
     write_json_atomically(args.out / "results.json", results)
     print(format_table(records))
-    if len(loaded) > 1:
+    if len(ctx.loaded) > 1:
         print("\n" + paper_tables(records))
     written = write_report(args.out)
     print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}")
+    return results
+
+
+def run_attack(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> AdversarialSet | None:
+    """``counterattack attack``: craft and store the paper protocol's adversarial images, resumable."""
+    ctx, _ = _context(args, group, device, [], args.attack)
+    adversarial = _craft_into(ctx, args.out, _attacks(args, args.attack))
+    if group.is_main:
+        count = sum(len(ids) for ids in ctx.expected().values())
+        print(f"{count} images x {len(args.attack)} attack(s) stored in {args.out}; evaluate them with "
+              f"`counterattack eval --adversarial {args.out} ...` (same model and data flags).")
+    return adversarial
+
+
+def _option_parser(setting: Field) -> Callable[[str], Any]:
+    """How the command line reads one option: its choices, or a number within its bounds (in 1/255 for budgets)."""
+    meta = setting.metadata
+    if meta["choices"] is not None:
+        def choice(text: str) -> str:
+            if text not in meta["choices"]:
+                raise argparse.ArgumentTypeError(f"must be one of {', '.join(meta['choices'])}, got {text!r}")
+            return text
+        return choice
+    high = None if meta["high"] is None else _cli_value(float(meta["high"]), meta)
+    integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
+    return _number(int if integer else float, meta["low"], high)
+
+
+def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:
+    """``["tau_thres=0,0.1", "eps=2,4"]`` -> every combination, as settings in the library's units (cartesian product)."""
+    by_name = {f.name: f for f in options_of(DEFENSES[defense])}
+    axes: dict[str, list[Any]] = {}
+    for text in texts:
+        name, sep, values = text.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in by_name:
+            raise CounterattackError(f"--grid {text!r}: expected OPTION=V1,V2,... with an option of {defense}: "
+                                     f"{', '.join(by_name) or 'none'}.")
+        if name in axes:
+            raise CounterattackError(f"--grid gives {name} twice.")
+        parse, setting = _option_parser(by_name[name]), by_name[name]
+        try:
+            parsed = [parse(v.strip()) for v in values.split(",") if v.strip()]
+        except argparse.ArgumentTypeError as exc:
+            raise CounterattackError(f"--grid {name}: {exc}.") from None
+        if not parsed:
+            raise CounterattackError(f"--grid {name}: no values.")
+        axes[name] = [v * PIXEL if setting.metadata["unit"] == PIXEL_UNIT else v for v in parsed]
+    return [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
+
+
+def _setting_label(defense: str, setting: Mapping[str, Any]) -> str:
+    """``ttc tau_thres=0.1 eps=2``: a sweep point's name, budgets in 1/255."""
+    fields_by_name = {f.name: f for f in dataclass_fields(DEFENSES[defense])}
+    return " ".join([defense, *(f"{k}={_cli_value(v, fields_by_name[k].metadata):g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                for k, v in setting.items())])
+
+
+def _single_defense(args: argparse.Namespace) -> str:
+    names = args.defense
+    if len(names) != 1:
+        raise CounterattackError(f"{args.command} studies one defense; got {', '.join(names)}.")
+    if args.threat != "paper":
+        raise CounterattackError(f"{args.command} judges every setting on one stored adversarial set (the paper's protocol); "
+                                 "use `counterattack eval --threat adaptive` for adaptive attacks.")
+    return names[0]
+
+
+def _adversarial_for(ctx: _Context, attack_names: Sequence[str]) -> tuple[AdversarialSet, list[Attack]]:
+    """``--adversarial`` if given, else the paper protocol's images crafted once into ``--out/adversarial``."""
+    if ctx.args.adversarial:
+        return _open_adversarial(ctx, ctx.args.adversarial)
+    adversarial = _craft_into(ctx, ctx.args.out / "adversarial", _attacks(ctx.args, attack_names))
+    return adversarial, _stored_attacks(adversarial)
+
+
+def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> dict | None:
+    """``counterattack sweep``: every setting of a grid over one defense's options, on one adversarial set."""
+    name = _single_defense(args)
+    grid = parse_grid(args.grid, name)
+    ctx, (base,) = _context(args, group, device, [name], args.attack)
+    settings = {_setting_label(name, setting): setting for setting in grid}
+    defenses: dict[str, Defense] = {"none": NoDefense(), **{label: replace(base, **setting) for label, setting in settings.items()}}
+    adversarial, attacks = _adversarial_for(ctx, args.attack)
+    config = {**_evaluation_config(ctx, defenses, attacks, adversarial), "sweep": {"defense": name, "grid": args.grid}}
+    records = _evaluate_into(ctx, args.out, defenses, attacks, config, adversarial)
+    if records is None:
+        return None
+    for record in records:
+        record["setting"] = {k: v for k, v in settings.get(record["defense"], {}).items()}
+    plots = []
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        for attack in dict.fromkeys(r["attack"] for r in records):
+            these = [r for r in records if r["dataset"] == dataset and r["attack"] == attack]
+            points = [{**r, "label": r["defense"].removeprefix(f"{name} ")} for r in these if r["defense"] != "none"]
+            baseline = next(r for r in these if r["defense"] == "none")
+            single = len({r["dataset"] for r in records}) == 1 and len(attacks) == 1
+            path = args.out / ("pareto.png" if single else f"pareto-{_file_name(short_name(dataset))}-{attack}.png")
+            plots.append(plot_pareto(points, path, baseline, title=f"{name} on {short_name(dataset)}, {attack} "
+                                     f"({baseline['n']} images)"))
+    results = {"config": config, "records": records, "unreadable": ctx.unreadable()}
+    write_json_atomically(args.out / "results.json", results)
+    print(format_table(records))
+    print(f"\nresults: {args.out / 'results.json'}; Pareto plot(s): {', '.join(map(str, plots))}")
+    return results
+
+
+def _scores(store: ResultsStore, expected: dict[str, list], defense: str, attack: str) -> tuple[list[float], list[float]]:
+    """Per image, the gate's score on the clean and on the adversarial images (one dataset)."""
+    clean, adv = [], []
+    for batch in store.complete_batches(expected):
+        result = batch["defenses"][defense]
+        clean += result["clean"]["tau"]
+        adv += result["adv"][attack]["tau"]
+    return clean, adv
+
+
+def run_calibrate(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> dict | None:
+    """``counterattack calibrate``: the gate's score on clean and adversarial images, its ROC AUC, and the
+    threshold that flags ``--target-fpr`` of the clean images, with the accuracy it gives."""
+    name = _single_defense(args)
+    cls = DEFENSES[name]
+    if "tau_thres" not in {f.name for f in options_of(cls)}:
+        gated = [n for n, c in DEFENSES.items() if "tau_thres" in {f.name for f in options_of(c)}]
+        raise CounterattackError(f"{name} has no gate to calibrate; defenses with one: {', '.join(gated)}.")
+    if len(args.dataset or ["cifar10"]) != 1:
+        raise CounterattackError("calibrate works on one --dataset: a threshold is chosen per backbone and dataset.")
+    ctx, (current,) = _context(args, group, device, [name], args.attack)
+    adversarial, attacks = _adversarial_for(ctx, args.attack)
+    flagged_above = getattr(cls, "gate_flags_above", False)
+
+    def evaluate(folder: str, defense: Defense) -> None:
+        defenses = {name: defense}
+        _evaluate_into(ctx, args.out / folder, defenses, attacks, _evaluation_config(ctx, defenses, attacks, adversarial),
+                       adversarial)
+        group.barrier()
+
+    evaluate("current", current)
+    expected, dataset = ctx.expected(), ctx.loaded[0].name
+    clean_scores, _ = _scores(ResultsStore(args.out / "current"), expected, name, attacks[0].name)
+    chosen_threshold = threshold_at_fpr(clean_scores, args.target_fpr, flagged_above)
+    chosen = replace(current, tau_thres=chosen_threshold)
+    evaluate("chosen", chosen)
+    if not group.is_main:
+        return None
+
+    def accuracy(folder: str) -> dict[str, dict]:
+        store = ResultsStore(args.out / folder)
+        return {r["attack"]: r for r in summarize(store.complete_batches(expected), [dataset], [name], [a.name for a in attacks])}
+
+    before, after = accuracy("current"), accuracy("chosen")
+    entries, plots = [], []
+    for attack in attacks:
+        clean, adv = _scores(ResultsStore(args.out / "current"), expected, name, attack.name)
+        oriented = (lambda xs: xs) if flagged_above else (lambda xs: [-x for x in xs])
+        entry = {
+            "dataset": dataset, "attack": attack.name, "defense": name, "n": len(clean),
+            "flagged": "above" if flagged_above else "below", "auc": roc_auc(oriented(clean), oriented(adv)),
+            "target_fpr": args.target_fpr,
+            "current": {"threshold": current.tau_thres, "flagged_clean": flagged_fraction(clean, current.tau_thres, flagged_above),
+                        "flagged_adv": flagged_fraction(adv, current.tau_thres, flagged_above),
+                        **{k: before[attack.name][k] for k in ("clean_acc", "robust_acc", "clean_ci95", "robust_ci95")}},
+            "chosen": {"threshold": chosen_threshold, "flagged_clean": flagged_fraction(clean, chosen_threshold, flagged_above),
+                       "flagged_adv": flagged_fraction(adv, chosen_threshold, flagged_above),
+                       **{k: after[attack.name][k] for k in ("clean_acc", "robust_acc", "clean_ci95", "robust_ci95")}},
+        }
+        entries.append(entry)
+        plots.append(plot_score_histograms(
+            clean, adv, current.tau_thres, chosen_threshold, flagged_above,
+            f"{name}'s gate score on {short_name(dataset)}, {attack.name} ({len(clean)} images)",
+            args.out / (f"calibration-{attack.name}.png" if len(attacks) > 1 else "calibration.png")))
+    results = {"config": _evaluation_config(ctx, {name: current}, attacks, adversarial), "calibration": entries}
+    write_json_atomically(args.out / "calibration.json", results)
+    for e in entries:
+        side = ">" if flagged_above else "<"
+        print(f"{name} on {short_name(dataset)}, {e['attack']} ({e['n']} images): ROC AUC of the score as a detector {e['auc']:.3f}")
+        for key, what in (("current", "current"), ("chosen", f"at {args.target_fpr:g} FPR")):
+            c = e[key]
+            print(f"  {what:>10}: flagged if score {side} {c['threshold']:.6g}: {c['flagged_clean']:.1%} of clean, "
+                  f"{c['flagged_adv']:.1%} of adversarial images flagged; clean {c['clean_acc']:.2f}%, robust {c['robust_acc']:.2f}%")
+    print(f"\nuse it: --{name}-tau-thres {chosen_threshold:.6g}; details: {args.out / 'calibration.json'}; "
+          f"histogram(s): {', '.join(map(str, plots))}")
     return results
 
 
@@ -507,6 +883,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval":
             run_eval(args)
+        elif args.command in ("attack", "sweep", "calibrate"):
+            _with_group(args, {"attack": run_attack, "sweep": run_sweep, "calibrate": run_calibrate}[args.command])
         elif args.command == "sanity":
             return 0 if run_sanity_command(args) else 1
         elif args.command == "datasets":

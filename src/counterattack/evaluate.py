@@ -7,16 +7,17 @@ a batch's results do not depend on how the images were batched, resumed or shard
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .adversarial import AdversarialSet
 from .attacks import Attack
+from .calibration import mean_and_std, wilson_interval
 from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
@@ -70,26 +71,26 @@ def _per_image(output: DefenseOutput) -> dict:
 WORST_CASE = "worst-case"  # the attack name of the per-image worst case over every attack run
 
 
-def evaluate_dataset(
-    classifier: ZeroShotClassifier,
-    data: EvalDataset,
-    attacks: Sequence[Attack],
-    defenses: Sequence[Defense],
-    settings: RunSettings,
-    skip: Collection[ImageId] = (),
-    attack_for_defense: Callable[[Attack, Defense], Attack] | None = None,
-    indices: Sequence[int] | None = None,
-) -> Iterator[dict]:
-    """Yield one result per batch: per-image predictions and taus of every defense under every attack, and costs.
+class _Batch:
+    """One batch on the device: images, labels, image ids, and each purpose's per-image random streams."""
 
-    Under the paper's protocol each attack is crafted once, against the undefended model, for all
-    defenses; ``attack_for_defense(attack, defense)`` gives each defense its own attack instead
-    (adaptive attacks). ``indices`` (default: the class-balanced subset of ``settings.limit``) are
-    the images to evaluate; those whose id is in ``skip`` (already done) are left out, and the rest
-    are shared among ``settings.world_size`` processes, this one taking every ``world_size``-th
-    from ``rank``.
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: list, keys: dict[str, torch.Tensor]):
+        self.images, self.labels, self.ids, self._keys = images, labels, ids, keys
+
+    def streams(self, purpose: str) -> ImageRandomness:
+        return ImageRandomness(self._keys[purpose])
+
+
+PURPOSES = ("attack", "defense-clean", "defense-adv")
+
+
+def _batches(data: EvalDataset, settings: RunSettings, skip: Collection[ImageId], indices: Sequence[int] | None,
+             desc: str | None = None) -> Iterator[_Batch]:
+    """This process's share of the chosen images not in ``skip``, batch by batch, with a progress bar.
+
+    ``indices`` (default: the class-balanced subset of ``settings.limit``) are shared among
+    ``settings.world_size`` processes, this one taking every ``world_size``-th from ``rank``.
     """
-    attack_for = attack_for_defense or (lambda attack, defense: attack)
     chosen = balanced_subset(data.targets, settings.limit) if indices is None else indices
     todo = [i for i in chosen if data.image_ids[i] not in skip]
     mine = todo[settings.rank :: settings.world_size]
@@ -102,61 +103,91 @@ def evaluate_dataset(
         pin_memory=settings.device.type == "cuda",
     )
     show = settings.progress and settings.rank == 0
-    # Every image's random keys, once: a batch then indexes them, with no per-image work on the host.
+    # Every image's random keys, once: a batch then takes its rows, with no per-image work on the host.
     keys = {purpose: key_words(settings.seed, data.randomness_key, [data.image_ids[i] for i in mine], purpose)
-            for purpose in ("attack", "defense-clean", "defense-adv")}
+            for purpose in PURPOSES}
     done_here = 0  # the loader keeps the order of ``mine``: a batch is the next rows of the keys
-    with tqdm(total=len(mine), desc=short_name(data.name), unit="img", disable=not show, leave=False) as bar:
+    with tqdm(total=len(mine), desc=desc or short_name(data.name), unit="img", disable=not show, leave=False) as bar:
         for images, labels, positions in loader:
-            images = images.to(settings.device, non_blocking=True)
-            labels = labels.to(settings.device, non_blocking=True)
             rows = slice(done_here, done_here + len(positions))
             done_here += len(positions)
-            ids = [data.image_ids[i] for i in positions.tolist()]
-
-            def streams(purpose: str) -> ImageRandomness:
-                return ImageRandomness(keys[purpose][rows])
-
-            batch = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
-            crafted: dict[int, tuple[torch.Tensor, float]] = {}
-            for defense in defenses:
-                adversarial_sets = {}
-                for attack in attacks:
-                    attack_of_defense = attack_for(attack, defense)
-                    if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
-                        with _Stopwatch(settings.device) as attack_time, precision_context(settings.device, settings.attack_precision):
-                            adv_images = attack_of_defense(classifier, images, labels, streams("attack")).float()
-                        crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
-                    adversarial_sets[attack.name] = crafted[id(attack_of_defense)]
-                with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes,
-                      precision_context(settings.device, settings.defense_precision)):
-                    # Every defense draws the same noise for an image, so their results pair up.
-                    clean = defense(classifier, images, streams("defense-clean"))
-                    adv = {name: defense(classifier, adversarial, streams("defense-adv"))
-                           for name, (adversarial, _) in adversarial_sets.items()}
-                batch["defenses"][defense.name] = {
-                    "clean": _per_image(clean),
-                    "adv": {name: _per_image(output) for name, output in adv.items()},
-                    "forwards": passes.forwards,
-                    "backwards": passes.backwards,
-                    "defended_images": len(ids) * (1 + len(adv)),
-                    "seconds": cost.seconds,
-                    "peak_memory_mb": cost.peak_memory_mb,
-                    "attack_seconds": {name: seconds for name, (_, seconds) in adversarial_sets.items()},
-                }
-            yield batch
-            bar.update(len(ids))
+            yield _Batch(images.to(settings.device, non_blocking=True), labels.to(settings.device, non_blocking=True),
+                         [data.image_ids[i] for i in positions.tolist()], {p: k[rows] for p, k in keys.items()})
+            bar.update(len(positions))
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval of a proportion, in percent (95% by default): unlike the normal
-    approximation it stays inside [0, 100] and is sensible at 0 or n successes."""
-    if n == 0:
-        return (0.0, 100.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half))
+def craft_dataset(
+    classifier: ZeroShotClassifier,
+    data: EvalDataset,
+    attacks: Sequence[Attack],
+    settings: RunSettings,
+    skip: Collection[ImageId] = (),
+    indices: Sequence[int] | None = None,
+) -> Iterator[tuple[list, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Yield ``(ids, labels, {attack: adversarial images})`` per batch: the paper protocol's attacks,
+    crafted against the undefended classifier with the same random streams ``evaluate_dataset`` uses,
+    so an evaluation of the stored images equals a direct one."""
+    for batch in _batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}"):
+        with precision_context(settings.device, settings.attack_precision):
+            crafted = {attack.name: attack(classifier, batch.images, batch.labels, batch.streams("attack")).float()
+                       for attack in attacks}
+        yield batch.ids, batch.labels, crafted
+
+
+def evaluate_dataset(
+    classifier: ZeroShotClassifier,
+    data: EvalDataset,
+    attacks: Sequence[Attack],
+    defenses: Sequence[Defense] | Mapping[str, Defense],
+    settings: RunSettings,
+    skip: Collection[ImageId] = (),
+    attack_for_defense: Callable[[Attack, Defense], Attack] | None = None,
+    indices: Sequence[int] | None = None,
+    adversarial: AdversarialSet | None = None,
+) -> Iterator[dict]:
+    """Yield one result per batch: per-image predictions and taus of every defense under every attack, and costs.
+
+    Under the paper's protocol each attack is crafted once, against the undefended model, for all
+    defenses; ``attack_for_defense(attack, defense)`` gives each defense its own attack instead
+    (adaptive attacks); with ``adversarial``, the attacks' images are read from that stored set
+    instead of crafted. ``defenses`` may be a mapping from the name results are recorded under to
+    the defense (a sweep's settings of one defense). ``indices`` and ``skip`` choose the images as
+    in ``_batches``.
+    """
+    attack_for = attack_for_defense or (lambda attack, defense: attack)
+    named = defenses if isinstance(defenses, Mapping) else {d.name: d for d in defenses}
+    for batch in _batches(data, settings, skip, indices):
+        images, labels, ids = batch.images, batch.labels, batch.ids
+        record = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
+        crafted: dict[int, tuple[torch.Tensor, float]] = {}
+        stored = None if adversarial is None else {
+            attack.name: (adversarial.images(data.name, ids, attack.name, settings.device), 0.0) for attack in attacks}
+        for name, defense in named.items():
+            adversarial_sets = dict(stored or {})
+            for attack in attacks if stored is None else ():
+                attack_of_defense = attack_for(attack, defense)
+                if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
+                    with _Stopwatch(settings.device) as attack_time, precision_context(settings.device, settings.attack_precision):
+                        adv_images = attack_of_defense(classifier, images, labels, batch.streams("attack")).float()
+                    crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
+                adversarial_sets[attack.name] = crafted[id(attack_of_defense)]
+            with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes,
+                  precision_context(settings.device, settings.defense_precision)):
+                # Every defense draws the same noise for an image, so their results pair up.
+                clean = defense(classifier, images, batch.streams("defense-clean"))
+                adv = {attack: defense(classifier, adversarial_images, batch.streams("defense-adv"))
+                       for attack, (adversarial_images, _) in adversarial_sets.items()}
+            record["defenses"][name] = {
+                "clean": _per_image(clean),
+                "adv": {attack: _per_image(output) for attack, output in adv.items()},
+                "forwards": passes.forwards,
+                "backwards": passes.backwards,
+                "defended_images": len(ids) * (1 + len(adv)),
+                "seconds": cost.seconds,
+                "peak_memory_mb": cost.peak_memory_mb,
+                "attack_seconds": {attack: seconds for attack, (_, seconds) in adversarial_sets.items()},
+            }
+        yield record
 
 
 def summarize(
@@ -256,3 +287,25 @@ def average_records(records: Sequence[dict]) -> list[dict]:
             for (attack, defense), rs in groups.items()
         ]
     return averages
+
+
+def combine_seeds(records_per_seed: Sequence[Sequence[dict]], seeds: Sequence[int]) -> list[dict]:
+    """Per dataset, attack and defense, the mean over seeds of each accuracy and its sample standard deviation.
+
+    Each seed's run evaluates the same images with other random draws (attack starts, defense noise),
+    so the standard deviation is the spread due to randomness alone; the 95% interval (Wilson, at
+    the mean accuracy and ``n`` images) is the spread due to the image sample. Other fields are the
+    first seed's.
+    """
+    keyed = [{(r["dataset"], r["attack"], r["defense"]): r for r in records} for records in records_per_seed]
+    combined = []
+    for record in records_per_seed[0]:
+        runs = [by_key[(record["dataset"], record["attack"], record["defense"])] for by_key in keyed]
+        merged = {**record, "seeds": list(seeds)}
+        for kind in ("clean", "robust"):
+            mean, std = mean_and_std([r[f"{kind}_acc"] for r in runs])
+            merged.update({f"{kind}_acc": mean, f"{kind}_acc_std": std,
+                           f"{kind}_ci95": wilson_interval(round(mean * record["n"] / 100), record["n"]),
+                           f"{kind}_acc_per_seed": [r[f"{kind}_acc"] for r in runs]})
+        combined.append(merged)
+    return combined

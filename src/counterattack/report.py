@@ -25,7 +25,9 @@ _COLUMNS = (
     ("defense", "defense", "{}"),
     ("n", "n", "{}"),
     ("clean_acc", "clean %", "{:.2f}"),
+    ("clean_acc_std", "± clean", "{:.2f}"),
     ("robust_acc", "robust %", "{:.2f}"),
+    ("robust_acc_std", "± robust", "{:.2f}"),
     ("mean_tau_clean", "tau clean", "{:.4f}"),
     ("mean_tau_adv", "tau adv", "{:.4f}"),
     ("counterattacked_clean", "CA clean", "{:.1%}"),
@@ -34,6 +36,7 @@ _COLUMNS = (
     ("backwards_per_image", "bwd/img", "{:.2f}"),
     ("ms_per_image", "ms/img", "{:.2f}"),
 )
+_ONLY_IF_GIVEN = ("clean_acc_std", "robust_acc_std")  # runs over several seeds
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
@@ -43,8 +46,9 @@ def _cell(record: dict, key: str, fmt: str) -> str:
 
 def format_table(records: Sequence[dict]) -> str:
     """A plain-text table, one row per record; missing values print as '-'."""
-    header = [title for _, title, _ in _COLUMNS]
-    rows = [[_cell(r, key, fmt) for key, _, fmt in _COLUMNS] for r in records]
+    columns = [c for c in _COLUMNS if c[0] not in _ONLY_IF_GIVEN or any(r.get(c[0]) is not None for r in records)]
+    header = [title for _, title, _ in columns]
+    rows = [[_cell(r, key, fmt) for key, _, fmt in columns] for r in records]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -78,13 +82,18 @@ def paper_tables(records: Sequence[dict]) -> str:
     header = ["defense", *map(short_name, datasets),
               f"average, paper's datasets ({counts['paper']} of {len(PAPER_AVERAGE_DATASETS)})", f"average, all ({counts['all']})"]
 
+    def cell(record: dict | None, key: str) -> str:
+        if record is None:
+            return "-"
+        std = record.get(f"{key}_std")  # runs over several seeds: mean ± sample standard deviation
+        return f"{record[key]:.2f}" + ("" if std is None else f" ± {std:.2f}")
+
     def table(attack: str, key: str) -> str:
         rows = []
         for defense in defenses:
-            values = [by_key[(attack, d, defense)][key] if (attack, d, defense) in by_key else None for d in datasets]
-            means = [averages[(scope, attack, defense)][key] if (scope, attack, defense) in averages else None
-                     for scope in ("paper", "all")]
-            rows.append([defense] + ["-" if v is None else f"{v:.2f}" for v in values + means])
+            values = [by_key.get((attack, d, defense)) for d in datasets]
+            means = [averages.get((scope, attack, defense)) for scope in ("paper", "all")]
+            rows.append([defense] + [cell(r, key) for r in values + means])
         return _markdown(header, rows)
 
     # Clean accuracy does not depend on the attack: the first attack's records give it.
@@ -205,10 +214,14 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
     prompt_words += " for benchmark datasets; image folders use their folder names"
     if config.get("templates"):
         prompt_words += f", templates overridden by {config['templates']}"
+    seeds = f"seed {config.get('seed')}"
+    if config.get("seeds"):
+        seeds = (f"seeds {', '.join(map(str, config['seeds']))}: each accuracy is the mean over them ± the sample standard "
+                 "deviation (the spread due to the random draws); its 95% interval is the image sample's")
     worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
         r["attack"] == "worst-case" for r in records) else ""
     return (f"Attacks ({config.get('threat', 'paper')} threat): {attacks}.{worst}\n\n"
-            f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; seed {config.get('seed')}.")
+            f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
 
 
 def write_report(out: Path) -> list[Path]:
@@ -229,7 +242,8 @@ def write_report(out: Path) -> list[Path]:
         writer.writeheader()
         writer.writerows(records)
     plots = [plot_accuracy(records, out), *plot_tau_histograms(ResultsStore(out).batches(), thresholds, out)]
-    settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "prompts", "limit", "seed") if k in config)
+    settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "prompts", "limit", "seed", "seeds")
+                         if config.get(k) is not None)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     (out / "report.md").write_text(
         f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n"

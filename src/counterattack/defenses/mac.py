@@ -44,6 +44,7 @@ f(T'(v)), ``steps`` forward/backward pairs and one classification forward, i.e.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +200,7 @@ class MAC:
         predictions = output.logits.argmax(-1)  # output.tau: corruption degree of each image itself
     """
 
+    gate_flags_above: ClassVar[bool] = True  # a large corruption degree d flags the image (TTC's tau: a small one)
     eps: float = option(8 / 255, "counterattack budget (and delta0's range)", unit=PIXEL_UNIT)
     steps: int = option(4, "counterattack steps")
     step_size: float = option(2 / 255, "size of each step (the code's eps / 4)", unit=PIXEL_UNIT)
@@ -358,7 +360,7 @@ class MAC:
             corrupted = self.augment(x, result.corruption_draw.rows(own))
             with full_precision(x.device):
                 tau = corruption_degree(classifier.encoder(corrupted).float(), classifier.encoder(x).float())
-        return AttackView(logits, tau, self.tau_thres, flagged_above=True)
+        return AttackView(logits, tau, self.tau_thres, flagged_above=self.gate_flags_above)
 
     def describe(self) -> dict:
         return describe_options(self)
