@@ -1,0 +1,226 @@
+"""Attack once, study everything: stored adversarial sets, sweeps, gate calibration and seeds (the CLI end to end)."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from counterattack.adversarial import AdversarialSet
+from counterattack.calibration import threshold_at_fpr
+from counterattack.cli import main
+from counterattack.results import ResultsStore
+
+from test_data import write_image_folder
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "imgs", {"cat": 4, "dog": 4, "sea_lion": 4}, seed=5)
+
+
+@pytest.fixture
+def common(random_clip_dir, folder) -> list[str]:
+    return ["--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}",
+            "--attack-steps", "2", "--eps", "4"]
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def per_image(out: Path) -> dict:
+    """(image id, defense) -> that image's clean and adversarial results, from a run folder's batches."""
+    found = {}
+    for batch in ResultsStore(out).batches():
+        for i, image_id in enumerate(batch["ids"]):
+            for defense, result in batch["defenses"].items():
+                found[(image_id, defense)] = {
+                    "clean": {k: v and v[i] for k, v in result["clean"].items()},
+                    "adv": {a: {k: v and v[i] for k, v in r.items()} for a, r in result["adv"].items()}}
+    return found
+
+
+def records(out: Path, name: str = "results.json") -> list[dict]:
+    return json.loads((out / name).read_text())["records"]
+
+
+def accuracy_of(records_: list[dict], defense: str) -> tuple[float, float]:
+    (record,) = [r for r in records_ if r["defense"] == defense]
+    return record["clean_acc"], record["robust_acc"]
+
+
+# --- Stored adversarial sets -------------------------------------------------------------------------
+
+def test_a_stored_set_evaluates_exactly_like_a_direct_eval(tmp_path, common):
+    adv = tmp_path / "adv"
+    # One batch size throughout: float sums differ in the last bits between batch sizes, on clean images too.
+    assert run("attack", *common, "--attack", "pgd,cw", "--batch-size", "4", "--out", adv) == 0
+    stored = AdversarialSet.open(adv)
+    assert stored.attacks() == ["pgd", "cw"] and sum(len(ids) for ids in stored.done().values()) == 12
+    assert run("eval", *common, "--attack", "pgd,cw", "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "direct") == 0
+    assert run("eval", *common, "--adversarial", adv, "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "stored") == 0
+    direct, from_set = per_image(tmp_path / "direct"), per_image(tmp_path / "stored")
+    assert len(direct) == 36 and direct == from_set
+    config = json.loads((tmp_path / "stored" / "results.json").read_text())["config"]
+    assert config["adversarial"] == {"hash": stored.hash, "seed": 0} and [a["attack"] for a in config["attacks"]] == ["pgd", "cw"]
+
+
+def test_stored_images_are_the_attacks_output_bit_for_bit(tmp_path, common, random_clip_dir, folder):
+    from counterattack import PGD, RunSettings, ZeroShotClassifier, load_clip, load_dataset
+    from counterattack.evaluate import craft_dataset
+
+    adv = tmp_path / "adv"
+    assert run("attack", *common, "--out", adv) == 0
+    clip = load_clip(f"local-dir:{random_clip_dir}")
+    data = load_dataset(f"imagefolder:{folder}", clip, "data")
+    classifier = ZeroShotClassifier.from_clip(clip, data.class_names, data.templates)
+    stored = AdversarialSet.open(adv)
+    crafted = 0
+    for ids, labels, images in craft_dataset(classifier, data, [PGD(eps=4 / 255, steps=2)], RunSettings(batch_size=128)):
+        assert torch.equal(stored.images(data.name, ids, "pgd"), images["pgd"])
+        assert stored.labels(data.name, ids) == labels.tolist()
+        crafted += len(ids)
+    assert crafted == 12
+
+
+def test_an_interrupted_attack_resumes_to_the_same_images(tmp_path, common):
+    adv = tmp_path / "adv"
+    assert run("attack", *common, "--batch-size", "5", "--out", adv) == 0
+    first = AdversarialSet.open(adv)
+    (dataset,) = first.done()
+    ids = sorted(first.done()[dataset])
+    before = first.images(dataset, ids, "pgd")
+    shards = sorted((adv / "shards").glob("*.safetensors"))
+    assert len(shards) == 3
+    shards[-1].unlink()  # as if killed before the last batch was written
+    assert len(AdversarialSet.open(adv).done()[dataset]) == 10
+    assert run("attack", *common, "--batch-size", "5", "--out", adv) == 0
+    assert torch.equal(AdversarialSet.open(adv).images(dataset, ids, "pgd"), before)
+
+
+def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path, common, folder, capsys):
+    adv = tmp_path / "adv"
+    assert run("attack", *common, "--limit", "9", "--out", adv) == 0
+    capsys.readouterr()
+    for extra, named in ((["--limit", "6"], "limit: 9 in the set, 6 here"), (["--limit", "9", "--prompts", "openai"], "prompts"),
+                         (["--limit", "9", "--transform", "paper"], "transform")):
+        assert run("eval", *common, *extra, "--adversarial", adv, "--out", tmp_path / "e") == 2
+        assert named in capsys.readouterr().err
+    other = write_image_folder(tmp_path / "other", {"cat": 4, "dog": 4, "sea_lion": 4}, seed=6)
+    moved = [*common[:-5], f"imagefolder:{other}", *common[-4:]]
+    assert run("eval", *moved, "--limit", "9", "--adversarial", adv, "--out", tmp_path / "e") == 2
+    assert "datasets" in capsys.readouterr().err
+    assert run("eval", *common, "--limit", "9", "--adversarial", adv, "--threat", "adaptive", "--out", tmp_path / "e") == 2
+    assert "adaptive" in capsys.readouterr().err
+    assert run("eval", *common, "--adversarial", tmp_path, "--out", tmp_path / "e") == 2
+    assert "is not an adversarial set" in capsys.readouterr().err
+    assert run("attack", *common, "--limit", "9", "--eps", "2", "--out", adv) == 2  # resuming with another budget
+    assert "differing: attacks" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "parts").exists()
+
+
+# --- Sweeps -----------------------------------------------------------------------------------------
+
+def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
+    sweep = tmp_path / "sweep"
+    assert run("sweep", *common, "--defense", "ttc", "--grid", "tau_thres=0,0.2", "--grid", "eps=2,4", "--out", sweep) == 0
+    swept = records(sweep)
+    assert [r["defense"] for r in swept] == ["none", "ttc tau_thres=0 eps=2", "ttc tau_thres=0 eps=4",
+                                            "ttc tau_thres=0.2 eps=2", "ttc tau_thres=0.2 eps=4"]
+    assert swept[4]["setting"] == {"tau_thres": 0.2, "eps": 4 / 255}
+    assert (sweep / "pareto.png").read_bytes()[:8] == PNG
+    direct = tmp_path / "direct"
+    assert run("eval", *common, "--defense", "none,rn,ttc", "--out", direct) == 0
+    single = records(direct)
+    # TTC never counterattacking (tau_thres 0) is RN: both draw the same delta0.
+    assert accuracy_of(swept, "ttc tau_thres=0 eps=4") == accuracy_of(single, "rn")
+    assert accuracy_of(swept, "ttc tau_thres=0.2 eps=4") == accuracy_of(single, "ttc")
+    assert accuracy_of(swept, "none") == accuracy_of(single, "none")
+    by_image_sweep, by_image_eval = per_image(sweep), per_image(direct)
+    for image_id, _ in [k for k in by_image_eval if k[1] == "ttc"]:
+        assert by_image_sweep[(image_id, "ttc tau_thres=0.2 eps=4")] == by_image_eval[(image_id, "ttc")]
+        assert by_image_sweep[(image_id, "ttc tau_thres=0 eps=4")]["clean"]["pred"] == by_image_eval[(image_id, "rn")]["clean"]["pred"]
+
+
+def test_a_sweep_on_a_stored_set_does_not_attack_again(tmp_path, common):
+    adv = tmp_path / "adv"
+    assert run("attack", *common, "--out", adv) == 0
+    sweep = tmp_path / "sweep"
+    assert run("sweep", *common, "--adversarial", adv, "--defense", "rn", "--grid", "eps=1,4", "--out", sweep) == 0
+    assert not (sweep / "adversarial").exists()
+    batches = ResultsStore(sweep).batches()
+    assert all(seconds == 0.0 for b in batches for r in b["defenses"].values() for seconds in r["attack_seconds"].values())
+
+
+@pytest.mark.parametrize("grid, message", [("beta", "expected OPTION=V1,V2"), ("steps=1,x", "steps: must be an integer"),
+                                           ("eps=300", "eps: must be <= 255"), ("kappa=1", "an option of ttc: eps, steps, step_size, tau_thres, beta")])
+def test_a_bad_grid_is_one_line(tmp_path, common, capsys, grid, message):
+    assert run("sweep", *common, "--defense", "ttc", "--grid", grid, "--out", tmp_path / "s") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# --- Calibration ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("defense, flagged", [("ttc", "below"), ("mac", "above")])
+def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path, common, defense, flagged):
+    out = tmp_path / "cal"
+    assert run("calibrate", *common, "--defense", defense, "--target-fpr", "0.25", "--out", out) == 0
+    (entry,) = json.loads((out / "calibration.json").read_text())["calibration"]
+    assert entry["flagged"] == flagged and entry["n"] == 12
+    assert abs(entry["chosen"]["flagged_clean"] - 0.25) <= 1 / 12
+    # The defense run at the chosen threshold does flag that fraction (its own gate, not our count).
+    (chosen_record,) = records_of(out / "chosen", entry["attack"])
+    assert chosen_record["counterattacked_clean"] == pytest.approx(entry["chosen"]["flagged_clean"])
+    # The AUC is the share of (clean, adversarial) pairs the score orders right, ties half.
+    clean, adv = [], []
+    for batch in ResultsStore(out / "current").batches():
+        clean += batch["defenses"][defense]["clean"]["tau"]
+        adv += batch["defenses"][defense]["adv"][entry["attack"]]["tau"]
+    sign = 1 if flagged == "above" else -1
+    pairs = [(sign * a > sign * c) + 0.5 * (a == c) for a in adv for c in clean]
+    assert entry["auc"] == pytest.approx(sum(pairs) / len(pairs))
+    assert entry["chosen"]["threshold"] == threshold_at_fpr(clean, 0.25, flagged == "above")
+    assert (out / "calibration.png").read_bytes()[:8] == PNG
+
+
+def records_of(out: Path, attack: str) -> list[dict]:
+    from counterattack.evaluate import summarize
+
+    batches = ResultsStore(out).batches()
+    return [r for r in summarize(batches, [batches[0]["dataset"]], list(batches[0]["defenses"]), [attack])]
+
+
+def test_calibrate_refuses_a_defense_without_a_gate(tmp_path, common, capsys):
+    assert run("calibrate", *common, "--defense", "rn", "--out", tmp_path / "cal") == 2
+    assert "rn has no gate to calibrate; defenses with one: csr, doc, mac, ttc" in capsys.readouterr().err
+
+
+# --- Seeds --------------------------------------------------------------------------------------------
+
+def test_seeds_report_the_mean_and_the_sample_standard_deviation(tmp_path, common):
+    out = tmp_path / "seeds"
+    assert run("eval", *common, "--defense", "none,ttc", "--seeds", "0,1,2", "--out", out) == 0
+    combined = records(out)
+    per_seed = [records(out / f"seed-{seed}") for seed in (0, 1, 2)]
+    for record in combined:
+        values = [accuracy_of(rs, record["defense"]) for rs in per_seed]
+        for k, kind in enumerate(("clean", "robust")):
+            assert record[f"{kind}_acc_per_seed"] == [v[k] for v in values]
+            assert record[f"{kind}_acc"] == pytest.approx(statistics.mean(v[k] for v in values))
+            assert record[f"{kind}_acc_std"] == pytest.approx(statistics.stdev(v[k] for v in values))
+    # The seeds change the random draws: TTC's tau differs between runs.
+    assert len({accuracy_of_tau(rs) for rs in per_seed}) == 3
+    direct = tmp_path / "direct"
+    assert run("eval", *common, "--defense", "none,ttc", "--seed", "1", "--out", direct) == 0
+    assert per_image(direct) == per_image(out / "seed-1")
+    assert "± robust" in (out / "report.md").read_text() or "±" in (out / "report.md").read_text()
+
+
+def accuracy_of_tau(records_: list[dict]) -> float:
+    (ttc,) = [r for r in records_ if r["defense"] == "ttc"]
+    return ttc["mean_tau_clean"]
