@@ -24,8 +24,10 @@ def folder(tmp_path) -> Path:
 
 @pytest.fixture
 def common(random_clip_dir, folder) -> list[str]:
-    return ["--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}",
-            "--attack-steps", "2", "--eps", "4"]
+    return ["--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}"]
+
+
+ATTACK = ["--attack-steps", "2", "--eps", "4"]  # what crafting commands add: a short attack
 
 
 def run(*argv) -> int:
@@ -58,10 +60,10 @@ def accuracy_of(records_: list[dict], defense: str) -> tuple[float, float]:
 def test_a_stored_set_evaluates_exactly_like_a_direct_eval(tmp_path, common):
     adv = tmp_path / "adv"
     # One batch size throughout: float sums differ in the last bits between batch sizes, on clean images too.
-    assert run("attack", *common, "--attack", "pgd,cw", "--batch-size", "4", "--out", adv) == 0
+    assert run("attack", *common, *ATTACK, "--attack", "pgd,cw", "--batch-size", "4", "--out", adv) == 0
     stored = AdversarialSet.open(adv)
     assert stored.attacks() == ["pgd", "cw"] and sum(len(ids) for ids in stored.done().values()) == 12
-    assert run("eval", *common, "--attack", "pgd,cw", "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "direct") == 0
+    assert run("eval", *common, *ATTACK, "--attack", "pgd,cw", "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "direct") == 0
     assert run("eval", *common, "--adversarial", adv, "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "stored") == 0
     direct, from_set = per_image(tmp_path / "direct"), per_image(tmp_path / "stored")
     assert len(direct) == 36 and direct == from_set
@@ -74,7 +76,7 @@ def test_stored_images_are_the_attacks_output_bit_for_bit(tmp_path, common, rand
     from counterattack.evaluate import craft_dataset
 
     adv = tmp_path / "adv"
-    assert run("attack", *common, "--out", adv) == 0
+    assert run("attack", *common, *ATTACK, "--out", adv) == 0
     clip = load_clip(f"local-dir:{random_clip_dir}")
     data = load_dataset(f"imagefolder:{folder}", clip, "data")
     classifier = ZeroShotClassifier.from_clip(clip, data.class_names, data.templates)
@@ -89,7 +91,7 @@ def test_stored_images_are_the_attacks_output_bit_for_bit(tmp_path, common, rand
 
 def test_an_interrupted_attack_resumes_to_the_same_images(tmp_path, common):
     adv = tmp_path / "adv"
-    assert run("attack", *common, "--batch-size", "5", "--out", adv) == 0
+    assert run("attack", *common, *ATTACK, "--batch-size", "5", "--out", adv) == 0
     first = AdversarialSet.open(adv)
     (dataset,) = first.done()
     ids = sorted(first.done()[dataset])
@@ -98,28 +100,31 @@ def test_an_interrupted_attack_resumes_to_the_same_images(tmp_path, common):
     assert len(shards) == 3
     shards[-1].unlink()  # as if killed before the last batch was written
     assert len(AdversarialSet.open(adv).done()[dataset]) == 10
-    assert run("attack", *common, "--batch-size", "5", "--out", adv) == 0
+    assert run("attack", *common, *ATTACK, "--batch-size", "5", "--out", adv) == 0
     assert torch.equal(AdversarialSet.open(adv).images(dataset, ids, "pgd"), before)
 
 
 def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path, common, folder, capsys):
     adv = tmp_path / "adv"
-    assert run("attack", *common, "--limit", "9", "--out", adv) == 0
+    assert run("attack", *common, *ATTACK, "--limit", "9", "--out", adv) == 0
     capsys.readouterr()
     for extra, named in ((["--limit", "6"], "limit: 9 in the set, 6 here"), (["--limit", "9", "--prompts", "openai"], "prompts"),
                          (["--limit", "9", "--transform", "paper"], "transform")):
         assert run("eval", *common, *extra, "--adversarial", adv, "--out", tmp_path / "e") == 2
         assert named in capsys.readouterr().err
     other = write_image_folder(tmp_path / "other", {"cat": 4, "dog": 4, "sea_lion": 4}, seed=6)
-    moved = [*common[:-5], f"imagefolder:{other}", *common[-4:]]
+    moved = [*common[:-1], f"imagefolder:{other}"]
     assert run("eval", *moved, "--limit", "9", "--adversarial", adv, "--out", tmp_path / "e") == 2
     assert "datasets" in capsys.readouterr().err
     assert run("eval", *common, "--limit", "9", "--adversarial", adv, "--threat", "adaptive", "--out", tmp_path / "e") == 2
     assert "adaptive" in capsys.readouterr().err
     assert run("eval", *common, "--adversarial", tmp_path, "--out", tmp_path / "e") == 2
     assert "is not an adversarial set" in capsys.readouterr().err
-    assert run("attack", *common, "--limit", "9", "--eps", "2", "--out", adv) == 2  # resuming with another budget
+    assert run("attack", *common, "--attack-steps", "2", "--limit", "9", "--eps", "2", "--out", adv) == 2  # another budget
     assert "differing: attacks" in capsys.readouterr().err
+    for flags in (["--eps", "2"], ["--cw-kappa", "3"], ["--attack", "cw"]):  # the set's attacks have their own settings
+        assert run("eval", *common, "--limit", "9", "--adversarial", adv, *flags, "--out", tmp_path / "e") == 2
+        assert f"{flags[0]}" in capsys.readouterr().err
     assert not (tmp_path / "e" / "parts").exists()
 
 
@@ -127,14 +132,14 @@ def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path
 
 def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
     sweep = tmp_path / "sweep"
-    assert run("sweep", *common, "--defense", "ttc", "--grid", "tau_thres=0,0.2", "--grid", "eps=2,4", "--out", sweep) == 0
+    assert run("sweep", *common, *ATTACK, "--defense", "ttc", "--grid", "tau_thres=0,0.2", "--grid", "eps=2,4", "--out", sweep) == 0
     swept = records(sweep)
     assert [r["defense"] for r in swept] == ["none", "ttc tau_thres=0 eps=2", "ttc tau_thres=0 eps=4",
                                             "ttc tau_thres=0.2 eps=2", "ttc tau_thres=0.2 eps=4"]
     assert swept[4]["setting"] == {"tau_thres": 0.2, "eps": 4 / 255}
     assert (sweep / "pareto.png").read_bytes()[:8] == PNG
     direct = tmp_path / "direct"
-    assert run("eval", *common, "--defense", "none,rn,ttc", "--out", direct) == 0
+    assert run("eval", *common, *ATTACK, "--defense", "none,rn,ttc", "--out", direct) == 0
     single = records(direct)
     # TTC never counterattacking (tau_thres 0) is RN: both draw the same delta0.
     assert accuracy_of(swept, "ttc tau_thres=0 eps=4") == accuracy_of(single, "rn")
@@ -148,7 +153,7 @@ def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
 
 def test_a_sweep_on_a_stored_set_does_not_attack_again(tmp_path, common):
     adv = tmp_path / "adv"
-    assert run("attack", *common, "--out", adv) == 0
+    assert run("attack", *common, *ATTACK, "--out", adv) == 0
     sweep = tmp_path / "sweep"
     assert run("sweep", *common, "--adversarial", adv, "--defense", "rn", "--grid", "eps=1,4", "--out", sweep) == 0
     assert not (sweep / "adversarial").exists()
@@ -166,10 +171,10 @@ def test_a_bad_grid_is_one_line(tmp_path, common, capsys, grid, message):
 
 # --- Calibration ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("defense, flagged", [("ttc", "below"), ("mac", "above")])
+@pytest.mark.parametrize("defense, flagged", [("ttc", "below"), ("mac", "above"), ("doc", "below"), ("csr", "below")])
 def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path, common, defense, flagged):
     out = tmp_path / "cal"
-    assert run("calibrate", *common, "--defense", defense, "--target-fpr", "0.25", "--out", out) == 0
+    assert run("calibrate", *common, *ATTACK, "--defense", defense, "--target-fpr", "0.25", "--out", out) == 0
     (entry,) = json.loads((out / "calibration.json").read_text())["calibration"]
     assert entry["flagged"] == flagged and entry["n"] == 12
     assert abs(entry["chosen"]["flagged_clean"] - 0.25) <= 1 / 12
@@ -204,7 +209,7 @@ def test_calibrate_refuses_a_defense_without_a_gate(tmp_path, common, capsys):
 
 def test_seeds_report_the_mean_and_the_sample_standard_deviation(tmp_path, common):
     out = tmp_path / "seeds"
-    assert run("eval", *common, "--defense", "none,ttc", "--seeds", "0,1,2", "--out", out) == 0
+    assert run("eval", *common, *ATTACK, "--defense", "none,ttc", "--seeds", "0,1,2", "--out", out) == 0
     combined = records(out)
     per_seed = [records(out / f"seed-{seed}") for seed in (0, 1, 2)]
     for record in combined:
@@ -216,9 +221,10 @@ def test_seeds_report_the_mean_and_the_sample_standard_deviation(tmp_path, commo
     # The seeds change the random draws: TTC's tau differs between runs.
     assert len({accuracy_of_tau(rs) for rs in per_seed}) == 3
     direct = tmp_path / "direct"
-    assert run("eval", *common, "--defense", "none,ttc", "--seed", "1", "--out", direct) == 0
+    assert run("eval", *common, *ATTACK, "--defense", "none,ttc", "--seed", "1", "--out", direct) == 0
     assert per_image(direct) == per_image(out / "seed-1")
-    assert "± robust" in (out / "report.md").read_text() or "±" in (out / "report.md").read_text()
+    (ttc,) = [r for r in combined if r["defense"] == "ttc"]
+    assert f"{ttc['robust_acc']:.2f} ± {ttc['robust_acc_std']:.2f}" in (out / "report.md").read_text()
 
 
 def accuracy_of_tau(records_: list[dict]) -> float:

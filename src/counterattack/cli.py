@@ -179,8 +179,8 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
     if sanity:
         attack.add_argument("--attack", default="pgd", choices=attacks, help="; ".join(f"{k}: {attack_summary(k)}" for k in attacks))
     else:
-        attack.add_argument("--attack", type=_attack_names, default=["pgd"],
-                            help="comma-separated; several give a worst-case record too. "
+        attack.add_argument("--attack", type=_attack_names, default=None,
+                            help="comma-separated (default pgd); several give a worst-case record too. "
                             + "; ".join(f"{k}: {attack_summary(k)}" for k in attacks))
     attack.add_argument("--eps", type=PIXELS, help="L-inf budget of every attack, in 1/255 (None: each attack's own, 1)")
     attack.add_argument("--attack-steps", type=COUNT,
@@ -354,9 +354,9 @@ def run_eval(args: argparse.Namespace) -> dict | None:
     """
     if not args.seeds:
         return _with_group(args, _run_eval)
-    runs = []
-    for seed in args.seeds:
-        runs.append(_with_group(argparse.Namespace(**{**vars(args), "seed": seed, "out": args.out / f"seed-{seed}"}), _run_eval))
+    runs = _with_group(args, lambda args, group, device: [
+        _run_eval(argparse.Namespace(**{**vars(args), "seed": seed, "out": args.out / f"seed-{seed}"}), group, device)
+        for seed in args.seeds])
     if runs[0] is None:
         return None
     records = combine_seeds([run["records"] for run in runs], args.seeds)
@@ -530,7 +530,7 @@ def _stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
     for described in adversarial.config["attacks"]:
         fields_of = {f.name for f in dataclass_fields(ATTACKS[described["attack"]])}
         built.append(build_attacks([described["attack"]], {described["attack"]: {
-            k: v for k, v in described.items() if k in fields_of and k != "warnings"}})[0])
+            k: v for k, v in described.items() if k in fields_of}})[0])
     return built
 
 
@@ -540,7 +540,17 @@ def _open_adversarial(ctx: _Context, folder: Path) -> tuple[AdversarialSet, list
                                  "adaptive attacks are crafted through each defense and cannot be stored once for all.")
     adversarial = AdversarialSet.open(folder)
     adversarial.check_identity(ctx.identity())
-    return adversarial, _stored_attacks(adversarial)
+    attacks = _stored_attacks(adversarial)
+    args = ctx.args
+    given = [f"--{name}" for name in ("eps", "attack_steps", "attack_step_size") if getattr(args, name) is not None]
+    given += [_flag(a, s) for a in ATTACKS for s in _registered_settings(args, "attack", a)]
+    if args.attack_given and sorted(args.attack) != sorted(a.name for a in attacks):
+        given.insert(0, f"--attack {','.join(args.attack)}")
+    if given:
+        raise CounterattackError(f"{folder} holds {', '.join(a.name for a in attacks)} with their own settings "
+                                 f"(see its config.json); {', '.join(given)} cannot apply to it: drop them, or craft "
+                                 "another set with `counterattack attack`.")
+    return adversarial, attacks
 
 
 def _evaluate_into(ctx: _Context, out: Path, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
@@ -707,14 +717,14 @@ def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device:
     if records is None:
         return None
     for record in records:
-        record["setting"] = {k: v for k, v in settings.get(record["defense"], {}).items()}
+        record["setting"] = dict(settings.get(record["defense"], {}))
     plots = []
+    single = len({r["dataset"] for r in records}) == 1 and len(attacks) == 1
     for dataset in dict.fromkeys(r["dataset"] for r in records):
         for attack in dict.fromkeys(r["attack"] for r in records):
             these = [r for r in records if r["dataset"] == dataset and r["attack"] == attack]
             points = [{**r, "label": r["defense"].removeprefix(f"{name} ")} for r in these if r["defense"] != "none"]
             baseline = next(r for r in these if r["defense"] == "none")
-            single = len({r["dataset"] for r in records}) == 1 and len(attacks) == 1
             path = args.out / ("pareto.png" if single else f"pareto-{_file_name(short_name(dataset))}-{attack}.png")
             plots.append(plot_pareto(points, path, baseline, title=f"{name} on {short_name(dataset)}, {attack} "
                                      f"({baseline['n']} images)"))
@@ -880,6 +890,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_from_open_clip)
     args = build_parser().parse_args(argv)
+    if isinstance(getattr(args, "attack", ""), (list, type(None))):  # eval, attack, sweep, calibrate
+        args.attack_given = args.attack is not None
+        args.attack = args.attack or ["pgd"]
     try:
         if args.command == "eval":
             run_eval(args)
