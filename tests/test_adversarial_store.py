@@ -30,7 +30,7 @@ def test_round_trip_is_bit_exact_in_any_order(tmp_path):
             written[(dataset, image_id)] = (int(labels[row]), {k: v[row] for k, v in images.items()})
 
     opened = AdversarialSet.open(tmp_path)
-    assert opened.config == CONFIG
+    assert opened.config == {"kind": "adversarial set", **CONFIG}
     assert opened.attacks() == ["pgd", "apgd"]
     assert opened.done() == {"cifar10": {0, 1, 2}, "folder": {"b/x.png", "a/y.png", "c.png"}}
     for dataset in ("cifar10", "folder"):
@@ -106,7 +106,7 @@ def test_check_config_refuses_another_configuration(tmp_path):
     store.check_config({**CONFIG, "run": {"workers": 8}}, write=True)  # run-only settings may change
     with pytest.raises(CounterattackError, match=r"differing: model\b.*another --out.*delete the folder"):
         AdversarialSet(tmp_path).check_config({**CONFIG, "model": "other"}, write=True)
-    assert AdversarialSet.open(tmp_path).config == CONFIG
+    assert AdversarialSet.open(tmp_path).config == {"kind": "adversarial set", **CONFIG}
 
 
 def test_open_refuses_a_folder_that_is_not_a_set(tmp_path):

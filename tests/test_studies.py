@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from counterattack.adversarial import AdversarialSet
-from counterattack.calibration import threshold_at_fpr
 from counterattack.cli import main
 from counterattack.results import ResultsStore
 
@@ -120,12 +119,27 @@ def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path
     assert "adaptive" in capsys.readouterr().err
     assert run("eval", *common, "--adversarial", tmp_path, "--out", tmp_path / "e") == 2
     assert "is not an adversarial set" in capsys.readouterr().err
+    assert run("eval", *common, "--limit", "9", "--attack-steps", "1", "--out", tmp_path / "results") == 0
+    capsys.readouterr()
+    assert run("eval", *common, "--limit", "9", "--adversarial", tmp_path / "results", "--out", tmp_path / "e") == 2
+    assert "is not an adversarial set" in capsys.readouterr().err  # a results folder has a config.json too
+    assert run("attack", *common, "--threat", "adaptive", "--out", tmp_path / "adaptive") == 2
+    assert "adaptive attacks go through each defense" in capsys.readouterr().err
     assert run("attack", *common, "--attack-steps", "2", "--limit", "9", "--eps", "2", "--out", adv) == 2  # another budget
     assert "differing: attacks" in capsys.readouterr().err
     for flags in (["--eps", "2"], ["--cw-kappa", "3"], ["--attack", "cw"]):  # the set's attacks have their own settings
         assert run("eval", *common, "--limit", "9", "--adversarial", adv, *flags, "--out", tmp_path / "e") == 2
         assert f"{flags[0]}" in capsys.readouterr().err
     assert not (tmp_path / "e" / "parts").exists()
+
+
+def test_an_unfinished_set_is_refused_until_the_attack_is_run_again(tmp_path, common, capsys):
+    adv = tmp_path / "adv"
+    assert run("attack", *common, *ATTACK, "--batch-size", "5", "--out", adv) == 0
+    sorted((adv / "shards").glob("*.safetensors"))[0].unlink()
+    capsys.readouterr()
+    assert run("eval", *common, "--adversarial", adv, "--out", tmp_path / "e") == 2
+    assert "is incomplete: 5 of 12 images" in capsys.readouterr().err and not (tmp_path / "e" / "parts").exists()
 
 
 # --- Sweeps -----------------------------------------------------------------------------------------
@@ -162,6 +176,7 @@ def test_a_sweep_on_a_stored_set_does_not_attack_again(tmp_path, common):
 
 
 @pytest.mark.parametrize("grid, message", [("beta", "expected OPTION=V1,V2"), ("steps=1,x", "steps: must be an integer"),
+                                           ("beta=1,1.0000001", "repeats a setting"),
                                            ("eps=300", "eps: must be <= 255"), ("kappa=1", "an option of ttc: eps, steps, step_size, tau_thres, beta")])
 def test_a_bad_grid_is_one_line(tmp_path, common, capsys, grid, message):
     assert run("sweep", *common, "--defense", "ttc", "--grid", grid, "--out", tmp_path / "s") == 2
@@ -179,7 +194,8 @@ def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path
     assert entry["flagged"] == flagged and entry["n"] == 12
     assert abs(entry["chosen"]["flagged_clean"] - 0.25) <= 1 / 12
     # The defense run at the chosen threshold does flag that fraction (its own gate, not our count).
-    (chosen_record,) = records_of(out / "chosen", entry["attack"])
+    (chosen_folder,) = out.glob("at-*")
+    (chosen_record,) = records_of(chosen_folder, entry["attack"])
     assert chosen_record["counterattacked_clean"] == pytest.approx(entry["chosen"]["flagged_clean"])
     # The AUC is the share of (clean, adversarial) pairs the score orders right, ties half.
     clean, adv = [], []
@@ -189,7 +205,6 @@ def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path
     sign = 1 if flagged == "above" else -1
     pairs = [(sign * a > sign * c) + 0.5 * (a == c) for a in adv for c in clean]
     assert entry["auc"] == pytest.approx(sum(pairs) / len(pairs))
-    assert entry["chosen"]["threshold"] == threshold_at_fpr(clean, 0.25, flagged == "above")
     assert (out / "calibration.png").read_bytes()[:8] == PNG
 
 
@@ -200,9 +215,12 @@ def records_of(out: Path, attack: str) -> list[dict]:
     return [r for r in summarize(batches, [batches[0]["dataset"]], list(batches[0]["defenses"]), [attack])]
 
 
-def test_calibrate_refuses_a_defense_without_a_gate(tmp_path, common, capsys):
+def test_calibrate_refuses_a_defense_without_a_gate_and_several_datasets(tmp_path, common, folder, capsys):
     assert run("calibrate", *common, "--defense", "rn", "--out", tmp_path / "cal") == 2
     assert "rn has no gate to calibrate; defenses with one: csr, doc, mac, ttc" in capsys.readouterr().err
+    other = write_image_folder(tmp_path / "other", {"cat": 2, "dog": 2})
+    assert run("calibrate", *common, "--dataset", f"imagefolder:{other}", "--out", tmp_path / "cal2") == 2
+    assert "calibrate works on one --dataset" in capsys.readouterr().err
 
 
 # --- Seeds --------------------------------------------------------------------------------------------

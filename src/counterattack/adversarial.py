@@ -25,9 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CounterattackError
-from .results import RUN_ONLY_KEYS, _dataset_changes, config_hash, write_json_atomically
+from .results import _dataset_changes, check_stored_config, config_hash
 
 SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
+KIND = "adversarial set"  # in the stored configuration: a results folder's config.json is not a set
 CACHED_TENSORS = 4  # shard tensors kept in memory while reading: a large set is never loaded whole
 
 
@@ -53,9 +54,11 @@ class AdversarialSet:
         try:
             stored = json.loads(adversarial.config_path.read_text(encoding="utf-8"))
             adversarial._config = stored["config"]
+            if adversarial._config["kind"] != KIND:
+                raise ValueError(adversarial._config["kind"])
         except (OSError, ValueError, KeyError, TypeError):
             raise CounterattackError(
-                f"{adversarial.folder} is not an adversarial set (no config.json); "
+                f"{adversarial.folder} is not an adversarial set (no config.json of one); "
                 "make one with `counterattack attack --out DIR`."
             ) from None
         return adversarial
@@ -69,20 +72,8 @@ class AdversarialSet:
 
     def check_config(self, config: dict, write: bool) -> None:
         """Refuse to mix attacks: the stored configuration must be this one (written if absent and ``write``)."""
-        digest = config_hash(config)
-        if self.config_path.is_file():
-            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
-            if stored.get("hash") != digest:
-                old = stored.get("config", {})
-                changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
-                raise CounterattackError(
-                    f"{self.folder} holds adversarial images of another configuration (hash {stored.get('hash')}, "
-                    f"this one {digest}; differing: {', '.join(changed) or 'unknown'}{_dataset_changes(old, config)}). "
-                    "Use another --out, or delete the folder to start over."
-                )
-        elif write:
-            write_json_atomically(self.config_path, {"hash": digest, "config": config})
-            self._config = None
+        check_stored_config(self.config_path, {"kind": KIND, **config}, write, "adversarial images")
+        self._config = None
 
     @property
     def hash(self) -> str:
@@ -213,11 +204,25 @@ class AdversarialSet:
             self._cache.popitem(last=False)
         return tensor
 
+    def _gather(self, dataset: str, ids: list, key: str) -> torch.Tensor:
+        """Rows of one stored tensor for those ids, in that order, each shard read once however the ids interleave."""
+        rows = self._rows(dataset, ids)
+        by_shard: dict[Path, list[int]] = {}
+        for position, (path, _) in enumerate(rows):
+            by_shard.setdefault(path, []).append(position)
+        out: torch.Tensor | None = None
+        for path, positions in by_shard.items():
+            tensor = self._tensor(path, key)
+            if out is None:
+                out = tensor.new_empty((len(ids), *tensor.shape[1:]))
+            out[positions] = tensor[[rows[p][1] for p in positions]]
+        assert out is not None, "no ids"
+        return out
+
     def images(self, dataset: str, ids: list, attack: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The stored images of those ids, in that order (float32, exactly as attacked)."""
-        rows = self._rows(dataset, ids)
-        return torch.stack([self._tensor(path, f"adv/{attack}")[row] for path, row in rows]).to(device)
+        return self._gather(dataset, ids, f"adv/{attack}").to(device)
 
     def labels(self, dataset: str, ids: list) -> list[int]:
         """The stored labels of those ids, in that order."""
-        return [int(self._tensor(path, "labels")[row]) for path, row in self._rows(dataset, ids)]
+        return self._gather(dataset, ids, "labels").tolist()

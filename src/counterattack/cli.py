@@ -22,7 +22,6 @@ import torch
 
 from . import __version__, distributed
 from .attacks import ATTACKS, PGD, PIXEL, AdaptiveAttack, Attack, AutoAttack, build_attacks
-from .attacks import summary as attack_summary
 from .attacks.autoattack import import_pyautoattack
 from .classifier import ImageEncoder, ZeroShotClassifier
 from .data import (
@@ -85,11 +84,12 @@ def _names(text: str) -> list[str]:
 
 def _attack_names(text: str) -> list[str]:
     names = _names(text)
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(map(repr, unknown)) or repr(text)}; available: {', '.join(ATTACKS)}")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"attack listed twice: {text}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"no attack in {text!r}; available: {', '.join(ATTACKS)}")
+    try:
+        ATTACKS.check_names(names)
+    except CounterattackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return names
 
 
@@ -102,25 +102,34 @@ def _flag(name: str, setting: str) -> str:
     return f"--{name}-{setting.replace('_', '-')}"
 
 
+def _option_parser(setting: Field) -> Callable[[str], Any]:
+    """How the command line reads one option: its choices, or a number within its bounds (in 1/255 for budgets)."""
+    meta = setting.metadata
+    if meta["choices"] is not None:
+        def choice(text: str) -> str:
+            if text not in meta["choices"]:
+                raise argparse.ArgumentTypeError(f"must be one of {', '.join(meta['choices'])}, got {text!r}")
+            return text
+        return choice
+    high = None if meta["high"] is None else _cli_value(float(meta["high"]), meta)
+    integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
+    return _number(int if integer else float, meta["low"], high)
+
+
 def _add_registered_options(command: argparse.ArgumentParser, kind: str, registry: Mapping[str, type]) -> None:
     """``--NAME-SETTING`` for every option of every registered defense (or attack), from its dataclass."""
     for name, cls in registry.items():
         settings = options_of(cls)
         if not settings:
             continue
-        group = command.add_argument_group(f"{kind} {name}", (cls.__doc__ or "").strip().splitlines()[0])
+        group = command.add_argument_group(f"{kind} {name}", _REGISTRIES[kind].summary(name))
         for setting in settings:
             meta = setting.metadata
-            high = None if meta["high"] is None else _cli_value(float(meta["high"]), meta)
-            if meta["choices"] is not None:
-                parse: Callable[[str], Any] = str
-            else:
-                parse = _number(int if isinstance(setting.default, int) and not isinstance(setting.default, bool) else float,
-                                meta["low"], high)
             unit = f", in {PIXEL_UNIT}" if meta["unit"] == PIXEL_UNIT else ""
+            integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
             group.add_argument(_flag(name, setting.name), *meta["aliases"], dest=f"{kind}:{name}:{setting.name}",
-                               type=parse, choices=meta["choices"], default=argparse.SUPPRESS,
-                               metavar=None if meta["choices"] else ("N" if parse is not str and isinstance(setting.default, int) else "X"),
+                               type=_option_parser(setting), default=argparse.SUPPRESS,
+                               metavar="{" + ",".join(meta["choices"]) + "}" if meta["choices"] else ("N" if integer else "X"),
                                help=f"{meta['help']}{unit} (default {_cli_value(setting.default, meta)})")
 
 
@@ -177,11 +186,11 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
                                         "--eps, --attack-steps and --attack-step-size set them for every attack that has them.")
     attacks = ["pgd", "cw"] if sanity else list(ATTACKS)
     if sanity:
-        attack.add_argument("--attack", default="pgd", choices=attacks, help="; ".join(f"{k}: {attack_summary(k)}" for k in attacks))
+        attack.add_argument("--attack", default="pgd", choices=attacks, help="; ".join(f"{k}: {ATTACKS.summary(k)}" for k in attacks))
     else:
         attack.add_argument("--attack", type=_attack_names, default=None,
                             help="comma-separated (default pgd); several give a worst-case record too. "
-                            + "; ".join(f"{k}: {attack_summary(k)}" for k in attacks))
+                            + "; ".join(f"{k}: {ATTACKS.summary(k)}" for k in attacks))
     attack.add_argument("--eps", type=PIXELS, help="L-inf budget of every attack, in 1/255 (None: each attack's own, 1)")
     attack.add_argument("--attack-steps", type=COUNT,
                         help="iterations of every attack (None: each attack's own, 10 for pgd and cw, 100 for AutoAttack's APGD)")
@@ -276,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common_arguments(study)
         study.add_argument("--adversarial", type=Path, metavar="ADV", help="a set from `counterattack attack` (default: craft one)")
         study.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
+    for study in (sweep, calibrate):
+        study.set_defaults(defense=["ttc"])
     sweep.add_argument("--grid", action="append", required=True, metavar="OPTION=V1,V2,...",
                        help="values of one option of the defense (repeatable: the cartesian product is swept)")
     calibrate.add_argument("--target-fpr", type=_number(float, 0, 1), default=0.05,
@@ -518,9 +529,7 @@ def _craft_into(ctx: _Context, folder: Path, attacks: Sequence[Attack]) -> Adver
                 adversarial.append(data.name, ids, labels, images)
 
     group.together(craft_my_share)
-    if group.is_main:
-        adversarial.complete(ctx.expected())
-    group.barrier()
+    group.together(lambda: adversarial.complete(ctx.expected()) if group.is_main else None)
     return AdversarialSet.open(folder)
 
 
@@ -540,6 +549,7 @@ def _open_adversarial(ctx: _Context, folder: Path) -> tuple[AdversarialSet, list
                                  "adaptive attacks are crafted through each defense and cannot be stored once for all.")
     adversarial = AdversarialSet.open(folder)
     adversarial.check_identity(ctx.identity())
+    adversarial.complete(ctx.expected())
     attacks = _stored_attacks(adversarial)
     args = ctx.args
     given = [f"--{name}" for name in ("eps", "attack_steps", "attack_step_size") if getattr(args, name) is not None]
@@ -571,14 +581,15 @@ def _evaluate_into(ctx: _Context, out: Path, defenses: Mapping[str, Defense], at
                 store.append(batch)
 
     group.together(evaluate_my_share)
+    expected = ctx.expected()
+    # The merge check runs on the main process; its failure ends the others too, with its message.
+    batches = group.together(lambda: store.complete_batches(expected) if group.is_main else None)
     if not group.is_main:
         return None
-    expected = ctx.expected()
     adaptive = None
     if ctx.args.threat == "adaptive":
         adaptive = f"{ctx.args.adaptive_method}, eot {ctx.args.eot_samples}, gate weight {ctx.args.gate_weight:g}"
-    return summarize(store.complete_batches(expected), list(expected), list(defenses), [a.name for a in attacks],
-                     ctx.args.threat, adaptive)
+    return summarize(batches, list(expected), list(defenses), [a.name for a in attacks], ctx.args.threat, adaptive)
 
 
 def _evaluation_config(ctx: _Context, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
@@ -633,6 +644,9 @@ def _run_eval(args: argparse.Namespace, group: distributed.ProcessGroup, device:
 
 def run_attack(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> AdversarialSet | None:
     """``counterattack attack``: craft and store the paper protocol's adversarial images, resumable."""
+    if args.threat != "paper":
+        raise CounterattackError("counterattack attack stores the paper protocol's images (crafted against the undefended "
+                                 "model); adaptive attacks go through each defense: use `counterattack eval --threat adaptive`.")
     ctx, _ = _context(args, group, device, [], args.attack)
     adversarial = _craft_into(ctx, args.out, _attacks(args, args.attack))
     if group.is_main:
@@ -640,20 +654,6 @@ def run_attack(args: argparse.Namespace, group: distributed.ProcessGroup, device
         print(f"{count} images x {len(args.attack)} attack(s) stored in {args.out}; evaluate them with "
               f"`counterattack eval --adversarial {args.out} ...` (same model and data flags).")
     return adversarial
-
-
-def _option_parser(setting: Field) -> Callable[[str], Any]:
-    """How the command line reads one option: its choices, or a number within its bounds (in 1/255 for budgets)."""
-    meta = setting.metadata
-    if meta["choices"] is not None:
-        def choice(text: str) -> str:
-            if text not in meta["choices"]:
-                raise argparse.ArgumentTypeError(f"must be one of {', '.join(meta['choices'])}, got {text!r}")
-            return text
-        return choice
-    high = None if meta["high"] is None else _cli_value(float(meta["high"]), meta)
-    integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
-    return _number(int if integer else float, meta["low"], high)
 
 
 def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:
@@ -710,6 +710,8 @@ def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device:
     grid = parse_grid(args.grid, name)
     ctx, (base,) = _context(args, group, device, [name], args.attack)
     settings = {_setting_label(name, setting): setting for setting in grid}
+    if len(settings) != len(grid):
+        raise CounterattackError(f"--grid repeats a setting ({len(grid)} combinations, {len(settings)} distinct at 6 digits).")
     defenses: dict[str, Defense] = {"none": NoDefense(), **{label: replace(base, **setting) for label, setting in settings.items()}}
     adversarial, attacks = _adversarial_for(ctx, args.attack)
     config = {**_evaluation_config(ctx, defenses, attacks, adversarial), "sweep": {"defense": name, "grid": args.grid}}
@@ -753,7 +755,7 @@ def run_calibrate(args: argparse.Namespace, group: distributed.ProcessGroup, dev
     if "tau_thres" not in {f.name for f in options_of(cls)}:
         gated = [n for n, c in DEFENSES.items() if "tau_thres" in {f.name for f in options_of(c)}]
         raise CounterattackError(f"{name} has no gate to calibrate; defenses with one: {', '.join(gated)}.")
-    if len(args.dataset or ["cifar10"]) != 1:
+    if len(dataset_names(args.dataset or ["cifar10"])) != 1:
         raise CounterattackError("calibrate works on one --dataset: a threshold is chosen per backbone and dataset.")
     ctx, (current,) = _context(args, group, device, [name], args.attack)
     adversarial, attacks = _adversarial_for(ctx, args.attack)
@@ -770,7 +772,8 @@ def run_calibrate(args: argparse.Namespace, group: distributed.ProcessGroup, dev
     clean_scores, _ = _scores(ResultsStore(args.out / "current"), expected, name, attacks[0].name)
     chosen_threshold = threshold_at_fpr(clean_scores, args.target_fpr, flagged_above)
     chosen = replace(current, tau_thres=chosen_threshold)
-    evaluate("chosen", chosen)
+    chosen_folder = f"at-{chosen_threshold:.6g}"  # another --target-fpr adds a folder rather than clashing
+    evaluate(chosen_folder, chosen)
     if not group.is_main:
         return None
 
@@ -778,7 +781,7 @@ def run_calibrate(args: argparse.Namespace, group: distributed.ProcessGroup, dev
         store = ResultsStore(args.out / folder)
         return {r["attack"]: r for r in summarize(store.complete_batches(expected), [dataset], [name], [a.name for a in attacks])}
 
-    before, after = accuracy("current"), accuracy("chosen")
+    before, after = accuracy("current"), accuracy(chosen_folder)
     entries, plots = [], []
     for attack in attacks:
         clean, adv = _scores(ResultsStore(args.out / "current"), expected, name, attack.name)
@@ -858,7 +861,7 @@ def run_sanity_command(args: argparse.Namespace) -> bool:
 def list_registered(args: argparse.Namespace, kind: str) -> None:
     """``counterattack defenses`` and ``counterattack attacks``: every one with its flags and defaults."""
     listing = {
-        name: {"summary": (cls.__doc__ or "").strip().splitlines()[0],
+        name: {"summary": _REGISTRIES[kind].summary(name),
                "options": {_flag(name, f.name): _cli_value(f.default, f.metadata) for f in options_of(cls)}}
         for name, cls in _REGISTRIES[kind].items()
     }

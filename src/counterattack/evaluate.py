@@ -21,6 +21,7 @@ from .calibration import mean_and_std, wilson_interval
 from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
+from .errors import CounterattackError
 from .precision import precision_context
 from .randomness import ImageRandomness, key_words
 
@@ -160,8 +161,12 @@ def evaluate_dataset(
         images, labels, ids = batch.images, batch.labels, batch.ids
         record = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
         crafted: dict[int, tuple[torch.Tensor, float]] = {}
-        stored = None if adversarial is None else {
-            attack.name: (adversarial.images(data.name, ids, attack.name, settings.device), 0.0) for attack in attacks}
+        stored = None
+        if adversarial is not None:
+            if adversarial.labels(data.name, ids) != record["labels"]:
+                raise CounterattackError(f"{adversarial.folder} stores other labels for images of {data.name} than the "
+                                         "dataset has now: the set was made from other files.")
+            stored = {attack.name: (adversarial.images(data.name, ids, attack.name, settings.device), 0.0) for attack in attacks}
         for name, defense in named.items():
             adversarial_sets = dict(stored or {})
             for attack in attacks if stored is None else ():

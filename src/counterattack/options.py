@@ -97,6 +97,10 @@ class Registry(dict):
         self.clear()
         self.update(registered)
 
+    def summary(self, name: str) -> str:
+        """The first line of a registered class's docstring: what listings and help show."""
+        return (self[name].__doc__ or "").strip().splitlines()[0]
+
     def check_names(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self]
         if unknown:

@@ -26,8 +26,10 @@ _COLUMNS = (
     ("n", "n", "{}"),
     ("clean_acc", "clean %", "{:.2f}"),
     ("clean_acc_std", "± clean", "{:.2f}"),
+    ("clean_ci95", "clean 95%", "{0[0]:.1f}-{0[1]:.1f}"),
     ("robust_acc", "robust %", "{:.2f}"),
     ("robust_acc_std", "± robust", "{:.2f}"),
+    ("robust_ci95", "robust 95%", "{0[0]:.1f}-{0[1]:.1f}"),
     ("mean_tau_clean", "tau clean", "{:.4f}"),
     ("mean_tau_adv", "tau adv", "{:.4f}"),
     ("counterattacked_clean", "CA clean", "{:.1%}"),
@@ -86,7 +88,9 @@ def paper_tables(records: Sequence[dict]) -> str:
         if record is None:
             return "-"
         std = record.get(f"{key}_std")  # runs over several seeds: mean ± sample standard deviation
-        return f"{record[key]:.2f}" + ("" if std is None else f" ± {std:.2f}")
+        interval = record.get(key.replace("_acc", "_ci95"))  # averages have none
+        return (f"{record[key]:.2f}" + ("" if std is None else f" ± {std:.2f}")
+                + ("" if interval is None else f" ({interval[0]:.1f}–{interval[1]:.1f})"))
 
     def table(attack: str, key: str) -> str:
         rows = []
@@ -216,11 +220,17 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
         prompt_words += f", templates overridden by {config['templates']}"
     seeds = f"seed {config.get('seed')}"
     if config.get("seeds"):
+        draws = ("the defenses' random draws; the adversarial images are one stored set" if config.get("adversarial")
+                 else "the random draws of the attacks and the defenses")
         seeds = (f"seeds {', '.join(map(str, config['seeds']))}: each accuracy is the mean over them ± the sample standard "
-                 "deviation (the spread due to the random draws); its 95% interval is the image sample's")
+                 f"deviation (the spread due to {draws}); its 95% interval is the image sample's")
     worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
         r["attack"] == "worst-case" for r in records) else ""
-    return (f"Attacks ({config.get('threat', 'paper')} threat): {attacks}.{worst}\n\n"
+    stored = ""
+    if config.get("adversarial"):
+        stored = (f" Adversarial images read from a stored set (hash {config['adversarial']['hash']}, crafted with seed "
+                  f"{config['adversarial']['seed']}).")
+    return (f"Attacks ({config.get('threat', 'paper')} threat): {attacks}.{worst}{stored}\n\n"
             f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
 
 

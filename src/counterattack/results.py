@@ -49,6 +49,24 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_stored_config(path: Path, config: dict, write: bool, what: str) -> None:
+    """Refuse to mix two configurations in one folder: ``path`` (a config.json) must hold this one's hash,
+    naming the settings that differ; it is written when absent and ``write``."""
+    digest = config_hash(config)
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("hash") != digest:
+            old = stored.get("config", {})
+            changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
+            raise CounterattackError(
+                f"{path.parent} holds {what} of another configuration (hash {stored.get('hash')}, this one "
+                f"{digest}; differing: {', '.join(changed) or 'unknown'}{_dataset_changes(old, config)}). "
+                "Use another --out, or delete the folder to start over."
+            )
+    elif write:
+        write_json_atomically(path, {"hash": digest, "config": config})
+
+
 class ResultsStore:
     def __init__(self, out: Path, rank: int = 0):
         self.out = Path(out)
@@ -61,19 +79,7 @@ class ResultsStore:
 
     def check_config(self, config: dict, write: bool) -> None:
         """Refuse to mix runs: the stored configuration must be this one (written if absent and ``write``)."""
-        digest = config_hash(config)
-        if self.config_path.is_file():
-            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
-            if stored.get("hash") != digest:
-                old = stored.get("config", {})
-                changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
-                raise CounterattackError(
-                    f"{self.out} holds results of another configuration (hash {stored.get('hash')}, this one "
-                    f"{digest}; differing: {', '.join(changed) or 'unknown'}{_dataset_changes(old, config)}). "
-                    "Use another --out, or delete the folder to start over."
-                )
-        elif write:
-            write_json_atomically(self.config_path, {"hash": digest, "config": config})
+        check_stored_config(self.config_path, config, write, "results")
 
     def complete_batches(self, expected: dict[str, list]) -> list[dict]:
         """Every batch, once each expected image id (per dataset) is found exactly once and no other is.

@@ -30,13 +30,8 @@ build_attack = ATTACKS.build  # build_attack("cw", eps=4 / 255): budgets in [0, 
 build_attacks = ATTACKS.build_many  # build_attacks(names, {name: settings}, eps=...): shared settings
 
 
-def summary(name: str) -> str:
-    """The first line of an attack's docstring, for listings and help."""
-    return (ATTACKS[name].__doc__ or "").strip().splitlines()[0]
-
-
 __all__ = [
     "PIXEL", "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "AutoAttackPaper", "CW", "PGD", "build_attack",
     "build_attacks", "check_attack_names", "cross_entropy", "cw_margin", "project", "register_attack", "replay_steps",
-    "run_steps", "sign_gradient_steps", "sign_step", "summary",
+    "run_steps", "sign_gradient_steps", "sign_step",
 ]

@@ -16,3 +16,6 @@ class AutoAttackPaper(AutoAttack):
     def attacks_for(self, num_classes: int) -> list[str]:
         """DLR needs three classes: APGD-CE alone below that."""
         return ["apgd-ce", "apgd-dlr"] if num_classes >= 3 else ["apgd-ce"]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "attacks": "apgd-ce, apgd-dlr (apgd-ce alone below 3 classes)"}
