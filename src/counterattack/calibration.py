@@ -228,7 +228,7 @@ def _interval(point: dict, kind: str) -> tuple[float, float] | None:
     return None if interval is None else (float(interval[0]), float(interval[1]))
 
 
-def _draw_point(ax, point: dict, **style) -> None:
+def _draw_point(ax, point: dict, label_style: dict | None = None, **style) -> None:
     x, y = point["clean_acc"], point["robust_acc"]
     xerr = yerr = None
     if (ci := _interval(point, "clean")) is not None:
@@ -236,7 +236,7 @@ def _draw_point(ax, point: dict, **style) -> None:
     if (ci := _interval(point, "robust")) is not None:
         yerr = [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
     ax.errorbar([x], [y], xerr=xerr, yerr=yerr, capsize=2, elinewidth=0.8, **style)
-    ax.annotate(point["label"], (x, y), xytext=(3, 3), textcoords="offset points", fontsize="x-small")
+    ax.annotate(point["label"], (x, y), xytext=(3, 3), textcoords="offset points", **(label_style or {"fontsize": "x-small"}))
 
 
 def plot_pareto(points: Sequence[dict], path: Path, baseline: dict | None = None, title: str | None = None) -> Path:
@@ -253,9 +253,14 @@ def plot_pareto(points: Sequence[dict], path: Path, baseline: dict | None = None
     if not points:
         raise ValueError("plot_pareto needs at least one point")
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    on_front = pareto_front([(p["clean_acc"], p["robust_acc"]) for p in points])
+    front = [points[i] for i in on_front]
     for i, point in enumerate(points):
-        _draw_point(ax, point, fmt="o", color="tab:blue", markersize=4, label="defense settings" if i == 0 else None)
-    front = [points[i] for i in pareto_front([(p["clean_acc"], p["robust_acc"]) for p in points])]
+        # Settings off the front are drawn and named faintly: the front is what a reader needs to read.
+        faint = i not in on_front
+        _draw_point(ax, point, fmt="o", color="tab:blue", markersize=4, alpha=0.35 if faint else 1.0,
+                    label="defense settings" if i == 0 else None,
+                    label_style={"fontsize": 6 if faint else "x-small", "color": "0.55" if faint else "black"})
     ax.step([p["clean_acc"] for p in front], [p["robust_acc"] for p in front], where="pre",
             color="tab:orange", zorder=1, label="Pareto front")
     if baseline is not None:
