@@ -8,7 +8,9 @@ import pytest
 import counterattack.attacks as attacks
 import counterattack.defenses as defenses
 from counterattack import ATTACKS, DEFENSES, TTC, CounterattackError, build_defense
-from counterattack.cli import _attacks, _registered_settings, build_parser, main
+from counterattack.cli import build_parser, main
+from counterattack.commands import attacks_of
+from counterattack.flags import registered_settings
 
 from test_data import write_image_folder
 
@@ -118,11 +120,11 @@ def test_generated_flags_keep_the_old_spellings_and_the_1_255_unit():
     parser = build_parser()
     old = parser.parse_args(["eval", "--ttc-eps", "8", "--ttc-steps", "3", "--tau-thres", "0.1", "--beta", "-1",
                              "--rn-eps", "2"])
-    assert _registered_settings(old, "defense", "ttc") == {"eps": 8 / 255, "steps": 3, "tau_thres": 0.1, "beta": -1.0}
-    assert _registered_settings(old, "defense", "rn") == {"eps": 2 / 255}
+    assert registered_settings(old, "defense", "ttc") == {"eps": 8 / 255, "steps": 3, "tau_thres": 0.1, "beta": -1.0}
+    assert registered_settings(old, "defense", "rn") == {"eps": 2 / 255}
     new = parser.parse_args(["eval", "--ttc-tau-thres", "0.1", "--ttc-beta", "-1"])
-    assert _registered_settings(new, "defense", "ttc") == {"tau_thres": 0.1, "beta": -1.0}
-    assert _registered_settings(parser.parse_args(["eval"]), "defense", "ttc") == {}
+    assert registered_settings(new, "defense", "ttc") == {"tau_thres": 0.1, "beta": -1.0}
+    assert registered_settings(parser.parse_args(["eval"]), "defense", "ttc") == {}
 
 
 def test_defaults_live_in_the_options_and_bad_settings_are_refused():
@@ -162,12 +164,12 @@ def test_an_attacks_own_flag_wins_over_the_shared_one():
     parser = build_parser()
     args = parser.parse_args(["eval", "--attack", "pgd,cw,autoattack-paper", "--eps", "2", "--pgd-eps", "4",
                               "--attack-steps", "3", "--cw-kappa", "5", "--attack-step-size", "0.5"])
-    pgd, cw, autoattack = _attacks(args, args.attack)
+    pgd, cw, autoattack = attacks_of(args, args.attack)
     assert (pgd.eps, pgd.steps, pgd.step_size) == (4 / 255, 3, 0.5 / 255)
     assert (cw.eps, cw.steps, cw.step_size, cw.kappa) == (2 / 255, 3, 0.5 / 255, 5.0)
     assert (autoattack.eps, autoattack.steps) == (2 / 255, 3)  # it has no step size: the shared one passes it by
     defaults = parser.parse_args(["eval", "--attack", "pgd,autoattack"])
-    assert [(a.eps, a.steps) for a in _attacks(defaults, defaults.attack)] == [(1 / 255, 10), (1 / 255, 100)]
+    assert [(a.eps, a.steps) for a in attacks_of(defaults, defaults.attack)] == [(1 / 255, 10), (1 / 255, 100)]
 
 
 def test_attacks_json_lists_every_attack_with_its_defaults(capsys):

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from torch import nn
 
 from .errors import CounterattackError
 from .models import LoadedCLIP
