@@ -35,7 +35,7 @@ from .errors import CounterattackError
 from .evaluate import RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize
 from .flags import cli_value, flag, option_parser, registered_settings
 from .models import LoadedCLIP, load_clip, load_vision_checkpoint
-from .report import _file_name, format_table, paper_tables, write_report
+from .report import format_table, paper_tables, safe_file_name, write_report
 from .results import ResultsStore, write_json_atomically
 from .sanity import format_report, run_sanity
 
@@ -453,7 +453,7 @@ def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device:
             these = [r for r in records if r["dataset"] == dataset and r["attack"] == attack]
             points = [{**r, "label": r["defense"].removeprefix(f"{name} ")} for r in these if r["defense"] != "none"]
             baseline = next(r for r in these if r["defense"] == "none")
-            path = args.out / ("pareto.png" if single else f"pareto-{_file_name(short_name(dataset))}-{attack}.png")
+            path = args.out / ("pareto.png" if single else f"pareto-{safe_file_name(short_name(dataset))}-{attack}.png")
             plots.append(plot_pareto(points, path, baseline, title=f"{name} on {short_name(dataset)}, {attack} "
                                      f"({baseline['n']} images)"))
     results = {"config": config, "records": records, "unreadable": ctx.unreadable()}

@@ -119,7 +119,7 @@ def paper_tables(records: Sequence[dict]) -> str:
     return "\n\n".join(sections)
 
 
-def _file_name(text: str) -> str:
+def safe_file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
@@ -158,7 +158,7 @@ def plot_tau_histograms(batches: Sequence[dict], thresholds: dict[str, float], o
         ax.set_title(f"{short_name(dataset)}: {entry['defense']}'s gate on clean vs adversarial images")
         ax.legend()
         fig.tight_layout()
-        path = out / f"tau_hist_{_file_name(short_name(dataset))}.png"
+        path = out / f"tau_hist_{safe_file_name(short_name(dataset))}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
