@@ -454,9 +454,11 @@ def test_suite_runs_dataset_by_dataset_with_the_averages(tmp_path, monkeypatch, 
     assert [printed.index(s) for s in sections] == sorted(printed.index(s) for s in sections)
     assert printed.count(header) == len(sections)
     for a in attacks:
-        values = [records[d, a, "ttc"]["robust_acc"] for d in datasets]
-        values += [averages["paper", a, "ttc"]["robust_acc"], averages["all", a, "ttc"]["robust_acc"]]
-        assert "| ttc | " + " | ".join(f"{v:.2f}" for v in values) + " |" in printed
+        # Each dataset's accuracy with its 95% interval; the averages have none.
+        cells = [f"{records[d, a, 'ttc']['robust_acc']:.2f} ({records[d, a, 'ttc']['robust_ci95'][0]:.1f}–"
+                 f"{records[d, a, 'ttc']['robust_ci95'][1]:.1f})" for d in datasets]
+        cells += [f"{averages[scope, a, 'ttc']['robust_acc']:.2f}" for scope in ("paper", "all")]
+        assert "| ttc | " + " | ".join(cells) + " |" in printed
     assert (out / "report.md").read_text().count(header) == len(sections)
 
 

@@ -248,3 +248,23 @@ def test_seeds_report_the_mean_and_the_sample_standard_deviation(tmp_path, commo
 def accuracy_of_tau(records_: list[dict]) -> float:
     (ttc,) = [r for r in records_ if r["defense"] == "ttc"]
     return ttc["mean_tau_clean"]
+
+
+def test_a_sweep_under_torchrun_equals_one_process(tmp_path, common):
+    """Two processes craft their shares of the set and evaluate their shares of it; rank 0 merges."""
+    import os
+    import subprocess
+    import sys
+
+    from test_runs import records as comparable_records
+
+    argv = ["sweep", *common, *ATTACK, "--defense", "ttc", "--grid", "tau_thres=0,0.005", "--batch-size", "4"]
+    assert run(*argv, "--out", tmp_path / "one") == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+               "-m", "counterattack", *map(str, argv), "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted(p.name.split("-")[1] for p in (tmp_path / "two" / "adversarial" / "shards").glob("*.safetensors"))
+    assert set(shards) == {"0", "1"}
+    assert comparable_records(tmp_path / "two") == comparable_records(tmp_path / "one")

@@ -243,7 +243,7 @@ def test_non_finite_numbers_are_refused(capsys, option, value):
     ("--ttc-eps", "256", "<= 255"), ("--ttc-steps", "-1", ">= 0"), ("--tau-thres", "-0.1", ">= 0"),
     ("--eot-samples", "0", ">= 1"), ("--batch-size", "0", ">= 1"), ("--limit", "0", ">= 1"),
     ("--workers", "-1", ">= 0"), ("--seed", "-3", ">= 0"), ("--seed", "x", "integer"), ("--gate-weight", "-1", ">= 0"),
-    ("--attack", "pgd,magic", "unknown attack"), ("--attack", "pgd,pgd", "twice"),
+    ("--attack", "pgd,magic", "Unknown attack(s) 'magic'"), ("--attack", "pgd,pgd", "twice"),
 ])
 def test_out_of_range_numbers_and_names_are_refused(capsys, option, value, expected):
     assert_one_line_error(parse_error(capsys, "eval", f"{option}={value}"), option, expected)
