@@ -31,7 +31,6 @@ def test_round_trip_is_bit_exact_in_any_order(tmp_path):
 
     opened = AdversarialSet.open(tmp_path)
     assert opened.config == {"kind": "adversarial set", **CONFIG}
-    assert opened.attacks() == ["pgd", "apgd"]
     assert opened.done() == {"cifar10": {0, 1, 2}, "folder": {"b/x.png", "a/y.png", "c.png"}}
     for dataset in ("cifar10", "folder"):
         ids = [i for d, i in written if d == dataset]
@@ -41,14 +40,6 @@ def test_round_trip_is_bit_exact_in_any_order(tmp_path):
             got = opened.images(dataset, ids, attack)
             assert got.dtype == torch.float32
             assert torch.equal(got, torch.stack([written[(dataset, i)][1][attack] for i in ids]))
-
-
-def test_attacks_fall_back_to_the_shards(tmp_path):
-    store = AdversarialSet(tmp_path)
-    store.check_config({"model": "tiny"}, write=True)
-    labels, images = batch(3)
-    store.append("cifar10", [0, 1, 2], labels, images)
-    assert sorted(AdversarialSet.open(tmp_path).attacks()) == ["apgd", "pgd"]
 
 
 def test_resume_continues_numbering_and_ignores_a_leftover_temp_file(tmp_path):

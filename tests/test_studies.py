@@ -61,7 +61,7 @@ def test_a_stored_set_evaluates_exactly_like_a_direct_eval(tmp_path, common):
     # One batch size throughout: float sums differ in the last bits between batch sizes, on clean images too.
     assert run("attack", *common, *ATTACK, "--attack", "pgd,cw", "--batch-size", "4", "--out", adv) == 0
     stored = AdversarialSet.open(adv)
-    assert stored.attacks() == ["pgd", "cw"] and sum(len(ids) for ids in stored.done().values()) == 12
+    assert [a["attack"] for a in stored.config["attacks"]] == ["pgd", "cw"] and sum(len(ids) for ids in stored.done().values()) == 12
     assert run("eval", *common, *ATTACK, "--attack", "pgd,cw", "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "direct") == 0
     assert run("eval", *common, "--adversarial", adv, "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "stored") == 0
     direct, from_set = per_image(tmp_path / "direct"), per_image(tmp_path / "stored")
@@ -114,9 +114,11 @@ def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path
     other = write_image_folder(tmp_path / "other", {"cat": 4, "dog": 4, "sea_lion": 4}, seed=6)
     moved = [*common[:-1], f"imagefolder:{other}"]
     assert run("eval", *moved, "--limit", "9", "--adversarial", adv, "--out", tmp_path / "e") == 2
-    assert "datasets" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"was made with other settings: datasets: imagefolder:{folder.resolve()} (12 images) in the set, " in error
+    assert f"imagefolder:{other.resolve()} (12 images) here" in error
     assert run("eval", *common, "--limit", "9", "--adversarial", adv, "--threat", "adaptive", "--out", tmp_path / "e") == 2
-    assert "adaptive" in capsys.readouterr().err
+    assert "adaptive attacks are crafted through each defense" in capsys.readouterr().err
     assert run("eval", *common, "--adversarial", tmp_path, "--out", tmp_path / "e") == 2
     assert "is not an adversarial set" in capsys.readouterr().err
     assert run("eval", *common, "--limit", "9", "--attack-steps", "1", "--out", tmp_path / "results") == 0
@@ -127,7 +129,7 @@ def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path
     assert "adaptive attacks go through each defense" in capsys.readouterr().err
     assert run("attack", *common, "--attack-steps", "2", "--limit", "9", "--eps", "2", "--out", adv) == 2  # another budget
     assert "differing: attacks" in capsys.readouterr().err
-    for flags in (["--eps", "2"], ["--cw-kappa", "3"], ["--attack", "cw"]):  # the set's attacks have their own settings
+    for flags in (["--eps", "2"], ["--cw-kappa", "3"], ["--attack", "cw"], ["--attack-precision", "bf16"]):
         assert run("eval", *common, "--limit", "9", "--adversarial", adv, *flags, "--out", tmp_path / "e") == 2
         assert f"{flags[0]}" in capsys.readouterr().err
     assert not (tmp_path / "e" / "parts").exists()
@@ -142,6 +144,18 @@ def test_an_unfinished_set_is_refused_until_the_attack_is_run_again(tmp_path, co
     assert "is incomplete: 5 of 12 images" in capsys.readouterr().err and not (tmp_path / "e" / "parts").exists()
 
 
+def test_a_set_of_an_attack_this_installation_lacks_is_one_line(tmp_path, common, capsys):
+    adv = tmp_path / "adv"
+    assert run("attack", *common, *ATTACK, "--out", adv) == 0
+    stored = json.loads((adv / "config.json").read_text())
+    stored["config"]["attacks"][0]["attack"] = "apgd-ce-only"  # made by another version, or through the API
+    (adv / "config.json").write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert run("eval", *common, "--adversarial", adv, "--out", tmp_path / "e") == 2
+    err = capsys.readouterr().err
+    assert "holds images of apgd-ce-only, which this installation does not have" in err and "Traceback" not in err
+
+
 # --- Sweeps -----------------------------------------------------------------------------------------
 
 def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
@@ -150,7 +164,8 @@ def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
     swept = records(sweep)
     assert [r["defense"] for r in swept] == ["none", "ttc tau_thres=0 eps=2", "ttc tau_thres=0 eps=4",
                                             "ttc tau_thres=0.2 eps=2", "ttc tau_thres=0.2 eps=4"]
-    assert swept[4]["setting"] == {"tau_thres": 0.2, "eps": 4 / 255}
+    assert swept[4]["setting"] == {"tau_thres": 0.2, "eps": 4}  # as --grid writes it: budgets in 1/255
+    assert (sweep / "report.md").is_file() and "| ttc tau_thres=0.2 eps=4 |" in (sweep / "report.md").read_text()
     assert (sweep / "pareto.png").read_bytes()[:8] == PNG
     direct = tmp_path / "direct"
     assert run("eval", *common, *ATTACK, "--defense", "none,rn,ttc", "--out", direct) == 0
@@ -165,21 +180,41 @@ def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
         assert by_image_sweep[(image_id, "ttc tau_thres=0 eps=4")]["clean"]["pred"] == by_image_eval[(image_id, "rn")]["clean"]["pred"]
 
 
-def test_a_sweep_on_a_stored_set_does_not_attack_again(tmp_path, common):
+def test_a_sweep_on_a_stored_set_does_not_attack_again(tmp_path, common, monkeypatch):
+    from counterattack import PGD
+
     adv = tmp_path / "adv"
     assert run("attack", *common, *ATTACK, "--out", adv) == 0
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("attacked again")
+
+    monkeypatch.setattr(PGD, "__call__", no_attack)
     sweep = tmp_path / "sweep"
     assert run("sweep", *common, "--adversarial", adv, "--defense", "rn", "--grid", "eps=1,4", "--out", sweep) == 0
-    assert not (sweep / "adversarial").exists()
-    batches = ResultsStore(sweep).batches()
-    assert all(seconds == 0.0 for b in batches for r in b["defenses"].values() for seconds in r["attack_seconds"].values())
+    assert not (sweep / "adversarial").exists() and len(records(sweep)) == 3
 
 
 @pytest.mark.parametrize("grid, message", [("beta", "expected OPTION=V1,V2"), ("steps=1,x", "steps: must be an integer"),
-                                           ("beta=1,1.0000001", "repeats a setting"),
+                                           ("beta=1,1", "repeats a setting"),
                                            ("eps=300", "eps: must be <= 255"), ("kappa=1", "an option of ttc: eps, steps, step_size, tau_thres, beta")])
 def test_a_bad_grid_is_one_line(tmp_path, common, capsys, grid, message):
     assert run("sweep", *common, "--defense", "ttc", "--grid", grid, "--out", tmp_path / "s") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command, defense, message", [
+    ("sweep", "magic", "Unknown defense(s) 'magic'"), ("calibrate", "magic", "Unknown defense(s) 'magic'"),
+    ("sweep", "none", "none has no options to sweep"), ("sweep", "ttc,rn", "sweep studies one defense"),
+    ("eval", ",", "no defense in ','")])
+def test_a_bad_defense_for_a_study_is_one_line(tmp_path, common, capsys, command, defense, message):
+    grid = ["--grid", "eps=1"] if command == "sweep" else []
+    try:
+        code = run(command, *common, "--defense", defense, *grid, "--out", tmp_path / "s")
+    except SystemExit as parse_error:  # argparse's own refusals exit
+        code = parse_error.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

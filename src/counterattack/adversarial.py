@@ -86,8 +86,12 @@ class AdversarialSet:
         stored = self.config
         changed = sorted(k for k in identity if stored.get(k) != identity[k])
         if changed:
-            details = "; ".join(f"{k}: {json.dumps(stored.get(k))[:200]} in the set, {json.dumps(identity[k])[:200]} here"
-                                if k != "datasets" else "datasets" for k in changed)
+            def shown(key: str, value: object) -> str:
+                if key == "datasets" and isinstance(value, list):  # names and sizes; fingerprints follow if they differ
+                    return ", ".join(f"{d.get('name')} ({d.get('images')} images)" for d in value if isinstance(d, dict))
+                return json.dumps(value)[:200]
+
+            details = "; ".join(f"{k}: {shown(k, stored.get(k))} in the set, {shown(k, identity[k])} here" for k in changed)
             raise CounterattackError(
                 f"{self.folder} was made with other settings: {details}{_dataset_changes(stored, identity)}. Craft a set for these settings with `counterattack attack`, "
                 "or give the set's settings."
@@ -157,18 +161,6 @@ class AdversarialSet:
                 "again with the same arguments to finish it; if images are doubled or foreign, the folder was "
                 "written by something else: use another --out."
             )
-
-    def attacks(self) -> list[str]:
-        """The attacks whose images are stored, in the configuration's order."""
-        configured = [a["attack"] for a in self.config.get("attacks", []) if isinstance(a, dict) and "attack" in a]
-        if configured:
-            return configured
-        paths = self._shard_paths()
-        if not paths:
-            return []
-        with safe_open(str(paths[0][2]), framework="pt") as f:
-            keys = f.keys()
-        return [key.removeprefix("adv/") for key in keys if key.startswith("adv/")]
 
     def _rows(self, dataset: str, ids: list) -> list[tuple[Path, int]]:
         if self._index is None:

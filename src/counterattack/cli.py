@@ -40,6 +40,13 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _defense_names(text: str) -> list[str]:
+    names = _names(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"no defense in {text!r}; available: {', '.join(DEFENSES)}")
+    return names
+
+
 def _attack_names(text: str) -> list[str]:
     names = _names(text)
     if not names:
@@ -131,7 +138,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False
     if sanity:
         defense.add_argument("--defense", default="none", choices=list(DEFENSES), help="the defense to check")
     else:
-        defense.add_argument("--defense", type=_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
+        defense.add_argument("--defense", type=_defense_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
     _add_registered_options(command, "defense", DEFENSES)
     _add_run_arguments(command, sanity)
 

@@ -261,6 +261,10 @@ def _craft_into(ctx: _Context, folder: Path, attacks: Sequence[Attack]) -> Adver
 
 def _stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
     """The attacks a stored set was made with, rebuilt from its configuration (their names and settings)."""
+    unknown = [d["attack"] for d in adversarial.config["attacks"] if d["attack"] not in ATTACKS]
+    if unknown:
+        raise CounterattackError(f"{adversarial.folder} holds images of {', '.join(unknown)}, which this installation "
+                                 f"does not have (attacks: {', '.join(ATTACKS)}).")
     built = []
     for described in adversarial.config["attacks"]:
         fields_of = {f.name for f in dataclass_fields(ATTACKS[described["attack"]])}
@@ -269,24 +273,31 @@ def _stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
     return built
 
 
-def _open_adversarial(ctx: _Context, folder: Path) -> tuple[AdversarialSet, list[Attack]]:
-    if ctx.args.threat != "paper":
+def _check_adversarial_flags(args: argparse.Namespace) -> None:
+    """Before anything loads: ``--adversarial`` is a set, and no flag asks for what its stored attacks cannot be."""
+    if not args.adversarial:
+        return
+    if args.threat != "paper":
         raise CounterattackError("--adversarial holds images crafted against the undefended model (the paper's protocol); "
                                  "adaptive attacks are crafted through each defense and cannot be stored once for all.")
-    adversarial = AdversarialSet.open(folder)
-    adversarial.check_identity(ctx.identity())
-    adversarial.complete(ctx.expected())
-    attacks = _stored_attacks(adversarial)
-    args = ctx.args
-    given = [f"--{name}" for name in ("eps", "attack_steps", "attack_step_size") if getattr(args, name) is not None]
+    attacks = _stored_attacks(AdversarialSet.open(args.adversarial))
+    given = [f"--{name}".replace("_", "-") for name in ("eps", "attack_steps", "attack_step_size", "attack_precision")
+             if getattr(args, name) is not None]
     given += [flag(a, s) for a in ATTACKS for s in registered_settings(args, "attack", a)]
     if args.attack_given and sorted(args.attack) != sorted(a.name for a in attacks):
         given.insert(0, f"--attack {','.join(args.attack)}")
     if given:
-        raise CounterattackError(f"{folder} holds {', '.join(a.name for a in attacks)} with their own settings "
+        raise CounterattackError(f"{args.adversarial} holds {', '.join(a.name for a in attacks)} with their own settings "
                                  f"(see its config.json); {', '.join(given)} cannot apply to it: drop them, or craft "
                                  "another set with `counterattack attack`.")
-    return adversarial, attacks
+
+
+def _open_adversarial(ctx: _Context, folder: Path) -> tuple[AdversarialSet, list[Attack]]:
+    """The stored set, once it is known to be complete and made for this model, data and preprocessing."""
+    adversarial = AdversarialSet.open(folder)
+    adversarial.check_identity(ctx.identity())
+    adversarial.complete(ctx.expected())
+    return adversarial, _stored_attacks(adversarial)
 
 
 def _evaluate_into(ctx: _Context, out: Path, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
@@ -345,6 +356,7 @@ def _evaluation_config(ctx: _Context, defenses: Mapping[str, Defense], attacks: 
 
 
 def _run_eval(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> dict | None:
+    _check_adversarial_flags(args)
     ctx, defense_list = _context(args, group, device, args.defense, args.attack)
     defenses = {d.name: d for d in defense_list}
     adversarial = None
@@ -385,6 +397,8 @@ def run_attack(args: argparse.Namespace, group: distributed.ProcessGroup, device
 def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:
     """``["tau_thres=0,0.1", "eps=2,4"]`` -> every combination, as settings in the library's units (cartesian product)."""
     by_name = {f.name: f for f in options_of(DEFENSES[defense])}
+    if not by_name:
+        raise CounterattackError(f"{defense} has no options to sweep.")
     axes: dict[str, list[Any]] = {}
     for text in texts:
         name, sep, values = text.partition("=")
@@ -405,15 +419,23 @@ def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:
     return [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
 
 
+def _cli_setting(defense: str, setting: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep point's values as the command line writes them (budgets in 1/255)."""
+    fields_by_name = {f.name: f for f in dataclass_fields(DEFENSES[defense])}
+    return {k: cli_value(v, fields_by_name[k].metadata) for k, v in setting.items()}
+
+
 def _setting_label(defense: str, setting: Mapping[str, Any]) -> str:
     """``ttc tau_thres=0.1 eps=2``: a sweep point's name, budgets in 1/255."""
-    fields_by_name = {f.name: f for f in dataclass_fields(DEFENSES[defense])}
-    return " ".join([defense, *(f"{k}={cli_value(v, fields_by_name[k].metadata):g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                                for k, v in setting.items())])
+    return " ".join([defense, *(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                for k, v in _cli_setting(defense, setting).items())])
 
 
 def _single_defense(args: argparse.Namespace) -> str:
+    """The one defense a sweep or a calibration studies, checked with the other cheap things before anything loads."""
     names = args.defense
+    check_defense_names(names)
+    _check_adversarial_flags(args)
     if len(names) != 1:
         raise CounterattackError(f"{args.command} studies one defense; got {', '.join(names)}.")
     if args.threat != "paper":
@@ -434,10 +456,10 @@ def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device:
     """``counterattack sweep``: every setting of a grid over one defense's options, on one adversarial set."""
     name = _single_defense(args)
     grid = parse_grid(args.grid, name)
-    ctx, (base,) = _context(args, group, device, [name], args.attack)
     settings = {_setting_label(name, setting): setting for setting in grid}
     if len(settings) != len(grid):
         raise CounterattackError(f"--grid repeats a setting ({len(grid)} combinations, {len(settings)} distinct at 6 digits).")
+    ctx, (base,) = _context(args, group, device, [name], args.attack)
     defenses: dict[str, Defense] = {"none": NoDefense(), **{label: replace(base, **setting) for label, setting in settings.items()}}
     adversarial, attacks = _adversarial_for(ctx, args.attack)
     config = {**_evaluation_config(ctx, defenses, attacks, adversarial), "sweep": {"defense": name, "grid": args.grid}}
@@ -445,7 +467,7 @@ def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device:
     if records is None:
         return None
     for record in records:
-        record["setting"] = dict(settings.get(record["defense"], {}))
+        record["setting"] = _cli_setting(name, settings.get(record["defense"], {}))
     plots = []
     single = len({r["dataset"] for r in records}) == 1 and len(attacks) == 1
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -456,10 +478,11 @@ def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device:
             path = args.out / ("pareto.png" if single else f"pareto-{safe_file_name(short_name(dataset))}-{attack}.png")
             plots.append(plot_pareto(points, path, baseline, title=f"{name} on {short_name(dataset)}, {attack} "
                                      f"({baseline['n']} images)"))
-    results = {"config": config, "records": records, "unreadable": ctx.unreadable()}
+    results = {"config": config, "records": records, "average": average_records(records), "unreadable": ctx.unreadable()}
     write_json_atomically(args.out / "results.json", results)
     print(format_table(records))
-    print(f"\nresults: {args.out / 'results.json'}; Pareto plot(s): {', '.join(map(str, plots))}")
+    written = write_report(args.out)
+    print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}; Pareto plot(s): {', '.join(map(str, plots))}")
     return results
 
 

@@ -245,7 +245,7 @@ def write_report(out: Path) -> list[Path]:
     if not records:
         raise CounterattackError(f"{results_path} holds no records yet.")
     config = results.get("config", {})
-    thresholds = {d["defense"]: d["tau_thres"] for d in config.get("defenses", []) if "tau_thres" in d}
+    thresholds = {d.get("name", d["defense"]): d["tau_thres"] for d in config.get("defenses", []) if "tau_thres" in d}
 
     with (out / "report.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
