@@ -104,3 +104,12 @@ def transfer_and_adaptive(defense, classifier, images, labels, budget: dict, rng
     (undefended,) = torch.autograd.grad(F.cross_entropy(classifier.logits(x), labels, reduction="sum"), x)
     return {"transfer": defended_accuracy(transfer), "adaptive": defended_accuracy(adaptive),
             "through": through, "undefended": undefended}
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now, for torchrun: a fixed one clashes when two test runs share a machine."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from counterattack.cli import main
 
+from conftest import free_port
 from test_data import write_image_folder
 
 # The computation's cost depends on how images were batched (fast TTC reuses a batch's graph when
@@ -106,7 +107,7 @@ def test_changed_configuration_in_the_same_out_is_refused(tmp_path, random_clip_
 
 
 def test_torchrun_with_two_processes_equals_one(tmp_path, random_clip_dir, folder, reference):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
                "-m", "counterattack", *eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")]
     done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)

@@ -11,6 +11,7 @@ from counterattack.adversarial import AdversarialSet
 from counterattack.cli import main
 from counterattack.results import ResultsStore
 
+from conftest import free_port
 from test_data import write_image_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -295,7 +296,7 @@ def test_a_sweep_under_torchrun_equals_one_process(tmp_path, common):
 
     argv = ["sweep", *common, *ATTACK, "--defense", "ttc", "--grid", "tau_thres=0,0.005", "--batch-size", "4"]
     assert run(*argv, "--out", tmp_path / "one") == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
                "-m", "counterattack", *map(str, argv), "--out", str(tmp_path / "two")]
     done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)

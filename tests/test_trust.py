@@ -19,6 +19,7 @@ from counterattack.attacks import run_steps
 from counterattack.cli import main
 from counterattack.results import ResultsStore
 
+from conftest import free_port
 from test_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,7 +344,7 @@ finally:
 def test_a_failed_process_fails_the_others_with_its_error_instead_of_a_hang(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(FAILING_RANK)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
                            str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = sorted(path.read_text() for path in tmp_path.glob("rank-*.txt"))
