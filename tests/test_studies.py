@@ -304,3 +304,21 @@ def test_a_sweep_under_torchrun_equals_one_process(tmp_path, common):
     shards = sorted(p.name.split("-")[1] for p in (tmp_path / "two" / "adversarial" / "shards").glob("*.safetensors"))
     assert set(shards) == {"0", "1"}
     assert comparable_records(tmp_path / "two") == comparable_records(tmp_path / "one")
+
+
+def test_a_sweep_over_seeds_averages_each_setting(tmp_path, common):
+    out = tmp_path / "sweep"
+    assert run("sweep", *common, *ATTACK, "--grid", "tau_thres=0,0.005", "--seeds", "3,4", "--out", out) == 0
+    per_seed = [records(out / f"seed-{seed}") for seed in (3, 4)]
+    assert all((out / f"seed-{seed}" / "adversarial" / "config.json").is_file() for seed in (3, 4))  # each seed attacks
+    for record in records(out):
+        values = [accuracy_of(rs, record["defense"])[0] for rs in per_seed]
+        assert record["clean_acc_per_seed"] == values
+        assert record["clean_acc_std"] == pytest.approx(statistics.stdev(values))
+    assert (out / "pareto.png").read_bytes()[:8] == PNG and (out / "report.md").is_file()
+
+
+def test_seed_and_seeds_together_are_refused(tmp_path, common, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("eval", *common, "--seed", "1", "--seeds", "0,1", "--out", tmp_path / "e")
+    assert exit_info.value.code == 2 and "--seed and --seeds together" in capsys.readouterr().err

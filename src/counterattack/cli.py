@@ -151,7 +151,7 @@ def _add_run_arguments(command: argparse.ArgumentParser, sanity: bool) -> None:
     run.add_argument("--attack-precision", choices=list(PRECISIONS), help="the attacks' precision (default: --precision)")
     run.add_argument("--defense-precision", choices=list(PRECISIONS), help="the defenses' precision (default: --precision)")
     run.add_argument("--batch-size", type=POSITIVE, default=128)
-    run.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0)
+    run.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="of every random draw (default 0)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--workers", type=COUNT, default=min(8 if torch.cuda.is_available() else 4, os.cpu_count() or 1),
                      help="data loading processes (more on a GPU machine, to keep the GPU busy)")
@@ -159,6 +159,12 @@ def _add_run_arguments(command: argparse.ArgumentParser, sanity: bool) -> None:
     if not sanity:
         run.add_argument("--dist-timeout", type=number(float, 1), default=60.0,
                          help="torchrun: minutes a process waits for the others at a synchronisation point")
+
+
+def _add_seeds(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--seeds", type=_seeds, metavar="S,S,...",
+                         help="repeat the run once per seed (attack starts, defense noise) under --out/seed-S and report "
+                         "mean and sample standard deviation (instead of --seed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,9 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adversarial", type=Path, metavar="ADV",
                     help="evaluate on the adversarial images stored by `counterattack attack --out ADV` instead of attacking "
                     "(its attacks and their settings are the set's; model, data and prompt flags must match it)")
-    ev.add_argument("--seeds", type=_seeds, metavar="S,S,...",
-                    help="repeat the run once per seed (attack starts, defense noise) under --out/seed-S and report "
-                    "mean and sample standard deviation")
+    _add_seeds(ev)
     attack = commands.add_parser(
         "attack",
         help="craft adversarial images once and store them, for eval/sweep/calibrate --adversarial",
@@ -215,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         study.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
     for study in (sweep, calibrate):
         study.set_defaults(defense=["ttc"])
+    _add_seeds(sweep)
     sweep.add_argument("--grid", action="append", required=True, metavar="OPTION=V1,V2,...",
                        help="values of one option of the defense (repeatable: the cartesian product is swept)")
     calibrate.add_argument("--target-fpr", type=number(float, 0, 1), default=0.05,
@@ -294,14 +299,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_from_open_clip)
     args = build_parser().parse_args(argv)
+    if getattr(args, "seeds", None) and args.seed is not None:
+        build_parser().exit(2, f"counterattack {args.command}: error: --seed and --seeds together: give one\n")
+    if hasattr(args, "seed"):
+        args.seed = 0 if args.seed is None else args.seed
     if isinstance(getattr(args, "attack", ""), (list, type(None))):  # eval, attack, sweep, calibrate
         args.attack_given = args.attack is not None
         args.attack = args.attack or ["pgd"]
     try:
         if args.command == "eval":
             run_eval(args)
-        elif args.command in ("attack", "sweep", "calibrate"):
-            with_group(args, {"attack": run_attack, "sweep": run_sweep, "calibrate": run_calibrate}[args.command])
+        elif args.command == "sweep":
+            run_sweep(args)
+        elif args.command in ("attack", "calibrate"):
+            with_group(args, {"attack": run_attack, "calibrate": run_calibrate}[args.command])
         elif args.command == "sanity":
             return 0 if run_sanity_command(args) else 1
         elif args.command == "datasets":

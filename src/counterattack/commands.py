@@ -83,28 +83,41 @@ def with_group(args: argparse.Namespace, run: Callable[..., Any]) -> Any:
         group.close()
 
 
-def run_eval(args: argparse.Namespace) -> dict | None:
-    """Evaluate, appending each batch to ``--out`` as it finishes; resume what is already there.
-
-    With ``--seeds``, one run per seed under ``--out/seed-S``, then their mean and standard deviation.
-    Returns the results on the main process (None on the others of a torchrun group).
-    """
+def over_seeds(args: argparse.Namespace, run: Callable[..., dict | None],
+               write: Callable[[argparse.Namespace, dict], None]) -> dict | None:
+    """``run(args, group, device)`` once, or with ``--seeds`` once per seed under ``--out/seed-S``; then the
+    mean and sample standard deviation of every accuracy, written by ``write(args, results)`` into ``--out``.
+    Returns the results on the main process (None on the others of a torchrun group)."""
     if not args.seeds:
-        return with_group(args, _run_eval)
+        return with_group(args, run)
     runs = with_group(args, lambda args, group, device: [
-        _run_eval(argparse.Namespace(**{**vars(args), "seed": seed, "out": args.out / f"seed-{seed}"}), group, device)
+        run(argparse.Namespace(**{**vars(args), "seed": seed, "out": args.out / f"seed-{seed}"}), group, device)
         for seed in args.seeds])
     if runs[0] is None:
         return None
-    records = combine_seeds([run["records"] for run in runs], args.seeds)
+    records = combine_seeds([one["records"] for one in runs], args.seeds)
     config = {**runs[0]["config"], "seed": None, "seeds": args.seeds}
     results = {"config": config, "records": records, "average": average_records(records), "unreadable": runs[0]["unreadable"]}
-    write_json_atomically(args.out / "results.json", results)
-    print(f"\nmean over seeds {', '.join(map(str, args.seeds))} (± sample standard deviation):\n"
-          + format_table(results["records"]))
-    written = write_report(args.out)
-    print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}")
+    print(f"\nmean over seeds {', '.join(map(str, args.seeds))} (± sample standard deviation):")
+    write(args, results)
     return results
+
+
+def _write_results(args: argparse.Namespace, results: dict, also: str = "") -> None:
+    """results.json, the table on the terminal, and the report, in ``--out``."""
+    write_json_atomically(args.out / "results.json", results)
+    records = results["records"]
+    print(format_table(records))
+    if len({r["dataset"] for r in records}) > 1:
+        print("\n" + paper_tables(records))
+    written = write_report(args.out)
+    print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}{also}")
+
+
+def run_eval(args: argparse.Namespace) -> dict | None:
+    """Evaluate, appending each batch to ``--out`` as it finishes; resume what is already there (``--seeds``:
+    once per seed, see ``over_seeds``)."""
+    return over_seeds(args, _run_eval, _write_results)
 
 
 def _attack_for(args: argparse.Namespace, defense: Defense, attack: Attack) -> Attack:
@@ -371,12 +384,7 @@ def _run_eval(args: argparse.Namespace, group: distributed.ProcessGroup, device:
     if records is None:
         return None
     results = {"config": config, "records": records, "average": average_records(records), "unreadable": ctx.unreadable()}
-    write_json_atomically(args.out / "results.json", results)
-    print(format_table(records))
-    if len(ctx.loaded) > 1:
-        print("\n" + paper_tables(records))
-    written = write_report(args.out)
-    print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}")
+    _write_results(args, results)
     return results
 
 
@@ -452,8 +460,13 @@ def _adversarial_for(ctx: _Context, attack_names: Sequence[str]) -> tuple[Advers
     return adversarial, _stored_attacks(adversarial)
 
 
-def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> dict | None:
-    """``counterattack sweep``: every setting of a grid over one defense's options, on one adversarial set."""
+def run_sweep(args: argparse.Namespace) -> dict | None:
+    """``counterattack sweep``: every setting of a grid over one defense's options, on one adversarial set
+    (``--seeds``: once per seed, see ``over_seeds``)."""
+    return over_seeds(args, _run_sweep, _write_sweep)
+
+
+def _run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device: torch.device) -> dict | None:
     name = _single_defense(args)
     grid = parse_grid(args.grid, name)
     settings = {_setting_label(name, setting): setting for setting in grid}
@@ -468,22 +481,25 @@ def run_sweep(args: argparse.Namespace, group: distributed.ProcessGroup, device:
         return None
     for record in records:
         record["setting"] = _cli_setting(name, settings.get(record["defense"], {}))
-    plots = []
-    single = len({r["dataset"] for r in records}) == 1 and len(attacks) == 1
-    for dataset in dict.fromkeys(r["dataset"] for r in records):
-        for attack in dict.fromkeys(r["attack"] for r in records):
-            these = [r for r in records if r["dataset"] == dataset and r["attack"] == attack]
-            points = [{**r, "label": r["defense"].removeprefix(f"{name} ")} for r in these if r["defense"] != "none"]
-            baseline = next(r for r in these if r["defense"] == "none")
-            path = args.out / ("pareto.png" if single else f"pareto-{safe_file_name(short_name(dataset))}-{attack}.png")
-            plots.append(plot_pareto(points, path, baseline, title=f"{name} on {short_name(dataset)}, {attack} "
-                                     f"({baseline['n']} images)"))
     results = {"config": config, "records": records, "average": average_records(records), "unreadable": ctx.unreadable()}
-    write_json_atomically(args.out / "results.json", results)
-    print(format_table(records))
-    written = write_report(args.out)
-    print(f"\nresults: {args.out / 'results.json'}; report: {written[0]}; Pareto plot(s): {', '.join(map(str, plots))}")
+    _write_sweep(args, results)
     return results
+
+
+def _write_sweep(args: argparse.Namespace, results: dict) -> None:
+    """A Pareto plot per dataset and attack, then what ``eval`` writes."""
+    records, name = results["records"], results["config"]["sweep"]["defense"]
+    plots = []
+    pairs = list(dict.fromkeys((r["dataset"], r["attack"]) for r in records))
+    for dataset, attack in pairs:
+        these = [r for r in records if r["dataset"] == dataset and r["attack"] == attack]
+        points = [{**r, "label": r["defense"].removeprefix(f"{name} ")} for r in these if r["defense"] != "none"]
+        baseline = next(r for r in these if r["defense"] == "none")
+        path = args.out / ("pareto.png" if len(pairs) == 1 else f"pareto-{safe_file_name(short_name(dataset))}-{attack}.png")
+        seeds = f", mean of {len(results['config']['seeds'])} seeds" if results["config"].get("seeds") else ""
+        plots.append(plot_pareto(points, path, baseline,
+                                 title=f"{name} on {short_name(dataset)}, {attack} ({baseline['n']} images{seeds})"))
+    _write_results(args, results, also=f"; Pareto plot(s): {', '.join(map(str, plots))}")
 
 
 def _scores(store: ResultsStore, expected: dict[str, list], defense: str, attack: str) -> tuple[list[float], list[float]]:
