@@ -19,42 +19,14 @@ def _package_version() -> str:
 __version__ = _package_version()
 
 from .attacks import (
-    ATTACKS,
-    CW,
-    PGD,
-    AdaptiveAttack,
-    Attack,
-    AutoAttack,
-    AutoAttackPaper,
-    build_attack,
-    build_attacks,
-    register_attack,
+    ATTACKS, CW, PGD, AdaptiveAttack, Attack, AutoAttack, AutoAttackPaper, build_attack, build_attacks, register_attack,
 )
-from .classifier import (
-    DEFAULT_TEMPLATES,
-    EncoderPasses,
-    ImageEncoder,
-    PixelRangeError,
-    ZeroShotClassifier,
-    check_pixels,
-    count_encoder_passes,
-)
+from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, PixelRangeError, ZeroShotClassifier, check_pixels, count_encoder_passes
 from .data import EvalDataset, balanced_subset, load_dataset
 from .defended import DefendedModel, defended
 from .defenses import (
-    DEFENSES,
-    TTC,
-    AntiAdversary,
-    Defense,
-    DefenseOutput,
-    HedgeDefense,
-    NoDefense,
-    RandomNoise,
-    TransformEnsemble,
-    TTCResult,
-    build_defense,
-    build_defenses,
-    register_defense,
+    DEFENSES, TTC, AntiAdversary, Defense, DefenseOutput, HedgeDefense, NoDefense, RandomNoise, TransformEnsemble,
+    TTCResult, build_defense, build_defenses, register_defense,
 )
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize

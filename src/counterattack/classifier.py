@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
+
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from .errors import CounterattackError
 from .models import LoadedCLIP

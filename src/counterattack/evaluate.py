@@ -19,14 +19,7 @@ from .adversarial import AdversarialSet
 from .attacks import Attack
 from .calibration import mean_and_std, wilson_interval
 from .classifier import ZeroShotClassifier, count_encoder_passes
-from .data import (
-    PAPER_AVERAGE_DATASETS,
-    EvalDataset,
-    ImageId,
-    WithIndex,
-    balanced_subset,
-    short_name,
-)
+from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
 from .errors import CounterattackError
 from .precision import precision_context

@@ -28,11 +28,7 @@ from torch import nn
 
 from .errors import CounterattackError
 from .models import (
-    TRANSFORMERS_PREFIX,
-    LoadedCLIP,
-    _go_offline_if_hub_unreachable,
-    _missing_download_message,
-    read_json_config,
+    TRANSFORMERS_PREFIX, LoadedCLIP, _go_offline_if_hub_unreachable, _missing_download_message, read_json_config,
     refusal_message,
 )
 

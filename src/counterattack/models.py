@@ -81,9 +81,7 @@ def load_clip(
     extra; ``pretrained`` is ignored).
     """
     if model.startswith(TRANSFORMERS_PREFIX):
-        from .hf_transformers import (
-            load_transformers_clip,  # it imports this module: imported here
-        )
+        from .hf_transformers import load_transformers_clip  # it imports this module: imported here
 
         return load_transformers_clip(model[len(TRANSFORMERS_PREFIX):], device=device, cache_dir=cache_dir)
     schema, identifier = _parse(model)

@@ -15,18 +15,13 @@ from open_clip.transform import image_transform
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
+
 from tqdm.auto import tqdm
 
 from ..classifier import DEFAULT_TEMPLATES
 from ..errors import CounterattackError
 from ..models import LoadedCLIP
-from .prompts import (
-    IMAGENET_DROPPED_WNID,
-    PROMPT_SETS,
-    check_own_classes,
-    class_prompts,
-    raw_classes,
-)
+from .prompts import IMAGENET_DROPPED_WNID, PROMPT_SETS, check_own_classes, class_prompts, raw_classes
 from .registry import DATASETS, DatasetInfo, is_present
 
 IMAGEFOLDER_PREFIX = "imagefolder:"

@@ -7,20 +7,8 @@ takes: its options become ``--NAME-OPTION`` flags, and ``counterattack defenses`
 from __future__ import annotations
 
 from .base import (
-    ADAPTIVE_METHODS,
-    DEFENSES,
-    PIXEL_UNIT,
-    TTC_EPS,
-    TTC_STEP_SIZE,
-    TTC_STEPS,
-    AttackView,
-    Defense,
-    DefenseOutput,
-    option,
-    options_of,
-    register_defense,
-    runtime,
-    weighted_mix,
+    ADAPTIVE_METHODS, DEFENSES, PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, Defense, DefenseOutput, option,
+    options_of, register_defense, runtime, weighted_mix,
 )
 
 
@@ -37,6 +25,7 @@ from .none import NoDefense  # noqa: E402
 from .rn import RandomNoise  # noqa: E402
 from .ttc import TTC, TTCResult, relative_shift  # noqa: E402
 from .tte import TransformEnsemble  # noqa: E402
+
 
 check_defense_names = DEFENSES.check_names
 build_defense = DEFENSES.build  # build_defense("ttc", tau_thres=0.1): budgets in [0, 1] pixel units

@@ -9,15 +9,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..classifier import ZeroShotClassifier
-from ..options import (
-    PIXEL_UNIT,
-    Registry,
-    check_options,
-    describe_options,
-    option,
-    options_of,
-    runtime,
-)
+from ..options import PIXEL_UNIT, Registry, check_options, describe_options, option, options_of, runtime
 from ..randomness import ImageRandomness
 
 

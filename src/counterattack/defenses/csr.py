@@ -53,14 +53,7 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT,
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
-    register_defense,
-    through_defense,
+    PIXEL_UNIT, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense,
 )
 
 REFERENCE_SIDE = 224  # the input side at which CSR's radius (and threshold) were set

@@ -47,14 +47,7 @@ from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
 from ..precision import full_precision, loss_scale
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT,
-    TTC_EPS,
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
-    register_defense,
+    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense,
     through_defense,
 )
 

@@ -55,14 +55,7 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT,
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
-    register_defense,
-    through_defense,
+    PIXEL_UNIT, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense,
 )
 
 # torchvision's rgb_to_grayscale weights, which its contrast and saturation adjustments blend towards.

@@ -14,17 +14,7 @@ import torch
 from ..attacks.loop import project
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
-from .base import (
-    PIXEL_UNIT,
-    TTC_EPS,
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
-    register_defense,
-    through_defense,
-)
+from .base import PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense
 
 
 @register_defense

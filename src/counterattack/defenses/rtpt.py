@@ -62,16 +62,7 @@ from ..classifier import ZeroShotClassifier, check_pixels
 from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
-from .base import (
-    ADAPTIVE_METHODS,
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
-    register_defense,
-    runtime,
-)
+from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime
 
 AUGMENTATIONS = ("augmix", "crop-flip")
 

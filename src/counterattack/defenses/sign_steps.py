@@ -11,15 +11,7 @@ from ..attacks.loop import replay_steps, run_steps
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT,
-    TTC_EPS,
-    TTC_STEP_SIZE,
-    TTC_STEPS,
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,
     through_defense,
 )
 

@@ -26,20 +26,8 @@ from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT,
-    TTC_EPS,
-    TTC_STEP_SIZE,
-    TTC_STEPS,
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
-    register_defense,
-    runtime,
-    softmax_weights,
-    through_defense,
-    weighted_mix,
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,
+    register_defense, runtime, softmax_weights, through_defense, weighted_mix,
 )
 
 

@@ -17,15 +17,7 @@ import torch.nn.functional as F
 
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..randomness import ImageRandomness
-from .base import (
-    AttackView,
-    DefenseOutput,
-    check_options,
-    describe_options,
-    option,
-    register_defense,
-    runtime,
-)
+from .base import AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
