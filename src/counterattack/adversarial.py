@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CounterattackError
-from .results import _dataset_changes, check_stored_config, config_hash
+from .results import _dataset_changes, check_stored_config, config_hash, coverage_problems
 
 SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
 KIND = "adversarial set"  # in the stored configuration: a results folder's config.json is not a set
@@ -143,18 +143,8 @@ class AdversarialSet:
     def complete(self, expected: dict[str, list]) -> None:
         """Refuse a set that is not exactly the expected images, each once: no defense is evaluated on a part."""
         counts = Counter((dataset, image_id) for _, dataset, ids in self._shard_ids() for image_id in ids)
-        problems = []
-        for dataset, ids in expected.items():
-            missing = sum(1 for image_id in ids if counts[(dataset, image_id)] == 0)
-            doubled = sum(1 for image_id in ids if counts[(dataset, image_id)] > 1)
-            if missing:
-                problems.append(f"{missing} of {len(ids)} images of {dataset} are missing")
-            if doubled:
-                problems.append(f"{doubled} images of {dataset} are stored more than once")
-        wanted = {(dataset, image_id) for dataset, ids in expected.items() for image_id in ids}
-        foreign = sum(1 for key in counts if key not in wanted)
-        if foreign:
-            problems.append(f"{foreign} stored images are not of this run's datasets")
+        problems = coverage_problems(counts, expected, doubled="are stored more than once",
+                                     foreign="stored images are not of this run's datasets")
         if problems:
             raise CounterattackError(
                 f"The adversarial set {self.folder} is incomplete: {'; '.join(problems)}. Run `counterattack attack` "

@@ -49,6 +49,24 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def coverage_problems(counts: Counter, expected: dict[str, list], doubled: str, foreign: str) -> list[str]:
+    """What keeps ``counts`` (per (dataset, image id)) from holding each expected image exactly once and
+    nothing else, in words: "N images of D {doubled}", "N {foreign}"."""
+    problems = []
+    for dataset, ids in expected.items():
+        missing = sum(1 for image_id in ids if counts[(dataset, image_id)] == 0)
+        repeated = sum(1 for image_id in ids if counts[(dataset, image_id)] > 1)
+        if missing:
+            problems.append(f"{missing} of {len(ids)} images of {dataset} are missing")
+        if repeated:
+            problems.append(f"{repeated} images of {dataset} {doubled}")
+    wanted = {(dataset, image_id) for dataset, ids in expected.items() for image_id in ids}
+    others = sum(1 for key in counts if key not in wanted)
+    if others:
+        problems.append(f"{others} {foreign}")
+    return problems
+
+
 def check_stored_config(path: Path, config: dict, write: bool, what: str) -> None:
     """Refuse to mix two configurations in one folder: ``path`` (a config.json) must hold this one's hash,
     naming the settings that differ; it is written when absent and ``write``."""
@@ -89,18 +107,8 @@ class ResultsStore:
         """
         batches = [batch for path in sorted(self.parts.glob("rank-*.jsonl")) for batch in self._lines(path)]
         counts = Counter((batch["dataset"], image_id) for batch in batches for image_id in batch["ids"])
-        problems = []
-        for dataset, ids in expected.items():
-            missing = sum(1 for image_id in ids if counts[(dataset, image_id)] == 0)
-            doubled = sum(1 for image_id in ids if counts[(dataset, image_id)] > 1)
-            if missing:
-                problems.append(f"{missing} of {len(ids)} images of {dataset} are missing")
-            if doubled:
-                problems.append(f"{doubled} images of {dataset} appear more than once")
-        wanted = {(dataset, image_id) for dataset, ids in expected.items() for image_id in ids}
-        foreign = sum(1 for key in counts if key not in wanted)
-        if foreign:
-            problems.append(f"{foreign} results are of images this run does not evaluate")
+        problems = coverage_problems(counts, expected, doubled="appear more than once",
+                                     foreign="results are of images this run does not evaluate")
         if problems:
             raise CounterattackError(
                 f"Cannot merge the results in {self.parts}: {'; '.join(problems)}. Run the same command again "
