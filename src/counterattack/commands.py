@@ -502,10 +502,10 @@ def _write_sweep(args: argparse.Namespace, results: dict) -> None:
     _write_results(args, results, also=f"; Pareto plot(s): {', '.join(map(str, plots))}")
 
 
-def _scores(store: ResultsStore, expected: dict[str, list], defense: str, attack: str) -> tuple[list[float], list[float]]:
+def _scores(batches: Sequence[dict], defense: str, attack: str) -> tuple[list[float], list[float]]:
     """Per image, the gate's score on the clean and on the adversarial images (one dataset)."""
     clean, adv = [], []
-    for batch in store.complete_batches(expected):
+    for batch in batches:
         result = batch["defenses"][defense]
         clean += result["clean"]["tau"]
         adv += result["adv"][attack]["tau"]
@@ -526,30 +526,29 @@ def run_calibrate(args: argparse.Namespace, group: distributed.ProcessGroup, dev
     adversarial, attacks = _adversarial_for(ctx, args.attack)
     flagged_above = getattr(cls, "gate_flags_above", False)
 
-    def evaluate(folder: str, defense: Defense) -> None:
+    def evaluate(folder: str, defense: Defense) -> tuple[dict, dict[str, dict]]:
+        """The run's configuration and, on the main process, its record per attack."""
         defenses = {name: defense}
-        _evaluate_into(ctx, args.out / folder, defenses, attacks, _evaluation_config(ctx, defenses, attacks, adversarial),
-                       adversarial)
+        config = _evaluation_config(ctx, defenses, attacks, adversarial)
+        records = _evaluate_into(ctx, args.out / folder, defenses, attacks, config, adversarial)
         group.barrier()
+        return config, {r["attack"]: r for r in records or []}
 
-    evaluate("current", current)
-    expected, dataset = ctx.expected(), ctx.loaded[0].name
-    clean_scores, _ = _scores(ResultsStore(args.out / "current"), expected, name, attacks[0].name)
+    config, before = evaluate("current", current)
+    dataset = ctx.loaded[0].name
+    # Every process needs the threshold: each reads the scores the processes wrote.
+    scored = ResultsStore(args.out / "current").complete_batches(ctx.expected())
+    clean_scores, _ = _scores(scored, name, attacks[0].name)
     chosen_threshold = threshold_at_fpr(clean_scores, args.target_fpr, flagged_above)
     chosen = replace(current, tau_thres=chosen_threshold)
     chosen_folder = f"at-{chosen_threshold:.6g}"  # another --target-fpr adds a folder rather than clashing
-    evaluate(chosen_folder, chosen)
+    _, after = evaluate(chosen_folder, chosen)
     if not group.is_main:
         return None
 
-    def accuracy(folder: str) -> dict[str, dict]:
-        store = ResultsStore(args.out / folder)
-        return {r["attack"]: r for r in summarize(store.complete_batches(expected), [dataset], [name], [a.name for a in attacks])}
-
-    before, after = accuracy("current"), accuracy(chosen_folder)
     entries, plots = [], []
     for attack in attacks:
-        clean, adv = _scores(ResultsStore(args.out / "current"), expected, name, attack.name)
+        clean, adv = _scores(scored, name, attack.name)
         oriented = (lambda xs: xs) if flagged_above else (lambda xs: [-x for x in xs])
         entry = {
             "dataset": dataset, "attack": attack.name, "defense": name, "n": len(clean),
@@ -567,7 +566,7 @@ def run_calibrate(args: argparse.Namespace, group: distributed.ProcessGroup, dev
             clean, adv, current.tau_thres, chosen_threshold, flagged_above,
             f"{name}'s gate score on {short_name(dataset)}, {attack.name} ({len(clean)} images)",
             args.out / (f"calibration-{attack.name}.png" if len(attacks) > 1 else "calibration.png")))
-    results = {"config": _evaluation_config(ctx, {name: current}, attacks, adversarial), "calibration": entries}
+    results = {"config": config, "calibration": entries}
     write_json_atomically(args.out / "calibration.json", results)
     for e in entries:
         side = ">" if flagged_above else "<"
