@@ -13,6 +13,7 @@ from counterattack.attacks import cw_margin
 from counterattack.cli import main
 from counterattack.sanity import _never_increases
 
+from testkit import threshold_between
 from conftest import CIFAR10_TEST_DIR, IN_CI, TINY_CLIP_DIR, needs_shared
 
 
@@ -78,7 +79,7 @@ def test_autoattack_subset_is_at_least_as_strong_as_pgd10(tiny_classifier, cifar
 def test_attack_view_computes_the_defense_and_passes_gradients(random_classifier, images, name):
     """The differentiable view an adaptive attack uses is the defense itself, same draws, same logits."""
     taus = TTC().counterattack(random_classifier, images, rng(len(images), "d")).tau
-    (defense,) = build_defenses([name], tau_thres=float(taus.median()))
+    (defense,) = build_defenses([name], tau_thres=threshold_between(taus))
     expected = defense(random_classifier, images, rng(len(images), "d")).logits
     for method in ("exact", "bpda"):
         x = images.clone().requires_grad_(True)

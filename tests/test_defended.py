@@ -9,13 +9,15 @@ from counterattack.defended import RANDOMNESS_KEY, call_purpose
 from counterattack.defenses import build_defenses
 from counterattack.sanity import autoattack_warnings
 
+from testkit import threshold_between
+
 IDS = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
 
 
 def _ttc_with_both_branches(classifier, images) -> TTC:
     """TTC whose gate judges about half of ``images`` attacked, so both branches are exercised."""
     taus = TTC().counterattack(classifier, images, ImageRandomness.for_images(0, RANDOMNESS_KEY, IDS, call_purpose(0))).tau
-    return TTC(tau_thres=float(taus.median()))
+    return TTC(tau_thres=threshold_between(taus))
 
 
 def _own_output(defense, classifier, images, seed, call, ids=IDS) -> torch.Tensor:
