@@ -9,7 +9,6 @@ from counterattack import CounterattackError
 from counterattack.data import DATASETS
 from counterattack.data.prompts import (
     IMAGENET_DROPPED_WNID,
-    PAPER_RULES,
     PCAM_PAPER_PROMPTS,
     PROMPT_SETS,
     check_own_classes,
@@ -85,10 +84,6 @@ def test_pcam_paper_prompts_are_whole_sentences():
         "This is a photo of a healthy lymph node tissue.",
         "This is a photo of a lymph node tumor tissue.",
     ] == PCAM_PAPER_PROMPTS
-
-
-def test_every_dataset_but_pcam_has_a_paper_rule():
-    assert set(PAPER_RULES) == set(DATASETS) - {"pcam"}
 
 
 def test_clean_lowercases_and_spaces_underscores_and_hyphens_only():

@@ -21,18 +21,20 @@ from tqdm.auto import tqdm
 from ..classifier import DEFAULT_TEMPLATES
 from ..errors import CounterattackError
 from ..models import LoadedCLIP
-from .prompts import IMAGENET_DROPPED_WNID, PROMPT_SETS, check_own_classes, class_prompts, raw_classes
+from .prompts import PROMPT_SETS, check_own_classes, class_prompts, prompt_class_indices, raw_classes
 from .registry import DATASETS, DatasetInfo, is_present
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
-# The datasets behind the TTC paper's headline average (Table 1); Tiny ImageNet is evaluated there but left out of it.
-PAPER_AVERAGE_DATASETS: tuple[str, ...] = tuple(name for name in DATASETS if name != "tinyimagenet")
+# The datasets behind the TTC paper's headline average (Table 1), as their rows say: a dataset joins it only by
+# saying so (Tiny ImageNet is evaluated there but left out of it).
+PAPER_AVERAGE_DATASETS: tuple[str, ...] = tuple(name for name, info in DATASETS.items() if info.in_paper_average)
 
 __all__ = [
-    "DATASETS", "DatasetInfo", "EvalDataset", "IMAGEFOLDER_PREFIX", "ImageId", "PAPER_AVERAGE_DATASETS", "PROMPT_SETS", "TRANSFORMS", "WithIndex",
-    "balanced_subset", "check_manual_datasets", "dataset_names", "find_unreadable", "is_present", "load_dataset",
-    "model_eval_transform", "paper_transform", "short_name",
+    "DATASETS", "DatasetInfo", "EvalDataset", "IMAGEFOLDER_PREFIX", "ImageId", "PAPER_AVERAGE_DATASETS", "PROMPT_SETS",
+    "TRANSFORMS", "WithIndex", "balanced_subset", "check_manual_datasets", "class_prompts", "dataset_names",
+    "find_unreadable", "is_present", "load_dataset", "model_eval_transform", "paper_transform", "raw_classes",
+    "short_name",
 ]
 
 
@@ -96,7 +98,8 @@ class EvalDataset:
 
     def describe(self) -> dict:
         """The dataset's identity, as the run's configuration records it."""
-        return {"name": self.name, "images": len(self), "classes": len(self.class_names), "fingerprint": self.fingerprint}
+        return {"name": self.name, "images": len(self), "classes": len(self.class_names),
+                "fingerprint": self.fingerprint}
 
 
 def _digest(lines: Iterable[str]) -> str:
@@ -118,7 +121,8 @@ def _imagefolder(directory: Path, clip: LoadedCLIP, transform: str) -> EvalDatas
     if not directory.is_dir():
         raise CounterattackError(f"Image folder not found: {directory}")
     try:
-        ds = datasets.ImageFolder(str(directory), transform=model_eval_transform(clip) if transform == "model" else paper_transform())
+        ds = datasets.ImageFolder(str(directory),
+                                  transform=model_eval_transform(clip) if transform == "model" else paper_transform())
     except (FileNotFoundError, OSError) as exc:
         raise CounterattackError(
             f"{directory} is not an image folder: expected one sub-folder per class holding images ({exc})."
@@ -136,7 +140,9 @@ def short_name(dataset: str) -> str:
     if not dataset.startswith(IMAGEFOLDER_PREFIX):
         return dataset
     parts = Path(dataset[len(IMAGEFOLDER_PREFIX) :]).parts
-    return "/".join(parts[-2:]) if parts and parts[-1] in ("test", "val", "train") else (parts[-1] if parts else dataset)
+    if parts and parts[-1] in ("test", "val", "train"):
+        return "/".join(parts[-2:])
+    return parts[-1] if parts else dataset
 
 
 def dataset_names(specs: Sequence[str]) -> list[str]:
@@ -148,11 +154,12 @@ def dataset_names(specs: Sequence[str]) -> list[str]:
 def check_manual_datasets(specs: Sequence[str], data_root: str | Path) -> None:
     """Fail before any download when a dataset that must be fetched by hand is missing."""
     root = Path(data_root).expanduser()
-    missing = [DATASETS[s] for s in specs if s in DATASETS and not DATASETS[s].downloadable and not is_present(DATASETS[s], root)]
+    missing = [DATASETS[s] for s in specs
+               if s in DATASETS and not DATASETS[s].downloadable and not is_present(DATASETS[s], root)]
     if missing:
         raise CounterattackError(
-            f"{', '.join(i.name for i in missing)} {'is' if len(missing) == 1 else 'are'} not under {root} and cannot be "
-            "downloaded automatically. " + " ".join(f"{i.name}: {i.how_to_get}." for i in missing)
+            f"{', '.join(i.name for i in missing)} {'is' if len(missing) == 1 else 'are'} not under {root} and cannot "
+            "be downloaded automatically. " + " ".join(f"{i.name}: {i.how_to_get}." for i in missing)
         )
 
 
@@ -170,13 +177,15 @@ class _Relabelled(Dataset):
         return image, self.labels[label]
 
 
-def _drop_class(data: EvalDataset, dropped: int) -> EvalDataset:
-    """``data`` without the class ``dropped`` and its images; later labels move down by one; ids stay."""
-    keep = [i for i, y in enumerate(data.targets) if y != dropped]
-    labels = {y: y - (y > dropped) for y in range(len(data.class_names) + 1) if y != dropped}
+def _keep_classes(data: EvalDataset, kept: Sequence[int]) -> EvalDataset:
+    """``data`` with only the classes ``kept`` (own labels, ascending) and their images; the labels are renumbered
+    in order, so each later label moves down by the number of classes dropped before it; ids stay."""
+    labels = {y: new for new, y in enumerate(kept)}
+    keep = [i for i, y in enumerate(data.targets) if y in labels]
     targets = [labels[data.targets[i]] for i in keep]
     return EvalDataset(
-        data.name, _Relabelled(data.dataset, keep, labels), data.class_names, targets, [data.image_ids[i] for i in keep],
+        data.name, _Relabelled(data.dataset, keep, labels), data.class_names, targets,
+        [data.image_ids[i] for i in keep],
         _labels_fingerprint(targets), data.randomness_key, data.templates,
         None if data.files is None else [data.files[i] for i in keep],
     )
@@ -210,7 +219,8 @@ def load_dataset(
     ``prompts`` chooses a registered dataset's class names and templates: ``paper`` as the TTC
     authors' code builds them (ImageNet then has their 999 classes), ``openai`` the curated names
     with ``"This is a photo of a {}."``. ``transform`` is an image folder's preprocessing: the
-    model's own eval transform, or the paper's Resize 256 -> CenterCrop 224.
+    model's own eval transform, or the paper's Resize 256 -> CenterCrop 224. A dataset whose row ships no class
+    list is named by the class list its data brings.
     """
     if prompts not in PROMPT_SETS:
         raise CounterattackError(f"Unknown prompt set {prompts!r}. Available: {', '.join(PROMPT_SETS)}.")
@@ -238,12 +248,11 @@ def load_dataset(
             f"{spec} under {root} has {len(own_names)} classes, expected {info.num_classes}: is it the full dataset?"
         )
     check_own_classes(spec, own_names)
-    names, templates = class_prompts(spec, prompts)
+    names, templates = class_prompts(spec, prompts, own_names)
     data = EvalDataset(spec, ds, list(names), list(labels), list(range(len(labels))), _labels_fingerprint(labels), spec,
                        tuple(templates), _files_of(ds))
-    if spec == "imagenet" and len(names) == info.num_classes - 1:
-        data = _drop_class(data, raw_classes(spec).index(IMAGENET_DROPPED_WNID))
-    return data
+    kept = prompt_class_indices(spec, prompts, own_names)
+    return data if len(kept) == len(own_names) else _keep_classes(data, kept)
 
 
 def _decode_error(path: str) -> str | None:

@@ -4,25 +4,30 @@ Two sets exist because published numbers depend on the exact text:
 
 * ``paper`` reproduces the prompts the TTC paper's code builds (Xing et al., CVPR 2025,
   github.com/Sxing2/CLIP-Test-time-Counterattacks): per-dataset templates, and names derived from each
-  dataset's *own* raw labels by small rules (one function per rule below), quirks included. Duplicate
-  prompts are part of that protocol (Caltech-101's two face classes are both "person"; cutting the year
-  off Stanford Cars leaves 7 identical pairs) and are kept as they are.
+  dataset's *own* raw labels by small rules (one function per rule below; each dataset's row in the
+  registry names its rule and template). Duplicate prompts are part of that protocol (Caltech-101's two
+  face classes are both "person"; cutting the year off Stanford Cars leaves 7 identical pairs) and are
+  kept as they are.
 * ``openai`` is the curated names of ``classnames.json`` (or, for datasets without a curated list, the
-  registry's tidied own labels) with the single template "This is a photo of a {}.".
+  row's naming of their own labels) with the single template "This is a photo of a {}.".
 
 The raw lists live in ``raw_classes.json`` (sources inside), so the rules run on the same strings the
 datasets expose and :func:`check_own_classes` can prove a loaded dataset has the labels the prompts assume.
+A dataset with no list there takes its class names from its loaded data (``own_classes``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 from ..errors import CounterattackError
-from .registry import DATASETS, curated_class_names
+
+if TYPE_CHECKING:
+    from .registry import DatasetInfo
 
 PROMPT_SETS: tuple[str, ...] = ("paper", "openai")
 
@@ -31,13 +36,12 @@ IMAGENET_DROPPED_WNID = "n03710637"
 ImageNet has 999 classes, so this class is left out of the ``paper`` prompts."""
 
 OPENAI_TEMPLATE = "This is a photo of a {}."
+PAPER_TEMPLATE = "This is a photo of a {}."
+"""The TTC code's template where a dataset has none of its own."""
 PCAM_PAPER_PROMPTS = [
     "This is a photo of a healthy lymph node tissue.",
     "This is a photo of a lymph node tumor tissue.",
 ]
-
-# Datasets torchvision gives no class names for: their shipped list can only be checked by length.
-_COUNT_ONLY = frozenset({"flowers102"})
 
 
 @cache
@@ -46,10 +50,19 @@ def _shipped() -> dict:
     return json.loads(text)
 
 
-def _known_dataset(dataset: str) -> str:
+@cache
+def curated_class_names() -> dict[str, list[str]]:
+    """The ``openai`` names of ``classnames.json`` per dataset (its ``_`` keys are notes on their sources)."""
+    text = files("counterattack.data").joinpath("classnames.json").read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def _row(dataset: str) -> DatasetInfo:
+    from .registry import DATASETS  # the rows name this module's rules, so the registry imports it first
+
     if dataset not in DATASETS:
         raise CounterattackError(f"Unknown dataset {dataset!r}. Choose one of: {', '.join(DATASETS)}.")
-    return dataset
+    return DATASETS[dataset]
 
 
 def _known_prompt_set(prompt_set: str) -> str:
@@ -58,10 +71,27 @@ def _known_prompt_set(prompt_set: str) -> str:
     return prompt_set
 
 
+def _ships_classes(dataset: str) -> bool:
+    return dataset in _shipped()["own_classes"]
+
+
 def raw_classes(dataset: str) -> list[str]:
     """The dataset's own class list, in label order, as shipped in ``raw_classes.json``: what the stock
-    torchvision class (or ``TinyImageNetVal``) exposes, so that label ``c`` of the loaded data is class ``c`` here."""
-    return list(_shipped()["own_classes"][_known_dataset(dataset)])
+    torchvision class (or ``TinyImageNetVal``) exposes, so that label ``c`` of the loaded data is class ``c`` here.
+    A dataset added without a shipped list has none to give before its data is loaded: an error says so."""
+    _row(dataset)
+    if not _ships_classes(dataset):
+        raise CounterattackError(f"No class list of {dataset} ships with the package (raw_classes.json): "
+                                 "its classes are known once its data is loaded.")
+    return list(_shipped()["own_classes"][dataset])
+
+
+def _own_classes(dataset: str, own_classes: Sequence[str] | None) -> list[str]:
+    """The raw names the prompts are built from: the shipped list, which a loaded copy is checked against;
+    for a dataset without one, the loaded copy's own list."""
+    if _ships_classes(dataset) or own_classes is None:
+        return raw_classes(dataset)
+    return [str(c) for c in own_classes]
 
 
 # --- The paper's naming rules: one small function per rule, applied to raw names. ---------------------
@@ -120,64 +150,48 @@ def tinyimagenet_paper_name(wnid: str) -> str:
     return _shipped()["paper_names"]["tinyimagenet"][wnid]
 
 
-PAPER_RULES: dict[str, tuple[Callable[[str], str], str]] = {
-    "cifar10": (as_is, "This is a photo of a {}."),
-    "cifar100": (as_is, "This is a photo of a {}."),
-    "stl10": (as_is, "This is a photo of a {}."),
-    "imagenet": (imagenet_paper_name, "This is a photo of a {}."),
-    "tinyimagenet": (tinyimagenet_paper_name, "This is a photo of a {}."),
-    "sun397": (as_is, "This is a photo of a {}."),
-    "caltech101": (caltech101_name, "This is a photo of a {}."),
-    "caltech256": (caltech256_name, "A photo of a {}."),
-    "eurosat": (clean, "A centered satellite photo of {}."),
-    "dtd": (clean, "A surface with a {} texture."),
-    "fgvc_aircraft": (aircraft_name, "A photo of a {}, a type of aircraft."),
-    "flowers102": (clean, "A photo of a {}, a type of flower."),
-    "food101": (clean, "A photo of {}, a type of food."),
-    "oxford_pets": (clean, "A photo of a {}, a type of pet."),
-    "stanford_cars": (stanford_cars_name, "A photo of a {}."),
-    "country211": (country211_name, "A photo I took in {}."),
-}
-"""Per dataset: the rule turning a raw class name into the paper's name, and the paper's template.
-PCAM is absent: its two prompts are whole sentences (:data:`PCAM_PAPER_PROMPTS`)."""
-
-
-def prompt_class_indices(dataset: str, prompt_set: str = "paper") -> list[int]:
-    """For each class of the prompt set, its index in :func:`raw_classes`: every class, except that the
-    paper's ImageNet leaves out :data:`IMAGENET_DROPPED_WNID` (its images have no prompt to be scored against)."""
-    own = raw_classes(dataset)
-    if _known_prompt_set(prompt_set) == "paper" and dataset == "imagenet":
-        return [i for i, wnid in enumerate(own) if wnid != IMAGENET_DROPPED_WNID]
+def prompt_class_indices(dataset: str, prompt_set: str = "paper",
+                         own_classes: Sequence[str] | None = None) -> list[int]:
+    """For each class of the prompt set, its index in the own class list (:func:`raw_classes`, or ``own_classes``
+    where none is shipped): every class, except those the paper has no prompt for (the row's ``paper_dropped``:
+    the paper's ImageNet leaves out :data:`IMAGENET_DROPPED_WNID`), whose images could not be scored."""
+    row, prompt_set = _row(dataset), _known_prompt_set(prompt_set)
+    own = _own_classes(dataset, own_classes)
+    if prompt_set == "paper" and row.paper_dropped:
+        return [i for i, name in enumerate(own) if name not in row.paper_dropped]
     return list(range(len(own)))
 
 
-def _openai_names(dataset: str) -> list[str]:
-    curated = curated_class_names().get(dataset)
-    if curated is not None:
-        return list(curated)
-    return [DATASETS[dataset].clean_name(c) for c in raw_classes(dataset)]
-
-
-def class_prompts(dataset: str, prompt_set: str = "paper") -> tuple[list[str], list[str]]:
+def class_prompts(dataset: str, prompt_set: str = "paper",
+                  own_classes: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """``(class names, templates)``: the zero-shot text of class ``c`` is ``template.format(names[c])`` for each
     template. Names follow :func:`prompt_class_indices` (ImageNet under ``paper``: 999, in WordNet id order);
-    PCAM under ``paper`` has the two whole prompts as names and ``["{}"]`` as template."""
-    own = raw_classes(dataset)
-    if _known_prompt_set(prompt_set) == "openai":
-        return _openai_names(dataset), [OPENAI_TEMPLATE]
-    if dataset == "pcam":
-        return list(PCAM_PAPER_PROMPTS), ["{}"]
-    rule, template = PAPER_RULES[dataset]
-    return [rule(own[i]) for i in prompt_class_indices(dataset, prompt_set)], [template]
+    PCAM under ``paper`` has the two whole prompts as names and ``["{}"]`` as template. ``own_classes``, the
+    loaded data's class list, names the classes of a dataset that ships no list; without it such a dataset's
+    prompts are unknown (a :class:`CounterattackError` says so)."""
+    row, prompt_set = _row(dataset), _known_prompt_set(prompt_set)
+    curated = curated_class_names().get(dataset)
+    if prompt_set == "openai" and curated is not None:
+        return list(curated), [OPENAI_TEMPLATE]
+    if prompt_set == "paper" and row.paper_prompts:
+        return list(row.paper_prompts), ["{}"]
+    own = _own_classes(dataset, own_classes)
+    if prompt_set == "openai":
+        return [row.openai_name(c) for c in own], [OPENAI_TEMPLATE]
+    return [row.paper_rule(own[i]) for i in prompt_class_indices(dataset, prompt_set, own)], [row.paper_template]
 
 
 def check_own_classes(dataset: str, own: Sequence[str]) -> None:
     """Refuse a loaded dataset whose own class list is not the shipped one (count and order), since the prompts
     are matched to labels by position: a reordered or partial copy would silently score images against the wrong
-    text. Flowers-102 (torchvision reads no names from its files) is checked by count only."""
+    text. Where the files name no class (Flowers-102, PCAM) only the count can be checked; where nothing is
+    shipped, the loaded list is the one the prompts are built from, and there is nothing to compare."""
+    row = _row(dataset)
+    if not _ships_classes(dataset):
+        return
     expected = raw_classes(dataset)
     found = [str(c) for c in own]
-    if dataset in _COUNT_ONLY:
+    if not row.names_its_classes:
         if len(found) != len(expected):
             raise CounterattackError(
                 f"{dataset} has {len(found)} classes, expected {len(expected)}: is it the full dataset?")
