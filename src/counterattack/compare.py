@@ -1,0 +1,584 @@
+"""A run's results beside the numbers the TTC paper and the papers that re-ran TTC printed.
+
+Matching is exact: the same model, backbone, defense, attack, budget, steps and dataset, under the
+paper's protocol. A record without such a published twin is listed with the reason, never compared
+with a near miss: a 4/255 run against a 1/255 number, or another backbone's, would look like a
+reproduction failure (or success) that it is not.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CounterattackError
+from .published import AVERAGE_KEYS, Published, PublishedRecord, Source, load_published
+
+EPS_TOLERANCE = 1e-6  # in 1/255: our eps * 255 against the published budget
+MATCHING_RULE = ("exact on model, backbone, defense, attack, budget (our eps x 255 equal to the published one within "
+                 "1e-6), steps and dataset, for paper-protocol records only; nothing is matched loosely")
+NO_TWIN = "no published twin"
+OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One of our records beside one source's number for the same setting (percent; ``eps`` in 1/255).
+
+    ``*_diff`` is ours minus published, in points; ``*_inside`` whether the published value lies inside
+    our 95% interval (None where the paper printed no clean accuracy or our record has no interval).
+    ``notes`` name our defense or attack options that differ from this library's defaults.
+    """
+
+    source: str
+    source_label: str
+    dataset: str
+    defense: str
+    attack: str
+    eps: float
+    steps: int
+    n: int | None
+    ours_clean: float
+    ours_robust: float
+    published_clean: float | None
+    published_robust: float
+    clean_diff: float | None
+    robust_diff: float
+    clean_ci95: tuple[float, float] | None
+    robust_ci95: tuple[float, float] | None
+    clean_inside: bool | None
+    robust_inside: bool | None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AverageRow:
+    """Our mean accuracy over the datasets we ran of a published average's set, beside that average.
+
+    ``datasets`` are ours, ``scope_size`` how many the source averaged over; when fewer were run, ``note``
+    says so, and ``published_same_*`` give the source's own per-dataset numbers averaged over our datasets
+    (when it printed every one of them): the like-for-like comparison. No interval: the mean of per-dataset
+    accuracies would need one built from every dataset's count, which is not attempted here.
+    """
+
+    source: str
+    source_label: str
+    scope: str
+    defense: str
+    attack: str
+    eps: float
+    steps: int
+    datasets: tuple[str, ...]
+    scope_size: int
+    ours_clean: float
+    ours_robust: float
+    published_clean: float | None
+    published_robust: float
+    clean_diff: float | None
+    robust_diff: float
+    published_same_clean: float | None
+    published_same_robust: float | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class UnmatchedRecord:
+    """One of our records with no published twin, and why (``eps`` in 1/255, None where unknown)."""
+
+    dataset: str
+    defense: str
+    attack: str
+    threat: str | None
+    eps: float | None
+    steps: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Everything ``compare_results`` found: rows per (record, source), averages, records without a twin."""
+
+    model: str | None
+    backbone: str | None
+    records: int
+    rows: tuple[ComparisonRow, ...]
+    averages: tuple[AverageRow, ...]
+    unmatched: tuple[UnmatchedRecord, ...]
+    sources: tuple[Source, ...]  # those cited by a row or an average, in the file's order
+
+
+def run_identity(config: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(model, backbone) of a run, as the published records name them.
+
+    The backbone is the config's ``backbone`` label when a run recorded one; otherwise the pretrained tag
+    when no vision checkpoint replaced the tower; otherwise unknown (None), since a checkpoint file's name
+    does not say whether it is TeCoA at 1/255 or FARE at 4/255, and an unknown backbone has no twin.
+    """
+    model = config.get("model")
+    if config.get("backbone"):
+        return model, config["backbone"]
+    if not config.get("vision_checkpoint"):
+        return model, config.get("pretrained") or None
+    return model, None
+
+
+def _budgets(config: Mapping[str, Any]) -> dict[str, tuple[float | None, int | None] | None]:
+    """Per attack name, (eps in 1/255, steps) from the config's attack list; None when listed twice."""
+    budgets: dict[str, tuple[float | None, int | None] | None] = {}
+    for entry in config.get("attacks") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("attack"), str):
+            continue
+        eps, steps = entry.get("eps"), entry.get("steps")
+        eps = 255 * eps if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+        steps = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+        budgets[entry["attack"]] = None if entry["attack"] in budgets else (eps, steps)
+    return budgets
+
+
+def _fmt_value(key: str, value: Any) -> str:
+    if isinstance(value, float) and key in ("eps", "step_size"):
+        return f"{value * 255:.4g}/255"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _differences(given: Mapping[str, Any], defaults: Mapping[str, Any], skip: Sequence[str]) -> list[str]:
+    notes = []
+    for key, default in defaults.items():
+        if key in skip or key not in given:
+            continue
+        value = given[key]
+        same = (math.isclose(value, default, rel_tol=1e-9, abs_tol=1e-12)
+                if isinstance(value, (int, float)) and isinstance(default, (int, float)) else value == default)
+        if not same:
+            notes.append(f"{key}={_fmt_value(key, value)} (default {_fmt_value(key, default)})")
+    return notes
+
+
+def _setting_notes(config: Mapping[str, Any], defense: str, attack: str) -> tuple[str, ...]:
+    """Our options that differ from the library's defaults (which follow the papers): not matched on, but said."""
+    from .attacks import ATTACKS
+    from .defenses import DEFENSES
+    from .options import describe_options
+
+    notes = []
+    for entry in config.get("defenses") or []:
+        if isinstance(entry, dict) and entry.get("name", entry.get("defense")) == defense and defense in DEFENSES:
+            defaults = describe_options(DEFENSES[defense]())
+            notes += [f"{defense} {d}" for d in _differences(entry, defaults, ("defense",))]
+    for entry in config.get("attacks") or []:
+        if isinstance(entry, dict) and entry.get("attack") == attack and attack in ATTACKS:
+            defaults = ATTACKS[attack]().describe()
+            notes += [f"{attack} {d}" for d in _differences(entry, defaults, ("attack", "eps", "steps"))]
+    return tuple(notes)
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _inside(published: float | None, interval: tuple[float, float] | None) -> bool | None:
+    return None if published is None or interval is None else interval[0] <= published <= interval[1]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _budget_text(eps: float | None, steps: int | None) -> str:
+    return f"{'?' if eps is None else f'{eps:.4g}'}/255, {'?' if steps is None else steps} steps"
+
+
+def _hint(published: Published, model: str, backbone: str, defense: str, attack: str, dataset: str,
+          eps: float, steps: int) -> str:
+    """What the papers did print near this record, so a user sees which key keeps it from a twin."""
+    near = [p for p in published.records if (p.dataset, p.defense, p.attack) == (dataset, defense, attack)]
+    if near:
+        shown = list(dict.fromkeys(f"{p.model}/{p.backbone} at {_budget_text(p.eps, p.steps)} ({p.source})"
+                                   for p in near))
+        more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+        return f"{NO_TWIN}: printed for {defense}/{attack} on {dataset} only with {'; '.join(shown[:3])}{more}"
+    within = [p for p in published.records
+              if p.dataset in AVERAGE_KEYS and dataset in published.average_scope(p.dataset)
+              and (p.model, p.backbone, p.defense, p.attack, p.steps) == (model, backbone, defense, attack, steps)
+              and abs(eps - p.eps) <= EPS_TOLERANCE]
+    if within:
+        return f"{NO_TWIN}: printed only inside " + ", ".join(f"{p.dataset} ({p.source})" for p in within)
+    return f"{NO_TWIN}: no paper printed {defense} against {attack} on {dataset}"
+
+
+def _ineligible(record: dict, config: Mapping[str, Any], model: str | None, backbone: str | None) -> str | None:
+    """Why a record cannot have a twin whatever the papers printed, or None."""
+    threat = record.get("threat", config.get("threat"))
+    defense, attack, dataset = record.get("defense"), record.get("attack"), record.get("dataset")
+    if not all(isinstance(v, str) for v in (defense, attack, dataset)):
+        return f"{NO_TWIN}: the record has no dataset, defense or attack name"
+    if threat != "paper":
+        return f"{NO_TWIN}: {threat or 'unknown'} threat (the published numbers are all under the paper's protocol)"
+    if record.get("setting") or " " in defense:
+        return f"{NO_TWIN}: a sweep setting (the papers print each defense at its own settings)"
+    if attack == "worst-case":
+        return f"{NO_TWIN}: the worst case over this run's attacks (no paper printed it)"
+    if dataset.startswith("imagefolder:"):
+        return f"{NO_TWIN}: an image folder (no paper ran it)"
+    if not model:
+        return f"{NO_TWIN}: the config names no model"
+    if backbone is None:
+        return (f"{NO_TWIN}: unknown backbone (a vision checkpoint replaced the tower and the config has no "
+                "\"backbone\" label such as tecoa-eps1)")
+    if not (_is_number(record.get("clean_acc")) and _is_number(record.get("robust_acc"))):
+        return f"{NO_TWIN}: the record has no clean and robust accuracy"
+    return None
+
+
+def _budget_problem(attack: str, budgets: Mapping[str, tuple[float | None, int | None] | None]) -> str | None:
+    """Why the config does not tell this attack's budget and steps, or None."""
+    if attack not in budgets:
+        return f"{NO_TWIN}: the config does not list the {attack} attack's budget"
+    if budgets[attack] is None:
+        return f"{NO_TWIN}: the config lists the {attack} attack twice (which budget is unknown)"
+    if None in budgets[attack]:
+        return f"{NO_TWIN}: the config gives no budget or steps for the {attack} attack"
+    return None
+
+
+def _source_order(published: Published) -> dict[str, int]:
+    return {key: i for i, key in enumerate(published.sources)}
+
+
+def _dataset_order(published: Published, dataset: str) -> tuple[int, str]:
+    order = published.datasets16
+    return (order.index(dataset) if dataset in order else len(order), dataset)
+
+
+def compare_results(results: Mapping[str, Any], published: Published) -> Comparison:
+    """Match every record of ``results`` (a results.json's content) with the published numbers; pure.
+
+    One row per (our record, source) with a twin; one average row per published average of this run's
+    model, backbone, defense, attack and budget of which we ran at least one dataset; every other record
+    listed with the reason it has no twin.
+    """
+    if not isinstance(results, Mapping) or not isinstance(results.get("records"), list):
+        raise CounterattackError("Results to compare must be an object with a \"records\" list (a results.json).")
+    config = results.get("config") or {}
+    if not isinstance(config, Mapping):
+        raise CounterattackError("The results' \"config\" must be an object.")
+    model, backbone = run_identity(config)
+    budgets = _budgets(config)
+    index: dict[tuple, list[PublishedRecord]] = {}
+    for p in published.records:
+        index.setdefault((p.model, p.backbone, p.defense, p.attack, p.dataset), []).append(p)
+    rows: list[ComparisonRow] = []
+    unmatched: list[UnmatchedRecord] = []
+    eligible: dict[tuple, dict[str, dict]] = {}  # (defense, attack, eps, steps) -> dataset -> record
+
+    for record in results["records"]:
+        if not isinstance(record, dict):
+            raise CounterattackError(f"A results record must be an object, got {type(record).__name__}.")
+        budget = budgets.get(record.get("attack")) if isinstance(record.get("attack"), str) else None
+        eps, steps = budget if budget else (None, None)
+        reason = _ineligible(record, config, model, backbone) or _budget_problem(record["attack"], budgets)
+        if reason is None:
+            defense, attack, dataset = record["defense"], record["attack"], record["dataset"]
+            eligible.setdefault((defense, attack, eps, steps), {}).setdefault(dataset, record)
+            twins = [p for p in index.get((model, backbone, defense, attack, dataset), [])
+                     if abs(eps - p.eps) <= EPS_TOLERANCE and steps == p.steps]
+            if not twins:
+                reason = _hint(published, model, backbone, defense, attack, dataset, eps, steps)
+        if reason is not None:
+            unmatched.append(UnmatchedRecord(
+                dataset=str(record.get("dataset")), defense=str(record.get("defense")),
+                attack=str(record.get("attack")), threat=record.get("threat", config.get("threat")), eps=eps,
+                steps=steps, reason=reason))
+            continue
+        clean, robust = float(record["clean_acc"]), float(record["robust_acc"])
+        clean_ci, robust_ci = _interval(record.get("clean_ci95")), _interval(record.get("robust_ci95"))
+        n = record.get("n") if isinstance(record.get("n"), int) else None
+        notes = _setting_notes(config, defense, attack)
+        for p in twins:
+            rows.append(ComparisonRow(
+                source=p.source, source_label=published.sources[p.source].label, dataset=dataset, defense=defense,
+                attack=attack, eps=p.eps, steps=p.steps, n=n,
+                ours_clean=clean, ours_robust=robust, published_clean=p.clean, published_robust=p.robust,
+                clean_diff=None if p.clean is None else clean - p.clean, robust_diff=robust - p.robust,
+                clean_ci95=clean_ci, robust_ci95=robust_ci, clean_inside=_inside(p.clean, clean_ci),
+                robust_inside=_inside(p.robust, robust_ci), notes=notes))
+
+    averages = _averages(published, model, backbone, eligible)
+    sources_order = _source_order(published)
+    rows.sort(key=lambda r: (sources_order[r.source], _dataset_order(published, r.dataset), r.defense, r.attack, r.eps))
+    cited = {r.source for r in rows} | {a.source for a in averages}
+    return Comparison(model=model, backbone=backbone, records=len(results["records"]), rows=tuple(rows),
+                      averages=tuple(averages), unmatched=tuple(unmatched),
+                      sources=tuple(s for key, s in published.sources.items() if key in cited))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _averages(published: Published, model: str | None, backbone: str | None,
+              eligible: Mapping[tuple, Mapping[str, dict]]) -> list[AverageRow]:
+    """Our mean over the datasets run of each published average's set, named when it is not the whole set."""
+    per_dataset = {(p.source, p.model, p.backbone, p.defense, p.attack, p.eps, p.steps, p.dataset): p
+                   for p in published.records}
+    averages = []
+    for p in published.records:
+        if p.dataset not in AVERAGE_KEYS or (p.model, p.backbone) != (model, backbone):
+            continue
+        scope = published.average_scope(p.dataset)
+        ours = next((by_dataset for (defense, attack, eps, steps), by_dataset in eligible.items()
+                     if (defense, attack, steps) == (p.defense, p.attack, p.steps)
+                     and abs(eps - p.eps) <= EPS_TOLERANCE), {})
+        run = [d for d in scope if d in ours]
+        if not run:
+            continue
+        clean, robust = _mean([ours[d]["clean_acc"] for d in run]), _mean([ours[d]["robust_acc"] for d in run])
+        theirs = [per_dataset.get((p.source, p.model, p.backbone, p.defense, p.attack, p.eps, p.steps, d)) for d in run]
+        same_robust = _mean([t.robust for t in theirs]) if all(theirs) else None
+        same_clean = (_mean([t.clean for t in theirs])
+                      if all(theirs) and all(t.clean is not None for t in theirs) else None)
+        note = ""
+        if len(run) < len(scope):
+            missing = [d for d in scope if d not in ours]
+            listed = f" (missing {', '.join(missing)})" if len(missing) <= 4 else ""
+            note = f"average over {len(run)} of {len(scope)} datasets{listed}: not the published average's scope"
+        averages.append(AverageRow(
+            source=p.source, source_label=published.sources[p.source].label, scope=p.dataset, defense=p.defense,
+            attack=p.attack, eps=p.eps, steps=p.steps, datasets=tuple(run), scope_size=len(scope), ours_clean=clean,
+            ours_robust=robust, published_clean=p.clean, published_robust=p.robust,
+            clean_diff=None if p.clean is None else clean - p.clean, robust_diff=robust - p.robust,
+            published_same_clean=same_clean, published_same_robust=same_robust, note=note))
+    return averages
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _ours(value: float, interval: tuple[float, float] | None) -> str:
+    return f"{value:.2f}" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def comparison_markdown(comparison: Comparison, folder: Path | None = None, seeds: Sequence[int] | None = None) -> str:
+    """The comparison as Markdown: what was compared and how, one table per source, averages, records without a twin."""
+    where = f" from `{folder / 'results.json'}`" if folder is not None else ""
+    over = f", mean over seeds {', '.join(map(str, seeds))}" if seeds else ""
+    twins = comparison.records - len(comparison.unmatched)
+    parts = [
+        "# Comparison with published numbers",
+        f"Run{where}: model `{comparison.model}`, backbone `{comparison.backbone or 'unknown'}`{over}. "
+        f"{twins} of {comparison.records} records have a published twin ({len(comparison.rows)} rows); "
+        f"{len(comparison.unmatched)} {'has' if len(comparison.unmatched) == 1 else 'have'} none.",
+        f"Matching rule: {MATCHING_RULE}. Defense and attack options other than the budget are not matched on; "
+        "where ours differ from this library's defaults (which follow the papers), the row's notes say so.",
+        "Columns: ours with its 95% interval (Wilson, over the run's images); published as printed "
+        "(\"-\": not printed); "
+        "diff = ours - published, in points; in = the published value lies inside our interval. "
+        "Budgets in 1/255.",
+    ]
+    if comparison.sources:
+        parts.append("Sources:\n\n" + "\n".join(f"- `{s.key}`: {s.label}. {s.cite}." for s in comparison.sources))
+    if not comparison.rows:
+        parts.append("**Nothing matched**: no record of this run has a published twin under the rule above "
+                     "(each record's reason is listed below).")
+    header = ["dataset", "defense", "attack", "eps", "steps", "n", "clean ours [95%]", "clean published", "diff", "in",
+              "robust ours [95%]", "robust published", "diff", "in"]
+    for source in comparison.sources:
+        rows = [r for r in comparison.rows if r.source == source.key]
+        if not rows:
+            continue
+        cells = [[r.dataset, r.defense, r.attack, f"{r.eps:g}", str(r.steps), str(r.n or "-"),
+                  _ours(r.ours_clean, r.clean_ci95), _num(r.published_clean), _num(r.clean_diff, sign=True),
+                  _flag(r.clean_inside), _ours(r.ours_robust, r.robust_ci95), _num(r.published_robust),
+                  _num(r.robust_diff, sign=True), _flag(r.robust_inside)] for r in rows]
+        notes = [f"- {r.dataset} {r.defense} {r.attack}: {'; '.join(r.notes)}" for r in rows if r.notes]
+        parts.append(f"## {source.label}: `{source.key}`\n\n{_table(header, cells)}"
+                     + ("\n\nOur options that differ from the defaults:\n\n" + "\n".join(notes) if notes else ""))
+    if comparison.averages:
+        cells = [[a.source_label, a.scope, a.defense, a.attack, f"{a.eps:g}", str(a.steps),
+                  f"{len(a.datasets)} of {a.scope_size}",
+                  _num(a.ours_clean), _num(a.published_clean), _num(a.clean_diff, sign=True), _num(a.ours_robust),
+                  _num(a.published_robust), _num(a.robust_diff, sign=True),
+                  f"{_num(a.published_same_clean)} / {_num(a.published_same_robust)}", a.note or "the published scope"]
+                 for a in comparison.averages]
+        parts.append(
+            "## Averages\n\nOur mean of per-dataset accuracies over the datasets run of each published average's set. "
+            "No interval is given for a mean over datasets. Where fewer datasets were run than the source averaged, "
+            "the row says so, and \"same datasets\" is the source's own per-dataset numbers averaged over ours "
+            "(\"-\" where it did not print them all).\n\n"
+            + _table(["source", "average", "defense", "attack", "eps", "steps", "datasets", "clean ours",
+                      "clean published", "diff", "robust ours", "robust published", "diff",
+                      "same datasets (clean / robust)", "scope"], cells))
+    if comparison.unmatched:
+        cells = [[u.dataset, u.defense, u.attack, str(u.threat), "-" if u.eps is None else f"{u.eps:.4g}",
+                  "-" if u.steps is None else str(u.steps), u.reason] for u in comparison.unmatched]
+        parts.append("## Records without a published twin\n\n"
+                     + _table(["dataset", "defense", "attack", "threat", "eps", "steps", "why"], cells))
+    return "\n\n".join(parts) + "\n"
+
+
+CSV_FIELDS = ("kind", "source", "source_label", "dataset", "defense", "attack", "eps_255", "steps", "n", "ours_clean",
+              "ours_clean_low", "ours_clean_high", "published_clean", "clean_diff", "clean_inside", "ours_robust",
+              "ours_robust_low", "ours_robust_high", "published_robust", "robust_diff", "robust_inside", "datasets",
+              "published_same_clean", "published_same_robust", "note")
+
+
+def comparison_csv(comparison: Comparison) -> str:
+    """One line per row ("dataset"), average ("average") and record without a twin ("no twin")."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, restval="")
+    writer.writeheader()
+    for r in comparison.rows:
+        writer.writerow({
+            "kind": "dataset", "source": r.source, "source_label": r.source_label, "dataset": r.dataset,
+            "defense": r.defense, "attack": r.attack, "eps_255": r.eps, "steps": r.steps, "n": r.n,
+            "ours_clean": r.ours_clean, "ours_clean_low": r.clean_ci95[0] if r.clean_ci95 else "",
+            "ours_clean_high": r.clean_ci95[1] if r.clean_ci95 else "", "published_clean": r.published_clean,
+            "clean_diff": r.clean_diff, "clean_inside": r.clean_inside, "ours_robust": r.ours_robust,
+            "ours_robust_low": r.robust_ci95[0] if r.robust_ci95 else "",
+            "ours_robust_high": r.robust_ci95[1] if r.robust_ci95 else "", "published_robust": r.published_robust,
+            "robust_diff": r.robust_diff, "robust_inside": r.robust_inside, "note": "; ".join(r.notes)})
+    for a in comparison.averages:
+        writer.writerow({
+            "kind": "average", "source": a.source, "source_label": a.source_label, "dataset": a.scope,
+            "defense": a.defense, "attack": a.attack, "eps_255": a.eps, "steps": a.steps, "ours_clean": a.ours_clean,
+            "published_clean": a.published_clean, "clean_diff": a.clean_diff, "ours_robust": a.ours_robust,
+            "published_robust": a.published_robust, "robust_diff": a.robust_diff, "datasets": " ".join(a.datasets),
+            "published_same_clean": a.published_same_clean, "published_same_robust": a.published_same_robust,
+            "note": a.note})
+    for u in comparison.unmatched:
+        writer.writerow({"kind": "no twin", "dataset": u.dataset, "defense": u.defense, "attack": u.attack,
+                         "eps_255": u.eps, "steps": u.steps, "note": u.reason})
+    return out.getvalue()
+
+
+def comparison_json(comparison: Comparison) -> dict:
+    """The comparison as plain JSON data, sources cited with their labels."""
+    return {"model": comparison.model, "backbone": comparison.backbone, "matching": MATCHING_RULE,
+            "records": comparison.records,
+            "sources": {s.key: {"label": s.label, "cite": s.cite, "primary": s.primary} for s in comparison.sources},
+            "rows": [asdict(r) for r in comparison.rows], "averages": [asdict(a) for a in comparison.averages],
+            "unmatched": [asdict(u) for u in comparison.unmatched]}
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot_comparison(comparison: Comparison, path: Path) -> Path:
+    """Ours (x) against published (y), clean and robust side by side, written atomically as a PNG.
+
+    Drawn on a bare ``matplotlib.figure.Figure``: pyplot is never imported and the backend never set, so a
+    caller's interactive session is left as it was.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(12, 5.6), dpi=110)
+    if not comparison.rows:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No record of this run has a published twin ({comparison.records} records compared):\n"
+                "nothing to plot. comparison.md lists each record's reason.", ha="center", va="center", fontsize=12)
+    else:
+        colours = {s.key: f"C{i}" for i, s in enumerate(comparison.sources)}
+        defenses = list(dict.fromkeys(r.defense for r in comparison.rows))
+        markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(defenses)}
+        for k, kind in enumerate(("clean", "robust")):
+            ax = fig.add_subplot(1, 2, k + 1)
+            values = []
+            for r in comparison.rows:
+                ours, theirs = getattr(r, f"ours_{kind}"), getattr(r, f"published_{kind}")
+                ci = getattr(r, f"{kind}_ci95")
+                if theirs is None:
+                    continue
+                xerr = [[max(0.0, ours - ci[0])], [max(0.0, ci[1] - ours)]] if ci else None
+                ax.errorbar([ours], [theirs], xerr=xerr, fmt=markers[r.defense], color=colours[r.source], ms=6,
+                            elinewidth=1, capsize=2, alpha=0.85)
+                ax.annotate(r.dataset, (ours, theirs), xytext=(3, 3), textcoords="offset points", fontsize=6)
+                values += [ours, theirs, *(ci or ())]
+            low, high = (max(0.0, min(values) - 3), min(100.0, max(values) + 3)) if values else (0.0, 100.0)
+            ax.plot([low, high], [low, high], color="0.5", lw=1, ls="--", zorder=0)
+            ax.set_xlim(low, high)
+            ax.set_ylim(low, high)
+            ax.set_aspect("equal")
+            ax.set_xlabel(f"ours: {kind} accuracy (%), 95% interval")
+            ax.set_ylabel(f"published {kind} accuracy (%)")
+            ax.set_title(f"{kind}" + ("" if values else ": no published value"))
+            ax.grid(alpha=0.3)
+        handles = [Line2D([], [], color=colours[s.key], marker="o", ls="", label=f"{s.key}: {s.label}")
+                   for s in comparison.sources]
+        handles += [Line2D([], [], color="0.3", marker=markers[d], ls="", label=d) for d in defenses]
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+        fig.suptitle(f"{comparison.model} ({comparison.backbone}): ours against published, one point per dataset and "
+                     "defense (dashed: equal)", fontsize=11)
+        fig.subplots_adjust(bottom=0.22, top=0.9, wspace=0.25)
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def _read_results(folder: Path) -> dict:
+    path = folder / "results.json"
+    run = f"run `counterattack eval --out {folder}`"
+    if not path.is_file():
+        raise CounterattackError(f"No results.json in {folder}: {run} first, then compare.")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CounterattackError(f"Cannot read {path} ({str(e).splitlines()[0]}): {run} again to rewrite it.") from e
+    if not isinstance(results, dict) or not isinstance(results.get("records"), list) \
+            or not isinstance(results.get("config", {}), dict):
+        raise CounterattackError(f"{path} is not a results file (no \"records\" list): {run} again to rewrite it.")
+    if not results["records"]:
+        raise CounterattackError(f"{path} holds no records yet: {run} (it resumes) to finish the run, then compare.")
+    return results
+
+
+def write_comparison(folder: Path, published: Published | None = None) -> list[Path]:
+    """Compare a run folder's results.json with the published numbers: write comparison.md, .csv, .json and
+    .png into the folder (each atomically) and return their paths. ``published``: the package's data if None."""
+    folder = Path(folder)
+    results = _read_results(folder)
+    published = published if published is not None else load_published()
+    comparison = compare_results(results, published)
+    md, csv_path, json_path, png = (folder / name for name in OUTPUT_NAMES)
+    seeds = results.get("config", {}).get("seeds")
+    text = comparison_markdown(comparison, folder, seeds if isinstance(seeds, list) else None)
+    _write_atomically(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    table = comparison_csv(comparison)
+    _write_atomically(csv_path, lambda tmp: tmp.write_text(table, encoding="utf-8", newline=""))
+    payload = json.dumps(comparison_json(comparison), indent=2) + "\n"
+    _write_atomically(json_path, lambda tmp: tmp.write_text(payload, encoding="utf-8"))
+    plot_comparison(comparison, png)
+    return [md, csv_path, json_path, png]
