@@ -7,10 +7,11 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from counterattack import CounterattackError, ImageRandomness, count_encoder_passes
-from counterattack.defenses import DEFENSES
-from counterattack.defenses.mac import (
-    MAC, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, gaussian_blur,
+from counterattack.augment import (
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, gaussian_blur,
 )
+from counterattack.defenses import DEFENSES
+from counterattack.defenses.mac import MAC
 
 from testkit import assert_equal_up_to_sign_flips, threshold_between
 from conftest import CIFAR10_TEST_DIR, needs_shared, transfer_and_adaptive

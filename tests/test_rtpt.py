@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, count_encoder_passes
+from counterattack.augment import crop_and_resize, warp
 from counterattack.defenses.rtpt import (
-    AUGMIX_OPS, RTPT, crop_and_resize, crop_boxes, draw_views, encode_prompts, prompt_context, reliability_weights,
-    render_views, view_entropy,
+    AUGMIX_OPS, RTPT, crop_boxes, draw_views, encode_prompts, prompt_context, reliability_weights, render_views,
+    view_entropy,
 )
 from counterattack.models import LoadedCLIP
 
@@ -63,7 +64,7 @@ def test_rtpt_leaves_the_image_alone(random_classifier, images):
 
 def test_augmix_views_by_hand(images):
     """Each view: crop and flip, three chains of 1-3 operations, Dirichlet(1,1,1) mix, Beta(1,1) blend."""
-    from counterattack.defenses.rtpt import PIXEL_OPS, _op_theta, _warp
+    from counterattack.defenses.rtpt import PIXEL_OPS, _op_theta
 
     x = images[:2]
     draws = draw_views(rng(2), 4, 1.0, x.device)
@@ -84,7 +85,7 @@ def test_augmix_views_by_hand(images):
                     if AUGMIX_OPS[index] in PIXEL_OPS:
                         chain = PIXEL_OPS[AUGMIX_OPS[index]](chain, level)
                     else:
-                        chain = _warp(chain, _op_theta(torch.tensor([index]), level, sign, 32, 32), "zeros")
+                        chain = warp(chain, _op_theta(torch.tensor([index]), level, sign, 32, 32), "zeros")
                 mix = mix + weights[c] * chain
             assert torch.allclose(views[i, v + 1], (blend * cropped + (1 - blend) * mix)[0], atol=1e-6)
 
@@ -132,13 +133,13 @@ def test_colour_operations_match_pil(name, pil_op, level, exact):
 
 
 def test_geometric_operations_match_pil():
-    from counterattack.defenses.rtpt import _op_theta, _warp
+    from counterattack.defenses.rtpt import _op_theta
 
     x = eight_bit_images()[:1].expand(5, -1, -1, -1)
     names = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
     level = 0.9  # 2 degrees, shear 0.027, 6 px at 224
-    ours = _warp(x, _op_theta(torch.tensor([AUGMIX_OPS.index(n) for n in names]), torch.full((5,), level),
-                              torch.ones(5), 224, 224), "zeros")
+    ours = warp(x, _op_theta(torch.tensor([AUGMIX_OPS.index(n) for n in names]), torch.full((5,), level),
+                             torch.ones(5), 224, 224), "zeros")
     shear, shift = level * 0.3 / 10, int(level * 224 / 3 / 10)
     affine = lambda *data: (lambda im: im.transform((224, 224), Image.AFFINE, data, resample=Image.BILINEAR))  # noqa: E731
     references = [lambda im: im.rotate(int(level * 3), resample=Image.BILINEAR), affine(1, shear, 0, 0, 1, 0),

@@ -22,12 +22,12 @@ this order): a random affine map (rotation within +-5 degrees, translation up to
 scale in [0.92, 1.08], bilinear, fill 0); colour jitter with probability 0.5 (brightness,
 contrast, saturation 0.08, hue 0.02, in a random order); a 5x5 Gaussian blur with probability 0.5,
 sigma in [0.5, 1.2]; with probability 0.5 additive Gaussian noise of a standard deviation drawn
-in [0, 0.02], clamped to [0, 1]. Here each is a batched tensor operation, differentiable in the
-image, whose parameters are per-image draws of ``ImageRandomness`` (torchvision's random
-transforms draw from the global generator, so results would depend on batching). They equal
-torchvision's functional ops for the same parameters (the tests check this), down to two of its
-details: translations are rounded to whole pixels, and the bilinear fill multiplies by the
-interpolated coverage mask, so border pixels fade towards 0.
+in [0, 0.02], clamped to [0, 1]. Here each is a batched tensor operation (``counterattack.augment``),
+differentiable in the image, whose parameters are per-image draws of ``ImageRandomness``
+(torchvision's random transforms draw from the global generator, so results would depend on
+batching). They equal torchvision's functional ops for the same parameters (the tests check this),
+down to two of its details: translations are rounded to whole pixels, and the bilinear fill
+multiplies by the interpolated coverage mask, so border pixels fade towards 0.
 
 Defaults (``mac_test.sh``): eps 8/255, 4 steps of 2/255 (the code's eps/4), 2 views,
 tau_thres 0.7, tau_temp 0.01. tau_thres was calibrated on OpenAI ViT-B/32 under fp16 autocast and
@@ -47,9 +47,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..attacks.loop import project, replay_steps, run_steps
+from ..augment import (
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, apply_to_rows, gaussian_blur, per_image,
+)
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..errors import CounterattackError
 from ..precision import full_precision
@@ -57,9 +59,6 @@ from ..randomness import ImageRandomness
 from .base import (
     PIXEL_UNIT, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense,
 )
-
-# torchvision's rgb_to_grayscale weights, which its contrast and saturation adjustments blend towards.
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 # Columns of one augmentation draw: every per-image parameter comes from a single uniform draw.
 _ANGLE, _SHIFT_X, _SHIFT_Y, _SCALE = 0, 1, 2, 3
@@ -82,99 +81,6 @@ def soft_weight(degree: torch.Tensor, tau_thres: float, tau_temp: float) -> torc
     if tau_temp == 0:
         return (degree > tau_thres).to(degree.dtype)
     return torch.sigmoid((degree - tau_thres) / tau_temp)
-
-
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
-
-
-def affine(images: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Rotate by ``angle`` degrees (clockwise on screen), scale and shift by ``shift`` = (dx, dy) pixels
-    about the image centre; bilinear, fill 0, as torchvision's ``affine`` on a tensor with ``fill=0``.
-
-    Each output pixel samples the input at the inverse map of its centre. torchvision also samples
-    a coverage mask (1 inside the input) and multiplies by it; so does this, to give its numbers.
-    """
-    n, _, height, width = images.shape
-    radians = torch.deg2rad(angle).view(n, 1, 1)
-    cos, sin = torch.cos(radians), torch.sin(radians)
-    xs = torch.arange(width, device=images.device, dtype=images.dtype) - (width - 1) / 2
-    ys = torch.arange(height, device=images.device, dtype=images.dtype) - (height - 1) / 2
-    x = xs.view(1, 1, width) - shift[:, 0].view(n, 1, 1)
-    y = ys.view(1, height, 1) - shift[:, 1].view(n, 1, 1)
-    scale = scale.view(n, 1, 1)
-    source_x = (cos * x + sin * y) / scale
-    source_y = (cos * y - sin * x) / scale
-    grid = torch.stack((source_x / (width / 2), source_y / (height / 2)), dim=-1)
-    with_mask = torch.cat((images, images.new_ones(n, 1, height, width)), dim=1)
-    sampled = F.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return sampled[:, :-1] * sampled[:, -1:]
-
-
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    weights = images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
-
-
-def blend(images: torch.Tensor, towards: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``factor * images + (1 - factor) * towards``, clamped to [0, 1] (torchvision's ``_blend``)."""
-    factor = _per_image(factor)
-    return (factor * images + (1 - factor) * towards).clamp(0, 1)
-
-
-def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return blend(images, torch.zeros_like(images), factor)
-
-
-def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return blend(images, grayscale(images).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return blend(images, grayscale(images), factor)
-
-
-def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue by ``shift`` turns, keeping saturation and value.
-
-    Through the chroma ``c = max - min`` rather than HSV's saturation, so no division by the
-    value is needed; a gray pixel (c = 0) has no hue and is left as it is.
-    """
-    red, green, blue = images.unbind(dim=1)
-    value = images.amax(dim=1)
-    chroma = value - images.amin(dim=1)
-    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    sextant = torch.where(
-        value == red, ((green - blue) / safe_chroma).remainder(6),
-        torch.where(value == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4),
-    )
-    sextant = (sextant + 6 * shift.view(-1, 1, 1)).remainder(6)
-
-    def channel(offset: int) -> torch.Tensor:
-        k = (sextant + offset).remainder(6)
-        return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
-
-    return torch.stack((channel(5), channel(3), channel(1)), dim=1)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """A ``kernel_size`` square Gaussian blur with each image's own sigma, reflect-padded (torchvision's)."""
-    n, channels, height, width = images.shape
-    offsets = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - (kernel_size - 1) / 2
-    profile = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    profile = profile / profile.sum(dim=1, keepdim=True)
-    kernels = profile[:, :, None] * profile[:, None, :]  # (n, k, k)
-    kernels = kernels.repeat_interleave(channels, dim=0).unsqueeze(1)  # one per (image, channel)
-    pad = kernel_size // 2
-    padded = F.pad(images.reshape(1, n * channels, height, width), (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(padded, kernels, groups=n * channels).view(n, channels, height, width)
-
-
-def _apply_to(images: torch.Tensor, chosen: torch.Tensor, transform) -> torch.Tensor:
-    """``transform`` of the chosen images (an index tensor), the others unchanged; differentiable."""
-    if len(chosen) == 0:
-        return images
-    return images.index_put((chosen,), transform(images[chosen], chosen))
 
 
 @dataclass
@@ -240,7 +146,7 @@ class MAC:
         normal = rng.normal_like(images.new_empty(n, copies, *images.shape[1:])).view(n * copies, *images.shape[1:])
         applied = (uniforms[:, _NOISE] < self.noise_p).to(normal.dtype)
         level = uniforms[:, _NOISE_SIGMA] * self.noise_sigma * applied
-        return AugmentationDraw(uniforms, normal * _per_image(level))
+        return AugmentationDraw(uniforms, normal * per_image(level))
 
     def augment(self, images: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
         """The drawn augmentations applied to ``images`` (one row of ``draw`` each); differentiable."""
@@ -257,14 +163,14 @@ class MAC:
         out = affine(images, symmetric(_ANGLE, self.rotation), shift, scale)
 
         jittered = (u[:, _JITTER] < self.jitter_p).nonzero().flatten()
-        out = _apply_to(out, jittered, lambda x, rows: self._color_jitter(x, u[rows]))
+        out = apply_to_rows(out, jittered, lambda x, rows: self._color_jitter(x, u[rows]))
 
         blurred = (u[:, _BLUR] < self.blur_p).nonzero().flatten()
         sigma = self.blur_sigma_low + u[:, _BLUR_SIGMA] * (self.blur_sigma_high - self.blur_sigma_low)
-        out = _apply_to(out, blurred, lambda x, rows: gaussian_blur(x, sigma[rows], self.blur_kernel))
+        out = apply_to_rows(out, blurred, lambda x, rows: gaussian_blur(x, sigma[rows], self.blur_kernel))
 
         noisy = (u[:, _NOISE] < self.noise_p).nonzero().flatten()
-        return _apply_to(out, noisy, lambda x, rows: (x + draw.noise[rows]).clamp(0, 1))
+        return apply_to_rows(out, noisy, lambda x, rows: (x + draw.noise[rows]).clamp(0, 1))
 
     def _color_jitter(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """ColorJitter's four adjustments in each image's own random order."""
@@ -280,7 +186,7 @@ class MAC:
         for position in range(order.shape[1]):
             for op, function in adjust.items():
                 chosen = (order[:, position] == op).nonzero().flatten()
-                images = _apply_to(images, chosen, lambda x, rows, f=function, a=factors[op]: f(x, a[rows]))
+                images = apply_to_rows(images, chosen, lambda x, rows, f=function, a=factors[op]: f(x, a[rows]))
         return images
 
     def build_views(self, images: torch.Tensor, draw: AugmentationDraw | None) -> torch.Tensor:
@@ -320,7 +226,7 @@ class MAC:
 
         signs: list[torch.Tensor] = []
         last = run_steps(embedding_shift, views, project(views, noise, self.eps), self.eps, self.step_size, self.steps, signs)
-        defended = views + _per_image(weights) * last
+        defended = views + per_image(weights) * last
         return MACResult(views, defended, degree.view(n, v), weights.view(n, v), view_draw, corruption_draw, noise, signs)
 
     def _mean_over_views(self, logits: torch.Tensor) -> torch.Tensor:
@@ -350,7 +256,7 @@ class MAC:
             last = project(views, result.noise, self.eps)
             if result.signs:
                 last = replay_steps(views, last, result.signs, self.step_size, self.eps)[-1]
-            delta = _per_image(result.weights.flatten()) * last
+            delta = per_image(result.weights.flatten()) * last
         else:
             delta = result.defended - result.views
         logits = self._mean_over_views(classifier.logits(through_defense(views, delta, method)))

@@ -58,11 +58,17 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from ..augment import (
+    apply_to_rows, autocontrast, blend, crop_and_resize, equalize, pixel_affine_to_theta, posterize, solarize,
+    straight_through, warp,
+)
 from ..classifier import ZeroShotClassifier, check_pixels
 from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
-from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime
+from .base import (
+    ADAPTIVE_METHODS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime,
+)
 
 AUGMENTATIONS = ("augmix", "crop-flip")
 
@@ -78,11 +84,6 @@ AUGMIX_REFERENCE_SIZE = 224  # AugMix gives its translations in pixels of a 224-
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
-
-
-def _straight_through(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """``after`` in the forward pass, the identity in the backward pass."""
-    return before + (after - before).detach()
 
 
 # --- the views -------------------------------------------------------------------------------------
@@ -118,20 +119,6 @@ def draw_views(rng: ImageRandomness, views: int, severity: float, device: torch.
     )
 
 
-def _pixel_affine_to_theta(a, b, c, d, e, f, height: int, width: int) -> torch.Tensor:
-    """``affine_grid``'s matrix for the pixel-coordinate map ``(x, y) -> (a x + b y + c, d x + e y + f)``
-    from output to input (continuous coordinates, pixel centres at +0.5, as PIL's affine transform)."""
-    ratio = height / width
-    row_x = torch.stack([a, b * ratio, a + b * ratio + 2 * c / width - 1], dim=-1)
-    row_y = torch.stack([d / ratio, e, d / ratio + e + 2 * f / height - 1], dim=-1)
-    return torch.stack([row_x, row_y], dim=-2)
-
-
-def _warp(images: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
-
-
 def crop_boxes(crop: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """torchvision's ``RandomResizedCrop.get_params``, vectorised: ``(top, left, h, w)`` per row of
     ``crop`` (``(..., attempts, 4)`` uniforms), the first valid attempt or, failing all, the centre."""
@@ -160,23 +147,6 @@ def crop_boxes(crop: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.where(found[..., None], boxes, fallback)
 
 
-def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Each image's crop ``(top, left, h, w)`` resized (bilinear) to the image's size, mirrored where ``flip``:
-    RandomResizedCrop then RandomHorizontalFlip. Sampling stays inside the crop, as cropping first would."""
-    height, width = images.shape[-2:]
-    top, left, h, w = boxes.unbind(-1)
-    zero = torch.zeros_like(top)
-    scale_x = torch.where(flip, -w / width, w / width)
-    shift_x = torch.where(flip, left + w, left)
-    theta = _pixel_affine_to_theta(scale_x, zero, shift_x, zero, h / height, top, height, width)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    # Normalised coordinates of the crop's first and last pixel centres: bilinear sampling clamps there.
-    low = torch.stack([2 * (left + 0.5) / width, 2 * (top + 0.5) / height], dim=-1) - 1
-    high = torch.stack([2 * (left + w - 0.5) / width, 2 * (top + h - 0.5) / height], dim=-1) - 1
-    grid = torch.max(torch.min(grid, high[:, None, None].to(grid.dtype)), low[:, None, None].to(grid.dtype))
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def _op_theta(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The affine map of AugMix's geometric operations (rotate, shear, translate) at ``level``."""
     one, zero = torch.ones_like(level), torch.zeros_like(level)
@@ -197,53 +167,29 @@ def _op_theta(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, height:
     for name, values in candidates.items():
         chosen = op == AUGMIX_OPS.index(name)
         coefficients = [torch.where(chosen, v, current) for v, current in zip(values, coefficients)]
-    return _pixel_affine_to_theta(*coefficients, height, width)
+    return pixel_affine_to_theta(*coefficients, height, width)
 
 
-def _levels(images: torch.Tensor) -> torch.Tensor:
-    """8-bit levels 0..255 of [0, 1] pixels."""
-    return torch.round(images * 255).clamp(0, 255)
+def _autocontrast(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    return autocontrast(images)  # AugMix ignores the level
 
 
-def autocontrast(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """PIL's ``autocontrast``: each channel stretched so its darkest pixel is 0 and its brightest 1."""
-    low = images.amin(dim=(-2, -1), keepdim=True)
-    high = images.amax(dim=(-2, -1), keepdim=True)
-    spread = high - low
-    flat = spread < 0.5 / 255  # one 8-bit level: PIL leaves such a channel alone
-    return torch.where(flat, images, (images - low) / torch.where(flat, torch.ones_like(spread), spread))
+def _equalize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    return equalize(images)  # AugMix ignores the level
 
 
-def equalize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """PIL's ``equalize`` on 8-bit levels, per channel (its look-up table, written with tensors)."""
-    m, channels, height, width = images.shape
-    levels = _levels(images).long().view(m, channels, -1)
-    counts = torch.zeros(m, channels, 256, dtype=torch.long, device=images.device).scatter_add_(
-        2, levels, torch.ones_like(levels))
-    present = counts > 0
-    brightest = (present * torch.arange(256, device=images.device)).argmax(dim=-1, keepdim=True)
-    step = (height * width - counts.gather(2, brightest)) // 255
-    before = counts.cumsum(dim=-1) - counts
-    table = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255)
-    keep = (present.sum(dim=-1, keepdim=True) <= 1) | (step == 0)
-    table = torch.where(keep, torch.arange(256, device=images.device), table)
-    return (table.gather(2, levels).to(images.dtype) / 255).view_as(images)
+def _posterize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """AugMix's posterize to ``4 - int_parameter(level, 4)`` bits."""
+    return posterize(images, 4 - torch.floor(level * 4 / 10))
 
 
-def posterize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """PIL's ``posterize`` to ``4 - int_parameter(level, 4)`` bits."""
-    bits = 4 - torch.floor(level * 4 / 10)
-    bucket = torch.pow(2.0, 8 - bits).view(-1, 1, 1, 1)
-    return torch.floor(_levels(images) / bucket) * bucket / 255
+def _solarize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """AugMix's solarize: levels at or above ``256 - int_parameter(level, 256)`` are inverted."""
+    return solarize(images, 256 - torch.floor(level * 256 / 10))
 
 
-def solarize(images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """PIL's ``solarize``: levels at or above ``256 - int_parameter(level, 256)`` are inverted."""
-    threshold = (256 - torch.floor(level * 256 / 10)).view(-1, 1, 1, 1)
-    return torch.where(_levels(images) < threshold, images, 1 - images)
-
-
-PIXEL_OPS = {"autocontrast": autocontrast, "equalize": equalize, "posterize": posterize, "solarize": solarize}
+# AugMix's colour operations as functions of the images and each image's level.
+PIXEL_OPS = {"autocontrast": _autocontrast, "equalize": _equalize, "posterize": _posterize, "solarize": _solarize}
 
 
 def _augmix_chains(chains: torch.Tensor, draws: ViewDraws, method: str | None) -> torch.Tensor:
@@ -257,22 +203,20 @@ def _augmix_chains(chains: torch.Tensor, draws: ViewDraws, method: str | None) -
     for step in range(AUGMIX_MAX_DEPTH):
         active = step < depth
         op, level, sign = ops[:, step], levels[:, step], signs[:, step]
-        # Every chain takes one operation per step: read the step's inputs from ``chains``, write into a copy.
-        updated = chains.clone()
-        chosen = (active & geometric[op]).nonzero().flatten()
-        if len(chosen):
-            theta = _op_theta(op[chosen], level[chosen], sign[chosen], height, width)
-            updated[chosen] = _warp(chains[chosen], theta, "zeros")
+
+        def geometric_op(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return warp(x, _op_theta(op[rows], level[rows], sign[rows], height, width))
+
+        # Every chain takes one operation per step: the operations' rows are disjoint, so their order is moot.
+        chains = apply_to_rows(chains, (active & geometric[op]).nonzero().flatten(), geometric_op)
         for name, apply in PIXEL_OPS.items():
-            chosen = (active & (op == AUGMIX_OPS.index(name))).nonzero().flatten()
-            if not len(chosen):
-                continue
-            before = chains[chosen]
-            after = apply(before, level[chosen])
-            if method == "bpda" or (method == "exact" and name in ZERO_GRADIENT_OPS):
-                after = _straight_through(before, after)
-            updated[chosen] = after
-        chains = updated
+            passed = method == "bpda" or (method == "exact" and name in ZERO_GRADIENT_OPS)
+
+            def colour_op(x: torch.Tensor, rows: torch.Tensor, apply=apply, passed=passed) -> torch.Tensor:
+                after = apply(x, level[rows])
+                return straight_through(x, after) if passed else after
+
+            chains = apply_to_rows(chains, (active & (op == AUGMIX_OPS.index(name))).nonzero().flatten(), colour_op)
     return chains
 
 
@@ -294,9 +238,8 @@ def render_views(images: torch.Tensor, draws: ViewDraws, augmentation: str = "au
         chains = _augmix_chains(cropped.repeat_interleave(AUGMIX_CHAINS, dim=0), draws, method)
         exponentials = -torch.log1p(-draws.mixing[..., :AUGMIX_CHAINS])  # Dirichlet(1, 1, 1) = normalised Exp(1)
         chain_weights = (exponentials / exponentials.sum(dim=-1, keepdim=True)).flatten(0, 1)
-        blend = draws.mixing[..., AUGMIX_CHAINS].flatten()[:, None, None, None]  # Beta(1, 1) = uniform
         mix = (chain_weights[:, :, None, None, None] * chains.view(n * extra, AUGMIX_CHAINS, channels, height, width)).sum(1)
-        views = blend * cropped + (1 - blend) * mix
+        views = blend(cropped, mix, draws.mixing[..., AUGMIX_CHAINS].flatten(), clamp=False)  # Beta(1, 1) = uniform
     return torch.cat([images[:, None], views.view(n, extra, channels, height, width)], dim=1)
 
 
