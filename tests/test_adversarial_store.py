@@ -58,7 +58,7 @@ def test_resume_continues_numbering_and_ignores_a_leftover_temp_file(tmp_path):
     assert sorted(p.name for p in (tmp_path / "shards").glob("rank-*")) == [
         "rank-0-000000.safetensors", "rank-0-000001.safetensors"]
     assert second.done() == {"cifar10": {0, 1, 2, 3, 4, 5}}
-    second.complete({"cifar10": [0, 1, 2, 3, 4, 5]})
+    second.check_complete({"cifar10": [0, 1, 2, 3, 4, 5]})
     assert torch.equal(second.images("cifar10", [4, 0], "apgd"), torch.stack([more_images["apgd"][1], images["apgd"][0]]))
 
 
@@ -81,7 +81,7 @@ def test_complete_names_missing_doubled_and_foreign(tmp_path):
     store.append("cifar10", [0, 1, 2], labels, images)
     store.append("cifar10", [2, 3, 9], labels, images)
     with pytest.raises(CounterattackError) as error:
-        store.complete({"cifar10": [0, 1, 2, 3, 4, 5]})
+        store.check_complete({"cifar10": [0, 1, 2, 3, 4, 5]})
     message = str(error.value)
     assert "\n" not in message
     assert "2 of 6 images of cifar10 are missing" in message

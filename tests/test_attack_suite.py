@@ -140,7 +140,7 @@ def test_sanity_command_passes_for_the_undefended_model(tmp_path, capsys):
 def test_adaptive_threat_refuses_autoattack(random_clip_dir, tmp_path, capsys):
     code = main(["eval", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{tmp_path}",
                  "--attack", "autoattack", "--threat", "adaptive", "--out", str(tmp_path / "o")])
-    assert code == 2 and "pgd or cw" in capsys.readouterr().err
+    assert code == 2 and "autoattack has no step_size, loss" in capsys.readouterr().err
 
 
 def test_adaptive_eval_records_say_what_ran(random_clip_dir, tmp_path):

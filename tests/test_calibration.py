@@ -3,15 +3,9 @@ import statistics
 import numpy as np
 import pytest
 
-from counterattack.calibration import (
-    flagged_fraction,
-    mean_and_std,
-    pareto_front,
-    plot_pareto,
-    plot_score_histograms,
-    roc_auc,
-    threshold_at_fpr,
-)
+from counterattack.calibration import flagged_fraction, pareto_front, roc_auc, threshold_at_fpr
+from counterattack.plots import plot_pareto, plot_score_histograms
+from counterattack.stats import mean_and_std
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

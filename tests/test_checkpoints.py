@@ -85,5 +85,5 @@ def test_eval_with_a_vision_checkpoint_measures_tau_with_the_base_model(tmp_path
     _, (_, ttc_base) = run("base-as-tau", "--model", f"local-dir:{finetuned_dir}", "--tau-model", f"local-dir:{random_clip_dir}")
     assert config["tau_model"].startswith("base") and config["vision_checkpoint"] == str(checkpoint)
     assert (none["clean_acc"], none["robust_acc"]) == (none_whole["clean_acc"], none_whole["robust_acc"])
-    assert ttc["mean_tau_clean"] == pytest.approx(ttc_base["mean_tau_clean"], rel=1e-5)
-    assert ttc["mean_tau_clean"] != pytest.approx(ttc_own["mean_tau_clean"], rel=1e-3)
+    assert ttc["mean_score_clean"] == pytest.approx(ttc_base["mean_score_clean"], rel=1e-5)
+    assert ttc["mean_score_clean"] != pytest.approx(ttc_own["mean_score_clean"], rel=1e-3)

@@ -26,8 +26,8 @@ def test_eval_writes_one_record_per_dataset_and_defense(tmp_path, random_clip_di
         ("a", "none"), ("a", "ttc"), ("b", "none"), ("b", "ttc")]
     assert all(r["n"] == 4 and r["attack"] == "pgd" for r in records)
     none, ttc = records[0], records[1]
-    assert none["mean_tau_clean"] is None and none["counterattacked_adv"] is None
-    assert ttc["mean_tau_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
+    assert none["mean_score_clean"] is None and none["counterattacked_adv"] is None
+    assert ttc["mean_score_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
     config = results["config"]
     assert config["attacks"] == [{"attack": "pgd", "eps": 1 / 255, "steps": 2, "step_size": 1 / 255}]
     assert config["prompts"] == "paper" and config["templates"] is None and config["transform"] == "model"
@@ -72,7 +72,7 @@ def test_tiny_clip_on_cifar10_matches_its_reference_numbers(tmp_path):
     assert none["robust_acc"] == pytest.approx(28.5, abs=3.0)
     assert ttc["clean_acc"] == pytest.approx(47.2, abs=3.0)
     assert ttc["robust_acc"] == pytest.approx(35.8, abs=3.0)
-    assert ttc["mean_tau_clean"] == pytest.approx(0.034, abs=0.005)
-    assert ttc["mean_tau_adv"] == pytest.approx(0.035, abs=0.005)
+    assert ttc["mean_score_clean"] == pytest.approx(0.034, abs=0.005)
+    assert ttc["mean_score_adv"] == pytest.approx(0.035, abs=0.005)
     # This model's tau is far below the paper's threshold: every image is counterattacked.
     assert ttc["counterattacked_clean"] == ttc["counterattacked_adv"] == 1.0

@@ -118,8 +118,8 @@ def test_gate_and_greedy_choice_by_hand(hand_classifier):
 
     h = math.exp(-2 * 16**2 / (2 * DEFAULT_RADIUS_32**2))
     a, b = unit(0.3, 0.2 * h), unit(0.3, 0.2)
-    assert output.tau.double()[0] == pytest.approx(float(a @ b), abs=1e-6)  # C(x) = cos(f(x), f(x_low))
-    assert output.tau[1] == pytest.approx(1.0, abs=1e-6)  # a flat image is its own low-pass
+    assert output.score.double()[0] == pytest.approx(float(a @ b), abs=1e-6)  # C(x) = cos(f(x), f(x_low))
+    assert output.score[1] == pytest.approx(1.0, abs=1e-6)  # a flat image is its own low-pass
     assert output.counterattacked.tolist() == [True, False]
 
     expected_scores = [float(unit(0.3, 0.2 - k * alpha) @ (a - b)) for k in range(4)]
@@ -184,7 +184,7 @@ def test_deterministic_and_independent_of_batching(random_classifier, images):
     for i, image_id in enumerate(ids):
         alone = csr(random_classifier, images[i : i + 1], ImageRandomness.for_images(0, "d", [image_id], "p"))
         assert alone.counterattacked[0] == whole.counterattacked[i]
-        assert torch.allclose(alone.tau[0], whole.tau[i], atol=1e-5)
+        assert torch.allclose(alone.score[0], whole.score[i], atol=1e-5)
         assert_equal_up_to_sign_flips(alone.images[0], whole.images[i])
         if torch.equal(alone.images[0], whole.images[i]):
             assert torch.allclose(alone.logits[0], whole.logits[i], atol=1e-3)
@@ -233,10 +233,10 @@ def test_attack_views_are_the_defense(tiny_classifier, cifar_images):
     images, _ = cifar_images
     csr = CSR()
     output = csr(tiny_classifier, images, rng(len(images)))
-    exact = csr.attack_view(tiny_classifier, images, rng(len(images)), "exact", with_tau=True)
+    exact = csr.attack_view(tiny_classifier, images, rng(len(images)), "exact", with_score=True)
     bpda = csr.attack_view(tiny_classifier, images, rng(len(images)), "bpda")
     assert torch.allclose(exact.logits, output.logits, atol=1e-3) and torch.allclose(bpda.logits, output.logits, atol=1e-3)
-    assert torch.allclose(exact.tau, output.tau, atol=1e-5) and exact.tau_thres == csr.tau_thres
+    assert torch.allclose(exact.score, output.score, atol=1e-5) and exact.threshold == csr.tau_thres
 
 
 @needs_shared
@@ -254,9 +254,9 @@ def test_adaptive_attack_beats_transfer_and_sees_the_defense(tiny_classifier, ci
 
     # Gradients at the transfer images: through the defense, and through CLIP alone.
     start = transfer.clone().requires_grad_(True)
-    view = csr.attack_view(tiny_classifier, start, rng(len(start)), "exact", with_tau=True)
+    view = csr.attack_view(tiny_classifier, start, rng(len(start)), "exact", with_score=True)
     loss = F.cross_entropy(view.logits, labels, reduction="sum")
-    through, gate_gradient = (torch.autograd.grad(value, start, retain_graph=True)[0] for value in (loss, view.tau.sum()))
+    through, gate_gradient = (torch.autograd.grad(value, start, retain_graph=True)[0] for value in (loss, view.score.sum()))
     (plain,) = torch.autograd.grad(F.cross_entropy(tiny_classifier.logits(start), labels, reduction="sum"), start)
     flagged = on_transfer.counterattacked
     assert flagged.any() and through.abs().sum() > 0

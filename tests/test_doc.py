@@ -121,7 +121,7 @@ def test_gate_and_mix_by_hand_on_a_grey_image(target_score):
     final = EPS * delta0.sign()
     expected = 0.5 + weight * final + (1 - weight) * delta0
 
-    assert output.tau.tolist() == pytest.approx([target_score] * 2, rel=1e-4)
+    assert output.score.tolist() == pytest.approx([target_score] * 2, rel=1e-4)
     assert result.weight.tolist() == pytest.approx([weight] * 2, rel=1e-4)
     assert output.counterattacked.tolist() == [target_score < 0.3] * 2
     assert torch.allclose(result.final_delta, final, atol=1e-7)
@@ -133,17 +133,17 @@ def test_gate_and_mix_by_hand_on_a_grey_image(target_score):
 
 def test_gate_limits():
     scores = torch.tensor([0.0, 0.3, 1.0])
-    assert DOC().gate(scores).tolist() == pytest.approx([sigmoid(6), 0.5, sigmoid(-14)])
-    assert DOC(tau_thres=float("inf")).gate(scores).tolist() == [1.0, 1.0, 1.0]
-    assert DOC(gamma=0.0, tau_thres=float("inf")).gate(scores).tolist() == [0.5, 0.5, 0.5]
+    assert DOC().soft_gate(scores).tolist() == pytest.approx([sigmoid(6), 0.5, sigmoid(-14)])
+    assert DOC(tau_thres=float("inf")).soft_gate(scores).tolist() == [1.0, 1.0, 1.0]
+    assert DOC(gamma=0.0, tau_thres=float("inf")).soft_gate(scores).tolist() == [0.5, 0.5, 0.5]
 
 
 def test_seeded_determinism(random_classifier, images):
     first = DOC()(random_classifier, images, rng(len(images), seed=3))
     again = DOC()(random_classifier, images, rng(len(images), seed=3))
     other = DOC()(random_classifier, images, rng(len(images), seed=4))
-    assert torch.equal(first.images, again.images) and torch.equal(first.tau, again.tau)
-    assert not torch.equal(first.images, other.images) and not torch.equal(first.tau, other.tau)
+    assert torch.equal(first.images, again.images) and torch.equal(first.score, again.score)
+    assert not torch.equal(first.images, other.images) and not torch.equal(first.score, other.score)
 
 
 def test_batch_size_invariance(random_classifier, images):
@@ -152,7 +152,7 @@ def test_batch_size_invariance(random_classifier, images):
     whole = DOC()(random_classifier, images, ImageRandomness.for_images(0, "d", ids, "p"))
     for i, image_id in enumerate(ids):
         alone = DOC()(random_classifier, images[i : i + 1], ImageRandomness.for_images(0, "d", [image_id], "p"))
-        assert float(alone.tau[0]) == pytest.approx(float(whole.tau[i]), rel=1e-4)
+        assert float(alone.score[0]) == pytest.approx(float(whole.score[i]), rel=1e-4)
         assert_equal_up_to_sign_flips(alone.images[0], whole.images[i])
         if torch.equal(alone.images[0], whole.images[i]):
             assert torch.allclose(alone.logits[0], whole.logits[i], atol=1e-4)
@@ -177,16 +177,16 @@ def test_attack_view_is_the_defense_with_its_score_and_gradients(random_classifi
     grads = {}
     for method in ("exact", "bpda"):
         x = images.clone().requires_grad_(True)
-        view = doc.attack_view(random_classifier, x, rng(len(images), purpose="view"), method, with_tau=True)
+        view = doc.attack_view(random_classifier, x, rng(len(images), purpose="view"), method, with_score=True)
         assert torch.allclose(view.logits, expected.logits, atol=1e-5)
-        assert torch.allclose(view.tau, expected.tau, rtol=1e-5) and view.tau_thres == doc.tau_thres
+        assert torch.allclose(view.score, expected.score, rtol=1e-5) and view.threshold == doc.tau_thres
         (grads[method],) = torch.autograd.grad(F.cross_entropy(view.logits, labels), x, retain_graph=True)
         assert grads[method].abs().sum(dim=(1, 2, 3)).gt(0).all()
-        (tau_grad,) = torch.autograd.grad(view.tau.sum(), x)
+        (tau_grad,) = torch.autograd.grad(view.score.sum(), x)
         assert tau_grad.abs().sum(dim=(1, 2, 3)).gt(0).all()  # the gate can be attacked
     # exact also differentiates the projections and the soft gate; bpda holds the perturbation.
     assert not torch.allclose(grads["exact"], grads["bpda"], atol=1e-6)
-    assert doc.attack_view(random_classifier, images, rng(len(images)), "bpda").tau is None
+    assert doc.attack_view(random_classifier, images, rng(len(images)), "bpda").score is None
 
 
 def test_exact_view_is_the_derivative_of_the_defense_gate_included():

@@ -111,7 +111,7 @@ def test_seeded_determinism(random_classifier, images):
     first = MAC()(random_classifier, images, rng(len(images), seed=3))
     again = MAC()(random_classifier, images, rng(len(images), seed=3))
     other = MAC()(random_classifier, images, rng(len(images), seed=4))
-    assert torch.equal(first.logits, again.logits) and torch.equal(first.tau, again.tau)
+    assert torch.equal(first.logits, again.logits) and torch.equal(first.score, again.score)
     assert not torch.equal(first.logits, other.logits)
 
 
@@ -167,7 +167,7 @@ def test_corruption_degree_and_soft_weight_by_hand(random_classifier, images):
         weight = 1 / (1 + math.exp(-(degree - threshold) / 0.01))
         assert float(result.degree.flatten()[row]) == pytest.approx(degree, rel=1e-4)
         assert float(result.weights.flatten()[row]) == pytest.approx(weight, abs=1e-3)
-    assert torch.equal(mac(random_classifier, images, rng(len(images))).tau, result.degree[:, 0])
+    assert torch.equal(mac(random_classifier, images, rng(len(images))).score, result.degree[:, 0])
 
 
 def test_hard_gate_gives_each_view_all_or_nothing(random_classifier, images):
@@ -195,13 +195,13 @@ def test_attack_view_is_the_defense_and_passes_gradients(random_classifier, imag
     gradients = {}
     for method in ("exact", "bpda"):
         x = images.clone().requires_grad_(True)
-        view = mac.attack_view(random_classifier, x, rng(len(images)), method, with_tau=True)
+        view = mac.attack_view(random_classifier, x, rng(len(images)), method, with_score=True)
         assert torch.allclose(view.logits, expected.logits, atol=1e-4)
-        assert torch.allclose(view.tau, expected.tau, rtol=1e-4) and view.tau_thres == 0.1
+        assert torch.allclose(view.score, expected.score, rtol=1e-4) and view.threshold == 0.1
         loss = F.cross_entropy(view.logits, torch.zeros(len(x), dtype=torch.long))
         (gradients[method],) = torch.autograd.grad(loss, x, retain_graph=True)
         assert gradients[method].abs().sum(dim=(1, 2, 3)).gt(0).all()
-        (tau_gradient,) = torch.autograd.grad(view.tau.sum(), x)
+        (tau_gradient,) = torch.autograd.grad(view.score.sum(), x)
         assert tau_gradient.abs().sum(dim=(1, 2, 3)).gt(0).all()
     # Only the exact method differentiates the projections of the replayed steps.
     assert not torch.allclose(gradients["exact"], gradients["bpda"])

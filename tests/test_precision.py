@@ -26,9 +26,9 @@ def test_the_gate_and_the_head_stay_float32_under_autocast(random_classifier, im
         mixed = TTC()(random_classifier, images, rng(len(images)))
         encoded = random_classifier.encode_image(images)
     assert encoded.dtype != torch.float32  # the encoder itself does run in half precision here
-    assert mixed.tau.dtype == mixed.logits.dtype == torch.float32
+    assert mixed.score.dtype == mixed.logits.dtype == torch.float32
     # The gate's passes leave autocast: tau is the float32 tau, bit for bit, so decisions cannot flip.
-    assert torch.equal(mixed.tau, full.tau) and torch.equal(mixed.counterattacked, full.counterattacked)
+    assert torch.equal(mixed.score, full.score) and torch.equal(mixed.counterattacked, full.counterattacked)
     assert (mixed.images - images).abs().max() <= EPS + 1e-6
 
 

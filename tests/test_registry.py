@@ -8,9 +8,8 @@ import pytest
 import counterattack.attacks as attacks
 import counterattack.defenses as defenses
 from counterattack import ATTACKS, DEFENSES, TTC, CounterattackError, build_defense
-from counterattack.cli import build_parser, main
-from counterattack.commands import attacks_of
-from counterattack.flags import registered_settings
+from counterattack.attacks import build_attacks
+from counterattack.cli import build_parser, config_from_args, main
 
 from test_data import write_image_folder
 
@@ -41,7 +40,7 @@ class Mirror:
         mixed = self._mixed(check_pixels(images))
         return DefenseOutput(classifier.logits(mixed), images=mixed)
 
-    def attack_view(self, classifier, images, rng, method, with_tau=False):
+    def attack_view(self, classifier, images, rng, method, with_score=False):
         return AttackView(classifier.logits(self._mixed(check_pixels(images))))
 
     def describe(self):
@@ -116,15 +115,17 @@ def test_a_new_file_is_all_a_defense_needs(toy_defense, tmp_path, random_clip_di
     assert "--toy-mirror-share: must be <= 1" in capsys.readouterr().err
 
 
+def config_of(*argv: str):
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
 def test_generated_flags_keep_the_old_spellings_and_the_1_255_unit():
-    parser = build_parser()
-    old = parser.parse_args(["eval", "--ttc-eps", "8", "--ttc-steps", "3", "--tau-thres", "0.1", "--beta", "-1",
-                             "--rn-eps", "2"])
-    assert registered_settings(old, "defense", "ttc") == {"eps": 8 / 255, "steps": 3, "tau_thres": 0.1, "beta": -1.0}
-    assert registered_settings(old, "defense", "rn") == {"eps": 2 / 255}
-    new = parser.parse_args(["eval", "--ttc-tau-thres", "0.1", "--ttc-beta", "-1"])
-    assert registered_settings(new, "defense", "ttc") == {"tau_thres": 0.1, "beta": -1.0}
-    assert registered_settings(parser.parse_args(["eval"]), "defense", "ttc") == {}
+    old = config_of("eval", "--ttc-eps", "8", "--ttc-steps", "3", "--tau-thres", "0.1", "--beta", "-1", "--rn-eps", "2")
+    assert old.defense.settings["ttc"] == {"eps": 8 / 255, "steps": 3, "tau_thres": 0.1, "beta": -1.0}
+    assert old.defense.settings["rn"] == {"eps": 2 / 255}
+    new = config_of("eval", "--ttc-tau-thres", "0.1", "--ttc-beta", "-1")
+    assert new.defense.settings == {"ttc": {"tau_thres": 0.1, "beta": -1.0}}
+    assert config_of("eval").defense.settings == {}
 
 
 def test_defaults_live_in_the_options_and_bad_settings_are_refused():
@@ -160,16 +161,19 @@ def test_a_new_file_is_all_an_attack_needs(toy_attack, tmp_path, random_clip_dir
     assert [r["attack"] for r in results["records"]] == ["pgd", "toy-corners", "worst-case"]
 
 
+def attacks_of(config):
+    return build_attacks(config.attack.names, config.attack.settings, **config.attack.shared)
+
+
 def test_an_attacks_own_flag_wins_over_the_shared_one():
-    parser = build_parser()
-    args = parser.parse_args(["eval", "--attack", "pgd,cw,autoattack-paper", "--eps", "2", "--pgd-eps", "4",
-                              "--attack-steps", "3", "--cw-kappa", "5", "--attack-step-size", "0.5"])
-    pgd, cw, autoattack = attacks_of(args, args.attack)
+    config = config_of("eval", "--attack", "pgd,cw,autoattack-paper", "--eps", "2", "--pgd-eps", "4",
+                       "--attack-steps", "3", "--cw-kappa", "5", "--attack-step-size", "0.5")
+    pgd, cw, autoattack = attacks_of(config)
     assert (pgd.eps, pgd.steps, pgd.step_size) == (4 / 255, 3, 0.5 / 255)
     assert (cw.eps, cw.steps, cw.step_size, cw.kappa) == (2 / 255, 3, 0.5 / 255, 5.0)
     assert (autoattack.eps, autoattack.steps) == (2 / 255, 3)  # it has no step size: the shared one passes it by
-    defaults = parser.parse_args(["eval", "--attack", "pgd,autoattack"])
-    assert [(a.eps, a.steps) for a in attacks_of(defaults, defaults.attack)] == [(1 / 255, 10), (1 / 255, 100)]
+    defaults = config_of("eval", "--attack", "pgd,autoattack")
+    assert [(a.eps, a.steps) for a in attacks_of(defaults)] == [(1 / 255, 10), (1 / 255, 100)]
 
 
 def test_attacks_json_lists_every_attack_with_its_defaults(capsys):

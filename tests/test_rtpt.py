@@ -58,7 +58,7 @@ def test_views_stay_in_the_box_and_the_first_is_the_image(images, augmentation):
 def test_rtpt_leaves_the_image_alone(random_classifier, images):
     """R-TPT has no input perturbation (its eps ball is {0}): it returns logits and no defended images."""
     output = RTPT(views=FEW_VIEWS)(random_classifier, images[:2], rng(2))
-    assert output.images is None and output.tau is None and output.counterattacked is None
+    assert output.images is None and output.score is None and output.counterattacked is None
     assert output.logits.shape == (2, 10) and torch.isfinite(output.logits).all()
 
 
@@ -336,7 +336,7 @@ def test_attack_view_is_the_defense_with_a_gradient(random_classifier, images):
     for method in ("exact", "bpda"):
         x = images.clone().requires_grad_(True)
         view = defense.attack_view(random_classifier, x, rng(len(images)), method)
-        assert view.tau is None and view.tau_thres is None
+        assert view.score is None and view.threshold is None
         assert torch.allclose(view.logits, output, atol=1e-4)  # the same draws give the same logits
         labels = output.argmin(-1)
         (gradients[method],) = torch.autograd.grad(F.cross_entropy(view.logits, labels, reduction="sum"), x)

@@ -19,7 +19,7 @@ from test_data import write_image_folder
 # The computation's cost depends on how images were batched (fast TTC reuses a batch's graph when
 # most of it is counterattacked), and timings on the machine: records are compared without them.
 COST = ("ms_per_image", "peak_memory_mb", "forwards_per_image", "backwards_per_image")
-TAU = ("mean_tau_clean", "mean_tau_adv")
+TAU = ("mean_score_clean", "mean_score_adv")
 
 
 def eval_args(model_dir: Path, folder: Path, out: Path, *extra: str) -> list[str]:
@@ -126,7 +126,7 @@ def test_report_writes_tables_and_valid_pictures(tmp_path, random_clip_dir, fold
     assert "### Clean accuracy (%)" in markdown and "| ttc |" in markdown and "average" in markdown
     assert "### Cost per image" in markdown
     pictures = sorted(tmp_path.glob("*.png"))
-    assert [p.name for p in pictures] == ["accuracy.png", "tau_hist_imgs0.png"]
+    assert [p.name for p in pictures] == ["accuracy.png", "gate_hist_imgs0.png"]
     for picture in pictures:
         with Image.open(picture) as image:
             image.verify()

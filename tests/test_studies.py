@@ -236,8 +236,8 @@ def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path
     # The AUC is the share of (clean, adversarial) pairs the score orders right, ties half.
     clean, adv = [], []
     for batch in ResultsStore(out / "current").batches():
-        clean += batch["defenses"][defense]["clean"]["tau"]
-        adv += batch["defenses"][defense]["adv"][entry["attack"]]["tau"]
+        clean += batch["defenses"][defense]["clean"]["score"]
+        adv += batch["defenses"][defense]["adv"][entry["attack"]]["score"]
     sign = 1 if flagged == "above" else -1
     pairs = [(sign * a > sign * c) + 0.5 * (a == c) for a in adv for c in clean]
     assert entry["auc"] == pytest.approx(sum(pairs) / len(pairs))
@@ -283,7 +283,7 @@ def test_seeds_report_the_mean_and_the_sample_standard_deviation(tmp_path, commo
 
 def accuracy_of_tau(records_: list[dict]) -> float:
     (ttc,) = [r for r in records_ if r["defense"] == "ttc"]
-    return ttc["mean_tau_clean"]
+    return ttc["mean_score_clean"]
 
 
 def test_a_sweep_under_torchrun_equals_one_process(tmp_path, common):

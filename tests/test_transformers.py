@@ -156,7 +156,7 @@ def test_eval_runs_ttc_end_to_end_on_a_transformers_model(tmp_path, hf_clip_dir,
     results = json.loads((out / "results.json").read_text())
     none, ttc = results["records"]
     assert (none["defense"], ttc["defense"]) == ("none", "ttc") and none["n"] == ttc["n"] == 4
-    assert ttc["mean_tau_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
+    assert ttc["mean_score_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
     assert ttc["forwards_per_image"] >= 2  # TTC ran: f(x) and f(x + delta0) at least
     # The command line's clean accuracy is the API's on the same images.
     data = load_dataset(f"imagefolder:{images}", hf_clip)

@@ -155,18 +155,18 @@ def test_a_merge_with_a_missing_or_doubled_image_is_refused(tmp_path, random_cli
     store = ResultsStore(tmp_path)
     name = results(tmp_path)["records"][0]["dataset"]
     ids = [i for b in store.batches() for i in b["ids"]]
-    assert len(store.complete_batches({name: ids})) == 3
+    assert len(store.complete({name: ids})) == 3
     with pytest.raises(CounterattackError, match="1 of 10 images of .* are missing"):
-        store.complete_batches({name: [*ids, "cat/9999.png"]})
+        store.complete({name: [*ids, "cat/9999.png"]})
     parts = tmp_path / "parts" / "rank-0.jsonl"
     lines = parts.read_text().splitlines()
     (tmp_path / "parts" / "rank-1.jsonl").write_text(lines[0] + "\n")  # a second process's copy of one batch
     with pytest.raises(CounterattackError, match="3 images of .* appear more than once"):
-        store.complete_batches({name: ids})
+        store.complete({name: ids})
     (tmp_path / "parts" / "rank-1.jsonl").unlink()
     parts.write_text("\n".join(lines[1:]) + "\n")  # a lost batch: the summary is refused, not shrunk
     with pytest.raises(CounterattackError, match="3 of 9 images"):
-        store.complete_batches({name: ids})
+        store.complete({name: ids})
 
 
 # --- Bad input: one line, exit code 2, never a traceback --------------------------------------------
@@ -356,7 +356,7 @@ def test_a_failed_process_fails_the_others_with_its_error_instead_of_a_hang(tmp_
 
 def test_wilson_intervals_match_known_values():
     """Newcombe (1998), Stat. Med. 17:857, Table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775."""
-    from counterattack.calibration import wilson_interval
+    from counterattack.stats import wilson_interval
 
     assert wilson_interval(0, 10) == pytest.approx((0.0, 27.753), abs=1e-3)
     assert wilson_interval(5, 10) == pytest.approx((23.659, 76.341), abs=1e-3)

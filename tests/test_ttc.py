@@ -125,7 +125,7 @@ def test_batch_size_invariance(random_classifier, images, tau_thres):
         alone = ttc(random_classifier, images[i : i + 1], ImageRandomness.for_images(0, "d", [image_id], "p"))
         assert alone.logits.argmax(-1).item() == whole.logits[i].argmax().item()
         assert torch.allclose(alone.logits[0], whole.logits[i], atol=1e-3)
-        assert torch.allclose(alone.tau[0], whole.tau[i], rtol=1e-4)
+        assert torch.allclose(alone.score[0], whole.score[i], rtol=1e-4)
 
 
 def test_tau_from_a_separate_encoder(random_classifier, images, tmp_path):
@@ -157,7 +157,7 @@ def _fast_and_reference(classifier, images, ttc):
 def _assert_agree(classifier, images, ttc):
     fast, fast_out, ref_images, ref_out = _fast_and_reference(classifier, images, ttc)
     assert torch.equal(fast.counterattacked, ref_out.counterattacked)
-    assert torch.allclose(fast.tau, ref_out.tau, rtol=1e-5)
+    assert torch.allclose(fast.tau, ref_out.score, rtol=1e-5)
     assert torch.allclose(fast.images, ref_images, atol=1e-6)
     assert torch.equal(fast_out.logits.argmax(-1), ref_out.logits.argmax(-1))
     assert torch.allclose(fast_out.logits, ref_out.logits, atol=1e-4)

@@ -19,14 +19,15 @@ def _package_version() -> str:
 __version__ = _package_version()
 
 from .attacks import (
-    ATTACKS, CW, PGD, AdaptiveAttack, Attack, AutoAttack, AutoAttackPaper, build_attack, build_attacks, register_attack,
+    ATTACKS, CW, PGD, Attack, AutoAttack, AutoAttackPaper, build_attack, build_attacks, register_attack,
 )
+from .adaptive import AdaptiveAttack
 from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, PixelRangeError, ZeroShotClassifier, check_pixels, count_encoder_passes
 from .data import EvalDataset, balanced_subset, load_dataset
 from .defended import DefendedModel, defended
 from .defenses import (
-    DEFENSES, TTC, AntiAdversary, Defense, DefenseOutput, HedgeDefense, NoDefense, RandomNoise, TransformEnsemble,
-    TTCResult, build_defense, build_defenses, register_defense,
+    CSR, DEFENSES, DOC, MAC, RTPT, TTC, AntiAdversary, Defense, DefenseOutput, Gate, HedgeDefense, NoDefense, RandomNoise,
+    TransformEnsemble, TTCResult, build_defense, build_defenses, register_defense,
 )
 from .errors import CounterattackError
 from .evaluate import RunSettings, evaluate_dataset, summarize
@@ -41,5 +42,5 @@ __all__ = [
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
     "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",
     "build_defenses", "evaluate_dataset", "load_clip", "load_dataset", "summarize",
-    "DefendedModel", "defended", "TransformersCLIP", "TransformersTokenizer",
+    "DefendedModel", "defended", "TransformersCLIP", "TransformersTokenizer", "CSR", "DOC", "MAC", "RTPT", "Gate",
 ]

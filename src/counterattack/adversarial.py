@@ -17,35 +17,36 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter, OrderedDict
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CounterattackError
-from .results import _dataset_changes, check_stored_config, config_hash, coverage_problems
+from .store import Store, config_hash, dataset_changes
 
 SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
-KIND = "adversarial set"  # in the stored configuration: a results folder's config.json is not a set
 CACHED_TENSORS = 4  # shard tensors kept in memory while reading: a large set is never loaded whole
 
 
-class AdversarialSet:
+class AdversarialSet(Store):
     """A folder of adversarial images: ADV/config.json (config + hash) and ADV/shards/rank-R-NNNNNN.safetensors."""
 
+    what = "adversarial images"
+    kind = "adversarial set"  # in the stored configuration: a results folder's config.json is not a set
+    doubled = "are stored more than once"
+    foreign = "stored images are not of this run's datasets"
+
     def __init__(self, folder: Path, rank: int = 0):
-        self.folder = Path(folder)
+        super().__init__(folder, rank)
         self.shards = self.folder / "shards"
-        self.rank = rank
         self._config: dict | None = None
         self._index: dict[tuple[str, object], tuple[Path, int]] | None = None
         self._cache: OrderedDict[tuple[Path, str], torch.Tensor] = OrderedDict()
-
-    @property
-    def config_path(self) -> Path:
-        return self.folder / "config.json"
 
     @classmethod
     def open(cls, folder: Path) -> AdversarialSet:
@@ -54,7 +55,7 @@ class AdversarialSet:
         try:
             stored = json.loads(adversarial.config_path.read_text(encoding="utf-8"))
             adversarial._config = stored["config"]
-            if adversarial._config["kind"] != KIND:
+            if adversarial._config["kind"] != cls.kind:
                 raise ValueError(adversarial._config["kind"])
         except (OSError, ValueError, KeyError, TypeError):
             raise CounterattackError(
@@ -70,9 +71,8 @@ class AdversarialSet:
             self._config = type(self).open(self.folder).config
         return self._config
 
-    def check_config(self, config: dict, write: bool) -> None:
-        """Refuse to mix attacks: the stored configuration must be this one (written if absent and ``write``)."""
-        check_stored_config(self.config_path, {"kind": KIND, **config}, write, "adversarial images")
+    def check_config(self, config: Mapping[str, Any], write: bool) -> None:
+        super().check_config(config, write)
         self._config = None
 
     @property
@@ -93,7 +93,7 @@ class AdversarialSet:
 
             details = "; ".join(f"{k}: {shown(k, stored.get(k))} in the set, {shown(k, identity[k])} here" for k in changed)
             raise CounterattackError(
-                f"{self.folder} was made with other settings: {details}{_dataset_changes(stored, identity)}. Craft a set for these settings with `counterattack attack`, "
+                f"{self.folder} was made with other settings: {details}{dataset_changes(stored, identity)}. Craft a set for these settings with `counterattack attack`, "
                 "or give the set's settings."
             )
 
@@ -133,24 +133,14 @@ class AdversarialSet:
         os.replace(tmp, path)
         self._index = None
 
-    def done(self) -> dict[str, set]:
-        """Image ids already stored, per dataset (all ranks): what a resumed attack skips."""
-        done: dict[str, set] = {}
-        for _, dataset, ids in self._shard_ids():
-            done.setdefault(dataset, set()).update(ids)
-        return done
+    def pieces(self) -> list[tuple[str, list]]:
+        return [(dataset, ids) for _, dataset, ids in self._shard_ids()]
 
-    def complete(self, expected: dict[str, list]) -> None:
-        """Refuse a set that is not exactly the expected images, each once: no defense is evaluated on a part."""
-        counts = Counter((dataset, image_id) for _, dataset, ids in self._shard_ids() for image_id in ids)
-        problems = coverage_problems(counts, expected, doubled="are stored more than once",
-                                     foreign="stored images are not of this run's datasets")
-        if problems:
-            raise CounterattackError(
-                f"The adversarial set {self.folder} is incomplete: {'; '.join(problems)}. Run `counterattack attack` "
+    def unfinished(self, problems: list[str]) -> str:
+        """No defense is evaluated on a part of a set."""
+        return (f"The adversarial set {self.folder} is incomplete: {'; '.join(problems)}. Run `counterattack attack` "
                 "again with the same arguments to finish it; if images are doubled or foreign, the folder was "
-                "written by something else: use another --out."
-            )
+                "written by something else: use another --out.")
 
     def _rows(self, dataset: str, ids: list) -> list[tuple[Path, int]]:
         if self._index is None:

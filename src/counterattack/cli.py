@@ -1,4 +1,8 @@
-"""The ``counterattack`` command line: parses, validates, then calls the library."""
+"""The ``counterattack`` command line: parses into one frozen ``RunConfig``, then runs a command with it.
+
+Every flag is left unset when not given (``None``), so that its default lives in ``config`` alone; the
+help texts read the defaults from there. The commands that run something are in ``commands/``.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,22 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from .attacks import ATTACKS
-from .commands import run_attack, run_calibrate, run_eval, run_sanity_command, run_sweep, with_group
-from .data import DATASETS, PROMPT_SETS, TRANSFORMS, is_present
-from .data.prompts import class_prompts
-from .defenses import ADAPTIVE_METHODS, DEFENSES, PIXEL_UNIT, options_of
+from .config import RunConfig, build_config, default
 from .errors import CounterattackError
-from .flags import REGISTRIES, cli_value, flag, number, option_parser
-from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from .precision import PRECISIONS
-from .report import write_report
+from .flags import (
+    COUNT, PIXELS, POSITIVE, REGISTRIES, add_registered_options, cli_value, names_of, number, registered_settings,
+)
+from .options import PIXEL, flag, options_of
 
-PIXELS = number(float, 0, 255)  # a budget or step size in 1/255: at most the whole [0, 1] range
-COUNT = number(int, 0)
-POSITIVE = number(int, 1)
+SEED = number(int, 0, 2**63 - 1)
 
 
-def _seeds(text: str) -> list[int]:
-    parse = number(int, 0, 2**63 - 1)
-    seeds = [parse(part) for part in _names(text)]
+def _seeds(text: str) -> tuple[int, ...]:
+    seeds = tuple(SEED(part) for part in _names(text))
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct seeds like 0,1,2, got {text!r}")
     return seeds
@@ -40,39 +36,11 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _defense_names(text: str) -> list[str]:
-    names = _names(text)
-    if not names:
-        raise argparse.ArgumentTypeError(f"no defense in {text!r}; available: {', '.join(DEFENSES)}")
-    return names
-
-
-def _attack_names(text: str) -> list[str]:
-    names = _names(text)
-    if not names:
-        raise argparse.ArgumentTypeError(f"no attack in {text!r}; available: {', '.join(ATTACKS)}")
-    try:
-        ATTACKS.check_names(names)
-    except CounterattackError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return names
-
-
-def _add_registered_options(command: argparse.ArgumentParser, kind: str, registry: Mapping[str, type]) -> None:
-    """``--NAME-SETTING`` for every option of every registered defense (or attack), from its dataclass."""
-    for name, cls in registry.items():
-        settings = options_of(cls)
-        if not settings:
-            continue
-        group = command.add_argument_group(f"{kind} {name}", REGISTRIES[kind].summary(name))
-        for setting in settings:
-            meta = setting.metadata
-            unit = f", in {PIXEL_UNIT}" if meta["unit"] == PIXEL_UNIT else ""
-            integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
-            group.add_argument(flag(name, setting.name), *meta["aliases"], dest=f"{kind}:{name}:{setting.name}",
-                               type=option_parser(setting), default=argparse.SUPPRESS,
-                               metavar="{" + ",".join(meta["choices"]) + "}" if meta["choices"] else ("N" if integer else "X"),
-                               help=f"{meta['help']}{unit} (default {cli_value(setting.default, meta)})")
+def _noise(text: str) -> tuple[float, ...]:
+    budgets = tuple(PIXELS(part) for part in _names(text))
+    if not budgets:
+        raise argparse.ArgumentTypeError(f"expected noise budgets in 1/255 like 1,4,8,16, got {text!r}")
+    return budgets
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,83 +50,78 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_common_arguments(command: argparse.ArgumentParser, sanity: bool = False, defenses: bool = True) -> None:
-    """The options eval, sanity, attack, sweep and calibrate share: model, data, attack, defense (unless not
-    ``defenses``) and run."""
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "none"
+    return str(value)
+
+
+def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses: bool = True) -> None:
+    """The options every running command shares: model, data, attack, defense (unless not ``defenses``) and run."""
+
+    def helped(text: str, key: str, shown: str | None = None) -> str:
+        return f"{text} (default: {shown if shown is not None else _shown(default(name, key))})"
+
     model = command.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, help="open_clip name, local-dir:PATH or hf-hub:org/name")
-    model.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag or weights file (built-in names only)")
+    model.add_argument("--model", help=helped("open_clip name, local-dir:PATH, hf-hub:ORG/NAME or "
+                                              "transformers:ORG/NAME|PATH", "model.name"))
+    model.add_argument("--pretrained", help=helped("pretrained tag or weights file (built-in names only)", "model.pretrained"))
     model.add_argument("--vision-checkpoint", type=Path,
                        help="fine-tuned vision weights (e.g. TeCoA, PMG-AFT, FARE) swapped into --model's vision tower")
     model.add_argument("--tau-model", help="encoder for TTC's tau: 'defended', or a model like --model "
                        "(default: the base model when --vision-checkpoint is given, else the defended one)")
-    model.add_argument("--tau-pretrained", default=DEFAULT_PRETRAINED, help="pretrained tag for --tau-model")
-    model.add_argument("--prompts", default="paper", choices=PROMPT_SETS,
-                       help="class names and templates of the benchmark datasets: paper (as the TTC code builds them) "
-                       "or openai (curated names, 'This is a photo of a {}.')")
+    model.add_argument("--tau-pretrained", help=helped("pretrained tag for --tau-model", "model.tau_pretrained"))
+    model.add_argument("--prompts", choices=("paper", "openai"),
+                       help=helped("class names and templates of the benchmark datasets: paper (as the TTC code builds "
+                                   "them) or openai (curated names, 'This is a photo of a {}.')", "model.prompts"))
     model.add_argument("--templates", nargs="+", help="prompt templates, '{}' is the class name (overrides --prompts' templates)")
     data = command.add_argument_group("data")
-    if sanity:
-        data.add_argument("--dataset", default="cifar10", help="a name from `counterattack datasets`, or imagefolder:DIR")
-    else:
-        data.add_argument("--dataset", action="append",
-                          help="a name from `counterattack datasets`, all, or imagefolder:DIR (repeatable; default cifar10)")
-    data.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
-    data.add_argument("--limit", type=POSITIVE, default=200 if sanity else None,
-                      help="class-balanced subset of N images (first images of each class)")
-    data.add_argument("--transform", default="model", choices=TRANSFORMS,
-                      help="imagefolder: preprocessing: the model's own eval transform, or the paper's Resize 256, CenterCrop 224")
-    data.add_argument("--skip-unreadable", action="store_true",
+    data.add_argument("--dataset", action="append",
+                      help=helped("a name from `counterattack datasets`, all, or imagefolder:DIR (repeatable)", "data.datasets"))
+    data.add_argument("--data-root", type=Path, help=helped("where datasets live or are downloaded to", "data.root"))
+    data.add_argument("--limit", type=POSITIVE, help=helped("class-balanced subset of N images (first images of each "
+                                                            "class)", "data.limit", "all images"))
+    data.add_argument("--transform", choices=("model", "paper"),
+                      help=helped("imagefolder: preprocessing: the model's own eval transform, or the paper's Resize 256, "
+                                  "CenterCrop 224", "data.transform"))
+    data.add_argument("--skip-unreadable", action="store_true", default=None,
                       help="skip image files that cannot be decoded (listed in results.json) instead of stopping")
     attack = command.add_argument_group("attack", "Every attack's own options are below (--pgd-steps, --cw-kappa, ...); "
                                         "--eps, --attack-steps and --attack-step-size set them for every attack that has them.")
-    attacks = ["pgd", "cw"] if sanity else list(ATTACKS)
-    if sanity:
-        attack.add_argument("--attack", default="pgd", choices=attacks, help="; ".join(f"{k}: {ATTACKS.summary(k)}" for k in attacks))
-    else:
-        attack.add_argument("--attack", type=_attack_names, default=None,
-                            help="comma-separated (default pgd); several give a worst-case record too. "
-                            + "; ".join(f"{k}: {ATTACKS.summary(k)}" for k in attacks))
-    attack.add_argument("--eps", type=PIXELS, help="L-inf budget of every attack, in 1/255 (None: each attack's own, 1)")
-    attack.add_argument("--attack-steps", type=COUNT,
-                        help="iterations of every attack (None: each attack's own, 10 for pgd and cw, 100 for AutoAttack's APGD)")
-    attack.add_argument("--attack-step-size", type=PIXELS, help="step size of every attack that has one, in 1/255 (None: each attack's own, 1)")
-    attack.add_argument("--threat", default="paper", choices=["paper", "adaptive"],
-                        help="paper: crafted against the undefended model; adaptive: through each defense")
-    attack.add_argument("--adaptive-method", default="exact", choices=list(ADAPTIVE_METHODS),
-                        help="exact: differentiate the unrolled defense; bpda: straight-through")
-    attack.add_argument("--eot-samples", type=POSITIVE, default=1, help="adaptive: draws of the defense's randomness per step")
-    attack.add_argument("--gate-weight", type=number(float, 0), default=0.0,
-                        help="adaptive: weight of the term pushing TTC's tau above its threshold")
-    _add_registered_options(command, "attack", {name: ATTACKS[name] for name in attacks})
-    if not defenses:
-        _add_run_arguments(command, sanity)
-        return
-    defense = command.add_argument_group("defense")
-    if sanity:
-        defense.add_argument("--defense", default="none", choices=list(DEFENSES), help="the defense to check")
-    else:
-        defense.add_argument("--defense", type=_defense_names, default=["none", "ttc"], help=f"comma-separated: {', '.join(DEFENSES)}")
-    _add_registered_options(command, "defense", DEFENSES)
-    _add_run_arguments(command, sanity)
-
-
-def _add_run_arguments(command: argparse.ArgumentParser, sanity: bool) -> None:
+    attacks = REGISTRIES["attack"]
+    attack.add_argument("--attack", type=names_of("attack"),
+                        help=helped("comma-separated; several give a worst-case record too. "
+                                    + "; ".join(f"{k}: {attacks.summary(k)}" for k in attacks), "attack.names"))
+    attack.add_argument("--eps", type=PIXELS, help="L-inf budget of every attack, in 1/255 (default: each attack's own)")
+    attack.add_argument("--attack-steps", type=COUNT, help="iterations of every attack (default: each attack's own)")
+    attack.add_argument("--attack-step-size", type=PIXELS,
+                        help="step size of every attack that has one, in 1/255 (default: each attack's own)")
+    attack.add_argument("--threat", choices=("paper", "adaptive"),
+                        help=helped("paper: crafted against the undefended model; adaptive: through each defense",
+                                    "attack.threat"))
+    add_registered_options(command, "adaptive")
+    add_registered_options(command, "attack")
+    if defenses:
+        group = command.add_argument_group("defense")
+        group.add_argument("--defense", type=names_of("defense"),
+                           help=helped(f"comma-separated: {', '.join(REGISTRIES['defense'])}", "defense.names"))
+        add_registered_options(command, "defense")
     run = command.add_argument_group("run")
-    run.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                     help="of the attacks' and the defenses' encoder passes: fp32, tf32 (CUDA matrix products), bf16 or "
-                     "fp16 autocast, or paper (fp16 autocast for both, as the TTC code ran); gates and the logit head stay fp32")
-    run.add_argument("--attack-precision", choices=list(PRECISIONS), help="the attacks' precision (default: --precision)")
-    run.add_argument("--defense-precision", choices=list(PRECISIONS), help="the defenses' precision (default: --precision)")
-    run.add_argument("--batch-size", type=POSITIVE, default=128)
-    run.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="of every random draw (default 0)")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--workers", type=COUNT, default=min(8 if torch.cuda.is_available() else 4, os.cpu_count() or 1),
-                     help="data loading processes (more on a GPU machine, to keep the GPU busy)")
+    precisions = ("fp32", "tf32", "bf16", "fp16", "paper")
+    run.add_argument("--precision", choices=precisions,
+                     help=helped("of the attacks' and the defenses' encoder passes: fp32, tf32 (CUDA matrix products), bf16 "
+                                 "or fp16 autocast, or paper (fp16 autocast for both, as the TTC code ran); gates and the "
+                                 "logit head stay fp32", "run.precision"))
+    run.add_argument("--attack-precision", choices=precisions, help="the attacks' precision (default: --precision)")
+    run.add_argument("--defense-precision", choices=precisions, help="the defenses' precision (default: --precision)")
+    run.add_argument("--batch-size", type=POSITIVE, help=helped("images per batch", "run.batch_size"))
+    run.add_argument("--seed", type=SEED, help=helped("of every random draw", "run.seed"))
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), help=helped("where to compute", "run.device"))
+    run.add_argument("--workers", type=COUNT, help="data loading processes (default: 4, or 8 with a GPU, at most the CPU count)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if not sanity:
-        run.add_argument("--dist-timeout", type=number(float, 1), default=60.0,
-                         help="torchrun: minutes a process waits for the others at a synchronisation point")
+    run.add_argument("--dist-timeout", type=number(float, 1),
+                     help=helped("torchrun: minutes a process waits for the others at a synchronisation point",
+                                 "run.dist_timeout_minutes"))
 
 
 def _add_seeds(command: argparse.ArgumentParser) -> None:
@@ -167,87 +130,118 @@ def _add_seeds(command: argparse.ArgumentParser) -> None:
                          "mean and sample standard deviation (instead of --seed)")
 
 
+def _running(commands, name: str, help: str, description: str, defenses: bool = True) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=description)
+    _add_common_arguments(parser, name, defenses)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate."
-    )
+    parser = _Parser(prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    ev = commands.add_parser(
-        "eval",
-        help="attack a zero-shot CLIP and measure defenses",
-        description="Craft adversarial images (against the undefended CLIP under --threat paper, through each "
-        "defense under --threat adaptive), then apply every defense to the same clean and adversarial images. "
-        "Budgets and step sizes are in units of 1/255.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_common_arguments(ev)
+    ev = _running(commands, "eval", "attack a zero-shot CLIP and measure defenses",
+                  "Craft adversarial images (against the undefended CLIP under --threat paper, through each defense under "
+                  "--threat adaptive), then apply every defense to the same clean and adversarial images. Budgets and step "
+                  "sizes are in units of 1/255.")
     ev.add_argument("--out", type=Path, default=Path("runs/latest"),
-                    help="folder for the results; running the same command again resumes there")
+                    help="folder for the results; running the same command again resumes there (default: runs/latest)")
     ev.add_argument("--adversarial", type=Path, metavar="ADV",
                     help="evaluate on the adversarial images stored by `counterattack attack --out ADV` instead of attacking "
                     "(its attacks and their settings are the set's; model, data and prompt flags must match it)")
     _add_seeds(ev)
-    attack = commands.add_parser(
-        "attack",
-        help="craft adversarial images once and store them, for eval/sweep/calibrate --adversarial",
-        description="Craft the paper protocol's adversarial images (against the undefended CLIP) and store them "
-        "losslessly (float32 safetensors shards with image ids, labels and the full configuration). Running the "
-        "same command again resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_common_arguments(attack, defenses=False)
+    attack = _running(commands, "attack", "craft adversarial images once and store them, for eval/sweep/calibrate "
+                      "--adversarial", "Craft the paper protocol's adversarial images (against the undefended CLIP) and "
+                      "store them losslessly (float32 safetensors shards with image ids, labels and the full configuration). "
+                      "Running the same command again resumes.", defenses=False)
     attack.add_argument("--out", type=Path, required=True, metavar="ADV", help="folder for the adversarial set")
-    sweep = commands.add_parser(
-        "sweep",
-        help="evaluate a grid of one defense's settings on one adversarial set, with a Pareto plot",
-        description="Every combination of --grid values (any option of the defense; budgets in 1/255) is evaluated on "
-        "the same adversarial images: --adversarial ADV, or crafted once into --out/adversarial. Writes one record "
-        "per setting (and the undefended model), a table and pareto.png. Resumable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    calibrate = commands.add_parser(
-        "calibrate",
-        help="a gate's score on clean and adversarial images: histograms, ROC AUC, threshold at a target FPR",
-        description="Computes a gated defense's score (TTC's tau, MAC's d, DOC's s, CSR's consistency) on clean and "
-        "adversarial images, its ROC AUC as a detector of adversarial images, and the threshold that flags "
-        "--target-fpr of the clean images, with the clean and robust accuracy the defense gets there. Resumable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    sweep = _running(commands, "sweep", "evaluate a grid of one defense's settings on one adversarial set, with a "
+                     "Pareto plot", "Every combination of --grid values (any option of the defense; budgets in 1/255) is "
+                     "evaluated on the same adversarial images: --adversarial ADV, or crafted once into --out/adversarial. "
+                     "Writes one record per setting (and the undefended model), a table and pareto.png. Resumable.")
+    calibrate = _running(commands, "calibrate", "a gate's score on clean and adversarial images: histograms, ROC AUC, "
+                         "threshold at a target FPR", "Computes a gated defense's score (TTC's tau, MAC's corruption "
+                         "degree, DOC's sensitivity, CSR's spectral consistency) on clean and adversarial images, its ROC "
+                         "AUC as a detector of adversarial images, and the threshold that flags --target-fpr of the clean "
+                         "images, with the clean and robust accuracy the defense gets there. Resumable.")
     for study in (sweep, calibrate):
-        _add_common_arguments(study)
         study.add_argument("--adversarial", type=Path, metavar="ADV", help="a set from `counterattack attack` (default: craft one)")
         study.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
-    for study in (sweep, calibrate):
-        study.set_defaults(defense=["ttc"])
     _add_seeds(sweep)
     sweep.add_argument("--grid", action="append", required=True, metavar="OPTION=V1,V2,...",
                        help="values of one option of the defense (repeatable: the cartesian product is swept)")
-    calibrate.add_argument("--target-fpr", type=number(float, 0, 1), default=0.05,
-                           help="fraction of clean images the chosen threshold judges attacked")
-    sanity = commands.add_parser(
-        "sanity",
-        help="check an evaluation for gradient masking",
-        description="Robust accuracy against eps and against attack steps, and AutoAttack's checks, for one "
-        "model, dataset and defense. Exits with 1 when a check fails.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_common_arguments(sanity, sanity=True)
+    calibrate.add_argument("--target-fpr", type=number(float, 0, 1),
+                           help=f"fraction of clean images the chosen threshold judges attacked "
+                           f"(default: {default('calibrate', 'study.target_fpr')})")
+    stability = _running(commands, "stability", "the paper's preliminary experiment: TTC's tau under uniform noise on "
+                         "clean and adversarial images", "For each dataset and noise budget: tau (the relative shift of the "
+                         "image embedding under one uniform draw, on TTC's tau encoder) on clean and adversarial images, its "
+                         "mean, quantiles and ROC AUC as a detector, and the paper's bar chart beside the TTC poster's values. "
+                         "Resumable.", defenses=False)
+    stability.add_argument("--noise", type=_noise, metavar="B,B,...",
+                           help=f"uniform noise budgets in 1/255 (default: "
+                           f"{','.join(f'{b * 255:g}' for b in default('stability', 'study.noise'))})")
+    stability.add_argument("--adversarial", type=Path, metavar="ADV", help="a set from `counterattack attack` (default: attack)")
+    stability.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
+    sanity = _running(commands, "sanity", "check an evaluation for gradient masking",
+                      "Robust accuracy against eps and against attack steps, and AutoAttack's checks, for one model, "
+                      "dataset, attack and defense. Exits with 1 when a check fails.")
     sanity.add_argument("--out", type=Path, help="also write sanity.json here")
     listing = commands.add_parser("datasets", help="list the benchmark's datasets and whether they are under --data-root")
-    listing.add_argument("--data-root", default="data", help="where datasets live or are downloaded to")
+    listing.add_argument("--data-root", type=Path, default=Path("data"), help="where datasets live or are downloaded to")
     listing.add_argument("--json", action="store_true", help="print JSON: [{name, num_classes, present, ...}]")
     for kind in ("defense", "attack"):
         listing = commands.add_parser(f"{kind}s", help=f"list every {kind} with its options and defaults")
         listing.add_argument("--json", action="store_true", help="print JSON: {name: {summary, options: {flag: default}}}")
     prompts = commands.add_parser("prompts", help="print a benchmark dataset's zero-shot prompts, one a line")
     prompts.add_argument("dataset", help="a name from `counterattack datasets`")
-    prompts.add_argument("--prompts", default="paper", choices=PROMPT_SETS, help="the prompt set")
+    prompts.add_argument("--prompts", default="paper", choices=("paper", "openai"), help="the prompt set")
     report = commands.add_parser("report", help="write Markdown/CSV tables and PNG plots of a run folder")
     report.add_argument("folder", type=Path, help="an --out folder of counterattack eval")
+    report.add_argument("--compare", choices=("published",),
+                        help="also compare the records with every number the TTC paper and its re-runs printed "
+                        "(comparison.md/.csv/.json/.png in the folder)")
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration from the parsed flags: what was given, in the library's units; the rest defaults."""
+    def pixels(value: float | None) -> float | None:
+        return None if value is None else value * PIXEL
+
+    given: dict[str, Any] = {
+        "model.name": args.model, "model.pretrained": args.pretrained, "model.vision_checkpoint": args.vision_checkpoint,
+        "model.tau_model": args.tau_model, "model.tau_pretrained": args.tau_pretrained, "model.prompts": args.prompts,
+        "model.templates": tuple(args.templates) if args.templates else None,
+        "data.root": args.data_root, "data.limit": args.limit, "data.transform": args.transform,
+        "data.skip_unreadable": args.skip_unreadable,
+        "attack.names": tuple(args.attack) if args.attack else None, "attack.given": args.attack is not None,
+        "attack.eps": pixels(args.eps), "attack.steps": args.attack_steps, "attack.step_size": pixels(args.attack_step_size),
+        "attack.threat": args.threat, "attack.precision": args.attack_precision,
+        "attack.adaptive": registered_settings(args, "adaptive", "adaptive"),
+        "attack.settings": {name: registered_settings(args, "attack", name) for name in REGISTRIES["attack"]},
+        "run.precision": args.precision, "run.batch_size": args.batch_size, "run.seed": args.seed,
+        "run.seeds": getattr(args, "seeds", None), "run.device": args.device, "run.workers": args.workers,
+        "run.progress": not args.no_progress, "run.dist_timeout_minutes": args.dist_timeout,
+        "study.grid": tuple(getattr(args, "grid", None) or ()) or None, "study.target_fpr": getattr(args, "target_fpr", None),
+        "study.noise": tuple(b * PIXEL for b in args.noise) if getattr(args, "noise", None) else None,
+    }
+    if args.dataset:
+        from .data import dataset_names
+
+        given["data.datasets"] = tuple(dataset_names(args.dataset))
+    if hasattr(args, "defense"):
+        given["defense.names"] = tuple(args.defense) if args.defense is not None else None
+        given["defense.precision"] = args.defense_precision
+        given["defense.settings"] = {name: registered_settings(args, "defense", name) for name in REGISTRIES["defense"]}
+    given["attack.settings"] = {k: v for k, v in given["attack.settings"].items() if v}
+    if "defense.settings" in given:
+        given["defense.settings"] = {k: v for k, v in given["defense.settings"].items() if v}
+    return build_config(args.command, given, out=getattr(args, "out", None), adversarial=getattr(args, "adversarial", None))
+
+
 def list_datasets(args: argparse.Namespace) -> None:
+    from .data import DATASETS, is_present
+
     rows = [
         {"name": info.name, "num_classes": info.num_classes, "test_size": info.test_size, "split": info.split,
          "present": is_present(info, Path(args.data_root)), "downloadable": info.downloadable}
@@ -266,22 +260,26 @@ def list_datasets(args: argparse.Namespace) -> None:
 
 def list_registered(args: argparse.Namespace, kind: str) -> None:
     """``counterattack defenses`` and ``counterattack attacks``: every one with its flags and defaults."""
+    registry = REGISTRIES[kind]
     listing = {
-        name: {"summary": REGISTRIES[kind].summary(name),
+        name: {"summary": registry.summary(name),
                "options": {flag(name, f.name): cli_value(f.default, f.metadata) for f in options_of(cls)}}
-        for name, cls in REGISTRIES[kind].items()
+        for name, cls in registry.items()
     }
     if args.json:
         print(json.dumps(listing, indent=2))
         return
     for name, entry in listing.items():
         print(f"{name}: {entry['summary']}")
-        for flag_name, default in entry["options"].items():
-            print(f"    {flag_name} {default}")
+        for flag_name, value in entry["options"].items():
+            print(f"    {flag_name} {value}")
     print(f"\nBudgets and step sizes are in 1/255. Use --{kind} NAME,NAME,... with eval.")
 
 
 def print_prompts(args: argparse.Namespace) -> None:
+    from .data import DATASETS
+    from .data.prompts import class_prompts
+
     if args.dataset not in DATASETS:
         raise CounterattackError(f"Unknown dataset {args.dataset!r}. Available: {', '.join(DATASETS)}.")
     names, templates = class_prompts(args.dataset, args.prompts)
@@ -294,36 +292,50 @@ def _not_from_open_clip(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and f"{os.sep}open_clip{os.sep}" in record.pathname)
 
 
+def run_command(config: RunConfig) -> Any:
+    """Run a command that computes, inside a process group (torchrun's, or this process alone)."""
+    from datetime import timedelta
+
+    from . import distributed
+    from .commands import command
+    from .models import resolve_device
+
+    group, device = distributed.start(resolve_device(config.run.device), timedelta(minutes=config.run.dist_timeout_minutes))
+    try:
+        return command(config.command)(config, group, device)
+    finally:
+        group.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_from_open_clip)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "seeds", None) and args.seed is not None:
-        build_parser().exit(2, f"counterattack {args.command}: error: --seed and --seeds together: give one\n")
-    if hasattr(args, "seed"):
-        args.seed = 0 if args.seed is None else args.seed
-    if isinstance(getattr(args, "attack", ""), (list, type(None))):  # eval, attack, sweep, calibrate
-        args.attack_given = args.attack is not None
-        args.attack = args.attack or ["pgd"]
+        parser.exit(2, f"counterattack {args.command}: error: --seed and --seeds together: give one\n")
     try:
-        if args.command == "eval":
-            run_eval(args)
-        elif args.command == "sweep":
-            run_sweep(args)
-        elif args.command in ("attack", "calibrate"):
-            with_group(args, {"attack": run_attack, "calibrate": run_calibrate}[args.command])
-        elif args.command == "sanity":
-            return 0 if run_sanity_command(args) else 1
-        elif args.command == "datasets":
+        if args.command == "datasets":
             list_datasets(args)
         elif args.command == "prompts":
             print_prompts(args)
         elif args.command in ("defenses", "attacks"):
             list_registered(args, args.command[:-1])
         elif args.command == "report":
-            for path in write_report(args.folder):
+            from .report import write_report
+
+            written = write_report(args.folder)
+            if args.compare == "published":
+                from .compare import write_comparison
+
+                written += write_comparison(args.folder)
+            for path in written:
                 print(path)
+        else:
+            outcome = run_command(config_from_args(args))
+            if args.command == "sanity":
+                return 0 if outcome else 1
     except CounterattackError as exc:
         print(f"counterattack: error: {exc}", file=sys.stderr)
         return 2

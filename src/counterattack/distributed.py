@@ -60,6 +60,14 @@ class ProcessGroup:
             result = self.together(work)
         return result
 
+    def share(self, value: T) -> T:
+        """The main process's ``value``, on every process (what the others pass is ignored)."""
+        if self.world_size <= 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _agree(self, failure: str | None) -> None:
         if self.world_size <= 1:
             return

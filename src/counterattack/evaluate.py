@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .adversarial import AdversarialSet
 from .attacks import Attack
-from .calibration import mean_and_std, wilson_interval
+from .stats import mean_and_std, wilson_interval
 from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
@@ -64,9 +64,23 @@ class _Stopwatch:
 def _per_image(output: DefenseOutput) -> dict:
     return {
         "pred": output.logits.argmax(-1).tolist(),
-        "tau": None if output.tau is None else output.tau.tolist(),
+        "score": None if output.score is None else output.score.tolist(),
         "counterattacked": None if output.counterattacked is None else output.counterattacked.tolist(),
     }
+
+
+def gate_scores(per_image: dict) -> list[float] | None:
+    """A part's per-image gate scores (None for an ungated defense); runs before 0.2 recorded them as ``tau``."""
+    return per_image["score"] if "score" in per_image else per_image.get("tau")
+
+
+def upgraded(record: dict) -> dict:
+    """A summary record under today's keys: runs before 0.2 called every gate's mean score ``mean_tau_*``."""
+    if "mean_tau_clean" not in record:
+        return record
+    renamed = {k: v for k, v in record.items() if k not in ("mean_tau_clean", "mean_tau_adv")}
+    return {**renamed, "gate_score": "tau" if record["mean_tau_clean"] is not None else None,
+            "mean_score_clean": record["mean_tau_clean"], "mean_score_adv": record["mean_tau_adv"]}
 
 
 WORST_CASE = "worst-case"  # the attack name of the per-image worst case over every attack run
@@ -146,7 +160,7 @@ def evaluate_dataset(
     indices: Sequence[int] | None = None,
     adversarial: AdversarialSet | None = None,
 ) -> Iterator[dict]:
-    """Yield one result per batch: per-image predictions and taus of every defense under every attack, and costs.
+    """Yield one result per batch: per-image predictions and gate scores of every defense under every attack, and costs.
 
     Under the paper's protocol each attack is crafted once, against the undefended model, for all
     defenses; ``attack_for_defense(attack, defense)`` gives each defense its own attack instead
@@ -183,6 +197,7 @@ def evaluate_dataset(
                 adv = {attack: defense(classifier, adversarial_images, batch.streams("defense-adv"))
                        for attack, (adversarial_images, _) in adversarial_sets.items()}
             record["defenses"][name] = {
+                "gate_score": None if defense.gate is None else defense.gate.score,
                 "clean": _per_image(clean),
                 "adv": {attack: _per_image(output) for attack, output in adv.items()},
                 "forwards": passes.forwards,
@@ -210,8 +225,8 @@ def summarize(
         labels = batch["labels"]
         for name, result in batch["defenses"].items():
             s = sums.setdefault((batch["dataset"], name), {
-                "n": 0, "correct_clean": 0, "tau_clean": 0.0, "ca_clean": 0, "has_tau": False,
-                "correct_adv": dict.fromkeys(attack_names, 0), "tau_adv": dict.fromkeys(attacks, 0.0),
+                "n": 0, "correct_clean": 0, "score_clean": 0.0, "ca_clean": 0, "gate_score": None,
+                "correct_adv": dict.fromkeys(attack_names, 0), "score_adv": dict.fromkeys(attacks, 0.0),
                 "ca_adv": dict.fromkeys(attacks, 0), "forwards": 0, "backwards": 0, "defended": 0,
                 "seconds": 0.0, "peak": None})
             s["n"] += len(labels)
@@ -222,14 +237,14 @@ def summarize(
                 correct = [p == y for p, y in zip(adv["pred"], labels)]
                 s["correct_adv"][attack] += sum(correct)
                 robust_to_all = [a and b for a, b in zip(robust_to_all, correct)]
-                if adv["tau"] is not None:
-                    s["tau_adv"][attack] += sum(adv["tau"])
+                if gate_scores(adv) is not None:
+                    s["score_adv"][attack] += sum(gate_scores(adv))
                     s["ca_adv"][attack] += sum(adv["counterattacked"])
             if WORST_CASE in s["correct_adv"]:
                 s["correct_adv"][WORST_CASE] += sum(robust_to_all)
-            if result["clean"]["tau"] is not None:
-                s["has_tau"] = True
-                s["tau_clean"] += sum(result["clean"]["tau"])
+            if gate_scores(result["clean"]) is not None:
+                s["gate_score"] = result.get("gate_score", "tau")
+                s["score_clean"] += sum(gate_scores(result["clean"]))
                 s["ca_clean"] += sum(result["clean"]["counterattacked"])
             s["forwards"] += result["forwards"]
             s["backwards"] += result["backwards"]
@@ -247,7 +262,7 @@ def summarize(
                 n = s["n"]
 
                 def mean(total: float) -> float | None:
-                    return total / n if s["has_tau"] and attack != WORST_CASE else None
+                    return total / n if s["gate_score"] and attack != WORST_CASE else None
 
                 records.append({
                     "dataset": dataset,
@@ -260,8 +275,9 @@ def summarize(
                     "robust_acc": 100.0 * s["correct_adv"][attack] / n,
                     "clean_ci95": wilson_interval(s["correct_clean"], n),
                     "robust_ci95": wilson_interval(s["correct_adv"][attack], n),
-                    "mean_tau_clean": mean(s["tau_clean"]),
-                    "mean_tau_adv": mean(s["tau_adv"].get(attack, 0.0)),
+                    "gate_score": s["gate_score"],  # what the gate's score is: TTC's tau, MAC's corruption degree, ...
+                    "mean_score_clean": mean(s["score_clean"]),
+                    "mean_score_adv": mean(s["score_adv"].get(attack, 0.0)),
                     "counterattacked_clean": mean(s["ca_clean"]),
                     "counterattacked_adv": mean(s["ca_adv"].get(attack, 0)),
                     # The cost of the defense itself, over its clean and adversarial inputs.

@@ -12,9 +12,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field
 from typing import Any
 
-from .attacks import ATTACKS, PIXEL
+from .adaptive import AdaptiveAttack
+from .attacks import ATTACKS
 from .defenses import DEFENSES
-from .options import PIXEL_UNIT, options_of
+from .errors import CounterattackError
+from .options import PIXEL, PIXEL_UNIT, flag, options_of
+
+# The registered classes whose options become flags: defenses, attacks, and the adaptive attack's own settings.
+REGISTRIES: dict[str, Mapping[str, type]] = {"defense": DEFENSES, "attack": ATTACKS, "adaptive": {"adaptive": AdaptiveAttack}}
 
 
 def number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], float | int]:
@@ -37,13 +42,33 @@ def number(kind: type, low: float | None = None, high: float | None = None) -> C
     return parse
 
 
+PIXELS = number(float, 0, 255)  # a budget or step size in 1/255: at most the whole [0, 1] range
+COUNT = number(int, 0)
+POSITIVE = number(int, 1)
+
+
+def names_of(kind: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names; attack names are checked here, defense names when the run starts
+    (a typo in either is one line)."""
+    registry = REGISTRIES[kind]
+
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"no {kind} in {text!r}; available: {', '.join(registry)}")
+        if kind == "attack":
+            try:
+                ATTACKS.check_names(names)
+            except CounterattackError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return names
+
+    return parse
+
+
 def cli_value(value: Any, meta: Mapping[str, Any]) -> Any:
     """An option's value as the command line writes it (budgets in 1/255)."""
     return round(value * 255, 6) if meta.get("unit") == PIXEL_UNIT and isinstance(value, float) else value
-
-
-def flag(name: str, setting: str) -> str:
-    return f"--{name}-{setting.replace('_', '-')}"
 
 
 def option_parser(setting: Field) -> Callable[[str], Any]:
@@ -60,14 +85,29 @@ def option_parser(setting: Field) -> Callable[[str], Any]:
     return number(int if integer else float, meta["low"], high)
 
 
-REGISTRIES = {"defense": DEFENSES, "attack": ATTACKS}
+def add_registered_options(command: argparse.ArgumentParser, kind: str) -> None:
+    """``--NAME-SETTING`` for every option of every registered class of ``kind``, from its dataclass."""
+    for name, cls in REGISTRIES[kind].items():
+        settings = options_of(cls)
+        if not settings:
+            continue
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        group = command.add_argument_group(f"{kind} {name}" if kind != "adaptive" else "adaptive attacks (--threat adaptive)",
+                                           summary)
+        for setting in settings:
+            meta = setting.metadata
+            unit = f", in {PIXEL_UNIT}" if meta["unit"] == PIXEL_UNIT else ""
+            integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
+            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else ("N" if integer else "X")
+            group.add_argument(flag(name, setting.name), *meta["aliases"], dest=f"{kind}:{name}:{setting.name}",
+                               type=option_parser(setting), default=None, metavar=metavar,
+                               help=f"{meta['help']}{unit} (default: {cli_value(setting.default, meta)})")
 
 
 def registered_settings(args: argparse.Namespace, kind: str, name: str) -> dict[str, Any]:
     """The options of ``name`` given on the command line, in the library's units."""
-    cls = REGISTRIES[kind][name]
     given = {}
-    for setting in options_of(cls):
+    for setting in options_of(REGISTRIES[kind][name]):
         value = getattr(args, f"{kind}:{name}:{setting.name}", None)
         if value is not None:
             given[setting.name] = value * PIXEL if setting.metadata["unit"] == PIXEL_UNIT else value

@@ -63,6 +63,25 @@ class LoadedCLIP:
         )
 
 
+def resolve_device(choice: str | torch.device) -> torch.device:
+    """``auto`` (a CUDA GPU if PyTorch sees one), ``cpu``, ``cuda`` or ``cuda:N``; anything else is one line."""
+    if isinstance(choice, torch.device):
+        return choice
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError) as exc:
+        raise CounterattackError(f"Unknown device {choice!r}: use auto, cpu, cuda or cuda:N ({exc}).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CounterattackError(f"--device {choice} was asked for, but PyTorch sees no CUDA GPU.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CounterattackError(f"--device {choice}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s).")
+    if device.type not in ("cpu", "cuda"):
+        raise CounterattackError(f"Unsupported device {choice!r}: use auto, cpu, cuda or cuda:N.")
+    return device
+
+
 def load_clip(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = DEFAULT_PRETRAINED,

@@ -12,12 +12,13 @@ import importlib
 import math
 import pkgutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import Field, field, fields
+from dataclasses import Field, field, fields, is_dataclass
 from typing import Any
 
 from .errors import CounterattackError
 
 PIXEL_UNIT = "1/255"  # an option in pixel units is given in 1/255 on the command line
+PIXEL = 1 / 255  # that unit, in [0, 1] pixels
 
 
 def option(default: Any, help: str, *, unit: str | None = None, low: float | None = 0, high: float | None = None,
@@ -31,6 +32,11 @@ def option(default: Any, help: str, *, unit: str | None = None, low: float | Non
         high = 1.0
     return field(default=default, metadata={"help": help, "unit": unit, "low": low, "high": high, "choices": choices,
                                             "aliases": tuple(aliases), "cli": True})
+
+
+def flag(name: str, setting: str) -> str:
+    """The command-line flag of a registered class's option: ``--NAME-SETTING``."""
+    return f"--{name}-{setting.replace('_', '-')}"
 
 
 def runtime(default: Any = None) -> Any:
@@ -66,19 +72,41 @@ def check_options(instance: Any) -> None:
             raise CounterattackError(f"{instance.name}: {f.name} must be <= {meta['high']:g}, got {value:g}.")
 
 
-class Registry(dict):
-    """Registered classes of one kind ("defense" or "attack") by name, in registration order."""
+class RegistrationError(CounterattackError):
+    """An extension that does not follow its protocol: refused when its module is imported, in one line."""
 
-    def __init__(self, kind: str):
+
+class Registry(dict):
+    """Registered classes of one kind ("defense" or "attack") by name, in registration order.
+
+    ``required``: the methods the kind's protocol calls, checked at registration, so a broken
+    extension fails when it is imported, not hours into a run; ``defaults``: class attributes an
+    extension may leave out (a defense without a gate).
+    """
+
+    def __init__(self, kind: str, required: Sequence[str] = (), defaults: Mapping[str, Any] | None = None):
         super().__init__()
         self.kind = kind
+        self.required = tuple(required)
+        self.defaults = dict(defaults or {})
         self.first: tuple[str, ...] = ()
 
     def register(self, cls: type) -> type:
         """Register ``cls`` under its module's name, ``_`` written ``-``: one file is one defense (or attack)."""
         name = cls.__module__.rsplit(".", 1)[-1].replace("_", "-")
         if name in self and self[name] is not cls:
-            raise ValueError(f"two {self.kind}s are named {name!r}: {self[name].__module__} and {cls.__module__}")
+            raise RegistrationError(f"two {self.kind}s are named {name!r}: {self[name].__module__} and {cls.__module__}")
+        missing = [method for method in self.required if not callable(getattr(cls, method, None))
+                   or (method == "__call__" and cls.__call__ is object.__call__)]
+        if missing:
+            raise RegistrationError(f"{self.kind} {name} ({cls.__module__}) lacks {', '.join(missing)}: a {self.kind} "
+                                    f"needs {', '.join(self.required)}.")
+        if not is_dataclass(cls):
+            raise RegistrationError(f"{self.kind} {name} ({cls.__module__}) is not a dataclass: its options are "
+                                    "dataclass fields made with option(...).")
+        for attribute, value in self.defaults.items():
+            if not hasattr(cls, attribute):
+                setattr(cls, attribute, value)
         cls.name = name
         cls.registry_kind = self.kind
         self[name] = cls

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from .data import PAPER_AVERAGE_DATASETS, short_name
 from .errors import CounterattackError
-from .evaluate import average_records
+from .evaluate import average_records, upgraded
+from .plots import plot_accuracy, plot_gate_histograms
 from .results import ResultsStore
 
 _COLUMNS = (
@@ -30,8 +30,9 @@ _COLUMNS = (
     ("robust_acc", "robust %", "{:.2f}"),
     ("robust_acc_std", "± robust", "{:.2f}"),
     ("robust_ci95", "robust 95%", "{0[0]:.1f}-{0[1]:.1f}"),
-    ("mean_tau_clean", "tau clean", "{:.4f}"),
-    ("mean_tau_adv", "tau adv", "{:.4f}"),
+    ("gate_score", "gate score", "{}"),
+    ("mean_score_clean", "score clean", "{:.4f}"),
+    ("mean_score_adv", "score adv", "{:.4f}"),
     ("counterattacked_clean", "CA clean", "{:.1%}"),
     ("counterattacked_adv", "CA adv", "{:.1%}"),
     ("forwards_per_image", "fwd/img", "{:.2f}"),
@@ -119,96 +120,6 @@ def paper_tables(records: Sequence[dict]) -> str:
     return "\n\n".join(sections)
 
 
-def safe_file_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-
-
-def plot_tau_histograms(batches: Sequence[dict], thresholds: dict[str, float], out: Path) -> list[Path]:
-    """Per dataset: the gate score of clean vs adversarial images, for TTC if it ran, else the first
-    defense with a gate (``thresholds``: each defense's threshold, from the configuration)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    taus: dict[str, dict] = {}
-    for batch in batches:
-        gated = sorted(batch["defenses"].items(), key=lambda item: item[0] != "ttc")
-        for name, result in gated:
-            if result["clean"]["tau"] is not None:
-                attack = next(iter(result["adv"]))
-                entry = taus.setdefault(batch["dataset"], {"defense": name, "attack": attack, "clean": [], "adv": []})
-                if entry["defense"] == name:
-                    entry["clean"] += result["clean"]["tau"]
-                    entry["adv"] += result["adv"][entry["attack"]]["tau"]
-    written = []
-    for dataset, entry in taus.items():
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        # The threshold is always in view: whether the taus fall far below it is the story.
-        tau_thres = thresholds.get(entry["defense"])
-        values = entry["clean"] + entry["adv"] + ([tau_thres] if tau_thres is not None else [])
-        span = (min(values), max(values)) if max(values) > min(values) else (min(values) - 0.5, min(values) + 0.5)
-        ax.hist(entry["clean"], bins=60, range=span, alpha=0.6, label=f"clean (n={len(entry['clean'])})")
-        ax.hist(entry["adv"], bins=60, range=span, alpha=0.6, label=f"adversarial ({entry['attack']})")
-        if tau_thres is not None:
-            ax.axvline(tau_thres, color="black", linestyle="--", label=f"tau_thres = {tau_thres:g}")
-        ax.set_xlabel("tau = ||f(x + delta0) - f(x)|| / ||f(x)||" if entry["defense"] == "ttc"
-                      else f"{entry['defense']}'s gate score")
-        ax.set_ylabel("images")
-        ax.set_title(f"{short_name(dataset)}: {entry['defense']}'s gate on clean vs adversarial images")
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"tau_hist_{safe_file_name(short_name(dataset))}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _error_bars(by_key: dict, datasets: Sequence[str], defense: str, kind: str) -> list[list[float]]:
-    """Matplotlib's asymmetric error bars (below, above) from the records' 95% intervals."""
-    below, above = [], []
-    for dataset in datasets:
-        record = by_key.get((dataset, defense), {})
-        value, (low, high) = record.get(f"{kind}_acc", 0.0), record.get(f"{kind}_ci95", (0.0, 0.0)) or (0.0, 0.0)
-        below.append(max(0.0, value - low) if record else 0.0)
-        above.append(max(0.0, high - value) if record else 0.0)
-    return [below, above]
-
-
-def plot_accuracy(records: Sequence[dict], out: Path) -> Path:
-    """Grouped bars: per dataset, clean (light) and robust (dark) accuracy of each defense."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = _ordered(r["dataset"] for r in records)
-    defenses = _ordered(r["defense"] for r in records)
-    by_key = {(r["dataset"], r["defense"]): r for r in records}
-    width = 0.8 / len(defenses)
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(datasets) * max(1, len(defenses) / 3)), 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for j, defense in enumerate(defenses):
-        xs = [i + (j - (len(defenses) - 1) / 2) * width for i in range(len(datasets))]
-        clean = [by_key.get((d, defense), {}).get("clean_acc", 0) for d in datasets]
-        robust = [by_key.get((d, defense), {}).get("robust_acc", 0) for d in datasets]
-        color = colors[j % len(colors)]
-        ax.bar(xs, clean, width, color=color, alpha=0.35, yerr=_error_bars(by_key, datasets, defense, "clean"),
-               error_kw={"alpha": 0.5, "capsize": 2})
-        ax.bar(xs, robust, width, color=color, label=defense, yerr=_error_bars(by_key, datasets, defense, "robust"),
-               error_kw={"capsize": 2})
-    ax.set_xticks(range(len(datasets)), [short_name(d) for d in datasets])
-    ax.set_ylabel("accuracy (%): light clean, dark robust\n(bars: 95% Wilson intervals)")
-    ax.set_ylim(0, 100)
-    ax.legend(ncol=min(len(defenses), 6), fontsize="small")
-    fig.tight_layout()
-    path = out / "accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _what_was_run(config: dict, records: Sequence[dict]) -> str:
     """The attacks, the prompts and how many images stand behind each number, in words."""
     attacks = "; ".join(f"`{json.dumps(a)}`" for a in config.get("attacks", []))
@@ -241,7 +152,7 @@ def write_report(out: Path) -> list[Path]:
     if not results_path.is_file():
         raise CounterattackError(f"No results.json in {out}: run `counterattack eval --out {out}` first.")
     results = json.loads(results_path.read_text(encoding="utf-8"))
-    records = results["records"]
+    records = [upgraded(r) for r in results["records"]]
     if not records:
         raise CounterattackError(f"{results_path} holds no records yet.")
     config = results.get("config", {})
@@ -251,7 +162,7 @@ def write_report(out: Path) -> list[Path]:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    plots = [plot_accuracy(records, out), *plot_tau_histograms(ResultsStore(out).batches(), thresholds, out)]
+    plots = [plot_accuracy(records, out), *plot_gate_histograms(ResultsStore(out).batches(), thresholds, out)]
     settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "prompts", "limit", "seed", "seeds")
                          if config.get(k) is not None)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)

@@ -17,7 +17,6 @@ def discover_attacks() -> None:
 
 discover_attacks()
 
-from .adaptive import AdaptiveAttack  # noqa: E402
 from .autoattack import AutoAttack  # noqa: E402
 from .autoattack_paper import AutoAttackPaper  # noqa: E402
 from .cw import CW  # noqa: E402
@@ -31,7 +30,7 @@ build_attacks = ATTACKS.build_many  # build_attacks(names, {name: settings}, eps
 
 
 __all__ = [
-    "PIXEL", "ATTACKS", "AdaptiveAttack", "Attack", "AutoAttack", "AutoAttackPaper", "CW", "PGD", "build_attack",
+    "PIXEL", "ATTACKS", "Attack", "AutoAttack", "AutoAttackPaper", "CW", "PGD", "build_attack",
     "build_attacks", "check_attack_names", "cross_entropy", "cw_margin", "project", "register_attack", "replay_steps",
     "run_steps", "sign_gradient_steps", "sign_step",
 ]

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 
@@ -67,12 +68,14 @@ def import_pyautoattack() -> ModuleType:
 class AutoAttack:
     """AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square."""
 
+    seeded_per_batch: ClassVar[bool] = True  # one seed per batch: results depend on which images share one
     eps: float = option(1 / 255, "L-inf budget", unit=PIXEL_UNIT)
     steps: int = option(DEFAULT_APGD_ITERATIONS, "APGD iterations (APGD adapts its own step size)", low=1)
     warnings: list[str] = runtime(None)  # AutoAttack's warnings, for `counterattack sanity`
 
     def __post_init__(self) -> None:
         check_options(self)
+        import_pyautoattack()  # a missing dependency fails when the attack is chosen, not hours into a run
         if self.warnings is None:
             object.__setattr__(self, "warnings", [])
 

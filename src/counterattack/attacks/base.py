@@ -7,10 +7,10 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..classifier import ZeroShotClassifier
-from ..options import Registry
+from ..options import PIXEL, Registry
 from ..randomness import ImageRandomness
 
-PIXEL = 1 / 255  # the command line's unit for budgets and step sizes
+__all__ = ["ATTACKS", "PIXEL", "Attack", "register_attack"]
 
 
 class Attack(Protocol):
@@ -25,5 +25,5 @@ class Attack(Protocol):
     def describe(self) -> dict: ...
 
 
-ATTACKS = Registry("attack")
+ATTACKS = Registry("attack", required=("__call__", "describe"))
 register_attack = ATTACKS.register  # @register_attack on a frozen dataclass: its options become --NAME-FIELD flags

@@ -7,8 +7,8 @@ takes: its options become ``--NAME-OPTION`` flags, and ``counterattack defenses`
 from __future__ import annotations
 
 from .base import (
-    ADAPTIVE_METHODS, DEFENSES, PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, Defense, DefenseOutput, option,
-    options_of, register_defense, runtime, weighted_mix,
+    ADAPTIVE_METHODS, DEFENSES, PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, Defense, DefenseOutput, Gate,
+    option, options_of, register_defense, runtime, weighted_mix,
 )
 
 
@@ -20,9 +20,13 @@ def discover_defenses() -> None:
 discover_defenses()
 
 from .anti_adversary import AntiAdversary  # noqa: E402
+from .csr import CSR  # noqa: E402
+from .doc import DOC  # noqa: E402
 from .hd import HedgeDefense  # noqa: E402
+from .mac import MAC  # noqa: E402
 from .none import NoDefense  # noqa: E402
 from .rn import RandomNoise  # noqa: E402
+from .rtpt import RTPT  # noqa: E402
 from .ttc import TTC, TTCResult, relative_shift  # noqa: E402
 from .tte import TransformEnsemble  # noqa: E402
 
@@ -33,8 +37,8 @@ build_defenses = DEFENSES.build_many  # build_defenses(names, {name: settings}, 
 
 
 __all__ = [
-    "ADAPTIVE_METHODS", "AttackView", "DEFENSES", "AntiAdversary", "Defense", "DefenseOutput", "HedgeDefense", "NoDefense",
-    "PIXEL_UNIT", "RandomNoise", "TTC", "TTCResult", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "TransformEnsemble",
+    "ADAPTIVE_METHODS", "AttackView", "CSR", "DEFENSES", "DOC", "AntiAdversary", "Defense", "DefenseOutput", "Gate",
+    "HedgeDefense", "MAC", "NoDefense", "PIXEL_UNIT", "RTPT", "RandomNoise", "TTC", "TTCResult", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "TransformEnsemble",
     "build_defense", "build_defenses", "check_defense_names", "discover_defenses", "option", "options_of",
     "register_defense", "relative_shift", "runtime", "weighted_mix",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -18,29 +18,52 @@ class DefenseOutput:
     """What a defense returns for a batch.
 
     ``logits`` rather than images, so a defense can classify from embeddings it already has.
-    ``tau`` and ``counterattacked`` are per image (None for defenses without a tau gate).
+    ``score`` (the gate's score: TTC's tau, MAC's corruption degree, ...) and ``counterattacked``
+    are per image (None for defenses without a gate).
     Costs are not declared here: ``classifier.count_encoder_passes`` measures them.
     ``images`` are the defended images, for defenses that classify one image per input.
     """
 
     logits: torch.Tensor
-    tau: torch.Tensor | None = None
+    score: torch.Tensor | None = None
     counterattacked: torch.Tensor | None = None
     images: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How a gated defense decides, per image, whether to counterattack: one score against one threshold.
+
+    ``score`` is what records, plots and calibration call the score; ``threshold`` names the option
+    holding the threshold; ``flags_above``: a score above the threshold flags the image (MAC's
+    corruption degree), else a score below it does (TTC's "falsely stable" tau, DOC, CSR).
+    """
+
+    score: str
+    flags_above: bool = False
+    threshold: str = "tau_thres"
+
+    @property
+    def side(self) -> str:
+        return "above" if self.flags_above else "below"
+
+    def flagged(self, scores: Any, threshold: float) -> Any:
+        """Which of ``scores`` (a tensor or an array) the gate flags; a score equal to the threshold is not flagged."""
+        return scores > threshold if self.flags_above else scores < threshold
 
 
 @dataclass
 class AttackView:
     """A defense's logits as a differentiable function of its input, for adaptive attacks.
 
-    ``tau`` (differentiable too) is given for defenses with a gate, when asked for. A score below
-    ``tau_thres`` flags the image (TTC, DOC, CSR) unless ``flagged_above`` (MAC: a score above it flags).
+    ``score`` (differentiable too) is the gate's score, given for gated defenses when asked for,
+    with the ``gate`` that reads it and its ``threshold``.
     """
 
     logits: torch.Tensor
-    tau: torch.Tensor | None = None
-    tau_thres: float | None = None
-    flagged_above: bool = False
+    score: torch.Tensor | None = None
+    gate: Gate | None = None
+    threshold: float | None = None
 
 
 # bpda: the defense's perturbation is a constant in the backward pass (straight-through, d(x + delta)/dx = I).
@@ -60,7 +83,7 @@ TTC_EPS = 4 / 255
 TTC_STEPS = 2
 TTC_STEP_SIZE = 1 / 255
 
-DEFENSES = Registry("defense")
+DEFENSES = Registry("defense", required=("__call__", "attack_view", "describe"), defaults={"gate": None})
 register_defense = DEFENSES.register  # @register_defense on a frozen dataclass: its options become --NAME-FIELD flags
 
 
@@ -76,11 +99,12 @@ def softmax_weights(beta: float, count: int) -> torch.Tensor:
 
 class Defense(Protocol):
     name: ClassVar[str]
+    gate: ClassVar[Gate | None]  # None: the defense treats every image alike
 
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput: ...
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         """The defended logits, differentiable w.r.t. ``images`` (see ``ADAPTIVE_METHODS``)."""
         ...
@@ -89,7 +113,7 @@ class Defense(Protocol):
 
 
 __all__ = [
-    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "AttackView", "Defense",
+    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "AttackView", "Defense", "Gate",
     "DefenseOutput", "check_options", "describe_options", "option", "options_of", "register_defense", "runtime",
     "softmax_weights", "through_defense", "weighted_mix",
 ]

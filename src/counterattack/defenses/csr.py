@@ -43,6 +43,7 @@ more forward. Those recompute embeddings already in hand (the same numbers), so 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense,
+    PIXEL_UNIT, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense, through_defense,
 )
 
 REFERENCE_SIDE = 224  # the input side at which CSR's radius (and threshold) were set
@@ -119,9 +120,10 @@ class CSR:
 
         csr = CSR()
         output = csr(classifier, images, ImageRandomness.from_seed(0, len(images)))
-        output.tau, output.counterattacked  # C(x) and C(x) < 0.85
+        output.score, output.counterattacked  # C(x) and C(x) < 0.85
     """
 
+    gate: ClassVar[Gate] = Gate("spectral consistency")  # cos(f(x), f(LPF x)): a low one flags the image
     lpf_radius: float = option(40.0, "low-pass radius in DFT bins of a 224-px input; scaled to the model's input side")
     filter_type: str = option("gaussian", "low-pass mask", choices=FILTERS)
     butterworth_order: int = option(2, "order of the Butterworth mask", low=1)
@@ -216,14 +218,14 @@ class CSR:
         return DefenseOutput(logits, result.consistency, result.flagged, result.images)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         """CSR as a function of its input; nothing is random, so EOT adds nothing.
 
         exact: the gate, the step signs and the greedy choice of this input are held; the chosen
         step is replayed, so the images enter through every step's projection onto the [0, 1] box
         (a = phi(x_low) and b = phi(x) steer only the signs and the choice, both held). bpda: the
-        chosen perturbation is a constant. with_tau: C(x) itself, differentiated through both
+        chosen perturbation is a constant. with_score: C(x) itself, differentiated through both
         encoder passes and the low-pass filter (linear, and kept in the graph), with tau_thres:
         raising C above it gets an image judged benign and classified untouched.
         """
@@ -237,8 +239,8 @@ class CSR:
             picked = steps[result.selected, torch.arange(len(chosen), device=images.device)]
             delta = delta.index_put((chosen,), picked)
         logits = classifier.logits(through_defense(images, delta, method))
-        tau = self.consistency(classifier.encoder, images)[0] if with_tau else None
-        return AttackView(logits, tau, self.tau_thres)
+        tau = self.consistency(classifier.encoder, images)[0] if with_score else None
+        return AttackView(logits, tau, self.gate, self.tau_thres)
 
     def describe(self) -> dict:
         return {**describe_options(self), "reference_side": REFERENCE_SIDE}

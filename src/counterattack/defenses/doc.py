@@ -38,6 +38,7 @@ Choices where the sources disagree (the specification's recommendations, also un
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
 from ..precision import full_precision, loss_scale
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense,
+    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense,
     through_defense,
 )
 
@@ -88,6 +89,7 @@ class DOC:
     recommended values (a third-party re-implementation's).
     """
 
+    gate: ClassVar[Gate] = Gate("sensitivity")  # 1 - mean cos(f(x + noise), f(x)): a low one flags the image
     eps: float = option(TTC_EPS, "counterattack budget (and delta0's range, and the DSS noise's)", unit=PIXEL_UNIT)
     steps: int = option(4, "orthogonal-gradient steps (T)")
     step_size: float = option(3 / 255, "size of each step (alpha)", unit=PIXEL_UNIT)
@@ -126,7 +128,7 @@ class DOC:
         apart = F.normalize(moved, dim=-1) - F.normalize(anchor, dim=-1).unsqueeze(1)
         return apart.pow(2).sum(dim=-1).mean(dim=1) / 2, anchor
 
-    def gate(self, score: torch.Tensor) -> torch.Tensor:
+    def soft_gate(self, score: torch.Tensor) -> torch.Tensor:
         """``w = sigmoid(gamma * (tau_thres - score))`` (Eq. 11)."""
         if self.gamma == 0:  # w = 1/2 everywhere; spelled out because 0 * inf (tau_thres = inf) is NaN
             return torch.full_like(score, 0.5)
@@ -170,7 +172,7 @@ class DOC:
         x = check_pixels(images).detach().float()
         encoder = classifier.encoder
         score, anchor = self.sensitivity_score(encoder, x, self.sensitivity_noise(x, rng))
-        weight = self.gate(score)
+        weight = self.soft_gate(score)
         delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
         final = self.orthogonal_steps(encoder, x, anchor, delta0, rng)
         return DOCResult(x + self.mix(weight, final, delta0), score, weight, delta0, final)
@@ -182,7 +184,7 @@ class DOC:
         return DefenseOutput(classifier.logits(result.images), result.score, result.weight > 0.5, result.images)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         """DOC as a function of its input, with this call's draws held fixed (a new call draws anew: EOT).
 
@@ -190,22 +192,22 @@ class DOC:
         zero derivative, so this is the unrolled loop's own derivative (almost everywhere): images
         enter through delta0's and every step's projection onto the [0, 1] box, and through the
         soft gate w, whose score is differentiated through f(x) and the M clamped copies.
-        bpda: the mixed perturbation is a constant. with_tau: the score (always differentiable)
+        bpda: the mixed perturbation is a constant. with_score: the score (always differentiable)
         and tau_thres; a higher score means a weaker counterattack, as TTC's tau.
         """
         check_pixels(images)
         encoder = classifier.encoder
         noise = self.sensitivity_noise(images.detach(), rng)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (method == "exact" or with_tau)):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (method == "exact" or with_score)):
             score, anchor = self.sensitivity_score(encoder, images, noise)
         delta0 = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
         signs: list[torch.Tensor] = []
         with torch.no_grad():
             self.orthogonal_steps(encoder, images.detach(), anchor.detach(), delta0.detach(), rng, signs)
         final = replay_steps(images, delta0, signs, self.step_size, self.eps)[-1] if signs else delta0
-        delta = self.mix(self.gate(score), final, delta0)
+        delta = self.mix(self.soft_gate(score), final, delta0)
         logits = classifier.logits(through_defense(images, delta, method))
-        return AttackView(logits, score if with_tau else None, self.tau_thres)
+        return AttackView(logits, score if with_score else None, self.gate, self.tau_thres)
 
     def describe(self) -> dict:
         return describe_options(self)

@@ -57,7 +57,7 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense,
+    PIXEL_UNIT, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense, through_defense,
 )
 
 # Columns of one augmentation draw: every per-image parameter comes from a single uniform draw.
@@ -103,10 +103,10 @@ class MAC:
 
         mac = MAC()
         output = mac(classifier, images, ImageRandomness.from_seed(0, len(images), "mac"))
-        predictions = output.logits.argmax(-1)  # output.tau: corruption degree of each image itself
+        predictions = output.logits.argmax(-1)  # output.score: corruption degree of each image itself
     """
 
-    gate_flags_above: ClassVar[bool] = True  # a large corruption degree d flags the image (TTC's tau: a small one)
+    gate: ClassVar[Gate] = Gate("corruption degree", flags_above=True)  # a large d flags the image (TTC's tau: a small one)
     eps: float = option(8 / 255, "counterattack budget (and delta0's range)", unit=PIXEL_UNIT)
     steps: int = option(4, "counterattack steps")
     step_size: float = option(2 / 255, "size of each step (the code's eps / 4)", unit=PIXEL_UNIT)
@@ -239,13 +239,13 @@ class MAC:
         return DefenseOutput(logits, result.tau, result.tau > self.tau_thres)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         """MAC as a function of its input, for this draw of every augmentation, noise and delta0.
 
         The views are differentiable functions of the image (the augmentations are tensor ops) under
         both methods. ``exact`` replays the recorded step signs through the projections of each view
-        and holds the weights w; ``bpda`` holds ``w * delta_K`` constant. ``with_tau`` gives the
+        and holds the weights w; ``bpda`` holds ``w * delta_K`` constant. ``with_score`` gives the
         corruption degree d of the image itself (its own view), differentiated through f and the
         same second augmentation, with ``tau_thres``: d *above* the threshold means counterattacked.
         """
@@ -261,12 +261,12 @@ class MAC:
             delta = result.defended - result.views
         logits = self._mean_over_views(classifier.logits(through_defense(views, delta, method)))
         tau = None
-        if with_tau:
+        if with_score:
             own = torch.arange(len(x), device=x.device) * self.views
             corrupted = self.augment(x, result.corruption_draw.rows(own))
             with full_precision(x.device):
                 tau = corruption_degree(classifier.encoder(corrupted).float(), classifier.encoder(x).float())
-        return AttackView(logits, tau, self.tau_thres, flagged_above=self.gate_flags_above)
+        return AttackView(logits, tau, self.gate, self.tau_thres)
 
     def describe(self) -> dict:
         return describe_options(self)

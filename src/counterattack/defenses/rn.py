@@ -34,7 +34,7 @@ class RandomNoise:
         return DefenseOutput(logits=classifier.logits(x + delta0), images=x + delta0)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         delta0 = project(check_pixels(images), rng.uniform_like(images, -self.eps, self.eps), self.eps)
         return AttackView(classifier.logits(through_defense(images, delta0, method)))

@@ -423,7 +423,7 @@ class RTPT:
         return DefenseOutput(logits=self._logits(classifier, x, rng, None))
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         """The ensemble as a function of the images: fresh views from ``rng``, the tuned context held fixed
         (see the module's docstring for what ``exact`` and ``bpda`` differentiate). R-TPT has no gate."""

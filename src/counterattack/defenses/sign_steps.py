@@ -49,7 +49,7 @@ class SignStepDefense:
         return DefenseOutput(classifier.logits(defended), images=defended)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         signs: list[torch.Tensor] = []
         self.perturbation(classifier, check_pixels(images).detach().float(), signs)

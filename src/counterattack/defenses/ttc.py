@@ -18,6 +18,7 @@ fine-tuned one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,7 +27,7 @@ from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, Gate, check_options, describe_options, option,
     register_defense, runtime, softmax_weights, through_defense, weighted_mix,
 )
 
@@ -60,6 +61,7 @@ class TTC:
         predictions = classifier.logits(result.images).argmax(-1)
     """
 
+    gate: ClassVar[Gate] = Gate("tau")  # ||f(x + delta0) - f(x)|| / ||f(x)||: a small tau flags the image
     eps: float = option(TTC_EPS, "counterattack budget (and delta0's range)", unit=PIXEL_UNIT)
     steps: int = option(TTC_STEPS, "counterattack steps")
     step_size: float = option(TTC_STEP_SIZE, "size of each step", unit=PIXEL_UNIT)
@@ -138,7 +140,7 @@ class TTC:
         return DefenseOutput(logits, result.tau, result.counterattacked, result.images)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_tau: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
     ) -> AttackView:
         """TTC as a function of its input: the gate and the step signs of this draw are held fixed,
         the projections are differentiated (exact) or the whole perturbation is (bpda)."""
@@ -150,11 +152,11 @@ class TTC:
             kept = [delta0[chosen], *replay_steps(images[chosen], delta0[chosen], result.signs, self.step_size, self.eps)]
             delta = delta0.index_put((chosen,), weighted_mix(kept, self.step_weights()))
         tau = None
-        if with_tau:
+        if with_score:
             tau_encoder = self.tau_encoder or classifier.encoder
             with full_precision(images.device):
                 tau = relative_shift(tau_encoder(images + delta0).float(), tau_encoder(images).float())
-        return AttackView(classifier.logits(through_defense(images, delta, method)), tau, self.tau_thres)
+        return AttackView(classifier.logits(through_defense(images, delta, method)), tau, self.gate, self.tau_thres)
 
     def describe(self) -> dict:
         return {**describe_options(self), "separate_tau_encoder": self.tau_encoder is not None}

@@ -1,0 +1,121 @@
+"""Adaptive attacks: the attack's gradient flows through the defense it attacks.
+
+The paper crafts adversarial images against the undefended CLIP. An attacker who knows the defense
+does better; against TTC the literature reports robust accuracy falling to a few percent. Here any
+defense of the library can be attacked through its ``attack_view``:
+
+- ``method="exact"``: the unrolled defense is differentiated (sign steps replayed, the gate held),
+- ``method="bpda"``: straight-through, the defense's perturbation held constant in the backward pass,
+- ``eot_samples=K``: each step averages the loss over K draws of the defense's randomness (EOT),
+- ``gate_weight=w``: adds ``w * min(tau, 1.5 tau_thres)``, pushing tau above TTC's threshold (with
+  a margin, since the defense draws its own noise at test time) so the image is judged clean and
+  left to ``delta0`` alone; for a gate that flags high scores (MAC), ``-w * max(tau, tau_thres / 1.5)``.
+
+The PGD loop and its projection are the paper's; ``base`` gives the budget, the steps and the loss
+on the defended logits: any attack with ``eps``, ``steps``, ``step_size`` and ``loss(logits, labels)``
+(``PGD``, ``CW``) can be run through a defense (``GRADIENT_ATTACK``). The attack starts from ``base``'s adversarial image
+against the undefended model (the paper's protocol, from its random start) and goes on through the defense.
+It returns, per image, the iterate whose objective (the loss plus the gate term, averaged over
+the EOT draws) was highest, as AutoAttack keeps its best point, rather than the last iterate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .attacks import PGD, Attack
+from .attacks.loop import project, run_steps
+from .classifier import ZeroShotClassifier, check_pixels
+from .defenses.base import ADAPTIVE_METHODS, AttackView, Defense
+from .errors import CounterattackError
+from .options import check_options, option, options_of, runtime
+from .randomness import ImageRandomness
+
+GATE_MARGIN = 1.5  # the gate-evasion term pushes tau up to 1.5 tau_thres
+
+
+def gate_evasion(view: AttackView) -> torch.Tensor:
+    """Per image, a term that grows as the score moves to the unflagged side of the gate, with a margin
+    (``GATE_MARGIN``) beyond which it stops: the defense draws its own noise at test time."""
+    if view.gate.flags_above:
+        return -view.score.clamp(min=view.threshold / GATE_MARGIN)
+    return view.score.clamp(max=GATE_MARGIN * view.threshold)
+
+
+# What an attack needs to be run through a defense: its budget, its steps and the loss it ascends.
+GRADIENT_ATTACK = ("eps", "steps", "step_size", "loss")
+
+
+def check_adaptive(attack: Attack, settings: Mapping[str, Any] | None = None) -> None:
+    """Refuse an attack that cannot run through a defense, or adaptive settings out of bounds, with one line."""
+    missing = [name for name in GRADIENT_ATTACK if not hasattr(attack, name)]
+    if missing:
+        raise CounterattackError(
+            f"--threat adaptive runs an attack's own loss through each defense; {attack.name} has no "
+            f"{', '.join(missing)} (it is for the paper's protocol). Attacks it can run: those with "
+            f"{', '.join(GRADIENT_ATTACK)}, such as pgd and cw.")
+    AdaptiveAttack(None, attack, **(settings or {}))
+
+
+@dataclass(frozen=True)
+class AdaptiveAttack:
+    """An attack run through a defense: exact or straight-through gradients, EOT, gate evasion."""
+
+    # Its options' flags: --adaptive-method, --adaptive-eot-samples (--eot-samples), --adaptive-gate-weight (--gate-weight).
+    defense: Defense = runtime()
+    base: Attack = runtime()  # an attack with GRADIENT_ATTACK's fields (default: PGD's paper settings)
+    method: str = option("exact", "exact: differentiate the unrolled defense; bpda: straight-through",
+                         choices=ADAPTIVE_METHODS)
+    eot_samples: int = option(1, "draws of the defense's randomness averaged per step (EOT)", low=1,
+                              aliases=("--eot-samples",))
+    gate_weight: float = option(0.0, "weight of the term pushing a gated defense's score to its unflagged side",
+                                aliases=("--gate-weight",))
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            object.__setattr__(self, "base", PGD())
+        missing = [name for name in GRADIENT_ATTACK if not hasattr(self.base, name)]
+        if missing:
+            raise CounterattackError(f"{self.base.name} cannot run through a defense: it has no {', '.join(missing)}.")
+        check_options(self)
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    def __call__(
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
+    ) -> torch.Tensor:
+        images = check_pixels(images).detach().float()
+        base = self.base
+        transfer = base(classifier, images, labels, rng)
+        best_delta = transfer - images
+        best_loss = torch.full((len(images),), float("-inf"), device=images.device)
+
+        def keep_best(adv: torch.Tensor, losses: torch.Tensor) -> None:
+            improved = losses > best_loss
+            best_loss[improved] = losses[improved]
+            best_delta[improved] = project(images, adv.detach() - images, base.eps)[improved]
+
+        def objective(adv: torch.Tensor) -> torch.Tensor:
+            per_image = adv.new_zeros(len(adv))
+            for _ in range(self.eot_samples):
+                view = self.defense.attack_view(classifier, adv, rng, self.method, with_score=self.gate_weight > 0)
+                per_image = per_image + base.loss(view.logits, labels)
+                if self.gate_weight > 0 and view.score is not None:
+                    per_image = per_image + self.gate_weight * gate_evasion(view)
+            per_image = per_image / self.eot_samples
+            keep_best(adv, per_image.detach())
+            return per_image.sum()
+
+        final = run_steps(objective, images, best_delta.clone(), base.eps, base.step_size, base.steps)
+        objective(images + final)  # the last iterate is a candidate too
+        return images + best_delta
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "threat": "adaptive", **{f.name: getattr(self, f.name) for f in options_of(type(self))},
+                "defense": self.defense.name}

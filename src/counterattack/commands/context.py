@@ -1,0 +1,380 @@
+"""What every command that runs shares, each built or read once: the model, the datasets and the images chosen
+from them, the attacks (crafted, or a stored set's), the defenses and the run settings.
+
+``open_run`` checks everything cheap before anything loads (names, settings, templates, a stored set's
+configuration, datasets that must be fetched by hand), so a typo fails in seconds rather than after
+the model and the data have loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..adaptive import AdaptiveAttack, check_adaptive
+from ..adversarial import AdversarialSet
+from ..attacks import ATTACKS, Attack, build_attacks
+from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..config import RunConfig
+from ..data import EvalDataset, balanced_subset, check_manual_datasets, find_unreadable, load_dataset
+from ..defenses import DEFENSES, Defense, build_defenses
+from ..distributed import ProcessGroup
+from ..errors import CounterattackError
+from ..evaluate import RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize
+from ..models import LoadedCLIP, load_clip, load_vision_checkpoint
+from ..options import flag, options_of
+from ..report import format_table, paper_tables, write_report
+from ..results import ResultsStore
+from ..store import fill, write_json_atomically
+
+
+def _versions() -> dict[str, str]:
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"clip-counterattack": __version__, **{pkg: installed(pkg) for pkg in ("torch", "torchvision", "open_clip_torch")}}
+
+
+@dataclass
+class Evaluation:
+    """A finished evaluation: every batch's per-image results, and the summary records."""
+
+    batches: list[dict]
+    records: list[dict]
+
+
+@dataclass
+class Selection:
+    """One dataset and the images a run evaluates of it (less undecodable files skipped on request)."""
+
+    data: EvalDataset
+    chosen: list[int]
+    skipped: list[dict]
+
+    @property
+    def ids(self) -> list:
+        return [self.data.image_ids[i] for i in self.chosen]
+
+
+def stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
+    """The attacks a stored set was made with, rebuilt from its configuration (their names and settings)."""
+    described = adversarial.config["attacks"]
+    unknown = [d["attack"] for d in described if d["attack"] not in ATTACKS]
+    if unknown:
+        raise CounterattackError(f"{adversarial.folder} holds images of {', '.join(unknown)}, which this installation "
+                                 f"does not have (attacks: {', '.join(ATTACKS)}).")
+    built = []
+    for entry in described:
+        own = {f.name for f in fields(ATTACKS[entry["attack"]])}
+        built += build_attacks([entry["attack"]], {entry["attack"]: {k: v for k, v in entry.items() if k in own}})
+    return built
+
+
+def _check_stored_attacks(config: RunConfig, adversarial: AdversarialSet, attacks: Sequence[Attack]) -> None:
+    """No flag may ask for what a stored set's attacks cannot be."""
+    if config.attack.threat != "paper":
+        raise CounterattackError("--adversarial holds images crafted against the undefended model (the paper's protocol); "
+                                 "adaptive attacks are crafted through each defense and cannot be stored once for all.")
+    shared = {"--eps": config.attack.eps, "--attack-steps": config.attack.steps,
+              "--attack-step-size": config.attack.step_size, "--attack-precision": config.attack.precision}
+    given = [name for name, value in shared.items() if value is not None]
+    given += [flag(name, setting) for name, settings in config.attack.settings.items() for setting in settings]
+    if config.attack.given and sorted(config.attack.names) != sorted(a.name for a in attacks):
+        given.insert(0, f"--attack {','.join(config.attack.names)}")
+    if given:
+        raise CounterattackError(f"{adversarial.folder} holds {', '.join(a.name for a in attacks)} with their own settings "
+                                 f"(see its config.json); {', '.join(given)} cannot apply to it: drop them, or craft "
+                                 "another set with `counterattack attack`.")
+
+
+class RunContext:
+    """The loaded model, datasets, attacks and defenses of one run, and its settings."""
+
+    def __init__(self, config: RunConfig, group: ProcessGroup, device: torch.device, clip: LoadedCLIP,
+                 tau_encoder: ImageEncoder | None, tau_model: str, selections: list[Selection], attacks: list[Attack],
+                 defenses: dict[str, Defense], adversarial: AdversarialSet | None):
+        self.config, self.group, self.device, self.clip = config, group, device, clip
+        self.tau_encoder, self.tau_model = tau_encoder, tau_model  # TTC's tau encoder (None: the defended one)
+        self.selections, self.attacks, self.defenses, self.adversarial = selections, attacks, defenses, adversarial
+        self._classifiers: dict[str, ZeroShotClassifier] = {}
+        run = config.run
+        workers = run.workers
+        if workers is None:  # more loader processes keep a GPU busy
+            import os
+
+            workers = min(8 if device.type == "cuda" else 4, os.cpu_count() or 1)
+        self.settings = RunSettings(run.seed, config.data.limit, run.batch_size, workers, device, run.progress,
+                                    group.rank, group.world_size, config.precisions["attack"], config.precisions["defense"])
+
+    def with_seed(self, seed: int) -> RunContext:
+        """The same loaded run under another seed (``--seeds``), writing under ``out/seed-S``."""
+        other = copy.copy(self)
+        other.config = self.config.for_seed(seed)
+        other.settings = replace(self.settings, seed=seed)
+        return other
+
+    def classifier(self, data: EvalDataset) -> ZeroShotClassifier:
+        """The zero-shot classifier of a dataset's classes (built once per dataset)."""
+        if data.name not in self._classifiers:
+            self._classifiers[data.name] = ZeroShotClassifier.from_clip(
+                self.clip, data.class_names, self.config.model.templates or data.templates)
+        return self._classifiers[data.name]
+
+    def identity(self) -> dict[str, Any]:
+        """What the images and the classifier are: a stored adversarial set must have been made for the same."""
+        model, data = self.config.model, self.config.data
+        return {
+            "model": model.name,
+            "pretrained": model.pretrained_tag,
+            "vision_checkpoint": str(model.vision_checkpoint) if model.vision_checkpoint else None,
+            "prompts": model.prompts,
+            "templates": list(model.templates) if model.templates else None,  # None: each dataset's own
+            "transform": data.transform,
+            "datasets": [s.data.describe() for s in self.selections],
+            "limit": data.limit,
+            "skip_unreadable": data.skip_unreadable,
+        }
+
+    def run_record(self) -> dict[str, Any]:
+        """Settings that change no result: a resumed run may differ in them."""
+        return {"batch_size": self.config.run.batch_size, "device": str(self.device), "processes": self.group.world_size,
+                "data_root": str(self.config.data.root), "versions": _versions()}
+
+    def expected(self) -> dict[str, list]:
+        return {s.data.name: s.ids for s in self.selections}
+
+    def unreadable(self) -> list[dict]:
+        return [entry for s in self.selections for entry in s.skipped]
+
+    def batch_composition(self, attacks: Sequence[Attack]) -> dict[str, Any]:
+        """Attacks seeded per batch make results depend on which images share one: record what did."""
+        if any(getattr(a, "seeded_per_batch", False) for a in attacks):
+            return {"batch_composition": {"batch_size": self.config.run.batch_size, "processes": self.group.world_size}}
+        return {}
+
+    def attack_for(self, attack: Attack, defense: Defense) -> Attack:
+        """The attack a defense faces: ``attack`` itself under the paper's protocol, else ``attack`` through it."""
+        if self.config.attack.threat == "paper":
+            return attack
+        return AdaptiveAttack(defense, attack, **self.config.attack.adaptive)
+
+    def results(self, config: Mapping[str, Any], records: list[dict]) -> dict[str, Any]:
+        """What results.json holds: the configuration, the records, their averages, the images left out."""
+        return {"config": config, "records": records, "average": average_records(records), "unreadable": self.unreadable()}
+
+    def evaluation_config(self, defenses: Mapping[str, Defense], attacks: Sequence[Attack]) -> dict[str, Any]:
+        """Everything a results folder's numbers depend on (its hash guards resumption), and what does not (``run``)."""
+        config = self.config
+        adaptive = None
+        if config.attack.threat == "adaptive":
+            adaptive = {f.name: getattr(AdaptiveAttack(None, attacks[0], **config.attack.adaptive), f.name)
+                        for f in options_of(AdaptiveAttack)}
+        described = {
+            **self.identity(),
+            "tau_model": self.tau_model,
+            "attacks": [attack.describe() for attack in attacks],
+            "threat": config.attack.threat,
+            "adaptive": adaptive,
+            "defenses": [{**d.describe(), "name": name} if name != d.name else d.describe() for name, d in defenses.items()],
+            "units": "eps and step sizes in [0, 1] pixel units",
+            "precision": dict(config.precisions),
+            "seed": config.run.seed,
+            "run": self.run_record(),
+        }
+        if self.adversarial is None:
+            described.update(self.batch_composition(attacks))
+        else:  # the attacks' own settings are the set's
+            stored = self.adversarial.config
+            described["precision"]["attack"] = stored["precision"]["attack"]
+            described["adversarial"] = {"hash": self.adversarial.hash, "seed": stored["seed"]}
+            described["run"]["adversarial_folder"] = str(self.adversarial.folder)  # a moved set is the same set
+        return described
+
+    def evaluate_into(self, out: Path, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
+                      config: Mapping[str, Any]) -> Evaluation | None:
+        """Evaluate ``defenses`` (the name records carry -> defense) into the results store ``out``, resuming what is
+        there; on the main process, its per-batch results and summary records (None on the others)."""
+        store = ResultsStore(out, self.group.rank)
+        threat = self.config.attack.threat
+        attack_for = {(a.name, id(d)): self.attack_for(a, d) for a in attacks for d in defenses.values()}
+
+        def evaluate_my_share(done: dict[str, set]) -> None:
+            for selection in self.selections:
+                data = selection.data
+                for batch in evaluate_dataset(self.classifier(data), data, attacks, defenses, self.settings,
+                                              done.get(data.name, ()), lambda a, d: attack_for[(a.name, id(d))],
+                                              selection.chosen, self.adversarial):
+                    store.append(batch)
+
+        batches = fill(store, config, self.expected(), self.group, evaluate_my_share)
+        if not self.group.is_main:
+            return None
+        adaptive = None
+        if threat == "adaptive":
+            settings = config["adaptive"]
+            adaptive = f"{settings['method']}, eot {settings['eot_samples']}, gate weight {settings['gate_weight']:g}"
+        records = summarize(batches, list(self.expected()), list(defenses), [a.name for a in attacks], threat, adaptive)
+        return Evaluation(batches, records)
+
+    def craft_into(self, folder: Path, attacks: Sequence[Attack]) -> AdversarialSet:
+        """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is there."""
+        config = {**self.identity(), "attacks": [a.describe() for a in attacks], "threat": "paper",
+                  "precision": {"attack": self.settings.attack_precision}, "seed": self.settings.seed,
+                  **self.batch_composition(attacks), "run": self.run_record()}
+        adversarial = AdversarialSet(folder, self.group.rank)
+
+        def craft_my_share(done: dict[str, set]) -> None:
+            for selection in self.selections:
+                data = selection.data
+                for ids, labels, images in craft_dataset(self.classifier(data), data, attacks, self.settings,
+                                                         done.get(data.name, ()), selection.chosen):
+                    adversarial.append(data.name, ids, labels, images)
+
+        fill(adversarial, config, self.expected(), self.group, craft_my_share)
+        return AdversarialSet.open(folder)
+
+    def adversarial_set(self) -> AdversarialSet:
+        """The stored set a study reads: ``--adversarial``, else the paper protocol's images crafted once into
+        ``out/adversarial`` (and read back, so every study judges the stored images)."""
+        if self.adversarial is None:
+            self.adversarial = self.craft_into(self.config.out / "adversarial", self.attacks)
+            self.attacks = stored_attacks(self.adversarial)
+        return self.adversarial
+
+
+def _select(config: RunConfig, data: EvalDataset) -> Selection:
+    """The images to evaluate: the class-balanced subset, less undecodable files under ``skip_unreadable``.
+
+    Every selected file is decoded once before any compute, so a corrupt image stops the run in
+    seconds, naming the file, rather than hours in with a traceback.
+    """
+    chosen = balanced_subset(data.targets, config.data.limit)
+    unreadable = find_unreadable(data, chosen, progress=config.run.progress)
+    if unreadable and not config.data.skip_unreadable:
+        first = next(iter(unreadable))
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise CounterattackError(
+            f"cannot decode {data.files[first]}: {unreadable[first]}{more}. Replace or remove the file(s), "
+            "or pass --skip-unreadable to leave them out (they are then listed in results.json)."
+        )
+    skipped = [{"dataset": data.name, "id": data.image_ids[i], "file": data.files[i], "error": reason}
+               for i, reason in unreadable.items()]
+    return Selection(data, [i for i in chosen if i not in unreadable], skipped)
+
+
+def _tau_encoder(config: RunConfig, clip: LoadedCLIP, device: torch.device) -> tuple[ImageEncoder | None, str]:
+    """Swap in the vision checkpoint, if any; return TTC's tau encoder (None: the defended one) and its name."""
+    model = config.model
+    base = None
+    if model.vision_checkpoint:
+        base = ImageEncoder.from_clip(clip)
+        base.visual = copy.deepcopy(base.visual)  # the original weights, before the swap
+        load_vision_checkpoint(clip, model.vision_checkpoint)
+    if model.tau_model == "defended" or (model.tau_model is None and base is None):
+        return None, "defended"
+    if model.tau_model is None:
+        return base, f"base ({model.name})"
+    other = load_clip(model.tau_model, model.tau_pretrained, device=device)
+    name = model.tau_model if ":" in model.tau_model else f"{model.tau_model} ({model.tau_pretrained})"
+    return ImageEncoder.from_clip(other), name
+
+
+def check_single_dataset(config: RunConfig, why: str) -> None:
+    if len(config.data.datasets) != 1:
+        raise CounterattackError(f"{config.command} works on one --dataset: {why}.")
+
+
+def single_defense(config: RunConfig) -> str:
+    """The one defense a study (sweep, calibration) judges on one stored set, checked before anything loads."""
+    names = config.defense.names
+    DEFENSES.check_names(names)
+    if len(names) != 1:
+        raise CounterattackError(f"{config.command} studies one defense; got {', '.join(names)}.")
+    if config.attack.threat != "paper":
+        raise CounterattackError(f"{config.command} judges every setting on one stored adversarial set (the paper's "
+                                 "protocol); use `counterattack eval --threat adaptive` for adaptive attacks.")
+    return names[0]
+
+
+def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
+             defenses: Mapping[str, Callable[[Defense], Defense]] | None = None) -> RunContext:
+    """Check, then load: the model, the datasets (downloads on the main process first), the chosen images.
+
+    ``defenses`` maps the name results are recorded under to how each is made from the built defense
+    of ``config.defense.names`` (a sweep's settings of one defense); default: each under its own name.
+    """
+    DEFENSES.check_names(config.defense.names)
+    built = build_defenses(config.defense.names, config.defense.settings)  # bad settings fail here, before loading
+    adversarial = AdversarialSet.open(config.adversarial) if config.adversarial else None
+    if adversarial is not None:
+        attacks = stored_attacks(adversarial)
+        _check_stored_attacks(config, adversarial, attacks)
+    else:
+        attacks = build_attacks(config.attack.names, config.attack.settings, **config.attack.shared)
+    if config.attack.threat == "adaptive":
+        for attack in attacks:
+            check_adaptive(attack, config.attack.adaptive)
+    for template in config.model.templates or ():
+        if template.count("{}") != 1:
+            raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")
+    # Every dataset is found before any work starts, so a missing one fails in seconds, not hours in.
+    check_manual_datasets(config.data.datasets, config.data.root)
+
+    clip = load_clip(config.model.name, config.model.pretrained, device=device)
+    tau_encoder, tau_model = _tau_encoder(config, clip, device)
+    if tau_encoder is not None:
+        built = [replace(d, tau_encoder=tau_encoder) if "tau_encoder" in {f.name for f in fields(d)} else d for d in built]
+    by_name = {d.name: d for d in built}
+    named = {name: make(by_name[config.defense.names[0]]) for name, make in defenses.items()} if defenses else by_name
+
+    def load_all() -> list[EvalDataset]:
+        return [load_dataset(spec, clip, config.data.root, prompts=config.model.prompts, transform=config.data.transform)
+                for spec in config.data.datasets]
+
+    loaded = group.first_on_main(load_all)  # downloads once; the others then read what it fetched
+    selections = group.together(lambda: [_select(config, data) for data in loaded])
+    context = RunContext(config, group, device, clip, tau_encoder, tau_model, selections, attacks, named, adversarial)
+    if adversarial is not None:
+        adversarial.check_identity(context.identity())
+        adversarial.check_complete(context.expected())
+    return context
+
+
+def write_results(out: Path, results: dict, also: str = "") -> None:
+    """results.json, the table on the terminal, and the report, in ``out``."""
+    write_json_atomically(out / "results.json", results)
+    records = results["records"]
+    print(format_table(records))
+    if len({r["dataset"] for r in records}) > 1:
+        print("\n" + paper_tables(records))
+    written = write_report(out)
+    print(f"\nresults: {out / 'results.json'}; report: {written[0]}{also}")
+
+
+def over_seeds(context: RunContext, run: Callable[[RunContext], dict | None],
+               write: Callable[[Path, dict], None]) -> dict | None:
+    """``run(context)`` once, or with ``--seeds`` once per seed (each under ``out/seed-S``, the model and the data
+    loaded once); then the mean and sample standard deviation of every accuracy, written by ``write(out, results)``.
+    The results on the main process, None on the others of a torchrun group."""
+    seeds = context.config.run.seeds
+    if not seeds:
+        return run(context)
+    runs = [run(context.with_seed(seed)) for seed in seeds]
+    if runs[0] is None:
+        return None
+    records = combine_seeds([one["records"] for one in runs], seeds)
+    config = {**runs[0]["config"], "seed": None, "seeds": list(seeds)}
+    results = {"config": config, "records": records, "average": average_records(records), "unreadable": runs[0]["unreadable"]}
+    print(f"\nmean over seeds {', '.join(map(str, seeds))} (± sample standard deviation):")
+    write(context.config.out, results)
+    return results

@@ -1,0 +1,152 @@
+"""Resumable stores: a folder that one or several processes fill piece by piece, guarded by its configuration.
+
+Two stores share this base: results (``results.ResultsStore``: one JSON line per evaluated batch) and
+adversarial sets (``adversarial.AdversarialSet``: one safetensors shard per crafted batch). Both
+hold ``config.json`` (the configuration and its hash: another configuration is refused, naming what
+differs), list the images each finished piece covers, and are complete only when every expected
+image is there exactly once. ``fill`` is the one protocol by which a run adds to a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .distributed import ProcessGroup
+from .errors import CounterattackError
+
+# Settings that do not change any result: left out of the hash, so a resumed run may change them.
+RUN_ONLY_KEYS = ("run",)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    relevant = {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json_atomically(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON to a temporary file, then rename it into place: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def dataset_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What changed in the datasets' identities, in words (file lists are fingerprinted)."""
+    before = {d.get("name"): d for d in old.get("datasets", []) if isinstance(d, dict)}
+    notes = []
+    for dataset in new.get("datasets", []):
+        previous = before.get(dataset["name"])
+        if previous is not None and previous != dataset:
+            notes.append(f"{dataset['name']} changed: {previous.get('images')} images (fingerprint "
+                         f"{previous.get('fingerprint')}) then, {dataset['images']} (fingerprint {dataset['fingerprint']}) now")
+    return ("; " + "; ".join(notes)) if notes else ""
+
+
+def coverage_problems(counts: Counter, expected: Mapping[str, list], doubled: str, foreign: str) -> list[str]:
+    """What keeps ``counts`` (per (dataset, image id)) from holding each expected image exactly once and
+    nothing else, in words: "N images of D {doubled}", "N {foreign}"."""
+    problems = []
+    for dataset, ids in expected.items():
+        missing = sum(1 for image_id in ids if counts[(dataset, image_id)] == 0)
+        repeated = sum(1 for image_id in ids if counts[(dataset, image_id)] > 1)
+        if missing:
+            problems.append(f"{missing} of {len(ids)} images of {dataset} are missing")
+        if repeated:
+            problems.append(f"{repeated} images of {dataset} {doubled}")
+    wanted = {(dataset, image_id) for dataset, ids in expected.items() for image_id in ids}
+    others = sum(1 for key in counts if key not in wanted)
+    if others:
+        problems.append(f"{others} {foreign}")
+    return problems
+
+
+class Store:
+    """A folder of pieces, each covering some images of one dataset, under one configuration.
+
+    Subclasses say what they hold (``what``, words for messages), how a store of theirs is marked in
+    its configuration (``kind``, or None), list their finished pieces (``pieces``) and say how to
+    finish an incomplete store (``unfinished``).
+    """
+
+    what: ClassVar[str] = "results"
+    kind: ClassVar[str | None] = None
+    doubled: ClassVar[str] = "appear more than once"
+    foreign: ClassVar[str] = "results are of images this run does not evaluate"
+
+    def __init__(self, folder: Path, rank: int = 0):
+        self.folder = Path(folder)
+        self.rank = rank
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.json"
+
+    def check_config(self, config: Mapping[str, Any], write: bool) -> None:
+        """Refuse to mix two configurations in one folder: the stored hash must be this configuration's,
+        else the differing settings are named; the configuration is written when absent and ``write``."""
+        config = {"kind": self.kind, **config} if self.kind else dict(config)
+        digest = config_hash(config)
+        if self.config_path.is_file():
+            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
+            if stored.get("hash") != digest:
+                old = stored.get("config", {})
+                changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
+                raise CounterattackError(
+                    f"{self.folder} holds {self.what} of another configuration (hash {stored.get('hash')}, this one "
+                    f"{digest}; differing: {', '.join(changed) or 'unknown'}{dataset_changes(old, config)}). "
+                    "Use another --out, or delete the folder to start over."
+                )
+        elif write:
+            write_json_atomically(self.config_path, {"hash": digest, "config": config})
+
+    def pieces(self) -> Iterable[tuple[str, list]]:
+        """``(dataset, image ids)`` of every finished piece, in a fixed order."""
+        raise NotImplementedError
+
+    def done(self) -> dict[str, set]:
+        """Image ids already stored, per dataset (every process's): what a resumed run skips."""
+        done: dict[str, set] = {}
+        for dataset, ids in self.pieces():
+            done.setdefault(dataset, set()).update(ids)
+        return done
+
+    def unfinished(self, problems: list[str]) -> str:
+        """The message for a store that is not exactly the expected images: what is wrong and how to finish it."""
+        raise NotImplementedError
+
+    def check_complete(self, expected: Mapping[str, list], pieces: Iterable[tuple[str, list]] | None = None) -> None:
+        """Refuse a store that does not hold every expected image (per dataset) exactly once, and nothing else
+        (``pieces``: the store's, if already read)."""
+        pieces = self.pieces() if pieces is None else pieces
+        counts = Counter((dataset, image_id) for dataset, ids in pieces for image_id in ids)
+        problems = coverage_problems(counts, expected, self.doubled, self.foreign)
+        if problems:
+            raise CounterattackError(self.unfinished(problems))
+
+    def complete(self, expected: Mapping[str, list]) -> Any:
+        """What a finished run reads back: nothing here, once the store is known to be complete."""
+        self.check_complete(expected)
+
+
+def fill(store: Store, config: Mapping[str, Any], expected: Mapping[str, list], group: ProcessGroup,
+         produce: Callable[[dict[str, set]], None]) -> Any:
+    """The one way a run adds to a store, on one process or under torchrun.
+
+    The configuration is checked (and written, if new) on the main process first; every process then
+    reads what is done, and none adds to the store before all have read it; each produces its share
+    (``produce(done)``); the main process checks that the store is complete and returns what
+    ``store.complete`` reads back (None on the other processes). A failure anywhere ends every process
+    with its message, at the next of these steps.
+    """
+    group.first_on_main(lambda: store.check_config(config, write=group.is_main))
+    done = store.done()
+    group.barrier()
+    group.together(lambda: produce(done))
+    return group.together(lambda: store.complete(expected) if group.is_main else None)
