@@ -42,8 +42,10 @@ def gate_evasion(view: AttackView) -> torch.Tensor:
     """Per image, a term that grows as the score moves to the unflagged side of the gate, with a margin
     (``GATE_MARGIN``) beyond which it stops: the defense draws its own noise at test time."""
     if view.gate.flags_above:
-        return -view.score.clamp(min=view.threshold / GATE_MARGIN)
-    return view.score.clamp(max=GATE_MARGIN * view.threshold)
+        term = -view.score.clamp(min=view.threshold / GATE_MARGIN)
+    else:
+        term = view.score.clamp(max=GATE_MARGIN * view.threshold)
+    return term.flatten(1).sum(dim=1) if term.ndim > 1 else term  # a gate per view (MAC): every view's
 
 
 # What an attack needs to be run through a defense: its budget, its steps and the loss it ascends.

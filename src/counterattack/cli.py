@@ -68,6 +68,9 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     model.add_argument("--pretrained", help=helped("pretrained tag or weights file (built-in names only)", "model.pretrained"))
     model.add_argument("--vision-checkpoint", type=Path,
                        help="fine-tuned vision weights (e.g. TeCoA, PMG-AFT, FARE) swapped into --model's vision tower")
+    model.add_argument("--backbone", metavar="NAME",
+                       help="what published tables call --vision-checkpoint's weights (tecoa, fare, pmg; -eps1/-eps4 where "
+                       "a source tells them apart), recorded so that `report --compare published` can match the run")
     model.add_argument("--tau-model", help="encoder for TTC's tau: 'defended', or a model like --model "
                        "(default: the base model when --vision-checkpoint is given, else the defended one)")
     model.add_argument("--tau-pretrained", help=helped("pretrained tag for --tau-model", "model.tau_pretrained"))
@@ -99,6 +102,10 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     attack.add_argument("--threat", choices=("paper", "adaptive"),
                         help=helped("paper: crafted against the undefended model; adaptive: through each defense",
                                     "attack.threat"))
+    attack.add_argument("--quantize-adversarial", action="store_true", default=None,
+                        help="round adversarial images to 8 bits (k/255) before any defense sees them, as CSR's and "
+                        "R-TPT's published robust numbers did (their images went through PNG or PIL); TTC's, DOC's and "
+                        "MAC's did not")
     add_registered_options(command, "adaptive")
     add_registered_options(command, "attack")
     if defenses:
@@ -182,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{','.join(f'{b * 255:g}' for b in default('stability', 'study.noise'))})")
     stability.add_argument("--adversarial", type=Path, metavar="ADV", help="a set from `counterattack attack` (default: attack)")
     stability.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
+    reproduce = _running(commands, "reproduce", "run a published table (a preset of eval) and compare it with the "
+                         "published numbers", "Runs one published table through eval's own code (resumable, torchrun) and "
+                         "writes comparison.md/.csv/.json/.png beside the results: ours against the published numbers, "
+                         "with our 95% intervals. The preset fixes the table's datasets, defenses, attacks and prompts: "
+                         "flags that would change them are refused. --list shows every preset with an estimated cost.")
+    reproduce.add_argument("preset", nargs="?", metavar="NAME", help="a preset of `counterattack reproduce --list`")
+    reproduce.add_argument("--list", action="store_true", help="list the presets with their images, encoder passes and "
+                           "an estimated time on this machine (a short warm-up of the real pipeline)")
+    reproduce.add_argument("--skip-missing", action="store_true", default=None,
+                           help="run the preset's datasets that are under --data-root, skip the others")
+    reproduce.add_argument("--out", type=Path, help="folder for the results (default: runs/NAME)")
+    for backbone in ("tecoa", "fare"):
+        reproduce.add_argument(f"--{backbone}-checkpoint", type=Path, metavar="FILE",
+                               help=f"the {backbone} ViT-B/32 vision weights, for presets on fine-tuned backbones")
     sanity = _running(commands, "sanity", "check an evaluation for gradient masking",
                       "Robust accuracy against eps and against attack steps, and AutoAttack's checks, for one model, "
                       "dataset, attack and defense. Exits with 1 when a check fails.")
@@ -203,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a reproduce preset fixes: the table's datasets, attacks, defenses and prompts (flags and registered options).
+PRESET_FIXED = ("dataset", "attack", "eps", "attack_steps", "attack_step_size", "threat", "defense", "prompts", "templates",
+                "transform", "vision_checkpoint", "backbone", "tau_model", "tau_pretrained")
+
+
+def _refuse_fixed_flags(args: argparse.Namespace) -> None:
+    fixed = [f"--{name.replace('_', '-')}" for name in PRESET_FIXED if getattr(args, name, None) is not None]
+    fixed += [flag(name, setting.name) for kind, registry in REGISTRIES.items() for name, cls in registry.items()
+              for setting in options_of(cls) if getattr(args, f"{kind}:{name}:{setting.name}", None) is not None]
+    if fixed and args.preset:
+        raise CounterattackError(f"{args.preset} fixes what its table measured; {', '.join(fixed)} cannot change it "
+                                 "(run `counterattack eval` with those flags instead).")
+    if args.preset and args.list:
+        raise CounterattackError("give a preset NAME to run, or --list to see them all, not both.")
+    if not args.preset and not args.list:
+        raise CounterattackError("name a preset to run (see `counterattack reproduce --list`).")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from the parsed flags: what was given, in the library's units; the rest defaults."""
     def pixels(value: float | None) -> float | None:
@@ -210,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     given: dict[str, Any] = {
         "model.name": args.model, "model.pretrained": args.pretrained, "model.vision_checkpoint": args.vision_checkpoint,
+        "model.backbone": args.backbone,
         "model.tau_model": args.tau_model, "model.tau_pretrained": args.tau_pretrained, "model.prompts": args.prompts,
         "model.templates": tuple(args.templates) if args.templates else None,
         "data.root": args.data_root, "data.limit": args.limit, "data.transform": args.transform,
@@ -217,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "attack.names": tuple(args.attack) if args.attack else None, "attack.given": args.attack is not None,
         "attack.eps": pixels(args.eps), "attack.steps": args.attack_steps, "attack.step_size": pixels(args.attack_step_size),
         "attack.threat": args.threat, "attack.precision": args.attack_precision,
+        "attack.quantize": args.quantize_adversarial,
         "attack.adaptive": registered_settings(args, "adaptive", "adaptive"),
         "attack.settings": {name: registered_settings(args, "attack", name) for name in REGISTRIES["attack"]},
         "run.precision": args.precision, "run.batch_size": args.batch_size, "run.seed": args.seed,
@@ -233,6 +274,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         given["defense.names"] = tuple(args.defense) if args.defense is not None else None
         given["defense.precision"] = args.defense_precision
         given["defense.settings"] = {name: registered_settings(args, "defense", name) for name in REGISTRIES["defense"]}
+    if args.command == "reproduce":
+        _refuse_fixed_flags(args)
+        given.update({"study.preset": args.preset, "study.skip_missing": args.skip_missing,
+                      "study.checkpoints": {b: getattr(args, f"{b}_checkpoint") for b in ("tecoa", "fare")
+                                            if getattr(args, f"{b}_checkpoint") is not None}})
+        if args.out is None and args.preset:
+            args.out = Path("runs") / args.preset
     given["attack.settings"] = {k: v for k, v in given["attack.settings"].items() if v}
     if "defense.settings" in given:
         given["defense.settings"] = {k: v for k, v in given["defense.settings"].items() if v}
@@ -263,7 +311,8 @@ def list_registered(args: argparse.Namespace, kind: str) -> None:
     registry = REGISTRIES[kind]
     listing = {
         name: {"summary": registry.summary(name),
-               "options": {flag(name, f.name): cli_value(f.default, f.metadata) for f in options_of(cls)}}
+               "options": {flag(name, f.name): cli_value(f.default, f.metadata) for f in options_of(cls)},
+               **({"paper_precision": cls.paper_precision} if kind == "defense" else {})}
         for name, cls in registry.items()
     }
     if args.json:
@@ -271,6 +320,8 @@ def list_registered(args: argparse.Namespace, kind: str) -> None:
         return
     for name, entry in listing.items():
         print(f"{name}: {entry['summary']}")
+        if "paper_precision" in entry:
+            print(f"    (--precision paper: {entry['paper_precision']}, as its authors' code)")
         for flag_name, value in entry["options"].items():
             print(f"    {flag_name} {value}")
     print(f"\nBudgets and step sizes are in 1/255. Use --{kind} NAME,NAME,... with eval.")

@@ -27,11 +27,16 @@ def _frozen(settings: Mapping[str, Mapping[str, Any]] | None = None) -> Settings
     return MappingProxyType({name: MappingProxyType(dict(values)) for name, values in (settings or {}).items()})
 
 
+def _proxy(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(values))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = DEFAULT_MODEL  # an open_clip name, local-dir:PATH, hf-hub:ORG/NAME or transformers:ORG/NAME|PATH
     pretrained: str = DEFAULT_PRETRAINED  # built-in names only
     vision_checkpoint: Path | None = None  # fine-tuned vision weights swapped into the vision tower
+    backbone: str | None = None  # the name published tables give those weights (tecoa, fare, pmg-eps4, ...)
     tau_model: str | None = None  # "defended", another model, or None: the base model when a checkpoint is given
     tau_pretrained: str = DEFAULT_PRETRAINED
     prompts: str = "paper"  # class names and templates of the benchmark datasets
@@ -63,6 +68,7 @@ class AttackConfig:
     threat: str = "paper"  # paper: crafted against the undefended model; adaptive: through each defense
     adaptive: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # AdaptiveAttack's options
     precision: str | None = None  # None: RunOptions.precision
+    quantize: bool = False  # round adversarial images to 8 bits before any defense sees them (CSR's, R-TPT's papers)
 
     @property
     def shared(self) -> dict[str, Any]:
@@ -93,6 +99,9 @@ class StudyConfig:
     grid: tuple[str, ...] = ()  # sweep: OPTION=V1,V2,... per axis
     target_fpr: float = 0.05  # calibrate: fraction of clean images the chosen threshold flags
     noise: tuple[float, ...] = (1 / 255, 4 / 255, 8 / 255, 16 / 255)  # stability: uniform noise budgets
+    preset: str | None = None  # reproduce: a published table (None: list the presets)
+    skip_missing: bool = False  # reproduce: run the datasets under the data root, skip the others
+    checkpoints: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))  # reproduce: per backbone
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "sweep": {"defense.names": ("ttc",)},
     "calibrate": {"defense.names": ("ttc",)},
     "stability": {"defense.names": ()},
+    "reproduce": {"defense.names": ()},
 }
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "attack": AttackConfig, "defense": DefenseConfig,
@@ -145,6 +155,6 @@ def build_config(command: str, given: Mapping[str, Any], **top: Any) -> RunConfi
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for key, value in {**COMMAND_DEFAULTS.get(command, {}), **{k: v for k, v in given.items() if v is not None}}.items():
         section, name = key.split(".")
-        frozen = {"settings": _frozen, "adaptive": lambda given: MappingProxyType(dict(given))}.get(name)
+        frozen = {"settings": _frozen, "adaptive": _proxy, "checkpoints": _proxy}.get(name)
         sections[section][name] = frozen(value) if frozen else value
     return RunConfig(command, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **top)

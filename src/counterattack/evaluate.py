@@ -22,7 +22,7 @@ from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
 from .errors import CounterattackError
-from .precision import precision_context
+from .precision import defense_precision, precision_context
 from .randomness import ImageRandomness, key_words
 
 
@@ -38,6 +38,14 @@ class RunSettings:
     world_size: int = 1
     attack_precision: str = "fp32"  # see precision.py: the policy of the attacks' and the defenses' passes
     defense_precision: str = "fp32"
+    quantize_adversarial: bool = False  # round adversarial images to 8 bits before any defense sees them
+
+
+def to_8_bits(images: torch.Tensor) -> torch.Tensor:
+    """Images on the 8-bit grid k/255, as a PNG file or a PIL image holds them (CSR's and R-TPT's published robust
+    numbers defended images saved so). Where the clean image's pixels lie on the grid and the budget is a multiple of
+    1/255, the result stays within the budget; elsewhere it may pass it by up to half a level."""
+    return torch.round(images * 255) / 255
 
 
 class _Stopwatch:
@@ -69,9 +77,16 @@ def _per_image(output: DefenseOutput) -> dict:
     }
 
 
+def _flat(values: list) -> list:
+    """Per-image values, each a number or (a gate per view, MAC) a list of them, as one flat list."""
+    return [v for item in values for v in (item if isinstance(item, list) else [item])]
+
+
 def gate_scores(per_image: dict) -> list[float] | None:
-    """A part's per-image gate scores (None for an ungated defense); runs before 0.2 recorded them as ``tau``."""
-    return per_image["score"] if "score" in per_image else per_image.get("tau")
+    """A part's gate scores, one per image, or per view where a defense gates each view (None for an ungated
+    defense); runs before 0.2 recorded them as ``tau``."""
+    scores = per_image["score"] if "score" in per_image else per_image.get("tau")
+    return None if scores is None else _flat(scores)
 
 
 def upgraded(record: dict) -> dict:
@@ -144,9 +159,13 @@ def craft_dataset(
     so an evaluation of the stored images equals a direct one."""
     for batch in _batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}"):
         with precision_context(settings.device, settings.attack_precision):
-            crafted = {attack.name: attack(classifier, batch.images, batch.labels, batch.streams("attack")).float()
-                       for attack in attacks}
+            crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, batch.labels, batch.streams("attack")),
+                                                     settings) for attack in attacks}
         yield batch.ids, batch.labels, crafted
+
+
+def _as_defenses_see(adversarial: torch.Tensor, settings: RunSettings) -> torch.Tensor:
+    return to_8_bits(adversarial.float()) if settings.quantize_adversarial else adversarial.float()
 
 
 def evaluate_dataset(
@@ -180,18 +199,19 @@ def evaluate_dataset(
             if adversarial.labels(data.name, ids) != record["labels"]:
                 raise CounterattackError(f"{adversarial.folder} stores other labels for images of {data.name} than the "
                                          "dataset has now: the set was made from other files.")
-            stored = {attack.name: (adversarial.images(data.name, ids, attack.name, settings.device), 0.0) for attack in attacks}
+            stored = {attack.name: (_as_defenses_see(adversarial.images(data.name, ids, attack.name, settings.device),
+                                                     settings), 0.0) for attack in attacks}
         for name, defense in named.items():
             adversarial_sets = dict(stored or {})
             for attack in attacks if stored is None else ():
                 attack_of_defense = attack_for(attack, defense)
                 if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
                     with _Stopwatch(settings.device) as attack_time, precision_context(settings.device, settings.attack_precision):
-                        adv_images = attack_of_defense(classifier, images, labels, batch.streams("attack")).float()
-                    crafted[id(attack_of_defense)] = (adv_images, attack_time.seconds)
+                        adv_images = attack_of_defense(classifier, images, labels, batch.streams("attack"))
+                    crafted[id(attack_of_defense)] = (_as_defenses_see(adv_images, settings), attack_time.seconds)
                 adversarial_sets[attack.name] = crafted[id(attack_of_defense)]
             with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes,
-                  precision_context(settings.device, settings.defense_precision)):
+                  precision_context(settings.device, defense_precision(settings.defense_precision, defense))):
                 # Every defense draws the same noise for an image, so their results pair up.
                 clean = defense(classifier, images, batch.streams("defense-clean"))
                 adv = {attack: defense(classifier, adversarial_images, batch.streams("defense-adv"))
@@ -224,11 +244,12 @@ def summarize(
     for batch in batches:
         labels = batch["labels"]
         for name, result in batch["defenses"].items():
+            # The gate, per input kind ("clean" and each attack): its scores' sum, how many images (or views) it
+            # flagged, and how many scores there were.
             s = sums.setdefault((batch["dataset"], name), {
-                "n": 0, "correct_clean": 0, "score_clean": 0.0, "ca_clean": 0, "gate_score": None,
-                "correct_adv": dict.fromkeys(attack_names, 0), "score_adv": dict.fromkeys(attacks, 0.0),
-                "ca_adv": dict.fromkeys(attacks, 0), "forwards": 0, "backwards": 0, "defended": 0,
-                "seconds": 0.0, "peak": None})
+                "n": 0, "correct_clean": 0, "gate_score": None, "correct_adv": dict.fromkeys(attack_names, 0),
+                "gate": {kind: [0.0, 0, 0] for kind in ("clean", *attacks)}, "forwards": 0, "backwards": 0,
+                "defended": 0, "seconds": 0.0, "peak": None})
             s["n"] += len(labels)
             s["correct_clean"] += sum(p == y for p, y in zip(result["clean"]["pred"], labels))
             robust_to_all = [True] * len(labels)
@@ -237,15 +258,16 @@ def summarize(
                 correct = [p == y for p, y in zip(adv["pred"], labels)]
                 s["correct_adv"][attack] += sum(correct)
                 robust_to_all = [a and b for a, b in zip(robust_to_all, correct)]
-                if gate_scores(adv) is not None:
-                    s["score_adv"][attack] += sum(gate_scores(adv))
-                    s["ca_adv"][attack] += sum(adv["counterattacked"])
             if WORST_CASE in s["correct_adv"]:
                 s["correct_adv"][WORST_CASE] += sum(robust_to_all)
-            if gate_scores(result["clean"]) is not None:
-                s["gate_score"] = result.get("gate_score", "tau")
-                s["score_clean"] += sum(gate_scores(result["clean"]))
-                s["ca_clean"] += sum(result["clean"]["counterattacked"])
+            for kind, per_image in (("clean", result["clean"]), *result["adv"].items()):
+                scores = gate_scores(per_image)
+                if scores is not None:
+                    s["gate_score"] = result.get("gate_score", "tau")
+                    gate = s["gate"][kind]
+                    gate[0] += sum(scores)
+                    gate[1] += sum(_flat(per_image["counterattacked"]))
+                    gate[2] += len(scores)
             s["forwards"] += result["forwards"]
             s["backwards"] += result["backwards"]
             s["defended"] += result["defended_images"]
@@ -261,8 +283,11 @@ def summarize(
                     continue
                 n = s["n"]
 
-                def mean(total: float) -> float | None:
-                    return total / n if s["gate_score"] and attack != WORST_CASE else None
+                def mean(kind: str, what: int) -> float | None:
+                    """The mean score (0) or flagged fraction (1) of a gate, over its images (or views)."""
+                    if not s["gate_score"] or kind == WORST_CASE:
+                        return None
+                    return s["gate"][kind][what] / s["gate"][kind][2]
 
                 records.append({
                     "dataset": dataset,
@@ -276,10 +301,10 @@ def summarize(
                     "clean_ci95": wilson_interval(s["correct_clean"], n),
                     "robust_ci95": wilson_interval(s["correct_adv"][attack], n),
                     "gate_score": s["gate_score"],  # what the gate's score is: TTC's tau, MAC's corruption degree, ...
-                    "mean_score_clean": mean(s["score_clean"]),
-                    "mean_score_adv": mean(s["score_adv"].get(attack, 0.0)),
-                    "counterattacked_clean": mean(s["ca_clean"]),
-                    "counterattacked_adv": mean(s["ca_adv"].get(attack, 0)),
+                    "mean_score_clean": mean("clean", 0) if attack != WORST_CASE else None,
+                    "mean_score_adv": mean(attack, 0),
+                    "counterattacked_clean": mean("clean", 1) if attack != WORST_CASE else None,
+                    "counterattacked_adv": mean(attack, 1),
                     # The cost of the defense itself, over its clean and adversarial inputs.
                     "forwards_per_image": s["forwards"] / s["defended"],
                     "backwards_per_image": s["backwards"] / s["defended"],

@@ -2,8 +2,9 @@
 
 ``fp32`` (the default) computes everything in float32; ``tf32`` lets CUDA matrix products use
 TensorFloat-32 (no effect on a CPU); ``bf16`` and ``fp16`` run the image encoder under
-``torch.autocast``; ``paper`` reproduces the TTC authors' code, which ran attacks and defenses
-under fp16 autocast on CUDA (here on any device). Whatever the policy, three things stay exact:
+``torch.autocast``; ``paper`` follows each method's authors' code (here on any device): the attacks
+and TTC, MAC, DOC (its runner) and the TTC code's baselines under fp16 autocast, CSR and R-TPT in
+float32 (each defense's ``paper_precision``). Whatever the policy, three things stay exact:
 
 - every gate score (TTC's tau and its successors' scores) comes from embeddings computed in float32
   (``full_precision``): a gate compares two nearby embeddings, and half precision moves tau by up
@@ -53,6 +54,11 @@ def precision_context(device: torch.device, precision: str) -> Iterator[None]:
     else:
         with torch.autocast(device_type=device.type, dtype=dtype):
             yield
+
+
+def defense_precision(policy: str, defense: object) -> str:
+    """A defense's precision under ``policy``: ``paper`` is each defense's authors' own (its ``paper_precision``)."""
+    return getattr(defense, "paper_precision", "paper") if policy == "paper" else policy
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:

@@ -137,9 +137,9 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
                  f"deviation (the spread due to {draws}); its 95% interval is the image sample's")
     worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
         r["attack"] == "worst-case" for r in records) else ""
-    stored = ""
+    stored = " Adversarial images rounded to 8 bits before the defenses." if config.get("quantize_adversarial") else ""
     if config.get("adversarial"):
-        stored = (f" Adversarial images read from a stored set (hash {config['adversarial']['hash']}, crafted with seed "
+        stored += (f" Adversarial images read from a stored set (hash {config['adversarial']['hash']}, crafted with seed "
                   f"{config['adversarial']['seed']}).")
     return (f"Attacks ({config.get('threat', 'paper')} threat): {attacks}.{worst}{stored}\n\n"
             f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")

@@ -11,7 +11,7 @@ import torch
 from ..calibration import flagged_fraction, roc_auc, threshold_at_fpr
 from ..config import RunConfig
 from ..data import short_name
-from ..defenses import DEFENSES, Defense, Gate
+from ..defenses import DEFENSES, Defense, Gate, build_defense
 from ..distributed import ProcessGroup
 from ..evaluate import gate_scores
 from ..errors import CounterattackError
@@ -42,9 +42,9 @@ def _entry(evaluation: Evaluation, attack: str, threshold: float, gate: Gate) ->
 
 def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | None:
     name = single_defense(config)
-    gate: Gate | None = DEFENSES[name].gate
+    gate: Gate | None = build_defense(name, **config.defense.settings.get(name, {})).gate  # a gate may follow a setting
     if gate is None:
-        gated = [n for n, cls in DEFENSES.items() if cls.gate is not None]
+        gated = [n for n, cls in DEFENSES.items() if cls().gate is not None]
         raise CounterattackError(f"{name} has no gate to calibrate; defenses with one: {', '.join(sorted(gated))}.")
     check_single_dataset(config, "a threshold is chosen per backbone and dataset")
     context = open_run(config, group, device)

@@ -114,7 +114,8 @@ class RunContext:
 
             workers = min(8 if device.type == "cuda" else 4, os.cpu_count() or 1)
         self.settings = RunSettings(run.seed, config.data.limit, run.batch_size, workers, device, run.progress,
-                                    group.rank, group.world_size, config.precisions["attack"], config.precisions["defense"])
+                                    group.rank, group.world_size, config.precisions["attack"], config.precisions["defense"],
+                                    config.attack.quantize)
 
     def with_seed(self, seed: int) -> RunContext:
         """The same loaded run under another seed (``--seeds``), writing under ``out/seed-S``."""
@@ -137,6 +138,7 @@ class RunContext:
             "model": model.name,
             "pretrained": model.pretrained_tag,
             "vision_checkpoint": str(model.vision_checkpoint) if model.vision_checkpoint else None,
+            **({"backbone": model.backbone} if model.backbone else {}),
             "prompts": model.prompts,
             "templates": list(model.templates) if model.templates else None,  # None: each dataset's own
             "transform": data.transform,
@@ -179,16 +181,26 @@ class RunContext:
         if config.attack.threat == "adaptive":
             adaptive = {f.name: getattr(AdaptiveAttack(None, attacks[0], **config.attack.adaptive), f.name)
                         for f in options_of(AdaptiveAttack)}
+        def described_defenses(dataset: str | None) -> list[dict]:
+            resolved = {name: d if dataset is None else d.for_dataset(dataset) for name, d in defenses.items()}
+            return [{**d.describe(), "name": name} if name != d.name else d.describe() for name, d in resolved.items()]
+
+        # Settings a defense resolves per dataset (R-TPT's augmentation), where they differ from the run's.
+        per_dataset = {s.data.name: described_defenses(s.data.name) for s in self.selections}
+        per_dataset = {name: settings for name, settings in per_dataset.items() if settings != described_defenses(None)}
         described = {
             **self.identity(),
             "tau_model": self.tau_model,
             "attacks": [attack.describe() for attack in attacks],
             "threat": config.attack.threat,
             "adaptive": adaptive,
-            "defenses": [{**d.describe(), "name": name} if name != d.name else d.describe() for name, d in defenses.items()],
+            "defenses": described_defenses(None),
+            **({"defenses_per_dataset": per_dataset} if per_dataset else {}),
             "units": "eps and step sizes in [0, 1] pixel units",
             "precision": dict(config.precisions),
             "seed": config.run.seed,
+            **({"preset": config.study.preset} if config.study.preset else {}),
+            **({"quantize_adversarial": "8 bits"} if config.attack.quantize else {}),
             "run": self.run_record(),
         }
         if self.adversarial is None:
@@ -206,12 +218,13 @@ class RunContext:
         there; on the main process, its per-batch results and summary records (None on the others)."""
         store = ResultsStore(out, self.group.rank)
         threat = self.config.attack.threat
-        attack_for = {(a.name, id(d)): self.attack_for(a, d) for a in attacks for d in defenses.values()}
 
         def evaluate_my_share(done: dict[str, set]) -> None:
             for selection in self.selections:
                 data = selection.data
-                for batch in evaluate_dataset(self.classifier(data), data, attacks, defenses, self.settings,
+                on_data = {name: defense.for_dataset(data.name) for name, defense in defenses.items()}
+                attack_for = {(a.name, id(d)): self.attack_for(a, d) for a in attacks for d in on_data.values()}
+                for batch in evaluate_dataset(self.classifier(data), data, attacks, on_data, self.settings,
                                               done.get(data.name, ()), lambda a, d: attack_for[(a.name, id(d))],
                                               selection.chosen, self.adversarial):
                     store.append(batch)
@@ -230,6 +243,7 @@ class RunContext:
         """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is there."""
         config = {**self.identity(), "attacks": [a.describe() for a in attacks], "threat": "paper",
                   "precision": {"attack": self.settings.attack_precision}, "seed": self.settings.seed,
+                  **({"quantize_adversarial": "8 bits"} if self.config.attack.quantize else {}),
                   **self.batch_composition(attacks), "run": self.run_record()}
         adversarial = AdversarialSet(folder, self.group.rank)
 

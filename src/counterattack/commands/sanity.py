@@ -28,6 +28,7 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> bool:
     import_pyautoattack()  # its checks are part of the report
     context = open_run(config, group, device)
     (attack,), (defense,), (selection,) = context.attacks, context.defenses.values(), context.selections
+    defense = defense.for_dataset(selection.data.name)
     own = {f.name for f in fields(attack)}
     if not set(SWEPT) <= own:
         raise CounterattackError(f"sanity sweeps an attack's eps and steps; {attack.name} has no "

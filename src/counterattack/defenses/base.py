@@ -78,12 +78,23 @@ def through_defense(images: torch.Tensor, delta: torch.Tensor, method: str) -> t
     return images + (delta.detach() if method == "bpda" else delta)
 
 
+# The input side the successors' pixel-unit settings were chosen at (CSR's radius, MAC's blur, R-TPT's crops):
+# on another side they scale with side / REFERENCE_SIDE.
+REFERENCE_SIDE = 224
+
 # TTC's budget (Xing et al. 2025), which the paper also gives the baseline defenses: 4/255, 2 steps of 1/255.
 TTC_EPS = 4 / 255
 TTC_STEPS = 2
 TTC_STEP_SIZE = 1 / 255
 
-DEFENSES = Registry("defense", required=("__call__", "attack_view", "describe"), defaults={"gate": None})
+def _the_same_on_every_dataset(defense: Defense, dataset: str) -> Defense:
+    return defense
+
+
+# --precision paper: the precision a defense's authors' code ran it in (the TTC code's fp16 autocast, unless a
+# defense says otherwise).
+DEFENSES = Registry("defense", required=("__call__", "attack_view", "describe"),
+                    defaults={"gate": None, "for_dataset": _the_same_on_every_dataset, "paper_precision": "fp16"})
 register_defense = DEFENSES.register  # @register_defense on a frozen dataclass: its options become --NAME-FIELD flags
 
 
@@ -100,6 +111,7 @@ def softmax_weights(beta: float, count: int) -> torch.Tensor:
 class Defense(Protocol):
     name: ClassVar[str]
     gate: ClassVar[Gate | None]  # None: the defense treats every image alike
+    paper_precision: ClassVar[str]  # --precision paper: as its authors' code ran it (fp16 or fp32)
 
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput: ...
 
@@ -111,9 +123,13 @@ class Defense(Protocol):
 
     def describe(self) -> dict: ...
 
+    def for_dataset(self, dataset: str) -> Defense:
+        """The defense as it runs on ``dataset`` (a setting the authors choose per dataset); itself by default."""
+        ...
+
 
 __all__ = [
-    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "AttackView", "Defense", "Gate",
+    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "REFERENCE_SIDE", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "AttackView", "Defense", "Gate",
     "DefenseOutput", "check_options", "describe_options", "option", "options_of", "register_defense", "runtime",
     "softmax_weights", "through_defense", "weighted_mix",
 ]

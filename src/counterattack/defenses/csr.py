@@ -54,10 +54,10 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense, through_defense,
+    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense,
+    through_defense,
 )
 
-REFERENCE_SIDE = 224  # the input side at which CSR's radius (and threshold) were set
 FILTERS = ("gaussian", "butterworth", "ideal")
 
 
@@ -123,6 +123,7 @@ class CSR:
         output.score, output.counterattacked  # C(x) and C(x) < 0.85
     """
 
+    paper_precision: ClassVar[str] = "fp32"  # its authors' code runs in float32
     gate: ClassVar[Gate] = Gate("spectral consistency")  # cos(f(x), f(LPF x)): a low one flags the image
     lpf_radius: float = option(40.0, "low-pass radius in DFT bins of a 224-px input; scaled to the model's input side")
     filter_type: str = option("gaussian", "low-pass mask", choices=FILTERS)

@@ -29,12 +29,21 @@ batching). They equal torchvision's functional ops for the same parameters (the 
 down to two of its details: translations are rounded to whole pixels, and the bilinear fill
 multiplies by the interpolated coverage mask, so border pixels fade towards 0.
 
-Defaults (``mac_test.sh``): eps 8/255, 4 steps of 2/255 (the code's eps/4), 2 views,
+The augmentations' pixel units (the blur's kernel and sigma, the whole pixels translations round
+to) are those of a 224-px input, the code's; on an input of another side they scale with side/224,
+as CSR's low-pass radius does: on a 32-px image the blur's sigma is 0.07-0.17 px (a 3-px kernel)
+and translations round to 1/7 px, so a view is as mild a corruption as on the authors' inputs. At
+224 px nothing changes.
+
+Defaults (``mac_test.sh``): eps 8/255, 4 steps of eps/4 = 2/255 (the code ties the step to eps), 2 views,
 tau_thres 0.7, tau_temp 0.01. tau_thres was calibrated on OpenAI ViT-B/32 under fp16 autocast and
 is backbone-specific (the spec marks it so): recalibrate it on the distribution of d for clean and
 adversarial images before trusting the gate on another encoder. ``tau_temp = 0`` makes the gate
 hard (``w = 1`` where ``d > tau_thres``), the paper's ablation. The spec marks one reading
-uncertain, the second augmentation of an already augmented view; this follows the code.
+uncertain, the second augmentation of an already augmented view; this follows the code. The gate
+weighs every view by its own d, so the score MAC reports, gate evasion pushes and ``calibrate``
+thresholds is every view's d (a calibrated threshold flags a fraction of *views*). With ``steps = 0``
+a view gets delta0 itself, as the code returns it, not w * delta0.
 
 Cost per image, as counted by ``count_encoder_passes`` at the defaults: per view f(v) and
 f(T'(v)), ``steps`` forward/backward pairs and one classification forward, i.e.
@@ -57,7 +66,8 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense, through_defense,
+    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense,
+    through_defense,
 )
 
 # Columns of one augmentation draw: every per-image parameter comes from a single uniform draw.
@@ -106,10 +116,10 @@ class MAC:
         predictions = output.logits.argmax(-1)  # output.score: corruption degree of each image itself
     """
 
-    gate: ClassVar[Gate] = Gate("corruption degree", flags_above=True)  # a large d flags the image (TTC's tau: a small one)
+    gate: ClassVar[Gate] = Gate("corruption degree", flags_above=True)  # a large d flags a view (TTC's tau: a small one)
     eps: float = option(8 / 255, "counterattack budget (and delta0's range)", unit=PIXEL_UNIT)
     steps: int = option(4, "counterattack steps")
-    step_size: float = option(2 / 255, "size of each step (the code's eps / 4)", unit=PIXEL_UNIT)
+    step_size: float | None = option(None, "size of each step (default: eps / 4, as the code ties it)", unit=PIXEL_UNIT)
     views: int = option(2, "views per image: the image and views-1 augmentations of it", low=1)
     tau_thres: float = option(0.7, "corruption degree where the weight is 1/2 (calibrated for ViT-B/32)")
     tau_temp: float = option(0.01, "temperature of the sigmoid weight (0: hard gate)")
@@ -123,9 +133,10 @@ class MAC:
     saturation: float = option(0.08, "colour jitter: saturation factor within 1 +- this", high=1)
     hue: float = option(0.02, "colour jitter: hue shift within +- this (turns)", high=0.5)
     blur_p: float = option(0.5, "augmentation: probability of the Gaussian blur", high=1)
-    blur_kernel: int = option(5, "Gaussian blur: kernel side (odd)", low=1)
-    blur_sigma_low: float = option(0.5, "Gaussian blur: smallest sigma, pixels", low=0.01)
-    blur_sigma_high: float = option(1.2, "Gaussian blur: largest sigma, pixels", low=0.01)
+    blur_kernel: int = option(5, "Gaussian blur: kernel side (odd), in pixels of a 224-px input (scaled with side/224)",
+                              low=1)
+    blur_sigma_low: float = option(0.5, "Gaussian blur: smallest sigma, pixels of a 224-px input", low=0.01)
+    blur_sigma_high: float = option(1.2, "Gaussian blur: largest sigma, pixels of a 224-px input", low=0.01)
     noise_p: float = option(0.5, "augmentation: probability of additive Gaussian noise", high=1)
     noise_sigma: float = option(0.02, "additive noise: standard deviation drawn in [0, this]", high=1)
 
@@ -135,6 +146,11 @@ class MAC:
             raise CounterattackError(f"{self.name}: a range's low end exceeds its high end (scale or blur sigma).")
         if self.blur_kernel % 2 == 0:
             raise CounterattackError(f"{self.name}: blur_kernel must be odd, got {self.blur_kernel}.")
+
+    @property
+    def alpha(self) -> float:
+        """The step size: as set, else eps / 4 (the code's)."""
+        return self.eps / 4 if self.step_size is None else self.step_size
 
     # The augmentation distribution ------------------------------------------------------------
 
@@ -152,13 +168,17 @@ class MAC:
         """The drawn augmentations applied to ``images`` (one row of ``draw`` each); differentiable."""
         u = draw.parameters
         height, width = images.shape[-2:]
+        unit = min(height, width) / REFERENCE_SIDE  # one pixel of a 224-px input, in this input's pixels
 
         def symmetric(column: int, half_range: float) -> torch.Tensor:
             return (2 * u[:, column] - 1) * half_range
 
-        # RandomAffine rounds its translation to whole pixels.
-        shift = torch.stack((torch.round(symmetric(_SHIFT_X, self.translate * width)),
-                             torch.round(symmetric(_SHIFT_Y, self.translate * height))), dim=1)
+        def whole_pixels(shift: torch.Tensor) -> torch.Tensor:
+            """RandomAffine rounds its translation to whole pixels: of a 224-px input."""
+            return torch.round(shift / unit) * unit
+
+        shift = torch.stack((whole_pixels(symmetric(_SHIFT_X, self.translate * width)),
+                             whole_pixels(symmetric(_SHIFT_Y, self.translate * height))), dim=1)
         scale = self.scale_low + u[:, _SCALE] * (self.scale_high - self.scale_low)
         out = affine(images, symmetric(_ANGLE, self.rotation), shift, scale)
 
@@ -166,8 +186,9 @@ class MAC:
         out = apply_to_rows(out, jittered, lambda x, rows: self._color_jitter(x, u[rows]))
 
         blurred = (u[:, _BLUR] < self.blur_p).nonzero().flatten()
-        sigma = self.blur_sigma_low + u[:, _BLUR_SIGMA] * (self.blur_sigma_high - self.blur_sigma_low)
-        out = apply_to_rows(out, blurred, lambda x, rows: gaussian_blur(x, sigma[rows], self.blur_kernel))
+        sigma = unit * (self.blur_sigma_low + u[:, _BLUR_SIGMA] * (self.blur_sigma_high - self.blur_sigma_low))
+        kernel = 2 * round((self.blur_kernel - 1) / 2 * unit) + 1  # odd, the 224-px kernel's reach
+        out = apply_to_rows(out, blurred, lambda x, rows: gaussian_blur(x, sigma[rows], kernel))
 
         noisy = (u[:, _NOISE] < self.noise_p).nonzero().flatten()
         return apply_to_rows(out, noisy, lambda x, rows: (x + draw.noise[rows]).clamp(0, 1))
@@ -225,9 +246,13 @@ class MAC:
             return (encoder(perturbed).float() - anchor).pow(2).sum()
 
         signs: list[torch.Tensor] = []
-        last = run_steps(embedding_shift, views, project(views, noise, self.eps), self.eps, self.step_size, self.steps, signs)
-        defended = views + per_image(weights) * last
+        last = run_steps(embedding_shift, views, project(views, noise, self.eps), self.eps, self.alpha, self.steps, signs)
+        defended = views + self.modulated(weights, last)
         return MACResult(views, defended, degree.view(n, v), weights.view(n, v), view_draw, corruption_draw, noise, signs)
+
+    def modulated(self, weights: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Each view's perturbation: ``w * delta_K``; with no steps, delta0 itself (the code's)."""
+        return last if self.steps == 0 else per_image(weights.flatten()) * last
 
     def _mean_over_views(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.view(-1, self.views, logits.shape[-1]).mean(dim=1)
@@ -236,7 +261,8 @@ class MAC:
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         result = self.counterattack(classifier, images, rng)
         logits = self._mean_over_views(classifier.logits(result.defended))
-        return DefenseOutput(logits, result.tau, result.tau > self.tau_thres)
+        # Every view's own gate: (n, views) scores, and which views it judged corrupted (w > 1/2).
+        return DefenseOutput(logits, result.degree, result.degree > self.tau_thres)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
@@ -245,9 +271,9 @@ class MAC:
 
         The views are differentiable functions of the image (the augmentations are tensor ops) under
         both methods. ``exact`` replays the recorded step signs through the projections of each view
-        and holds the weights w; ``bpda`` holds ``w * delta_K`` constant. ``with_score`` gives the
-        corruption degree d of the image itself (its own view), differentiated through f and the
-        same second augmentation, with ``tau_thres``: d *above* the threshold means counterattacked.
+        and holds the weights w; ``bpda`` holds ``w * delta_K`` constant. ``with_score`` gives every
+        view's corruption degree d, ``(n, views)``, differentiated through the views, f and the same
+        second augmentations, with ``tau_thres``: d *above* the threshold means counterattacked.
         """
         x = check_pixels(images)
         result = self.counterattack(classifier, x.detach(), rng)
@@ -255,21 +281,21 @@ class MAC:
         if method == "exact":
             last = project(views, result.noise, self.eps)
             if result.signs:
-                last = replay_steps(views, last, result.signs, self.step_size, self.eps)[-1]
-            delta = per_image(result.weights.flatten()) * last
+                last = replay_steps(views, last, result.signs, self.alpha, self.eps)[-1]
+            delta = self.modulated(result.weights, last)
         else:
             delta = result.defended - result.views
         logits = self._mean_over_views(classifier.logits(through_defense(views, delta, method)))
-        tau = None
+        degree = None
         if with_score:
-            own = torch.arange(len(x), device=x.device) * self.views
-            corrupted = self.augment(x, result.corruption_draw.rows(own))
+            corrupted = self.augment(views, result.corruption_draw)
             with full_precision(x.device):
-                tau = corruption_degree(classifier.encoder(corrupted).float(), classifier.encoder(x).float())
-        return AttackView(logits, tau, self.gate, self.tau_thres)
+                degree = corruption_degree(classifier.encoder(corrupted).float(), classifier.encoder(views).float())
+            degree = degree.view(len(x), self.views)
+        return AttackView(logits, degree, self.gate, self.tau_thres)
 
     def describe(self) -> dict:
-        return describe_options(self)
+        return {**describe_options(self), "step_size": self.alpha, "pixel_units": f"of a {REFERENCE_SIDE}-px input"}
 
 
 @dataclass
@@ -284,8 +310,3 @@ class MACResult:
     corruption_draw: AugmentationDraw  # the second augmentations T' behind d, one per view
     noise: torch.Tensor  # the uniform draw behind delta0, one per view
     signs: list[torch.Tensor]  # gradient signs of each step, for replay_steps
-
-    @property
-    def tau(self) -> torch.Tensor:
-        """The corruption degree of each image's own view, which the gate reads on the input."""
-        return self.degree[:, 0]

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import open_clip
 import torch
@@ -67,10 +68,14 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    ADAPTIVE_METHODS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime,
+    ADAPTIVE_METHODS, REFERENCE_SIDE, AttackView, DefenseOutput, check_options, describe_options, option, register_defense,
+    runtime,
 )
 
 AUGMENTATIONS = ("augmix", "crop-flip")
+# The datasets whose views the authors' code makes by crop and flip alone (``augmentation="auto"``).
+IMAGENET_FAMILY = frozenset({"imagenet", "imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch", "tinyimagenet"})
+SELF_MASKS = ("diagonal", "authors")
 
 # AugMix's operations as the R-TPT code lists them (augmix_ops.augmentations), in that order.
 AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -78,7 +83,6 @@ GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 ZERO_GRADIENT_OPS = ("equalize", "posterize")  # piecewise constant in the pixels
 AUGMIX_CHAINS = 3
 AUGMIX_MAX_DEPTH = 3  # each chain applies 1-3 operations
-AUGMIX_REFERENCE_SIZE = 224  # AugMix gives its translations in pixels of a 224-px image
 
 # torchvision's RandomResizedCrop defaults, which the R-TPT views use.
 CROP_SCALE = (0.08, 1.0)
@@ -153,15 +157,15 @@ def _op_theta(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, height:
     # AugMix: int_parameter(level, 30) degrees, float_parameter(level, 0.3) shear, int_parameter(level, 224/3) px.
     angle = torch.deg2rad(torch.floor(level * 30 / 10)) * sign
     shear = level * 0.3 / 10 * sign
-    shift = torch.floor(level * AUGMIX_REFERENCE_SIZE / 3 / 10) * sign
+    shift = torch.floor(level * REFERENCE_SIDE / 3 / 10) * sign
     cos, sin = torch.cos(angle), torch.sin(angle)
     cx, cy = width / 2, height / 2
     candidates = {  # (a, b, c, d, e, f) from output to input pixel coordinates
         "rotate": (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy),  # about the centre, as PIL
         "shear_x": (one, shear, zero, zero, one, zero),  # about the top-left corner, as PIL
         "shear_y": (one, zero, zero, shear, one, zero),
-        "translate_x": (one, zero, shift * width / AUGMIX_REFERENCE_SIZE, zero, one, zero),
-        "translate_y": (one, zero, zero, zero, one, shift * height / AUGMIX_REFERENCE_SIZE),
+        "translate_x": (one, zero, shift * width / REFERENCE_SIDE, zero, one, zero),
+        "translate_y": (one, zero, zero, zero, one, shift * height / REFERENCE_SIDE),
     }
     coefficients = [one, zero, zero, zero, one, zero]
     for name, values in candidates.items():
@@ -321,12 +325,17 @@ def view_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1)
 
 
-def reliability_weights(features: torch.Tensor, neighbours: int, temperature: float) -> torch.Tensor:
+def reliability_weights(features: torch.Tensor, neighbours: int, temperature: float,
+                        self_mask: str = "diagonal") -> torch.Tensor:
     """``softmax(score / temperature)`` over each image's views, ``score`` being a view's mean cosine
-    similarity to its ``neighbours`` most similar other views; ``features`` ``(n, views, dim)`` normalised."""
+    similarity to its ``neighbours`` most similar other views; ``features`` ``(n, views, dim)`` normalised.
+    ``self_mask="authors"`` leaves out similarities >= 1.0 instead of each view's own, as the code does."""
     views = features.shape[1]
     similarity = features @ features.transpose(1, 2)
-    self_pairs = torch.eye(views, dtype=torch.bool, device=features.device)
+    if self_mask == "authors":
+        self_pairs = similarity.detach() >= 1.0
+    else:
+        self_pairs = torch.eye(views, dtype=torch.bool, device=features.device)
     similarity = similarity.masked_fill(self_pairs, float("-inf"))
     score = similarity.topk(min(neighbours, views - 1), dim=-1).values.mean(dim=-1)
     return torch.softmax(score / temperature, dim=-1)
@@ -337,9 +346,11 @@ def reliability_weights(features: torch.Tensor, neighbours: int, temperature: fl
 class RTPT:
     """R-TPT, Sheng et al. 2025: per-image prompt tuning on 64 views, reliability-weighted ensemble (64 forwards per image)."""
 
+    paper_precision: ClassVar[str] = "fp32"  # its authors' code runs in float32
+
     views: int = option(64, "views per image, the image itself included", low=2)
-    augmentation: str = option("augmix", "the views: AugMix (the code's choice outside ImageNet) or crop and flip only",
-                               choices=AUGMENTATIONS)
+    augmentation: str = option("auto", "the views: auto (as the code chooses: crop and flip for the ImageNet family, "
+                               "AugMix otherwise), augmix or crop-flip", choices=("auto", *AUGMENTATIONS))
     severity: float = option(1.0, "AugMix severity (operation levels are drawn in [0.1, severity))", low=0.1, high=10)
     selection: float = option(0.1, "fraction of views, lowest entropy first, whose mean entropy is minimised",
                               high=1)
@@ -348,6 +359,9 @@ class RTPT:
     weight_decay: float = option(0.01, "AdamW weight decay (PyTorch's default, which the R-TPT code keeps)")
     neighbours: int = option(20, "a view's reliability is its mean cosine to this many most similar other views", low=1)
     temperature: float = option(0.01, "reliability weights: softmax(reliability / temperature)", low=1e-6)
+    self_mask: str = option("diagonal", "what a view's reliability leaves out: diagonal (its own similarity) or authors "
+                            "(similarities >= 1.0, as the code; in float32 about 40% of views keep their own)",
+                            choices=SELF_MASKS)
     # Memory bounds, not settings: images are processed in chunks whose AugMix chains hold at most
     # ``chunk_values`` pixel values and whose text-encoder passes hold at most ``chunk_prompts`` prompts.
     chunk_values: int = runtime(2**25)
@@ -355,6 +369,17 @@ class RTPT:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+    def for_dataset(self, dataset: str) -> RTPT:
+        """``auto`` resolved as the authors' code resolves it for this dataset."""
+        if self.augmentation != "auto":
+            return self
+        return replace(self, augmentation="crop-flip" if dataset in IMAGENET_FAMILY else "augmix")
+
+    @property
+    def view_augmentation(self) -> str:
+        """The views' augmentation; ``auto`` outside a dataset (the library's API on any images) is AugMix."""
+        return "augmix" if self.augmentation == "auto" else self.augmentation
 
     @property
     def selected_views(self) -> int:
@@ -408,12 +433,12 @@ class RTPT:
         draws = draw_views(rng, self.views, self.severity, images.device)
         logits = []
         for chunk in self._chunks(images, len(prompt.tokens)):
-            views = render_views(images[chunk], draws[chunk], self.augmentation, method)
+            views = render_views(images[chunk], draws[chunk], self.view_augmentation, method)
             features = self._embed_views(classifier, views)
             # The text side, the weights and the head in float32 whatever the image encoder's precision:
             # softmax(score / 0.01) and the entropy gradient's signs are sensitive to rounding.
             with full_precision(images.device):
-                weights = reliability_weights(features, self.neighbours, self.temperature)
+                weights = reliability_weights(features, self.neighbours, self.temperature, self.self_mask)
                 logits.append(self._defended_logits(classifier, prompt, features, weights))
         return torch.cat(logits)
 
