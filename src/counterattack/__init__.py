@@ -22,7 +22,11 @@ from .attacks import (
     ATTACKS, CW, PGD, Attack, AutoAttack, AutoAttackPaper, build_attack, build_attacks, register_attack,
 )
 from .adaptive import AdaptiveAttack
-from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, PixelRangeError, ZeroShotClassifier, check_pixels, count_encoder_passes
+from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, ZeroShotClassifier, count_encoder_passes
+from .inputs import (
+    DtypeError, InputError, LabelError, PixelRangeError, RandomnessError, ShapeError, check_labels, check_pixels,
+    check_randomness,
+)
 from .data import EvalDataset, balanced_subset, load_dataset
 from .defended import DefendedModel, defended
 from .defenses import (
@@ -36,7 +40,8 @@ from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_di
 from .randomness import ImageRandomness
 
 __all__ = [
-    "__version__", "EncoderPasses", "PixelRangeError", "check_pixels", "count_encoder_passes",
+    "__version__", "EncoderPasses", "PixelRangeError", "check_pixels", "count_encoder_passes", "InputError", "ShapeError",
+    "DtypeError", "LabelError", "RandomnessError", "check_labels", "check_randomness",
     "AdaptiveAttack", "AutoAttack", "AutoAttackPaper", "CW", "build_attacks", "register_attack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
     "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "build_defense", "register_defense",
     "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",

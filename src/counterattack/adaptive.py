@@ -29,13 +29,16 @@ import torch
 
 from .attacks import PGD, Attack
 from .attacks.loop import project, run_steps
-from .classifier import ZeroShotClassifier, check_pixels
+from .classifier import ZeroShotClassifier
+from .inputs import check_pixels
 from .defenses.base import ADAPTIVE_METHODS, AttackView, Defense
 from .errors import CounterattackError
+from .inputs import guard_attack
 from .options import check_options, option, options_of, runtime
 from .randomness import ImageRandomness
 
 GATE_MARGIN = 1.5  # the gate-evasion term pushes tau up to 1.5 tau_thres
+SELECTIONS = ("eot", "fresh")
 
 
 def gate_evasion(view: AttackView) -> torch.Tensor:
@@ -76,6 +79,9 @@ class AdaptiveAttack:
                               aliases=("--eot-samples",))
     gate_weight: float = option(0.0, "weight of the term pushing a gated defense's score to its unflagged side",
                                 aliases=("--gate-weight",))
+    select: str = option("eot", "which iterate an image keeps: eot (the highest objective under the attack's own EOT "
+                         "draws) or fresh (the highest under one held-out draw of the defense's randomness)",
+                         choices=SELECTIONS)
 
     def __post_init__(self) -> None:
         if self.base is None:
@@ -90,28 +96,39 @@ class AdaptiveAttack:
         return self.base.name
 
     def __call__(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Adversarial images through the defense, from ``start`` (the transfer attack's images; default: ``base``
+        run here on the undefended model)."""
         images = check_pixels(images).detach().float()
         base = self.base
-        transfer = base(classifier, images, labels, rng)
-        best_delta = transfer - images
+        transfer = base(classifier, images, labels, rng) if start is None else check_pixels(start).detach().float()
+        best_delta = project(images, transfer - images, base.eps)
         best_loss = torch.full((len(images),), float("-inf"), device=images.device)
+        held_out = rng.fork("selection")  # draws the attack never ascends: an iterate is not chosen for its own noise
 
         def keep_best(adv: torch.Tensor, losses: torch.Tensor) -> None:
             improved = losses > best_loss
             best_loss[improved] = losses[improved]
             best_delta[improved] = project(images, adv.detach() - images, base.eps)[improved]
 
-        def objective(adv: torch.Tensor) -> torch.Tensor:
+        def per_image_objective(adv: torch.Tensor, draws: ImageRandomness, samples: int) -> torch.Tensor:
             per_image = adv.new_zeros(len(adv))
-            for _ in range(self.eot_samples):
-                view = self.defense.attack_view(classifier, adv, rng, self.method, with_score=self.gate_weight > 0)
+            for _ in range(samples):
+                view = self.defense.attack_view(classifier, adv, draws, self.method, with_score=self.gate_weight > 0)
                 per_image = per_image + base.loss(view.logits, labels)
                 if self.gate_weight > 0 and view.score is not None:
                     per_image = per_image + self.gate_weight * gate_evasion(view)
-            per_image = per_image / self.eot_samples
-            keep_best(adv, per_image.detach())
+            return per_image / samples
+
+        def objective(adv: torch.Tensor) -> torch.Tensor:
+            per_image = per_image_objective(adv, rng, self.eot_samples)
+            if self.select == "fresh":
+                with torch.no_grad():
+                    keep_best(adv, per_image_objective(adv.detach(), held_out, 1))
+            else:
+                keep_best(adv, per_image.detach())
             return per_image.sum()
 
         final = run_steps(objective, images, best_delta.clone(), base.eps, base.step_size, base.steps)
@@ -121,3 +138,6 @@ class AdaptiveAttack:
     def describe(self) -> dict:
         return {**self.base.describe(), "threat": "adaptive", **{f.name: getattr(self, f.name) for f in options_of(type(self))},
                 "defense": self.defense.name}
+
+
+guard_attack(AdaptiveAttack)  # its inputs are checked like a registered attack's

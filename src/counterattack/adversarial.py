@@ -110,10 +110,17 @@ class AdversarialSet(Store):
         """(path, dataset, ids) of every shard, from the metadata alone (no tensor is read)."""
         result = []
         for _, _, path in self._shard_paths():
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata()
-            result.append((path, metadata["dataset"], json.loads(metadata["ids"])))
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = f.metadata()
+                result.append((path, metadata["dataset"], json.loads(metadata["ids"])))
+            except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+                raise self._damaged(path, exc) from None
         return result
+
+    def _damaged(self, shard: Path, exc: Exception) -> CounterattackError:
+        return CounterattackError(f"{shard} is damaged ({type(exc).__name__}: {str(exc)[:200]}). Delete it and run the same "
+                                  "`counterattack attack` again: its images are crafted anew, the other shards are kept.")
 
     def append(self, dataset: str, ids: list, labels: torch.Tensor, images: dict[str, torch.Tensor]) -> None:
         """Store one batch as one shard, all at once: a killed run leaves no half shard."""
@@ -157,20 +164,29 @@ class AdversarialSet(Store):
             rows.append(self._index[(dataset, image_id)])
         return rows
 
+    def shard_of(self, dataset: str, image_id: object) -> Path:
+        """The shard that stores an image."""
+        return self._rows(dataset, [image_id])[0][0]
+
     def _tensor(self, path: Path, key: str) -> torch.Tensor:
         """One shard's tensor, from a small LRU cache: batches are read in roughly the order they were written."""
         if (path, key) in self._cache:
             self._cache.move_to_end((path, key))
             return self._cache[(path, key)]
-        with safe_open(str(path), framework="pt") as f:
-            stored = f.keys()
-            if key not in stored:
-                raise CounterattackError(
-                    f"attack {key.removeprefix('adv/')!r} is not in {self.folder} (it holds: "
-                    f"{', '.join(k.removeprefix('adv/') for k in stored if k != 'labels')}); "
-                    "choose one of those, or attack again with it."
-                )
-            tensor = f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = f.keys()
+                if key not in stored:
+                    raise CounterattackError(
+                        f"attack {key.removeprefix('adv/')!r} is not in {self.folder} (it holds: "
+                        f"{', '.join(k.removeprefix('adv/') for k in stored if k != 'labels')}); "
+                        "choose one of those, or attack again with it."
+                    )
+                tensor = f.get_tensor(key)
+        except CounterattackError:
+            raise
+        except Exception as exc:
+            raise self._damaged(path, exc) from None
         self._cache[(path, key)] = tensor
         if len(self._cache) > CACHED_TENSORS:
             self._cache.popitem(last=False)

@@ -7,6 +7,7 @@ with its mean/std happen here, differentiably, so gradients reach the pixels.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,38 +18,13 @@ from torch import nn
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from .errors import CounterattackError
+from .inputs import check_pixels, inputs_checked
 from .models import LoadedCLIP
 from .precision import full_precision
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TEMPLATES: tuple[str, ...] = ("This is a photo of a {}.",)
-
-# Pixels a projection put at x + (1 - x) may round a hair past 1; anything further is a mistake.
-PIXEL_TOLERANCE = 1e-5
-
-
-class PixelRangeError(CounterattackError, ValueError):
-    """Images that are not [0, 1] pixels (normalised images, 0-255 values, NaN)."""
-
-
-def check_pixels(images: torch.Tensor) -> torch.Tensor:
-    """``images`` itself if it is a finite batch of [0, 1] RGB pixels; else a ``PixelRangeError``.
-
-    Every attack and defense calls this at its entry: an image normalised with CLIP's mean/std or
-    left in 0-255 would otherwise give numbers that look plausible and mean nothing.
-    """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise PixelRangeError(f"expected RGB images as a tensor of shape (N, 3, H, W), got {shape}")
-    if not torch.isfinite(images).all():
-        raise PixelRangeError("images hold NaN or infinite pixels")
-    low, high = (float(v) for v in images.detach().aminmax())
-    if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
-        raise PixelRangeError(
-            f"pixels must lie in [0, 1], found values in [{low:.4g}, {high:.4g}]: pass images before "
-            "normalisation (the classifier normalises with the model's own mean and std)"
-        )
-    return images
-
 
 @dataclass
 class EncoderPasses:
@@ -165,6 +141,10 @@ class ZeroShotClassifier(nn.Module):
     ) -> "ZeroShotClassifier":
         if not class_names:
             raise CounterattackError("A zero-shot classifier needs at least one class name.")
+        repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
+        if repeated:  # a benchmark's own prompts may repeat a name (the paper's Caltech-101 has two "person")
+            log.warning("class names repeat (%s): images of those classes cannot be told apart by their prompts",
+                        ", ".join(map(repr, repeated)))
         for template in templates:
             if template.count("{}") != 1:
                 raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")
@@ -186,7 +166,8 @@ class ZeroShotClassifier(nn.Module):
         return len(self.class_names)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixels)
+        """Unnormalised image embeddings of [0, 1] pixels (checked, unless inside the library's own loops)."""
+        return self.encoder(pixels if inputs_checked() else check_pixels(pixels))
 
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The zero-shot head, always in float32 (even inside an autocast region)."""
@@ -195,6 +176,7 @@ class ZeroShotClassifier(nn.Module):
         return logits + self.logit_bias if self.logit_bias else logits
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The zero-shot logits of [0, 1] pixels."""
         return self.logits_from_embeddings(self.encode_image(pixels))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ help texts read the defaults from there. The commands that run something are in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -350,10 +351,14 @@ def run_command(config: RunConfig) -> Any:
     from . import distributed
     from .commands import command
     from .models import resolve_device
+    from .store import hold
 
     group, device = distributed.start(resolve_device(config.run.device), timedelta(minutes=config.run.dist_timeout_minutes))
     try:
-        return command(config.command)(config, group, device)
+        with contextlib.ExitStack() as held:
+            if config.out is not None:  # one run per folder: a second is refused at once, naming this one
+                group.together(lambda: held.enter_context(hold(config.out)) if group.is_main else None)
+            return command(config.command)(config, group, device)
     finally:
         group.close()
 
@@ -393,6 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("counterattack: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a folder gone read-only: what is written stays whole
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"counterattack: error: {exc.strerror or exc}{where}. Finished work is kept (every file is written whole): "
+              "fix this and run the same command again to go on.", file=sys.stderr)
+        return 2
     return 0
 
 

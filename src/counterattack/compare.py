@@ -12,14 +12,14 @@ import csv
 import io
 import json
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import CounterattackError
 from .published import AVERAGE_KEYS, Published, PublishedRecord, Source, load_published
+from .store import write_atomically
 
 EPS_TOLERANCE = 1e-6  # in 1/255: our eps * 255 against the published budget
 MATCHING_RULE = ("exact on model, backbone, defense, attack, budget (our eps x 255 equal to the published one within "
@@ -486,16 +486,6 @@ def comparison_json(comparison: Comparison) -> dict:
             "unmatched": [asdict(u) for u in comparison.unmatched]}
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot_comparison(comparison: Comparison, path: Path) -> Path:
     """Ours (x) against published (y), clean and robust side by side, written atomically as a PNG.
 
@@ -544,7 +534,7 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
         fig.suptitle(f"{comparison.model} ({comparison.backbone}): ours against published, one point per dataset and "
                      "defense (dashed: equal)", fontsize=11)
         fig.subplots_adjust(bottom=0.22, top=0.9, wspace=0.25)
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
@@ -575,10 +565,10 @@ def write_comparison(folder: Path, published: Published | None = None) -> list[P
     md, csv_path, json_path, png = (folder / name for name in OUTPUT_NAMES)
     seeds = results.get("config", {}).get("seeds")
     text = comparison_markdown(comparison, folder, seeds if isinstance(seeds, list) else None)
-    _write_atomically(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomically(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     table = comparison_csv(comparison)
-    _write_atomically(csv_path, lambda tmp: tmp.write_text(table, encoding="utf-8", newline=""))
+    write_atomically(csv_path, lambda tmp: tmp.write_text(table, encoding="utf-8", newline=""))
     payload = json.dumps(comparison_json(comparison), indent=2) + "\n"
-    _write_atomically(json_path, lambda tmp: tmp.write_text(payload, encoding="utf-8"))
+    write_atomically(json_path, lambda tmp: tmp.write_text(payload, encoding="utf-8"))
     plot_comparison(comparison, png)
     return [md, csv_path, json_path, png]

@@ -15,15 +15,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .adaptive import AdaptiveAttack
 from .adversarial import AdversarialSet
 from .attacks import Attack
-from .stats import mean_and_std, wilson_interval
 from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
 from .errors import CounterattackError
+from .inputs import check_pixels, checked_inputs
 from .precision import defense_precision, precision_context
 from .randomness import ImageRandomness, key_words
+from .stats import mean_and_std, wilson_interval
 
 
 @dataclass
@@ -70,6 +72,9 @@ class _Stopwatch:
 
 
 def _per_image(output: DefenseOutput) -> dict:
+    if not torch.isfinite(output.logits).all():
+        raise CounterattackError("non-finite logits (NaN or infinity): the model's weights or the images are broken; "
+                                 "the run stops before writing them (finished batches are kept)")
     return {
         "pred": output.logits.argmax(-1).tolist(),
         "score": None if output.score is None else output.score.tolist(),
@@ -111,7 +116,7 @@ class _Batch:
         return ImageRandomness(self._keys[purpose])
 
 
-PURPOSES = ("attack", "defense-clean", "defense-adv")
+PURPOSES = ("attack", "adaptive", "defense-clean", "defense-adv")
 
 
 def _batches(data: EvalDataset, settings: RunSettings, skip: Collection[ImageId], indices: Sequence[int] | None,
@@ -158,7 +163,7 @@ def craft_dataset(
     crafted against the undefended classifier with the same random streams ``evaluate_dataset`` uses,
     so an evaluation of the stored images equals a direct one."""
     for batch in _batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}"):
-        with precision_context(settings.device, settings.attack_precision):
+        with precision_context(settings.device, settings.attack_precision), checked_inputs():
             crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, batch.labels, batch.streams("attack")),
                                                      settings) for attack in attacks}
         yield batch.ids, batch.labels, crafted
@@ -183,51 +188,97 @@ def evaluate_dataset(
 
     Under the paper's protocol each attack is crafted once, against the undefended model, for all
     defenses; ``attack_for_defense(attack, defense)`` gives each defense its own attack instead
-    (adaptive attacks); with ``adversarial``, the attacks' images are read from that stored set
-    instead of crafted. ``defenses`` may be a mapping from the name results are recorded under to
-    the defense (a sweep's settings of one defense). ``indices`` and ``skip`` choose the images as
-    in ``_batches``.
+    (adaptive attacks). Then the defense is judged on both images, with the same draws, and an image
+    counts as robust only if it survives both: an adaptive attack starts from the transfer attack's
+    images, and keeping its own best iterate under its own draws must never make it look weaker than
+    the transfer attack (the record keeps both components). With ``adversarial``, the attacks'
+    images are read from that stored set instead of crafted. ``defenses`` may be a mapping from the
+    name results are recorded under to the defense (a sweep's settings of one defense). ``indices``
+    and ``skip`` choose the images as in ``_batches``.
     """
     attack_for = attack_for_defense or (lambda attack, defense: attack)
     named = defenses if isinstance(defenses, Mapping) else {d.name: d for d in defenses}
     for batch in _batches(data, settings, skip, indices):
-        images, labels, ids = batch.images, batch.labels, batch.ids
+        images, labels, ids = check_pixels(batch.images), batch.labels, batch.ids
         record = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
-        crafted: dict[int, tuple[torch.Tensor, float]] = {}
-        stored = None
+        transfer: dict[str, tuple[torch.Tensor, float]] = {}  # each attack's images against the undefended model
         if adversarial is not None:
             if adversarial.labels(data.name, ids) != record["labels"]:
                 raise CounterattackError(f"{adversarial.folder} stores other labels for images of {data.name} than the "
                                          "dataset has now: the set was made from other files.")
-            stored = {attack.name: (_as_defenses_see(adversarial.images(data.name, ids, attack.name, settings.device),
-                                                     settings), 0.0) for attack in attacks}
+            transfer = {attack.name: (_as_defenses_see(_stored(adversarial, data.name, ids, attack, images), settings), 0.0)
+                        for attack in attacks}
+
+        def timed(attack: Attack, purpose: str, **start: torch.Tensor) -> tuple[torch.Tensor, float]:
+            """``attack``'s images of the batch and the seconds it took (its inputs: a loader's, already checked)."""
+            with (_Stopwatch(settings.device) as watch, precision_context(settings.device, settings.attack_precision),
+                  checked_inputs()):
+                adversarial_images = attack(classifier, images, labels, batch.streams(purpose), **start)
+            return _as_defenses_see(adversarial_images, settings), watch.seconds
+
         for name, defense in named.items():
-            adversarial_sets = dict(stored or {})
-            for attack in attacks if stored is None else ():
-                attack_of_defense = attack_for(attack, defense)
-                if id(attack_of_defense) not in crafted:  # the paper's protocol crafts once for all defenses
-                    with _Stopwatch(settings.device) as attack_time, precision_context(settings.device, settings.attack_precision):
-                        adv_images = attack_of_defense(classifier, images, labels, batch.streams("attack"))
-                    crafted[id(attack_of_defense)] = (_as_defenses_see(adv_images, settings), attack_time.seconds)
-                adversarial_sets[attack.name] = crafted[id(attack_of_defense)]
-            with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes,
+            inputs: dict[str, dict[str, tuple[torch.Tensor, float]]] = {}  # attack -> component -> (images, seconds)
+            for attack in attacks:
+                if attack.name not in transfer:  # the paper's protocol crafts once for all defenses
+                    transfer[attack.name] = timed(attack, "attack")
+                inputs[attack.name] = {"transfer": transfer[attack.name]}
+                through = attack_for(attack, defense)
+                if through is not attack:
+                    start = {"start": transfer[attack.name][0]} if isinstance(through, AdaptiveAttack) else {}
+                    inputs[attack.name]["adaptive"] = timed(through, "adaptive", **start)
+            with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes, checked_inputs(),
                   precision_context(settings.device, defense_precision(settings.defense_precision, defense))):
-                # Every defense draws the same noise for an image, so their results pair up.
+                # Every defense draws the same noise for an image, so their results (and an attack's components) pair up.
                 clean = defense(classifier, images, batch.streams("defense-clean"))
-                adv = {attack: defense(classifier, adversarial_images, batch.streams("defense-adv"))
-                       for attack, (adversarial_images, _) in adversarial_sets.items()}
+                outputs = {attack: {part: _per_image(defense(classifier, adversarial_images, batch.streams("defense-adv")))
+                                    for part, (adversarial_images, _) in parts.items()}
+                           for attack, parts in inputs.items()}
             record["defenses"][name] = {
                 "gate_score": None if defense.gate is None else defense.gate.score,
                 "clean": _per_image(clean),
-                "adv": {attack: _per_image(output) for attack, output in adv.items()},
+                "adv": {attack: parts["transfer"] if len(parts) == 1 else worst_of(parts, record["labels"])
+                        for attack, parts in outputs.items()},
                 "forwards": passes.forwards,
                 "backwards": passes.backwards,
-                "defended_images": len(ids) * (1 + len(adv)),
+                "defended_images": len(ids) * (1 + sum(len(parts) for parts in outputs.values())),
                 "seconds": cost.seconds,
                 "peak_memory_mb": cost.peak_memory_mb,
-                "attack_seconds": {attack: seconds for attack, (_, seconds) in adversarial_sets.items()},
+                "attack_seconds": {attack: sum(seconds for _, seconds in parts.values()) for attack, parts in inputs.items()},
             }
         yield record
+
+
+def _stored(adversarial: AdversarialSet, dataset: str, ids: list, attack: Attack, clean: torch.Tensor) -> torch.Tensor:
+    """A stored set's images of ``attack``, refused (naming the shard) unless each lies in the box and within the
+    attack's recorded budget of its clean image: a damaged or foreign shard must not pass for that attack."""
+    stored = adversarial.images(dataset, ids, attack.name, clean.device)
+    slack = 1e-6 + (0.5 / 255 if adversarial.config.get("quantize_adversarial") else 0.0)
+    beyond = (stored - clean).abs().flatten(1).amax(dim=1) - attack.eps
+    outside = ~torch.isfinite(stored).flatten(1).all(dim=1) | (stored.flatten(1).amin(dim=1) < -1e-6) \
+        | (stored.flatten(1).amax(dim=1) > 1 + 1e-6) | (beyond > slack)
+    if outside.any():
+        i = int(outside.nonzero()[0])
+        raise CounterattackError(
+            f"{adversarial.shard_of(dataset, ids[i])}: image {ids[i]!r} of {dataset} is not a {attack.name} image of "
+            f"budget {attack.eps * 255:g}/255 of its clean image (it lies {float(beyond[i]) * 255:.3g}/255 beyond it, or "
+            "outside [0, 1]): the shard is damaged or was made from other images. Delete it and run the same "
+            "`counterattack attack` again to craft its images anew.")
+    return stored
+
+
+def worst_of(components: Mapping[str, dict], labels: Sequence[int]) -> dict:
+    """Per image, the results under the first component (attack) the defense fails, else under the last: an image
+    is robust only if it survives all of them. The components' own results are kept under ``components``."""
+    names = list(components)
+    merged: dict[str, list | None] = {}
+    for key in components[names[0]]:
+        merged[key] = None if components[names[0]][key] is None else []
+    for i, label in enumerate(labels):
+        chosen = components[next((c for c in names if components[c]["pred"][i] != label), names[-1])]
+        for key, values in merged.items():
+            if values is not None:
+                values.append(chosen[key][i])
+    return {**merged, "components": dict(components)}
 
 
 def summarize(
@@ -247,7 +298,7 @@ def summarize(
             # The gate, per input kind ("clean" and each attack): its scores' sum, how many images (or views) it
             # flagged, and how many scores there were.
             s = sums.setdefault((batch["dataset"], name), {
-                "n": 0, "correct_clean": 0, "gate_score": None, "correct_adv": dict.fromkeys(attack_names, 0),
+                "n": 0, "correct_clean": 0, "gate_score": None, "correct_adv": dict.fromkeys(attack_names, 0), "parts": {},
                 "gate": {kind: [0.0, 0, 0] for kind in ("clean", *attacks)}, "forwards": 0, "backwards": 0,
                 "defended": 0, "seconds": 0.0, "peak": None})
             s["n"] += len(labels)
@@ -257,6 +308,9 @@ def summarize(
                 adv = result["adv"][attack]
                 correct = [p == y for p, y in zip(adv["pred"], labels)]
                 s["correct_adv"][attack] += sum(correct)
+                for part, results in adv.get("components", {}).items():  # an adaptive attack's transfer and own images
+                    parts = s["parts"].setdefault(attack, {})
+                    parts[part] = parts.get(part, 0) + sum(p == y for p, y in zip(results["pred"], labels))
                 robust_to_all = [a and b for a, b in zip(robust_to_all, correct)]
             if WORST_CASE in s["correct_adv"]:
                 s["correct_adv"][WORST_CASE] += sum(robust_to_all)
@@ -300,6 +354,8 @@ def summarize(
                     "robust_acc": 100.0 * s["correct_adv"][attack] / n,
                     "clean_ci95": wilson_interval(s["correct_clean"], n),
                     "robust_ci95": wilson_interval(s["correct_adv"][attack], n),
+                    # Under an adaptive attack, the worst case above and each component's own robust accuracy.
+                    **{f"robust_acc_{part}": 100.0 * correct / n for part, correct in s["parts"].get(attack, {}).items()},
                     "gate_score": s["gate_score"],  # what the gate's score is: TTC's tau, MAC's corruption degree, ...
                     "mean_score_clean": mean("clean", 0) if attack != WORST_CASE else None,
                     "mean_score_adv": mean(attack, 0),

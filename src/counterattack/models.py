@@ -48,7 +48,9 @@ class LoadedCLIP:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Callable, description: str = "") -> "LoadedCLIP":
-        """Wrap an open_clip model you created yourself; it is put in eval mode and frozen."""
+        """Wrap an open_clip model you created yourself; it is put in eval mode and frozen. Weights that hold NaN
+        or infinite values are refused, naming the tensor: they would give NaN logits, or silently chance-level ones."""
+        check_finite(model.state_dict(), description or type(model).__name__)
         model = model.eval().requires_grad_(False)
         cfg = dict(open_clip.get_model_preprocess_cfg(model))
         size = cfg.get("size", 224)
@@ -82,6 +84,14 @@ def resolve_device(choice: str | torch.device) -> torch.device:
     return device
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinite values, naming the first such tensor."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CounterattackError(f"{what}: the weights {name} hold NaN or infinite values (a damaged file, or a "
+                                     "training run that diverged); use other weights.")
+
+
 def load_clip(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = DEFAULT_PRETRAINED,
@@ -99,6 +109,7 @@ def load_clip(
     ``SiglipModel`` with its processor's image settings and tokenizer (needs the ``transformers``
     extra; ``pretrained`` is ignored).
     """
+    device = resolve_device(device)
     if model.startswith(TRANSFORMERS_PREFIX):
         from .hf_transformers import load_transformers_clip  # it imports this module: imported here
 
@@ -184,6 +195,7 @@ def load_vision_checkpoint(clip: LoadedCLIP, path: str | Path) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    check_finite(state, str(path))
     expected = clip.model.visual.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

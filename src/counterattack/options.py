@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import Field, field, fields, is_dataclass
 from typing import Any
 
@@ -84,11 +84,13 @@ class Registry(dict):
     extension may leave out (a defense without a gate).
     """
 
-    def __init__(self, kind: str, required: Sequence[str] = (), defaults: Mapping[str, Any] | None = None):
+    def __init__(self, kind: str, required: Sequence[str] = (), defaults: Mapping[str, Any] | None = None,
+                 guard: Callable[[type], None] | None = None):
         super().__init__()
         self.kind = kind
         self.required = tuple(required)
         self.defaults = dict(defaults or {})
+        self.guard = guard  # wraps the entry points in the kind's input check (``inputs``)
         self.first: tuple[str, ...] = ()
 
     def register(self, cls: type) -> type:
@@ -107,6 +109,8 @@ class Registry(dict):
         for attribute, value in self.defaults.items():
             if not hasattr(cls, attribute):
                 setattr(cls, attribute, value)
+        if self.guard is not None:
+            self.guard(cls)
         cls.name = name
         cls.registry_kind = self.kind
         self[name] = cls

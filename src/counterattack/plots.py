@@ -18,6 +18,7 @@ from .calibration import finite_scores, pareto_front, roc_auc
 from .data import short_name
 from .evaluate import gate_scores
 from .stats import wilson_interval
+from .store import write_atomically
 
 
 def safe_file_name(text: str) -> str:
@@ -57,7 +58,7 @@ def plot_gate_histograms(batches: Sequence[dict], thresholds: dict[str, float], 
         ax.legend()
         fig.tight_layout()
         path = out / f"gate_hist_{safe_file_name(short_name(dataset))}.png"
-        fig.savefig(path, dpi=120)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
         written.append(path)
     return written
 
@@ -97,7 +98,7 @@ def plot_accuracy(records: Sequence[dict], out: Path) -> Path:
     ax.legend(ncol=min(len(defenses), 6), fontsize="small")
     fig.tight_layout()
     path = out / "accuracy.png"
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return path
 
 
@@ -148,7 +149,7 @@ def plot_score_histograms(
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return path
 
 
@@ -202,7 +203,7 @@ def plot_pareto(points: Sequence[dict], path: Path, baseline: dict | None = None
     ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return path
 
 
@@ -233,5 +234,5 @@ def plot_stability(rows: Sequence[dict], published: dict[float, tuple[float, flo
     ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return path

@@ -126,6 +126,12 @@ class ImageRandomness:
         radius = torch.sqrt(-2.0 * torch.log1p(-first))  # 1 - u lies in (0, 1]: the logarithm is finite
         return (radius * torch.cos(2 * math.pi * second)).to(images.dtype)
 
+    def fork(self, label: str) -> ImageRandomness:
+        """Other streams for the same images, independent of these (each image's key mixed with ``label``'s)."""
+        salt = derive_seed("fork", label)
+        mix = torch.tensor([_signed(salt & _MASK), _signed((salt >> 32) & _MASK)], dtype=torch.int32)
+        return ImageRandomness(self.words ^ mix.to(self.words.device))
+
     def batch_seed(self) -> int:
         """One 31-bit seed for code that takes a single seed for a whole batch (AutoAttack): the next
         draw of the first image's stream. It depends on which image comes first."""

@@ -18,6 +18,7 @@ from .errors import CounterattackError
 from .evaluate import average_records, upgraded
 from .plots import plot_accuracy, plot_gate_histograms
 from .results import ResultsStore
+from .store import write_atomically
 
 _COLUMNS = (
     ("dataset", "dataset", "{}"),
@@ -151,24 +152,29 @@ def write_report(out: Path) -> list[Path]:
     results_path = out / "results.json"
     if not results_path.is_file():
         raise CounterattackError(f"No results.json in {out}: run `counterattack eval --out {out}` first.")
-    results = json.loads(results_path.read_text(encoding="utf-8"))
-    records = [upgraded(r) for r in results["records"]]
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        records = [upgraded(r) for r in results["records"]]
+        config = results.get("config", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CounterattackError(f"{results_path} is damaged ({type(exc).__name__}: {exc}): run the command that made "
+                                 "it again, which rewrites it from the finished batches in parts/.") from None
     if not records:
         raise CounterattackError(f"{results_path} holds no records yet.")
-    config = results.get("config", {})
     thresholds = {d.get("name", d["defense"]): d["tau_thres"] for d in config.get("defenses", []) if "tau_thres" in d}
 
-    with (out / "report.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
+            writer.writeheader()
+            writer.writerows(records)
+
+    write_atomically(out / "report.csv", write_csv)
     plots = [plot_accuracy(records, out), *plot_gate_histograms(ResultsStore(out).batches(), thresholds, out)]
     settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "prompts", "limit", "seed", "seeds")
                          if config.get(k) is not None)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
-    (out / "report.md").write_text(
-        f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n"
-        f"{paper_tables(records)}\n\n## Plots\n\n{images}\n",
-        encoding="utf-8",
-    )
+    text = (f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n"
+            f"{paper_tables(records)}\n\n## Plots\n\n{images}\n")
+    write_atomically(out / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return [out / "report.md", out / "report.csv", *plots]

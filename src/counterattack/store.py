@@ -9,11 +9,15 @@ image is there exactly once. ``fill`` is the one protocol by which a run adds to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import sys
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,12 +33,23 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_json_atomically(path: Path, payload: Any) -> None:
-    """Write ``payload`` as JSON to a temporary file, then rename it into place: a reader never sees half a file."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(temporary path)`` beside ``path``, then rename it into place: a reader never sees half a file, and a
+    full disk leaves the previous file (or none), never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomically(path: Path, payload: Any) -> None:
+    """``payload`` as JSON, atomically; NaN and infinity are refused (they are not JSON)."""
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def dataset_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -93,8 +108,8 @@ class Store:
         else the differing settings are named; the configuration is written when absent and ``write``."""
         config = {"kind": self.kind, **config} if self.kind else dict(config)
         digest = config_hash(config)
-        if self.config_path.is_file():
-            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
+        if self.config_path.exists():
+            stored = self.read_config()
             if stored.get("hash") != digest:
                 old = stored.get("config", {})
                 changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
@@ -105,6 +120,19 @@ class Store:
                 )
         elif write:
             write_json_atomically(self.config_path, {"hash": digest, "config": config})
+
+    def read_config(self) -> dict[str, Any]:
+        """The stored ``{"hash", "config"}``; a damaged file is one line saying how to recover."""
+        try:
+            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict) or not isinstance(stored.get("hash"), str) \
+                    or not isinstance(stored.get("config"), dict):
+                raise ValueError("not a configuration written by counterattack")
+        except (OSError, ValueError) as exc:
+            raise CounterattackError(
+                f"{self.config_path} is damaged ({type(exc).__name__}: {exc}). Delete it and run the same command again "
+                f"(it is rewritten, and the {self.what} already there are kept), or use another --out.") from None
+        return stored
 
     def pieces(self) -> Iterable[tuple[str, list]]:
         """``(dataset, image ids)`` of every finished piece, in a fixed order."""
@@ -133,6 +161,39 @@ class Store:
     def complete(self, expected: Mapping[str, list]) -> Any:
         """What a finished run reads back: nothing here, once the store is known to be complete."""
         self.check_complete(expected)
+
+
+LOCK_NAME = ".counterattack.lock"
+
+
+@contextlib.contextmanager
+def hold(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for the block: a second run on it is refused at once, naming the holder, instead of both
+    computing everything and clashing at the merge. The operating system releases the lock when the process ends,
+    however it ends."""
+    import fcntl
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileExistsError:
+        raise CounterattackError(f"{folder} is a file, not a folder: give another --out.") from None
+    except OSError as exc:
+        raise CounterattackError(f"cannot use {folder} as the output folder ({exc.strerror}): give another --out.") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 4096).decode("utf-8", "replace").strip() or "unknown"
+            raise CounterattackError(f"{folder} is in use by another run ({holder}): wait for it to finish, or use "
+                                     "another --out.") from None
+        os.ftruncate(handle, 0)
+        os.write(handle, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)[:300]}".encode())
+        yield
+    finally:
+        os.close(handle)
 
 
 def fill(store: Store, config: Mapping[str, Any], expected: Mapping[str, list], group: ProcessGroup,

@@ -20,7 +20,8 @@ from typing import ClassVar
 
 import torch
 
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..errors import CounterattackError
 from ..options import PIXEL_UNIT, check_options, describe_options, option, runtime
 from ..randomness import ImageRandomness

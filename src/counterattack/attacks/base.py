@@ -7,6 +7,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..classifier import ZeroShotClassifier
+from ..inputs import guard_attack
 from ..options import PIXEL, Registry
 from ..randomness import ImageRandomness
 
@@ -25,5 +26,5 @@ class Attack(Protocol):
     def describe(self) -> dict: ...
 
 
-ATTACKS = Registry("attack", required=("__call__", "describe"))
+ATTACKS = Registry("attack", required=("__call__", "describe"), guard=guard_attack)
 register_attack = ATTACKS.register  # @register_attack on a frozen dataclass: its options become --NAME-FIELD flags

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..options import PIXEL_UNIT, check_options, describe_options, option
 from ..randomness import ImageRandomness
 from .base import register_attack

@@ -27,6 +27,7 @@ from ..data import EvalDataset, balanced_subset, check_manual_datasets, find_unr
 from ..defenses import DEFENSES, Defense, build_defenses
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
+from ..fingerprints import resolved_location, weights_identity
 from ..evaluate import RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize
 from ..models import LoadedCLIP, load_clip, load_vision_checkpoint
 from ..options import flag, options_of
@@ -107,6 +108,10 @@ class RunContext:
         self.tau_encoder, self.tau_model = tau_encoder, tau_model  # TTC's tau encoder (None: the defended one)
         self.selections, self.attacks, self.defenses, self.adversarial = selections, attacks, defenses, adversarial
         self._classifiers: dict[str, ZeroShotClassifier] = {}
+        model = config.model
+        # By content, once per run: another path to the same weights is the same run, new weights behind a path are not.
+        self.weights = weights_identity(model.name, model.pretrained_tag, model.vision_checkpoint)
+        self.weights_location = resolved_location(model.name, model.pretrained_tag, model.vision_checkpoint)
         run = config.run
         workers = run.workers
         if workers is None:  # more loader processes keep a GPU busy
@@ -135,9 +140,7 @@ class RunContext:
         """What the images and the classifier are: a stored adversarial set must have been made for the same."""
         model, data = self.config.model, self.config.data
         return {
-            "model": model.name,
-            "pretrained": model.pretrained_tag,
-            "vision_checkpoint": str(model.vision_checkpoint) if model.vision_checkpoint else None,
+            **self.weights,
             **({"backbone": model.backbone} if model.backbone else {}),
             "prompts": model.prompts,
             "templates": list(model.templates) if model.templates else None,  # None: each dataset's own
@@ -150,7 +153,7 @@ class RunContext:
     def run_record(self) -> dict[str, Any]:
         """Settings that change no result: a resumed run may differ in them."""
         return {"batch_size": self.config.run.batch_size, "device": str(self.device), "processes": self.group.world_size,
-                "data_root": str(self.config.data.root), "versions": _versions()}
+                "data_root": str(self.config.data.root), "weights_from": self.weights_location, "versions": _versions()}
 
     def expected(self) -> dict[str, list]:
         return {s.data.name: s.ids for s in self.selections}

@@ -128,6 +128,15 @@ def _imagefolder(directory: Path, clip: LoadedCLIP, transform: str) -> EvalDatas
             f"{directory} is not an image folder: expected one sub-folder per class holding images ({exc})."
         ) from exc
     names = [c.replace("_", " ") for c in ds.classes]
+    if len(names) < 2:  # every image would be "correct", clean and adversarial alike
+        raise CounterattackError(f"{directory} holds one class ({ds.classes[0]}): a zero-shot classifier needs at "
+                                 "least two class folders to choose between.")
+    seen: dict[str, str] = {}
+    for folder, name in zip(ds.classes, names, strict=True):
+        if name in seen:
+            raise CounterattackError(f"{directory}: the class folders {seen[name]!r} and {folder!r} both name the class "
+                                     f"{name!r} ('_' reads as a space): their images could never be told apart. Rename one.")
+        seen[name] = folder
     files = [path for path, _ in ds.samples]
     ids: list[ImageId] = [Path(path).relative_to(directory).as_posix() for path in files]
     fingerprint = _digest(f"{i}\t{os.path.getsize(f)}\t{y}" for i, f, y in zip(ids, files, ds.targets))

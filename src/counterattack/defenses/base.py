@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..classifier import ZeroShotClassifier
+from ..inputs import guard_defense
 from ..options import PIXEL_UNIT, Registry, check_options, describe_options, option, options_of, runtime
 from ..randomness import ImageRandomness
 
@@ -93,7 +94,7 @@ def _the_same_on_every_dataset(defense: Defense, dataset: str) -> Defense:
 
 # --precision paper: the precision a defense's authors' code ran it in (the TTC code's fp16 autocast, unless a
 # defense says otherwise).
-DEFENSES = Registry("defense", required=("__call__", "attack_view", "describe"),
+DEFENSES = Registry("defense", required=("__call__", "attack_view", "describe"), guard=guard_defense,
                     defaults={"gate": None, "for_dataset": _the_same_on_every_dataset, "paper_precision": "fp16"})
 register_defense = DEFENSES.register  # @register_defense on a frozen dataclass: its options become --NAME-FIELD flags
 

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.loop import replay_steps, run_steps
-from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
+from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..inputs import check_pixels
 from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness

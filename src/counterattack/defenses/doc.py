@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.loop import project, replay_steps, sign_step
-from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
+from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..inputs import check_pixels
 from ..precision import full_precision, loss_scale
 from ..randomness import ImageRandomness
 from .base import (

@@ -61,7 +61,8 @@ from ..attacks.loop import project, replay_steps, run_steps
 from ..augment import (
     adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, apply_to_rows, gaussian_blur, per_image,
 )
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..randomness import ImageRandomness
 from .base import AttackView, DefenseOutput, describe_options, register_defense
 

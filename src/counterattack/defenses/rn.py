@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..attacks.loop import project
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..randomness import ImageRandomness
 from .base import PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense
 

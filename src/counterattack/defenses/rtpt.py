@@ -63,7 +63,8 @@ from ..augment import (
     apply_to_rows, autocontrast, blend, crop_and_resize, equalize, pixel_affine_to_theta, posterize, solarize,
     straight_through, warp,
 )
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..attacks.loop import replay_steps, run_steps
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..randomness import ImageRandomness
 from .base import (
     PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,

@@ -23,7 +23,8 @@ from typing import ClassVar
 import torch
 
 from ..attacks.loop import project, replay_steps, sign_gradient_steps, sign_step
-from ..classifier import ImageEncoder, ZeroShotClassifier, check_pixels
+from ..classifier import ImageEncoder, ZeroShotClassifier
+from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (

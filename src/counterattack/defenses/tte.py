@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..classifier import ZeroShotClassifier, check_pixels
+from ..classifier import ZeroShotClassifier
+from ..inputs import check_pixels
 from ..randomness import ImageRandomness
 from .base import AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime
 
