@@ -18,34 +18,40 @@ def _package_version() -> str:
 
 __version__ = _package_version()
 
-from .attacks import (
-    ATTACKS, CW, PGD, Attack, AutoAttack, AutoAttackPaper, build_attack, build_attacks, register_attack,
-)
-from .adaptive import AdaptiveAttack
-from .classifier import DEFAULT_TEMPLATES, EncoderPasses, ImageEncoder, ZeroShotClassifier, count_encoder_passes
-from .inputs import (
-    DtypeError, InputError, LabelError, PixelRangeError, RandomnessError, ShapeError, check_labels, check_pixels,
-    check_randomness,
-)
-from .data import EvalDataset, balanced_subset, load_dataset
-from .defended import DefendedModel, defended
-from .defenses import (
-    CSR, DEFENSES, DOC, MAC, RTPT, TTC, AntiAdversary, Defense, DefenseOutput, Gate, HedgeDefense, NoDefense, RandomNoise,
-    TransformEnsemble, TTCResult, build_defense, build_defenses, register_defense,
-)
-from .errors import CounterattackError
-from .evaluate import RunSettings, evaluate_dataset, summarize
-from .hf_transformers import TransformersCLIP, TransformersTokenizer
-from .models import LoadedCLIP, load_clip, load_vision_checkpoint, read_state_dict
-from .randomness import ImageRandomness
+# The public API, by the module that defines each name. Imported on first use (PEP 562): the command line's
+# parser, and ``counterattack --help``, must not pay for importing torch and open_clip.
+_PUBLIC = {
+    "attacks": ("ATTACKS", "CW", "PGD", "Attack", "AutoAttack", "AutoAttackPaper", "build_attack", "build_attacks",
+                "register_attack"),
+    "adaptive": ("AdaptiveAttack",),
+    "classifier": ("DEFAULT_TEMPLATES", "EncoderPasses", "ImageEncoder", "ZeroShotClassifier", "count_encoder_passes"),
+    "inputs": ("DtypeError", "InputError", "LabelError", "PixelRangeError", "RandomnessError", "ShapeError", "check_labels",
+               "check_pixels", "check_randomness"),
+    "data": ("EvalDataset", "balanced_subset", "load_dataset"),
+    "defended": ("DefendedModel", "defended"),
+    "defenses": ("CSR", "DEFENSES", "DOC", "MAC", "RTPT", "TTC", "AntiAdversary", "Defense", "DefenseOutput", "Gate",
+                 "HedgeDefense", "NoDefense", "RandomNoise", "TransformEnsemble", "TTCResult", "build_defense",
+                 "build_defenses", "register_defense"),
+    "errors": ("CounterattackError",),
+    "evaluate": ("RunSettings", "evaluate_dataset", "summarize"),
+    "hf_transformers": ("TransformersCLIP", "TransformersTokenizer"),
+    "models": ("LoadedCLIP", "load_clip", "load_vision_checkpoint", "read_state_dict"),
+    "randomness": ("ImageRandomness",),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 
-__all__ = [
-    "__version__", "EncoderPasses", "PixelRangeError", "check_pixels", "count_encoder_passes", "InputError", "ShapeError",
-    "DtypeError", "LabelError", "RandomnessError", "check_labels", "check_randomness",
-    "AdaptiveAttack", "AutoAttack", "AutoAttackPaper", "CW", "build_attacks", "register_attack", "AntiAdversary", "HedgeDefense", "RandomNoise", "TransformEnsemble", "load_vision_checkpoint", "read_state_dict",
-    "ATTACKS", "Attack", "CounterattackError", "DEFAULT_TEMPLATES", "DEFENSES", "Defense", "build_defense", "register_defense",
-    "DefenseOutput", "EvalDataset", "ImageEncoder", "ImageRandomness", "LoadedCLIP", "NoDefense", "PGD",
-    "RunSettings", "TTC", "TTCResult", "ZeroShotClassifier", "balanced_subset", "build_attack",
-    "build_defenses", "evaluate_dataset", "load_clip", "load_dataset", "summarize",
-    "DefendedModel", "defended", "TransformersCLIP", "TransformersTokenizer", "CSR", "DOC", "MAC", "RTPT", "Gate",
-]
+__all__ = ["__version__", *_HOME]
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'counterattack' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

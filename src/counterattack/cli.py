@@ -19,9 +19,10 @@ from typing import Any
 from .config import RunConfig, build_config, default
 from .errors import CounterattackError
 from .flags import (
-    COUNT, PIXELS, POSITIVE, REGISTRIES, add_registered_options, cli_value, names_of, number, registered_settings,
+    COUNT, PIXELS, POSITIVE, add_registered_options, cli_value, entries, given_flags, names_of, number,
+    registered_settings,
 )
-from .options import PIXEL, flag, options_of
+from .options import PIXEL, flag
 
 SEED = number(int, 0, 2**63 - 1)
 
@@ -92,10 +93,9 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
                       help="skip image files that cannot be decoded (listed in results.json) instead of stopping")
     attack = command.add_argument_group("attack", "Every attack's own options are below (--pgd-steps, --cw-kappa, ...); "
                                         "--eps, --attack-steps and --attack-step-size set them for every attack that has them.")
-    attacks = REGISTRIES["attack"]
     attack.add_argument("--attack", type=names_of("attack"),
                         help=helped("comma-separated; several give a worst-case record too. "
-                                    + "; ".join(f"{k}: {attacks.summary(k)}" for k in attacks), "attack.names"))
+                                    + "; ".join(f"{k}: {e.summary}" for k, e in entries("attack").items()), "attack.names"))
     attack.add_argument("--eps", type=PIXELS, help="L-inf budget of every attack, in 1/255 (default: each attack's own)")
     attack.add_argument("--attack-steps", type=COUNT, help="iterations of every attack (default: each attack's own)")
     attack.add_argument("--attack-step-size", type=PIXELS,
@@ -112,7 +112,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     if defenses:
         group = command.add_argument_group("defense")
         group.add_argument("--defense", type=names_of("defense"),
-                           help=helped(f"comma-separated: {', '.join(REGISTRIES['defense'])}", "defense.names"))
+                           help=helped(f"comma-separated: {', '.join(entries('defense'))}", "defense.names"))
         add_registered_options(command, "defense")
     run = command.add_argument_group("run")
     precisions = ("fp32", "tf32", "bf16", "fp16", "paper")
@@ -232,8 +232,7 @@ PRESET_FIXED = ("dataset", "attack", "eps", "attack_steps", "attack_step_size", 
 
 def _refuse_fixed_flags(args: argparse.Namespace) -> None:
     fixed = [f"--{name.replace('_', '-')}" for name in PRESET_FIXED if getattr(args, name, None) is not None]
-    fixed += [flag(name, setting.name) for kind, registry in REGISTRIES.items() for name, cls in registry.items()
-              for setting in options_of(cls) if getattr(args, f"{kind}:{name}:{setting.name}", None) is not None]
+    fixed += given_flags(args)
     if fixed and args.preset:
         raise CounterattackError(f"{args.preset} fixes what its table measured; {', '.join(fixed)} cannot change it "
                                  "(run `counterattack eval` with those flags instead).")
@@ -260,7 +259,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "attack.threat": args.threat, "attack.precision": args.attack_precision,
         "attack.quantize": args.quantize_adversarial,
         "attack.adaptive": registered_settings(args, "adaptive", "adaptive"),
-        "attack.settings": {name: registered_settings(args, "attack", name) for name in REGISTRIES["attack"]},
+        "attack.settings": {name: registered_settings(args, "attack", name) for name in entries("attack")},
         "run.precision": args.precision, "run.batch_size": args.batch_size, "run.seed": args.seed,
         "run.seeds": getattr(args, "seeds", None), "run.device": args.device, "run.workers": args.workers,
         "run.progress": not args.no_progress, "run.dist_timeout_minutes": args.dist_timeout,
@@ -274,7 +273,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if hasattr(args, "defense"):
         given["defense.names"] = tuple(args.defense) if args.defense is not None else None
         given["defense.precision"] = args.defense_precision
-        given["defense.settings"] = {name: registered_settings(args, "defense", name) for name in REGISTRIES["defense"]}
+        given["defense.settings"] = {name: registered_settings(args, "defense", name) for name in entries("defense")}
     if args.command == "reproduce":
         _refuse_fixed_flags(args)
         given.update({"study.preset": args.preset, "study.skip_missing": args.skip_missing,
@@ -309,12 +308,11 @@ def list_datasets(args: argparse.Namespace) -> None:
 
 def list_registered(args: argparse.Namespace, kind: str) -> None:
     """``counterattack defenses`` and ``counterattack attacks``: every one with its flags and defaults."""
-    registry = REGISTRIES[kind]
     listing = {
-        name: {"summary": registry.summary(name),
-               "options": {flag(name, f.name): cli_value(f.default, f.metadata) for f in options_of(cls)},
-               **({"paper_precision": cls.paper_precision} if kind == "defense" else {})}
-        for name, cls in registry.items()
+        name: {"summary": entry.summary,
+               "options": {flag(name, spec.name): cli_value(spec.default, spec.unit) for spec in entry.options},
+               **({"paper_precision": entry.paper_precision} if kind == "defense" else {})}
+        for name, entry in entries(kind).items()
     }
     if args.json:
         print(json.dumps(listing, indent=2))

@@ -1,25 +1,19 @@
 """Registered options on the command line: every option of every defense and attack is a ``--NAME-FIELD`` flag.
 
 Budgets and step sizes (``unit=PIXEL_UNIT``) are given in 1/255 on the command line and stored in
-[0, 1] pixel units; bounds and choices come from the option itself.
+[0, 1] pixel units; bounds and choices come from the option itself. The options are read through
+``manifest``, so building the parser imports no model library.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import Field
+from collections.abc import Callable
 from typing import Any
 
-from .adaptive import AdaptiveAttack
-from .attacks import ATTACKS
-from .defenses import DEFENSES
-from .errors import CounterattackError
-from .options import PIXEL, PIXEL_UNIT, flag, options_of
-
-# The registered classes whose options become flags: defenses, attacks, and the adaptive attack's own settings.
-REGISTRIES: dict[str, Mapping[str, type]] = {"defense": DEFENSES, "attack": ATTACKS, "adaptive": {"adaptive": AdaptiveAttack}}
+from .manifest import EntrySpec, OptionSpec, registered
+from .options import PIXEL, PIXEL_UNIT, flag
 
 
 def number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], float | int]:
@@ -47,68 +41,80 @@ COUNT = number(int, 0)
 POSITIVE = number(int, 1)
 
 
+def entries(kind: str) -> dict[str, EntrySpec]:
+    """The registered classes of a kind (``defense``, ``attack`` or ``adaptive``) with their options."""
+    return registered()[kind]
+
+
 def names_of(kind: str) -> Callable[[str], list[str]]:
     """An argparse type: comma-separated names; attack names are checked here, defense names when the run starts
     (a typo in either is one line)."""
-    registry = REGISTRIES[kind]
 
     def parse(text: str) -> list[str]:
+        known = entries(kind)
         names = [part.strip() for part in text.split(",") if part.strip()]
         if not names:
-            raise argparse.ArgumentTypeError(f"no {kind} in {text!r}; available: {', '.join(registry)}")
-        if kind == "attack":
-            try:
-                ATTACKS.check_names(names)
-            except CounterattackError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(f"no {kind} in {text!r}; available: {', '.join(known)}")
+        unknown = [n for n in names if n not in known]
+        if kind == "attack" and unknown:
+            raise argparse.ArgumentTypeError(f"Unknown attack(s) {', '.join(map(repr, unknown))}. "
+                                             f"Available: {', '.join(known)}.")
+        if kind == "attack" and len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"Attack listed twice: {', '.join(names)}.")
         return names
 
     return parse
 
 
-def cli_value(value: Any, meta: Mapping[str, Any]) -> Any:
+def cli_value(value: Any, unit: str | None) -> Any:
     """An option's value as the command line writes it (budgets in 1/255)."""
-    return round(value * 255, 6) if meta.get("unit") == PIXEL_UNIT and isinstance(value, float) else value
+    return round(value * 255, 6) if unit == PIXEL_UNIT and isinstance(value, float) else value
 
 
-def option_parser(setting: Field) -> Callable[[str], Any]:
+def library_value(value: Any, unit: str | None) -> Any:
+    """A value as the command line gives it, in the library's units (budgets in [0, 1] pixels)."""
+    return value * PIXEL if unit == PIXEL_UNIT and value is not None else value
+
+
+def option_parser(spec: OptionSpec) -> Callable[[str], Any]:
     """How the command line reads one option: its choices, or a number within its bounds (in 1/255 for budgets)."""
-    meta = setting.metadata
-    if meta["choices"] is not None:
+    if spec.choices is not None:
         def choice(text: str) -> str:
-            if text not in meta["choices"]:
-                raise argparse.ArgumentTypeError(f"must be one of {', '.join(meta['choices'])}, got {text!r}")
+            if text not in spec.choices:
+                raise argparse.ArgumentTypeError(f"must be one of {', '.join(spec.choices)}, got {text!r}")
             return text
         return choice
-    high = None if meta["high"] is None else cli_value(float(meta["high"]), meta)
-    integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
-    return number(int if integer else float, meta["low"], high)
+    high = None if spec.high is None else cli_value(float(spec.high), spec.unit)
+    return number(int if spec.integer else float, spec.low, high)
 
 
 def add_registered_options(command: argparse.ArgumentParser, kind: str) -> None:
-    """``--NAME-SETTING`` for every option of every registered class of ``kind``, from its dataclass."""
-    for name, cls in REGISTRIES[kind].items():
-        settings = options_of(cls)
-        if not settings:
+    """``--NAME-SETTING`` for every option of every registered class of ``kind``."""
+    for name, entry in entries(kind).items():
+        if not entry.options:
             continue
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         group = command.add_argument_group(f"{kind} {name}" if kind != "adaptive" else "adaptive attacks (--threat adaptive)",
-                                           summary)
-        for setting in settings:
-            meta = setting.metadata
-            unit = f", in {PIXEL_UNIT}" if meta["unit"] == PIXEL_UNIT else ""
-            integer = isinstance(setting.default, int) and not isinstance(setting.default, bool)
-            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else ("N" if integer else "X")
-            group.add_argument(flag(name, setting.name), *meta["aliases"], dest=f"{kind}:{name}:{setting.name}",
-                               type=option_parser(setting), default=None, metavar=metavar,
-                               help=f"{meta['help']}{unit} (default: {cli_value(setting.default, meta)})")
+                                           entry.summary)
+        for spec in entry.options:
+            unit = f", in {PIXEL_UNIT}" if spec.unit == PIXEL_UNIT else ""
+            metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else ("N" if spec.integer else "X")
+            group.add_argument(flag(name, spec.name), *spec.aliases, dest=f"{kind}:{name}:{spec.name}",
+                               type=option_parser(spec), default=None, metavar=metavar,
+                               # argparse formats help with %: a literal one is doubled
+                               help=f"{spec.help}{unit} (default: {cli_value(spec.default, spec.unit)})".replace("%", "%%"))
 
 
 def registered_settings(args: argparse.Namespace, kind: str, name: str) -> dict[str, Any]:
     """The options of ``name`` given on the command line, in the library's units."""
     given = {}
-    for setting in options_of(REGISTRIES[kind][name]):
-        value = getattr(args, f"{kind}:{name}:{setting.name}", None)
+    for spec in entries(kind)[name].options:
+        value = getattr(args, f"{kind}:{name}:{spec.name}", None)
         if value is not None:
-            given[setting.name] = value * PIXEL if setting.metadata["unit"] == PIXEL_UNIT else value
+            given[spec.name] = library_value(value, spec.unit)
     return given
+
+
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """Every registered option's flag given on the command line."""
+    return [flag(name, spec.name) for kind, kind_entries in registered().items() for name, entry in kind_entries.items()
+            for spec in entry.options if getattr(args, f"{kind}:{name}:{spec.name}", None) is not None]

@@ -28,3 +28,8 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float | None]:
     if len(data) == 1:
         return mean, None
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in data) / (len(data) - 1))
+
+
+def duration(seconds: float) -> str:
+    """A time for a person: seconds, minutes or hours."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"

@@ -19,10 +19,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .distributed import ProcessGroup
 from .errors import CounterattackError
+
+if TYPE_CHECKING:  # torch.distributed is heavy, and the command line's parser reads this module's cache helpers
+    from .distributed import ProcessGroup
 
 # Settings that do not change any result: left out of the hash, so a resumed run may change them.
 RUN_ONLY_KEYS = ("run",)

@@ -9,6 +9,8 @@ the model and the data have loaded.
 from __future__ import annotations
 
 import copy
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -33,6 +35,7 @@ from ..models import LoadedCLIP, load_clip, load_vision_checkpoint
 from ..options import flag, options_of
 from ..report import format_table, paper_tables, write_report
 from ..results import ResultsStore
+from ..stats import duration
 from ..store import fill, write_json_atomically
 
 
@@ -223,6 +226,7 @@ class RunContext:
         threat = self.config.attack.threat
 
         def evaluate_my_share(done: dict[str, set]) -> None:
+            estimate = Estimate(self, done)
             for selection in self.selections:
                 data = selection.data
                 on_data = {name: defense.for_dataset(data.name) for name, defense in defenses.items()}
@@ -231,6 +235,7 @@ class RunContext:
                                               done.get(data.name, ()), lambda a, d: attack_for[(a.name, id(d))],
                                               selection.chosen, self.adversarial):
                     store.append(batch)
+                    estimate.after(len(batch["ids"]))
 
         batches = fill(store, config, self.expected(), self.group, evaluate_my_share)
         if not self.group.is_main:
@@ -251,11 +256,13 @@ class RunContext:
         adversarial = AdversarialSet(folder, self.group.rank)
 
         def craft_my_share(done: dict[str, set]) -> None:
+            estimate = Estimate(self, done)
             for selection in self.selections:
                 data = selection.data
                 for ids, labels, images in craft_dataset(self.classifier(data), data, attacks, self.settings,
                                                          done.get(data.name, ()), selection.chosen):
                     adversarial.append(data.name, ids, labels, images)
+                    estimate.after(len(ids))
 
         fill(adversarial, config, self.expected(), self.group, craft_my_share)
         return AdversarialSet.open(folder)
@@ -267,6 +274,27 @@ class RunContext:
             self.adversarial = self.craft_into(self.config.out / "adversarial", self.attacks)
             self.attacks = stored_attacks(self.adversarial)
         return self.adversarial
+
+
+class Estimate:
+    """After the first batch of a long run, the time it projects for the rest (on the main process)."""
+
+    def __init__(self, context: RunContext, done: Mapping[str, set]):
+        expected = context.expected()
+        self.remaining = sum(len(ids) - len(done.get(name, set()) & set(ids)) for name, ids in expected.items())
+        self.context, self.start, self.told = context, time.perf_counter(), not context.group.is_main
+
+    def after(self, images: int) -> None:
+        if self.told:
+            return
+        self.told = True
+        left = self.remaining / self.context.group.world_size - images  # this process's share, less the first batch
+        if left <= 0:
+            return
+        per_image = (time.perf_counter() - self.start) / images
+        print(f"estimate from the first batch: {per_image:.3g} s per image on {self.context.device}, about "
+              f"{duration(per_image * left)} for the "
+              f"{self.remaining - images} images left (the same command again resumes where it stops)", file=sys.stderr)
 
 
 def _select(config: RunConfig, data: EvalDataset) -> Selection:

@@ -28,6 +28,7 @@ from ..evaluate import RunSettings, evaluate_dataset
 from ..models import LoadedCLIP, load_clip
 from ..presets import PRESETS, Preset
 from ..published import load_published
+from ..stats import duration
 from . import eval as eval_command
 from .context import open_run
 
@@ -195,10 +196,6 @@ def estimate(preset: Preset, config: RunConfig, clip: LoadedCLIP, load_seconds: 
     return Estimate(count, (passes.forwards + passes.backwards) / batch, seconds, setup)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
 def list_presets(config: RunConfig, device: torch.device) -> dict[str, Estimate]:
     start = time.perf_counter()
     clip = _timing_model(config, device)
@@ -217,7 +214,7 @@ def list_presets(config: RunConfig, device: torch.device) -> dict[str, Estimate]
               f"  defenses: {', '.join(preset.defenses)}; attacks: {preset.describe_attacks()}; backbones: "
               f"{', '.join(preset.backbones)}{checkpoints}\n"
               f"  {found.images:,} images, {found.passes_per_image:.0f} encoder passes each (forwards + backwards); "
-              f"estimated {found.seconds_per_image:.2f} s per image, {_duration(found.seconds)} in all")
+              f"estimated {found.seconds_per_image:.2f} s per image, {duration(found.seconds)} in all")
     return estimates
 
 

@@ -16,15 +16,16 @@ from ..data import short_name
 from ..defenses import DEFENSES, NoDefense
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
-from ..flags import cli_value, option_parser
-from ..options import PIXEL, PIXEL_UNIT, options_of
+from ..flags import cli_value, library_value, option_parser
+from ..manifest import option_spec
+from ..options import options_of
 from ..plots import plot_pareto, safe_file_name
 from .context import RunContext, open_run, over_seeds, single_defense, write_results
 
 
 def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:
     """``["tau_thres=0,0.1", "eps=2,4"]`` -> every combination, as settings in the library's units (cartesian product)."""
-    by_name = {f.name: f for f in options_of(DEFENSES[defense])}
+    by_name = {f.name: option_spec(f) for f in options_of(DEFENSES[defense])}
     if not by_name:
         raise CounterattackError(f"{defense} has no options to sweep.")
     axes: dict[str, list[Any]] = {}
@@ -36,21 +37,21 @@ def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:
                                      f"{', '.join(by_name) or 'none'}.")
         if name in axes:
             raise CounterattackError(f"--grid gives {name} twice.")
-        parse, setting = option_parser(by_name[name]), by_name[name]
+        parse, spec = option_parser(by_name[name]), by_name[name]
         try:
             parsed = [parse(v.strip()) for v in values.split(",") if v.strip()]
         except argparse.ArgumentTypeError as exc:
             raise CounterattackError(f"--grid {name}: {exc}.") from None
         if not parsed:
             raise CounterattackError(f"--grid {name}: no values.")
-        axes[name] = [v * PIXEL if setting.metadata["unit"] == PIXEL_UNIT else v for v in parsed]
+        axes[name] = [library_value(v, spec.unit) for v in parsed]
     return [dict(zip(axes, combination, strict=True)) for combination in itertools.product(*axes.values())]
 
 
 def cli_setting(defense: str, setting: Mapping[str, Any]) -> dict[str, Any]:
     """A sweep point's values as the command line writes them (budgets in 1/255)."""
     fields_by_name = {f.name: f for f in fields(DEFENSES[defense])}
-    return {k: cli_value(v, fields_by_name[k].metadata) for k, v in setting.items()}
+    return {k: cli_value(v, fields_by_name[k].metadata["unit"]) for k, v in setting.items()}
 
 
 def setting_label(defense: str, setting: Mapping[str, Any]) -> str:
