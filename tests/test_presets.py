@@ -1,0 +1,117 @@
+"""Reproducing the papers: each preset against the table it reproduces, reproduce end to end, and its refusals."""
+
+import json
+
+import pytest
+
+from counterattack.attacks import ATTACKS
+from counterattack.cli import main
+from counterattack.data import DATASETS
+from counterattack.defenses import DEFENSES
+from counterattack.presets import PRESETS
+from counterattack.published import AVERAGE16, load_published
+
+from testkit import build_eurosat
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_each_preset_runs_exactly_what_its_table_printed(name):
+    """The preset's settings are those of its source's records at its budget: every printed defense, attack and
+    dataset is run, and nothing that no record of the table names (published.json is the reference)."""
+    preset, published = PRESETS[name], load_published()
+    records = [r for r in published.records if r.source == preset.source and r.backbone in preset.backbones
+               and r.attack in preset.attacks and r.eps == preset.eps and r.steps == preset.steps]
+    assert records, f"{name}: no published record at its settings"
+    assert {r.defense for r in records} == set(preset.defenses)
+    assert {r.attack for r in records} == set(preset.attacks)
+    assert {r.backbone for r in records} == set(preset.backbones)
+    printed = {r.dataset for r in records}
+    per_dataset = printed - {AVERAGE16}
+    assert per_dataset <= set(preset.datasets)
+    if AVERAGE16 in printed:  # an average over the 16 datasets needs all 16
+        assert set(preset.datasets) == set(published.datasets16)
+    else:
+        assert per_dataset == set(preset.datasets)
+    assert set(preset.datasets) <= set(DATASETS) and set(preset.defenses) <= set(DEFENSES)
+    assert set(preset.attacks) <= set(ATTACKS)
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    """EuroSAT's fake layout: the one dataset of COLA's nine under the data root."""
+    build_eurosat(tmp_path / "data", monkeypatch)
+    return tmp_path / "data"
+
+
+def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root, random_clip_dir, capsys):
+    out = tmp_path / "cola"
+    argv = ["reproduce", "cola-table1", "--skip-missing", "--data-root", data_root, "--model",
+            f"local-dir:{random_clip_dir}", "--limit", "4", "--workers", "0", "--no-progress", "--out", out]
+    assert run(*argv) == 0
+    printed = capsys.readouterr().out
+    assert "skipping 8 dataset(s)" in printed and "dtd" in printed
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    assert config["preset"] == "cola-table1"
+    assert [(a["attack"], round(a["eps"] * 255, 6), a["steps"]) for a in config["attacks"]] == [("pgd", 1, 10), ("cw", 1, 10)]
+    assert [d["defense"] for d in config["defenses"]] == ["none", "rn", "hd", "tte", "ttc"]
+    assert {(r["dataset"], r["attack"]) for r in results["records"]} == {
+        ("eurosat", a) for a in ("pgd", "cw", "worst-case")}
+    assert all(r["n"] == 4 for r in results["records"])
+    for name in ("comparison.md", "comparison.csv", "comparison.json"):
+        assert (out / name).is_file()
+    assert (out / "comparison.png").read_bytes()[:8] == PNG
+    comparison = json.loads((out / "comparison.json").read_text())
+    # A random local model has no published twin: every record is listed as such, none matched loosely.
+    assert comparison["rows"] == [] and len(comparison["unmatched"]) == len(results["records"])
+    # The same command again resumes: nothing is evaluated twice.
+    parts = sorted(p.read_text() for p in (out / "parts").glob("*.jsonl"))
+    assert run(*argv) == 0
+    assert sorted(p.read_text() for p in (out / "parts").glob("*.jsonl")) == parts
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reproduce", "ttc-table9"], "Unknown preset 'ttc-table9'"),
+    (["reproduce", "ttc-aft", "--skip-missing"], "--tecoa-checkpoint FILE"),
+    (["reproduce", "cola-table1", "--eps", "4"], "cola-table1 fixes what its table measured; --eps cannot change it"),
+    (["reproduce", "doc-table1", "--ttc-tau-thres", "0.1"], "--ttc-tau-thres cannot change it"),
+    (["reproduce", "cola-table1"], "--skip-missing"),
+    (["reproduce", "cola-table1", "--list"], "not both"),
+    (["reproduce"], "name a preset"),
+])
+def test_bad_reproduce_requests_are_one_line(tmp_path, argv, message, capsys):
+    assert run(*argv, "--data-root", tmp_path, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_manual_dataset_is_named_with_where_to_get_it(tmp_path, capsys):
+    assert run("reproduce", "cola-table1", "--data-root", tmp_path, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "stanford_cars" in err and "sun397" in err and "eurosat" in err and "Download" in err
+
+
+def test_list_shows_every_preset_with_an_estimate_from_a_warm_up(random_clip_dir, capsys):
+    assert run("reproduce", "--list", "--model", f"local-dir:{random_clip_dir}", "--limit", "2") == 0
+    printed = capsys.readouterr().out
+    assert "ESTIMATES" in printed
+    for name, preset in PRESETS.items():
+        assert f"{name}: {preset.title}" in printed
+    # Per preset: its images (2 per dataset per backbone here), passes and time.
+    assert "32 images" in printed and "64 images" in printed and "18 images" in printed
+    assert printed.count("encoder passes each") == len(PRESETS)
+
+
+def test_report_compares_any_results_folder_with_the_published_numbers(tmp_path, random_clip_dir, data_root):
+    out = tmp_path / "run"
+    assert run("eval", "--model", f"local-dir:{random_clip_dir}", "--dataset", "eurosat", "--data-root", data_root,
+               "--attack-steps", "1", "--defense", "none", "--workers", "0", "--no-progress", "--out", out) == 0
+    assert run("report", out, "--compare", "published") == 0
+    assert (out / "comparison.png").read_bytes()[:8] == PNG
+    assert "Records without a published twin" in (out / "comparison.md").read_text()
