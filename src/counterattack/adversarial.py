@@ -182,7 +182,8 @@ class AdversarialSet(Store):
                         f"{', '.join(k.removeprefix('adv/') for k in stored if k != 'labels')}); "
                         "choose one of those, or attack again with it."
                     )
-                tensor = f.get_tensor(key)
+                # A copy, not a view of the mapped file: a shard cut short later must not crash the process.
+                tensor = f.get_tensor(key).clone()
         except CounterattackError:
             raise
         except Exception as exc:

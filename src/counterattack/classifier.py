@@ -89,6 +89,8 @@ class ImageEncoder(nn.Module):
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected RGB images of shape (N, 3, H, W), got {tuple(pixels.shape)}")
+        if pixels.dtype == torch.float64:  # the weights are float32 (or autocast's): double pixels are pixels too
+            pixels = pixels.float()
         if tuple(pixels.shape[-2:]) != self.image_size:
             pixels = F.interpolate(pixels, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
         return (pixels - self.mean) / self.std

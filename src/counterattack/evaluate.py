@@ -72,9 +72,10 @@ class _Stopwatch:
 
 
 def _per_image(output: DefenseOutput) -> dict:
-    if not torch.isfinite(output.logits).all():
-        raise CounterattackError("non-finite logits (NaN or infinity): the model's weights or the images are broken; "
-                                 "the run stops before writing them (finished batches are kept)")
+    for what, values in (("logits", output.logits), ("gate scores", output.score)):
+        if values is not None and not torch.isfinite(values).all():
+            raise CounterattackError(f"non-finite {what} (NaN or infinity): the model's weights or the images are broken; "
+                                     "the run stops before writing them (finished batches are kept)")
     return {
         "pred": output.logits.argmax(-1).tolist(),
         "score": None if output.score is None else output.score.tolist(),

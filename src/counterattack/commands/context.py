@@ -277,7 +277,9 @@ class RunContext:
 
 
 class Estimate:
-    """After the first batch of a long run, the time it projects for the rest (on the main process)."""
+    """After the first batch of a long run (a minute or more), the time it projects for the rest (main process)."""
+
+    WORTH_SAYING = 60.0  # seconds
 
     def __init__(self, context: RunContext, done: Mapping[str, set]):
         expected = context.expected()
@@ -292,6 +294,8 @@ class Estimate:
         if left <= 0:
             return
         per_image = (time.perf_counter() - self.start) / images
+        if per_image * left < self.WORTH_SAYING:
+            return
         print(f"estimate from the first batch: {per_image:.3g} s per image on {self.context.device}, about "
               f"{duration(per_image * left)} for the "
               f"{self.remaining - images} images left (the same command again resumes where it stops)", file=sys.stderr)
