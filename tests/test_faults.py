@@ -345,3 +345,33 @@ def test_results_json_never_holds_nan(tmp_path):
     with pytest.raises(ValueError):
         write_json_atomically(tmp_path / "results.json", {"x": float("nan")})
     assert list(tmp_path.iterdir()) == []  # nothing half-written either
+
+
+def _can_mount_tmpfs(where) -> bool:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    where.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_stops_cleanly_and_the_same_command_resumes(tmp_path, random_clip_dir, folder, capsys):
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("needs root and tmpfs to fill a small disk")
+    try:
+        lone = tmp_path / "lone"
+        assert main(eval_argv(random_clip_dir, folder, lone, "--batch-size", "1")) == 0
+        out = disk / "out"
+        capsys.readouterr()
+        assert main(eval_argv(random_clip_dir, folder, out, "--batch-size", "1")) == 2
+        one_line_error(capsys, "No space left on device", "Finished work is kept")
+        for path in out.rglob("*"):  # nothing half-written: every file whole
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".png":
+                assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 100
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert main(eval_argv(random_clip_dir, folder, out, "--batch-size", "1")) == 0
+        assert comparable_records(out) == comparable_records(lone)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
