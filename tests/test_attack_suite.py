@@ -13,8 +13,7 @@ from counterattack.attacks import cw_margin
 from counterattack.cli import main
 from counterattack.sanity import _never_increases
 
-from testkit import threshold_between
-from conftest import CIFAR10_TEST_DIR, IN_CI, TINY_CLIP_DIR, needs_shared
+from testkit import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared, threshold_between, write_image_folder
 
 
 def rng(n: int, purpose: str = "attack") -> ImageRandomness:
@@ -24,19 +23,6 @@ def rng(n: int, purpose: str = "attack") -> ImageRandomness:
 def accuracy(classifier, images, labels) -> float:
     with torch.no_grad():
         return (classifier.logits(images).argmax(-1) == labels).float().mean().item()
-
-
-@pytest.fixture(scope="module")
-def cifar_batch():
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import to_tensor
-
-    if not CIFAR10_TEST_DIR.is_dir() and not IN_CI:
-        pytest.skip(f"CIFAR-10 images not found at {CIFAR10_TEST_DIR}")
-    folder = ImageFolder(str(CIFAR10_TEST_DIR))
-    picks = [c * 1000 + i for c in range(10) for i in range(12)]
-    images = torch.stack([to_tensor(folder[i][0]) for i in picks])
-    return images, torch.tensor([folder.targets[i] for i in picks])
 
 
 def test_cw_margin_is_the_papers_formula():
@@ -54,10 +40,9 @@ def test_attack_registry_builds_what_it_names():
     assert build_attack("autoattack", eps=4 / 255).attacks_for(10) == ["apgd-ce", "apgd-t", "fab-t", "square"]
 
 
-@needs_shared
 @pytest.mark.parametrize("name", ["pgd", "cw", "autoattack-paper"])
-def test_every_attack_lowers_accuracy_within_budget(tiny_classifier, cifar_batch, name):
-    images, labels = cifar_batch[0][::2], cifar_batch[1][::2]
+def test_every_attack_lowers_accuracy_within_budget(tiny_classifier, cifar10_first, name):
+    images, labels = (batch[::2] for batch in cifar10_first(12))
     (attack,) = build_attacks([name], eps=2 / 255, steps=10, step_size=1 / 255)
     adv = attack(tiny_classifier, images, labels, rng(len(images)))
     assert (adv - images).abs().max() <= 2 / 255 + 1e-6
@@ -65,9 +50,8 @@ def test_every_attack_lowers_accuracy_within_budget(tiny_classifier, cifar_batch
     assert accuracy(tiny_classifier, adv, labels) < accuracy(tiny_classifier, images, labels) - 0.2
 
 
-@needs_shared
-def test_autoattack_subset_is_at_least_as_strong_as_pgd10(tiny_classifier, cifar_batch):
-    images, labels = cifar_batch[0][::2], cifar_batch[1][::2]
+def test_autoattack_subset_is_at_least_as_strong_as_pgd10(tiny_classifier, cifar10_first):
+    images, labels = (batch[::2] for batch in cifar10_first(12))
     pgd = PGD(eps=1 / 255, steps=10, step_size=1 / 255)(tiny_classifier, images, labels, rng(len(images)))
     aa = AutoAttackPaper(eps=1 / 255)
     adv = aa(tiny_classifier, images, labels, rng(len(images)))
@@ -89,9 +73,8 @@ def test_attack_view_computes_the_defense_and_passes_gradients(random_classifier
         assert grad.abs().sum(dim=(1, 2, 3)).gt(0).all()
 
 
-@needs_shared
-def test_gate_evasion_pushes_tau_above_the_threshold(tiny_classifier, cifar_batch):
-    images, labels = cifar_batch[0][::4], cifar_batch[1][::4]
+def test_gate_evasion_pushes_tau_above_the_threshold(tiny_classifier, cifar10_first):
+    images, labels = (batch[::4] for batch in cifar10_first(12))
     ttc = TTC(tau_thres=0.04)  # near this model's taus, so the gate decides
     judged_attacked, mean_tau = {}, {}
     for weight in (0.0, 100.0):
@@ -105,9 +88,8 @@ def test_gate_evasion_pushes_tau_above_the_threshold(tiny_classifier, cifar_batc
     assert judged_attacked[100.0] < judged_attacked[0.0]
 
 
-@needs_shared
-def test_adaptive_attacks_on_ttc_are_at_least_as_strong_as_the_paper_protocol(tiny_classifier, cifar_batch):
-    images, labels = cifar_batch
+def test_adaptive_attacks_on_ttc_are_at_least_as_strong_as_the_paper_protocol(tiny_classifier, cifar10_first):
+    images, labels = cifar10_first(12)
     ttc = TTC()
     paper = PGD()(tiny_classifier, images, labels, rng(len(images)))
 
@@ -144,8 +126,6 @@ def test_adaptive_threat_refuses_autoattack(random_clip_dir, tmp_path, capsys):
 
 
 def test_adaptive_eval_records_say_what_ran(random_clip_dir, tmp_path):
-    from test_data import write_image_folder
-
     folder = write_image_folder(tmp_path / "imgs", {"cat": 2, "dog": 2})
     out = tmp_path / "out"
     assert main(["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}",

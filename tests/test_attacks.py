@@ -4,8 +4,6 @@ import torch.nn.functional as F
 from counterattack import PGD, ImageRandomness
 from counterattack.attacks import project
 
-from conftest import needs_shared
-
 
 def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, labels[:, None]).squeeze(1)
@@ -42,17 +40,8 @@ def test_project_clips_to_ball_and_box():
     assert project(images, delta, 0.1).flatten().tolist() == [0.0, 0.10000000149011612, 0.0]
 
 
-@needs_shared
-def test_pgd_lowers_the_true_class_margin_of_the_tiny_clip(tiny_classifier):
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import to_tensor
-
-    from conftest import CIFAR10_TEST_DIR
-
-    folder = ImageFolder(str(CIFAR10_TEST_DIR))
-    picks = [i * 1000 for i in range(10)]  # the first image of each class
-    images = torch.stack([to_tensor(folder[i][0]) for i in picks])
-    labels = torch.tensor([folder.targets[i] for i in picks])
+def test_pgd_lowers_the_true_class_margin_of_the_tiny_clip(tiny_classifier, cifar10_first):
+    images, labels = cifar10_first(1)
     adv = PGD()(tiny_classifier, images, labels, ImageRandomness.from_seed(0, len(images)))
     with torch.no_grad():
         before, after = margin(tiny_classifier.logits(images), labels), margin(tiny_classifier.logits(adv), labels)

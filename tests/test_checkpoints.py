@@ -8,8 +8,7 @@ from safetensors.torch import save_file
 from counterattack import CounterattackError, load_clip, load_vision_checkpoint
 from counterattack.cli import main
 
-from conftest import RANDOM_CLIP_CFG, write_local_dir
-from test_data import write_image_folder
+from testkit import RANDOM_CLIP_CFG, RunsCode, write_image_folder, write_local_dir
 
 
 def finetuned_visual(seed: int, cfg: dict = RANDOM_CLIP_CFG) -> dict[str, torch.Tensor]:
@@ -52,16 +51,12 @@ def test_mismatched_vision_checkpoint_gives_a_clear_error(tmp_path, random_clip_
         load_vision_checkpoint(clip, tmp_path / "nowhere.pt")
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (print, ("code ran",))
-
-
 def test_vision_checkpoint_that_would_run_code_is_refused(tmp_path, random_clip_dir):
-    path = tmp_path / "evil.pth.tar"
-    torch.save({"vision_encoder_state_dict": _RunsCode()}, path)
+    path, marker = tmp_path / "evil.pth.tar", tmp_path / "code-ran"
+    torch.save({"vision_encoder_state_dict": RunsCode(marker)}, path)
     with pytest.raises(CounterattackError, match="Refusing"):
         load_vision_checkpoint(load_clip(f"local-dir:{random_clip_dir}"), path)
+    assert not marker.exists()
 
 
 def test_eval_with_a_vision_checkpoint_measures_tau_with_the_base_model(tmp_path, random_clip_dir):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from counterattack import CounterattackError, ZeroShotClassifier
 
-from conftest import CIFAR10_CLASSES
+from testkit import CIFAR10_CLASSES
 
 
 def test_logits_are_scaled_cosine_similarities(random_classifier, images):

@@ -4,8 +4,7 @@ import pytest
 
 from counterattack.cli import main
 
-from conftest import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared
-from test_data import write_image_folder
+from testkit import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared, write_image_folder
 
 
 def run(*args: str) -> int:

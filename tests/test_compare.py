@@ -17,7 +17,7 @@ from counterattack.defenses import DEFENSES
 from counterattack.errors import CounterattackError
 from counterattack.published import AVERAGE_KEYS, FINE_GRAINED10, load_published
 
-from conftest import IN_CI, SHARED
+from testkit import IN_CI, SHARED
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N = 1000

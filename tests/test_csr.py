@@ -11,7 +11,6 @@ from counterattack import PGD, AdaptiveAttack, ImageEncoder, ImageRandomness, Ze
 from counterattack.defenses.csr import CSR, REFERENCE_SIDE, apply_mask, low_pass_mask
 
 from testkit import assert_equal_up_to_sign_flips, threshold_between
-from conftest import CIFAR10_TEST_DIR, needs_shared
 
 DEFAULT_RADIUS_32 = 40 * 32 / REFERENCE_SIDE  # r = 40 bins at 224 px is 5.71 bins on a 32-px model
 
@@ -205,21 +204,8 @@ def test_counted_passes_per_image(random_classifier, images, tau_thres, forwards
 # -- on the tiny CLIP ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cifar_images():
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import to_tensor
-
-    if not CIFAR10_TEST_DIR.is_dir():
-        pytest.skip(f"CIFAR-10 images not found at {CIFAR10_TEST_DIR}")
-    folder = ImageFolder(str(CIFAR10_TEST_DIR))
-    picks = [c * 1000 for c in range(10)]  # one image per class: the machine is slow and shared
-    return torch.stack([to_tensor(folder[i][0]) for i in picks]), torch.tensor([folder.targets[i] for i in picks])
-
-
-@needs_shared
-def test_default_cost_on_real_images(tiny_classifier, cifar_images):
-    images, _ = cifar_images
+def test_default_cost_on_real_images(tiny_classifier, cifar10_first):
+    images, _ = cifar10_first(1)  # one image per class: the machine is slow and shared
     with count_encoder_passes() as passes:
         output = CSR()(tiny_classifier, images, rng(len(images)))
     flagged = int(output.counterattacked.sum())
@@ -228,9 +214,8 @@ def test_default_cost_on_real_images(tiny_classifier, cifar_images):
     assert passes.backwards == 3 * flagged
 
 
-@needs_shared
-def test_attack_views_are_the_defense(tiny_classifier, cifar_images):
-    images, _ = cifar_images
+def test_attack_views_are_the_defense(tiny_classifier, cifar10_first):
+    images, _ = cifar10_first(1)
     csr = CSR()
     output = csr(tiny_classifier, images, rng(len(images)))
     exact = csr.attack_view(tiny_classifier, images, rng(len(images)), "exact", with_score=True)
@@ -239,9 +224,8 @@ def test_attack_views_are_the_defense(tiny_classifier, cifar_images):
     assert torch.allclose(exact.score, output.score, atol=1e-5) and exact.threshold == csr.tau_thres
 
 
-@needs_shared
-def test_adaptive_attack_beats_transfer_and_sees_the_defense(tiny_classifier, cifar_images):
-    images, labels = cifar_images
+def test_adaptive_attack_beats_transfer_and_sees_the_defense(tiny_classifier, cifar10_first):
+    images, labels = cifar10_first(1)
     csr = CSR()
     eps, steps = 4 / 255, 3
     transfer = PGD(eps=eps, steps=steps, step_size=1 / 255)(tiny_classifier, images, labels, rng(len(images), "attack"))

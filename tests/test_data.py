@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -6,15 +5,7 @@ from torchvision.transforms.functional import to_tensor
 
 from counterattack import CounterattackError, balanced_subset, load_clip, load_dataset
 
-
-def write_image_folder(root, classes: dict[str, int], size=(32, 32), seed: int = 0):
-    rng = np.random.default_rng(seed)
-    for name, count in classes.items():
-        (root / name).mkdir(parents=True)
-        for i in range(count):
-            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:04d}.png")
-    return root
+from testkit import write_image_folder
 
 
 def test_balanced_subset_takes_the_first_images_of_each_class_in_dataset_order():

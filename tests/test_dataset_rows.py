@@ -19,7 +19,7 @@ from counterattack.data.prompts import (
 )
 from counterattack.data.registry import Loader
 
-from test_datasets import build_eurosat
+from testkit import build_eurosat
 
 # An image-folder dataset described by its row alone: torchvision's ImageFolder under shapes/test/<class>/.
 SHAPES = DatasetInfo("shapes", 3, 5, "test", "shapes/test", Loader(tv.ImageFolder, subdir="shapes/test"),

@@ -5,11 +5,9 @@ a copy whose own class list is not the shipped one, and a broken layout gives a 
 The fakes use each dataset's real class list (``raw_classes``), laid out so that the stock torchvision
 class derives exactly that list from the files, as it would from the real download."""
 
-import io
 import json
 import os
 import pickle
-import zlib
 
 import numpy as np
 import pytest
@@ -25,27 +23,13 @@ from counterattack.data.prompts import (
 )
 from counterattack.data.registry import curated_class_names, readable
 
+from testkit import build_eurosat, jpeg, put
+
 PAPER_COUNTS = {
     "cifar10": 10, "cifar100": 100, "stl10": 10, "imagenet": 1000, "caltech101": 101, "caltech256": 257,
     "oxford_pets": 37, "flowers102": 102, "fgvc_aircraft": 100, "stanford_cars": 196, "sun397": 397,
     "country211": 211, "food101": 101, "eurosat": 10, "dtd": 47, "pcam": 2, "tinyimagenet": 200,
 }
-
-
-def jpeg(seed: int, mode: str = "RGB") -> bytes:
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def put(path, data: bytes = b"") -> None:
-    """Write ``data`` to ``path``, by default a JPEG seeded by the file's name (crc32: the same in every process,
-    unlike ``hash``, which Python salts per process)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data or jpeg(zlib.crc32(path.name.encode("utf-8"))))
 
 
 def file_exists(path, md5=None) -> bool:
@@ -220,12 +204,6 @@ def build_food101(root, monkeypatch):
     return [3, 3, 100]
 
 
-def build_eurosat(root, monkeypatch):
-    for i, c in enumerate(raw_classes("eurosat")):
-        put(root / "eurosat" / "2750" / c / f"{c}_1.jpg", jpeg(i))
-    return list(range(10))
-
-
 def build_dtd(root, monkeypatch):
     data = root / "dtd" / "dtd"
     classes = raw_classes("dtd")
@@ -263,6 +241,7 @@ def build_tinyimagenet(root, monkeypatch):
     return [7, 199]
 
 
+# build_eurosat is shared with test_dataset_rows.py, so it lives in testkit.
 BUILDERS = {name[len("build_"):]: fn for name, fn in globals().items() if name.startswith("build_")}
 
 

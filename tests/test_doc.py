@@ -12,7 +12,6 @@ from counterattack.classifier import ImageEncoder
 from counterattack.defenses.doc import DOC
 
 from testkit import assert_equal_up_to_sign_flips, threshold_between
-from conftest import CIFAR10_TEST_DIR, needs_shared
 
 EPS, ALPHA = 4 / 255, 3 / 255
 
@@ -226,18 +225,8 @@ def test_every_call_of_the_view_draws_anew(random_classifier, images):
     assert not torch.allclose(first, second)
 
 
-def cifar_images(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import to_tensor
-
-    folder = ImageFolder(str(CIFAR10_TEST_DIR))
-    picks = [c * 1000 + i for c in range(10) for i in range(per_class)]
-    return torch.stack([to_tensor(folder[i][0]) for i in picks]), torch.tensor([folder.targets[i] for i in picks])
-
-
-@needs_shared
-def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classifier):
-    images, labels = cifar_images(per_class=1)
+def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classifier, cifar10_first):
+    images, labels = cifar10_first(1)
     doc = DOC()
 
     def defended_accuracy(adv: torch.Tensor) -> float:

@@ -13,8 +13,7 @@ from counterattack.augment import (
 from counterattack.defenses import DEFENSES
 from counterattack.defenses.mac import MAC
 
-from testkit import assert_equal_up_to_sign_flips, threshold_between
-from conftest import CIFAR10_TEST_DIR, needs_shared, transfer_and_adaptive
+from testkit import assert_equal_up_to_sign_flips, threshold_between, transfer_and_adaptive
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 4
 # Every augmentation switched off: T(x) = x, so the corruption degree is 0 whatever is drawn.
@@ -212,21 +211,8 @@ def test_attack_view_is_the_defense_and_passes_gradients(random_classifier, imag
     assert not torch.allclose(first, second)
 
 
-@pytest.fixture(scope="module")
-def cifar_few():
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import to_tensor
-
-    if not CIFAR10_TEST_DIR.is_dir():
-        pytest.skip(f"CIFAR-10 images not found at {CIFAR10_TEST_DIR}")
-    folder = ImageFolder(str(CIFAR10_TEST_DIR))
-    picks = [c * 1000 for c in range(10)]  # the first image of each class
-    return torch.stack([to_tensor(folder[i][0]) for i in picks]), torch.tensor([folder.targets[i] for i in picks])
-
-
-@needs_shared
-def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classifier, cifar_few):
-    images, labels = cifar_few
+def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classifier, cifar10_first):
+    images, labels = cifar10_first(1)
     mac = MAC()
     budget = dict(eps=2 / 255, steps=1, step_size=1 / 255)  # one step: MAC costs 14 passes per image
 

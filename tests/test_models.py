@@ -1,7 +1,6 @@
 import json
 import os
 import subprocess
-from pathlib import Path
 import sys
 
 import open_clip
@@ -10,7 +9,7 @@ import torch
 
 from counterattack import CounterattackError, load_clip
 
-from conftest import RANDOM_CLIP_CFG, write_local_dir
+from testkit import RANDOM_CLIP_CFG, RunsCode, fake_hub_cache, write_local_dir
 
 
 def test_local_dir_loads_config_weights_and_image_settings(random_clip_dir):
@@ -51,21 +50,11 @@ def test_local_dir_errors_are_clear(tmp_path, breakage, message):
         load_clip(f"local-dir:{directory}")
 
 
-class _RunsCode:
-    """Unpickling this would create a file: the kind of checkpoint that must be refused."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     directory = write_local_dir(tmp_path / "m", RANDOM_CLIP_CFG, seed=0)
     (directory / "open_clip_model.safetensors").unlink()
     marker = tmp_path / "code-ran"
-    torch.save({"state_dict": _RunsCode(marker)}, directory / "open_clip_pytorch_model.bin")
+    torch.save({"state_dict": RunsCode(marker)}, directory / "open_clip_pytorch_model.bin")
     with pytest.raises(CounterattackError, match="Refusing"):
         load_clip(f"local-dir:{directory}")
     assert not marker.exists()
@@ -78,22 +67,11 @@ def test_unknown_builtin_name_and_tag():
         load_clip("ViT-B-32", "no-such-tag")
 
 
-def _fake_hub_cache(cache_dir, repo: str) -> Path:
-    """Lay out a Hugging Face cache entry, as `hf download` leaves it; return its snapshot folder."""
-    repo_dir = cache_dir / f"models--{repo.replace('/', '--')}"
-    commit = "0" * 40
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 def test_openai_weights_load_into_quickgelu_and_match_openai_features(tmp_path):
     # Random weights in OpenAI's format: its key names, fp16, as OpenAI's release.
     torch.manual_seed(0)
     state = {k: v.half() for k, v in open_clip.create_model("ViT-B-32-quickgelu").state_dict().items()}
-    snapshot_file = _fake_hub_cache(tmp_path, "timm/vit_base_patch32_clip_224.openai") / "open_clip_pytorch_model.bin"
+    snapshot_file = fake_hub_cache(tmp_path, "timm/vit_base_patch32_clip_224.openai") / "open_clip_pytorch_model.bin"
     torch.save(state, snapshot_file)
 
     clip = load_clip("ViT-B-32", "openai", cache_dir=str(tmp_path))
@@ -123,7 +101,7 @@ def test_missing_hub_model_fails_fast_with_instructions(tmp_path):
 
 
 def test_hf_hub_model_loads_from_the_local_cache(tmp_path, random_clip_dir):
-    snapshot = _fake_hub_cache(tmp_path, "someone/tiny-clip")
+    snapshot = fake_hub_cache(tmp_path, "someone/tiny-clip")
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         (snapshot / name).write_bytes((random_clip_dir / name).read_bytes())
     from_hub = load_clip("hf-hub:someone/tiny-clip", cache_dir=str(tmp_path))

@@ -10,7 +10,7 @@ from counterattack.attacks import sign_gradient_steps
 from counterattack.cli import main
 from counterattack.precision import FP16_LOSS_SCALE, loss_scale, precision_context
 
-from test_data import write_image_folder
+from testkit import write_image_folder
 
 EPS = 4 / 255
 

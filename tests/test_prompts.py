@@ -20,6 +20,8 @@ from counterattack.data.prompts import (
 )
 from counterattack.data.registry import curated_class_names, readable
 
+from testkit import write_image_folder
+
 
 def paper_prompt(dataset: str, raw_name: str) -> str:
     """The paper's prompt for the class whose own (raw) name is ``raw_name``, read off the built prompt set."""
@@ -233,8 +235,6 @@ def test_prompts_command_prints_one_prompt_per_class_without_the_data(capsys, pr
 
 def test_image_folders_take_the_model_transform_or_the_papers(tmp_path, random_clip_dir):
     from counterattack import load_clip, load_dataset
-
-    from test_data import write_image_folder
 
     folder = write_image_folder(tmp_path / "imgs", {"cat": 1}, size=(300, 400))
     clip = load_clip(f"local-dir:{random_clip_dir}")

@@ -4,7 +4,7 @@ import os
 import re
 from pathlib import Path
 
-from conftest import needs_shared
+from testkit import needs_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

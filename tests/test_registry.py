@@ -11,7 +11,7 @@ from counterattack import ATTACKS, DEFENSES, TTC, CounterattackError, build_defe
 from counterattack.attacks import build_attacks
 from counterattack.cli import build_parser, config_from_args, main
 
-from test_data import write_image_folder
+from testkit import write_image_folder
 
 TOY_DEFENSE = '''
 """A toy defense for the registry test: each image mixed with its horizontal mirror."""

@@ -16,7 +16,7 @@ from counterattack.defenses.rtpt import (
 )
 from counterattack.models import LoadedCLIP
 
-from conftest import CIFAR10_CLASSES, CIFAR10_TEST_DIR, RANDOM_CLIP_CFG, needs_shared, transfer_and_adaptive
+from testkit import CIFAR10_CLASSES, RANDOM_CLIP_CFG, transfer_and_adaptive
 
 FEW_VIEWS = 8  # most tests: a few views keep them fast; the default 64 is checked for the pass count only
 
@@ -394,21 +394,8 @@ def test_refuses_what_it_cannot_tune(random_classifier):
 # --- 5. the adaptive attack on the tiny CLIP --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cifar_few():
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import to_tensor
-
-    if not CIFAR10_TEST_DIR.is_dir():
-        pytest.skip(f"CIFAR-10 images not found at {CIFAR10_TEST_DIR}")
-    folder = ImageFolder(str(CIFAR10_TEST_DIR))
-    picks = [c * 1000 for c in range(10)]
-    return torch.stack([to_tensor(folder[i][0]) for i in picks]), torch.tensor([folder.targets[i] for i in picks])
-
-
-@needs_shared
-def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classifier, cifar_few):
-    images, labels = cifar_few
+def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classifier, cifar10_first):
+    images, labels = cifar10_first(1)
     defense = RTPT(views=FEW_VIEWS)
     budget = dict(eps=2 / 255, steps=3, step_size=1 / 255)
 

@@ -13,37 +13,12 @@ from PIL import Image
 
 from counterattack.cli import main
 
-from conftest import free_port
-from test_data import write_image_folder
-
-# The computation's cost depends on how images were batched (fast TTC reuses a batch's graph when
-# most of it is counterattacked), and timings on the machine: records are compared without them.
-COST = ("ms_per_image", "peak_memory_mb", "forwards_per_image", "backwards_per_image")
-TAU = ("mean_score_clean", "mean_score_adv")
-
+from testkit import comparable_records, free_port, write_image_folder
 
 def eval_args(model_dir: Path, folder: Path, out: Path, *extra: str) -> list[str]:
     return ["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{model_dir}",
             "--dataset", f"imagefolder:{folder}", "--attack-steps", "2", "--defense", "none,rn,ttc",
             "--tau-thres", "0.004", "--out", str(out), *extra]
-
-
-class Records(list):
-    """Records without their cost, equal when all else is equal and the mean taus agree to float noise
-    (a batch's shape changes the last bits of its embeddings)."""
-
-    def __eq__(self, other) -> bool:
-        return len(self) == len(other) and all(
-            a.keys() == b.keys()
-            and all(a[k] == (pytest.approx(b[k], rel=1e-5) if k in TAU and b[k] is not None else b[k]) for k in a)
-            for a, b in zip(self, other)
-        )
-
-
-def records(out: Path) -> Records:
-    return Records(
-        {k: v for k, v in r.items() if k not in COST} for r in json.loads((out / "results.json").read_text())["records"]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +30,7 @@ def folder(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, random_clip_dir, folder) -> list[dict]:
     out = tmp_path_factory.mktemp("reference")
     assert main(eval_args(random_clip_dir, folder, out, "--batch-size", "64")) == 0
-    return records(out)
+    return comparable_records(out)
 
 
 def test_reference_run_mixes_gate_decisions(reference):
@@ -65,7 +40,7 @@ def test_reference_run_mixes_gate_decisions(reference):
 
 def test_batch_size_one_gives_identical_records(tmp_path, random_clip_dir, folder, reference):
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "1")) == 0
-    assert records(tmp_path) == reference
+    assert comparable_records(tmp_path) == reference
 
 
 def test_rerun_resumes_without_recomputing(tmp_path, random_clip_dir, folder, reference):
@@ -73,7 +48,7 @@ def test_rerun_resumes_without_recomputing(tmp_path, random_clip_dir, folder, re
     lines = (tmp_path / "parts" / "rank-0.jsonl").read_text().splitlines()
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "7")) == 0
     assert (tmp_path / "parts" / "rank-0.jsonl").read_text().splitlines() == lines
-    assert records(tmp_path) == reference
+    assert comparable_records(tmp_path) == reference
 
 
 def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_clip_dir, folder, reference):
@@ -92,7 +67,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random
     with parts.open("ab") as f:
         f.write(b'{"dataset": "imagefolder:')
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")) == 0
-    assert records(tmp_path) == reference
+    assert comparable_records(tmp_path) == reference
     batches = [json.loads(line) for line in parts.read_text().splitlines()]
     ids = [i for b in batches for i in b["ids"]]
     files = [f"{c}/{i:04d}.png" for c in ("cat", "dog", "sea_lion") for i in range(6)]
@@ -113,7 +88,7 @@ def test_torchrun_with_two_processes_equals_one(tmp_path, random_clip_dir, folde
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
-    assert records(tmp_path) == reference
+    assert comparable_records(tmp_path) == reference
 
 
 def test_report_writes_tables_and_valid_pictures(tmp_path, random_clip_dir, folder, capsys):

@@ -1,7 +1,10 @@
 """Attack once, study everything: stored adversarial sets, sweeps, gate calibration and seeds (the CLI end to end)."""
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,7 @@ from counterattack.adversarial import AdversarialSet
 from counterattack.cli import main
 from counterattack.results import ResultsStore
 
-from conftest import free_port
-from test_data import write_image_folder
+from testkit import comparable_records, free_port, write_image_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -288,12 +290,6 @@ def accuracy_of_tau(records_: list[dict]) -> float:
 
 def test_a_sweep_under_torchrun_equals_one_process(tmp_path, common):
     """Two processes craft their shares of the set and evaluate their shares of it; rank 0 merges."""
-    import os
-    import subprocess
-    import sys
-
-    from test_runs import records as comparable_records
-
     argv = ["sweep", *common, *ATTACK, "--defense", "ttc", "--grid", "tau_thres=0,0.005", "--batch-size", "4"]
     assert run(*argv, "--out", tmp_path / "one") == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),

@@ -26,8 +26,7 @@ from counterattack import CounterattackError, ZeroShotClassifier, load_clip  # n
 from counterattack.cli import main  # noqa: E402
 from counterattack.data import load_dataset  # noqa: E402
 
-from test_data import write_image_folder  # noqa: E402
-from test_models import _fake_hub_cache, _RunsCode  # noqa: E402
+from testkit import RunsCode, fake_hub_cache, write_image_folder  # noqa: E402
 
 CONTEXT_LENGTH = 16
 CLASSES = ["cat", "dog", "red car", "airplane"]
@@ -170,7 +169,7 @@ def test_eval_runs_ttc_end_to_end_on_a_transformers_model(tmp_path, hf_clip_dir,
 
 
 def test_hub_id_loads_from_the_local_cache(tmp_path, hf_clip_dir, hf_clip):
-    snapshot = _fake_hub_cache(tmp_path, "someone/tiny-hf-clip")
+    snapshot = fake_hub_cache(tmp_path, "someone/tiny-hf-clip")
     for path in hf_clip_dir.iterdir():
         shutil.copy(path, snapshot / path.name)
     from_hub = load_clip("transformers:someone/tiny-hf-clip", cache_dir=str(tmp_path))
@@ -188,7 +187,7 @@ def test_pickled_weights_are_refused(tmp_path, hf_clip_dir):
     shutil.copytree(hf_clip_dir, folder)
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "code-ran"
-    torch.save({"state_dict": _RunsCode(marker)}, folder / "pytorch_model.bin")
+    torch.save({"state_dict": RunsCode(marker)}, folder / "pytorch_model.bin")
     with pytest.raises(CounterattackError, match="Refusing to load transformers:.*pytorch_model.bin"):
         load_clip(f"transformers:{folder}")
     assert not marker.exists()

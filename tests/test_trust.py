@@ -19,8 +19,7 @@ from counterattack.attacks import run_steps
 from counterattack.cli import main
 from counterattack.results import ResultsStore
 
-from conftest import free_port
-from test_data import write_image_folder
+from testkit import free_port, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,7 @@ import torch
 from counterattack import TTC, ImageRandomness, ZeroShotClassifier, count_encoder_passes, load_clip
 from counterattack.defenses import relative_shift
 
-from testkit import threshold_between
-from conftest import CIFAR10_CLASSES, RANDOM_CLIP_CFG, write_local_dir
+from testkit import CIFAR10_CLASSES, RANDOM_CLIP_CFG, threshold_between, write_local_dir
 
 EPS, ALPHA = 4 / 255, 1 / 255
 
