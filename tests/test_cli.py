@@ -52,13 +52,6 @@ def test_user_mistakes_give_a_message_not_a_traceback(tmp_path, random_clip_dir,
     assert message in capsys.readouterr().err
 
 
-def test_bad_numbers_are_rejected_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run("--eps", "-1")
-    assert exit_info.value.code == 2
-    assert "must be >= 0" in capsys.readouterr().err
-
-
 @needs_shared
 def test_tiny_clip_on_cifar10_matches_its_reference_numbers(tmp_path):
     """The numbers of ../shared/models/tiny-clip-cifar10/README.md, first 100 images of each class."""

@@ -10,7 +10,6 @@ from counterattack import CounterattackError, ImageRandomness, count_encoder_pas
 from counterattack.augment import (
     adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, affine, gaussian_blur,
 )
-from counterattack.defenses import DEFENSES
 from counterattack.defenses.mac import MAC
 
 from testkit import assert_equal_up_to_sign_flips, threshold_between, transfer_and_adaptive
@@ -38,12 +37,7 @@ def oracle_last_step(encoder, views: torch.Tensor, delta0: torch.Tensor, steps: 
     return delta
 
 
-def test_registered_with_the_specs_defaults():
-    mac = DEFENSES["mac"]()
-    assert isinstance(mac, MAC)
-    assert (mac.eps, mac.steps, mac.step_size, mac.views) == (8 / 255, 4, 2 / 255, 2)
-    assert (mac.tau_thres, mac.tau_temp) == (0.7, 0.01)
-    assert mac.describe()["defense"] == "mac"
+def test_refuses_an_even_blur_kernel_and_a_scale_range_above_one():
     with pytest.raises(CounterattackError, match="odd"):
         MAC(blur_kernel=4)
     with pytest.raises(CounterattackError, match="low end"):

@@ -162,10 +162,6 @@ def test_openai_set_is_the_curated_names_with_one_template():
     assert class_prompts("tinyimagenet", "openai")[0] == [imagenet_names[w] for w in raw_classes("tinyimagenet")]
 
 
-def test_default_prompt_set_is_paper():
-    assert class_prompts("eurosat") == class_prompts("eurosat", "paper")
-
-
 def test_unknown_dataset_or_prompt_set_lists_the_choices():
     with pytest.raises(CounterattackError, match="Unknown dataset 'mnist'.*cifar10.*tinyimagenet"):
         class_prompts("mnist")
