@@ -1,4 +1,4 @@
-"""CSR (Contrastive Spectral Rectification): the filter, the gate, the greedy rectification, its cost and its attacks."""
+"""CSR (Contrastive Spectral Rectification): the filter, the gate, the greedy rectification, its cost, its attacks."""
 
 import math
 
@@ -34,7 +34,8 @@ class TwoFeatures(nn.Module):
 
 @pytest.fixture(scope="module")
 def hand_classifier() -> ZeroShotClassifier:
-    encoder = ImageEncoder(TwoFeatures(), (32, 32), mean=[0.0] * 3, std=[1.0] * 3)  # pixels reach the encoder as they are
+    # Pixels reach the encoder as they are.
+    encoder = ImageEncoder(TwoFeatures(), (32, 32), mean=[0.0] * 3, std=[1.0] * 3)
     return ZeroShotClassifier(encoder, torch.eye(2), logit_scale=100.0, class_names=["flat", "checkered"])
 
 
@@ -93,7 +94,8 @@ def test_other_masks_follow_their_formulas(kind):
 
 
 def hand_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """Image 0: 0.3 + 0.2 checkerboard, f = (0.3, 0.2), filtered to f = (0.3, 0.2 h). Image 1: flat 0.4, f = (0.4, 0)."""
+    """Image 0: 0.3 + 0.2 checkerboard, f = (0.3, 0.2), filtered to f = (0.3, 0.2 h).
+    Image 1: flat 0.4, f = (0.4, 0)."""
     s = checkerboard()
     return torch.stack([0.3 + 0.2 * s, torch.full((3, 32, 32), 0.4)]), s
 
@@ -131,7 +133,8 @@ def test_gate_and_greedy_choice_by_hand(hand_classifier):
 
 
 def test_greedy_keeps_the_best_candidate_not_the_last(hand_classifier):
-    """Pure attraction (lambda = 0) and steps of 0.3 overshoot: f goes (0.3, 0.2) -> (0.3, -0.1) -> back to x -> (0.3, -0.1).
+    """Pure attraction (lambda = 0) and steps of 0.3 overshoot:
+    f goes (0.3, 0.2) -> (0.3, -0.1) -> back to x -> (0.3, -0.1).
 
     S_k = cos(f(x_k), a): x_1 scores best, x_3 ties it exactly, and the earliest of a tie is kept.
     """
@@ -220,7 +223,8 @@ def test_attack_views_are_the_defense(tiny_classifier, cifar10_first):
     output = csr(tiny_classifier, images, rng(len(images)))
     exact = csr.attack_view(tiny_classifier, images, rng(len(images)), "exact", with_score=True)
     bpda = csr.attack_view(tiny_classifier, images, rng(len(images)), "bpda")
-    assert torch.allclose(exact.logits, output.logits, atol=1e-3) and torch.allclose(bpda.logits, output.logits, atol=1e-3)
+    assert torch.allclose(exact.logits, output.logits, atol=1e-3)
+    assert torch.allclose(bpda.logits, output.logits, atol=1e-3)
     assert torch.allclose(exact.score, output.score, atol=1e-5) and exact.threshold == csr.tau_thres
 
 
@@ -230,17 +234,22 @@ def test_adaptive_attack_beats_transfer_and_sees_the_defense(tiny_classifier, ci
     eps, steps = 4 / 255, 3
     transfer = PGD(eps=eps, steps=steps, step_size=1 / 255)(tiny_classifier, images, labels, rng(len(images), "attack"))
     adaptive = AdaptiveAttack(csr, PGD(eps=eps, steps=steps, step_size=1 / 255), method="exact")
-    adversarial = adaptive(tiny_classifier, images, labels, rng(len(images), "attack"))
+    adversarial = adaptive(tiny_classifier, images, labels, rng(len(images), "attack"), start=transfer)
     assert (adversarial - images).abs().max() <= eps + 1e-6
     on_transfer = csr(tiny_classifier, transfer, rng(len(images)))
     on_adaptive = csr(tiny_classifier, adversarial, rng(len(images)))
-    assert (on_adaptive.logits.argmax(-1) == labels).sum() <= (on_transfer.logits.argmax(-1) == labels).sum()
+    # CSR draws nothing: one judgement per image. Measured here: 5 of 10 right after the transfer attack, 2 after
+    # the adaptive one.
+    right = {"transfer": int((on_transfer.logits.argmax(-1) == labels).sum()),
+             "adaptive": int((on_adaptive.logits.argmax(-1) == labels).sum())}
+    assert right["adaptive"] < right["transfer"], right
 
     # Gradients at the transfer images: through the defense, and through CLIP alone.
     start = transfer.clone().requires_grad_(True)
     view = csr.attack_view(tiny_classifier, start, rng(len(start)), "exact", with_score=True)
     loss = F.cross_entropy(view.logits, labels, reduction="sum")
-    through, gate_gradient = (torch.autograd.grad(value, start, retain_graph=True)[0] for value in (loss, view.score.sum()))
+    through, gate_gradient = (torch.autograd.grad(value, start, retain_graph=True)[0]
+                              for value in (loss, view.score.sum()))
     (plain,) = torch.autograd.grad(F.cross_entropy(tiny_classifier.logits(start), labels, reduction="sum"), start)
     flagged = on_transfer.counterattacked
     assert flagged.any() and through.abs().sum() > 0

@@ -172,7 +172,8 @@ def test_batch_size_invariance(random_classifier, images, augmentation):
     assert torch.allclose(chunked(random_classifier, images, ImageRandomness.for_images(0, "d", ids, "p")).logits,
                           whole, atol=1e-5)
     for i, image_id in enumerate(ids):
-        alone = defense(random_classifier, images[i : i + 1], ImageRandomness.for_images(0, "d", [image_id], "p")).logits
+        own = ImageRandomness.for_images(0, "d", [image_id], "p")
+        alone = defense(random_classifier, images[i : i + 1], own).logits
         assert alone.argmax(-1).item() == whole[i].argmax().item()
         assert torch.allclose(alone[0], whole[i], atol=1e-4)
 
@@ -193,7 +194,8 @@ def test_reliability_weights_by_hand():
     # A view is never its own neighbour, but an identical view is (the code's mask would drop it too).
     duplicated = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     z = 2 * math.exp(1.0 / 0.1) + math.exp(0.0)
-    assert reliability_weights(duplicated, 1, 0.1)[0].tolist() == pytest.approx([math.exp(10) / z] * 2 + [1 / z], rel=1e-5)
+    expected = [math.exp(10) / z] * 2 + [1 / z]
+    assert reliability_weights(duplicated, 1, 0.1)[0].tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_untuned_prompt_is_the_classifiers_own(random_classifier):
@@ -259,7 +261,8 @@ def test_the_step_lowers_the_entropy_of_the_selected_views(random_classifier, im
     assert torch.allclose((tuned - prompt.init).abs().amax(dim=(1, 2)), torch.full((len(images),), 5e-3), rtol=0.01)
     with torch.no_grad():
         def entropy(context: torch.Tensor) -> torch.Tensor:
-            return view_entropy(random_classifier.logit_scale * features @ encode_prompts(prompt, context).transpose(1, 2))
+            text = encode_prompts(prompt, context).transpose(1, 2)
+            return view_entropy(random_classifier.logit_scale * features @ text)
 
         before, after = entropy(prompt.init[None]), entropy(tuned)
     selected = before.argsort(dim=1)[:, :4]
@@ -280,7 +283,8 @@ def test_no_tuning_step_is_the_weighted_zero_shot_ensemble(random_classifier, im
 def test_selection_keeps_the_lowest_entropy_views():
     logits = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [2.0, 1.0, 0.0]])
     assert view_entropy(logits).argsort().tolist() == [1, 2, 0]
-    assert RTPT().selected_views == 6 and RTPT(views=8).selected_views == 1 and RTPT(views=30, selection=0.2).selected_views == 6
+    assert RTPT().selected_views == 6 and RTPT(views=8).selected_views == 1
+    assert RTPT(views=30, selection=0.2).selected_views == 6
 
 
 # --- 4. the counted passes at the defaults --------------------------------------------------------------
@@ -370,7 +374,7 @@ def test_exact_gradient_through_a_crop_flip_view_matches_finite_differences(rand
 
 def test_refuses_what_it_cannot_tune(random_classifier):
     clip = random_classifier.clip
-    x = torch.rand(1, 3, 32, 32)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     two_templates = ZeroShotClassifier.from_clip(clip, CIFAR10_CLASSES, ["a photo of a {}.", "a {}."])
     with pytest.raises(CounterattackError, match="one prompt template"):
         RTPT(views=4)(two_templates, x, rng(1))
@@ -396,11 +400,14 @@ def test_refuses_what_it_cannot_tune(random_classifier):
 
 def test_adaptive_attack_beats_the_transfer_attack_on_the_tiny_clip(tiny_classifier, cifar10_first):
     images, labels = cifar10_first(1)
-    defense = RTPT(views=FEW_VIEWS)
-    budget = dict(eps=2 / 255, steps=3, step_size=1 / 255)
+    # Crop-and-flip views (R-TPT's choice for the ImageNet family) pass a clean gradient, where AugMix's random
+    # operations drown a few steps' gain in their draws; and a large budget, for the same reason.
+    defense = RTPT(views=FEW_VIEWS, augmentation="crop-flip")
+    budget = dict(eps=8 / 255, steps=4, step_size=2 / 255)
 
     result = transfer_and_adaptive(defense, tiny_classifier, images, labels, budget, rng)
-    assert result["adaptive"] <= result["transfer"]
+    # Of 40 (10 images, 4 test-time draws), measured here: 15 right after the transfer attack, 7 after the adaptive.
+    assert result["adaptive"] < result["transfer"], (result["transfer"], result["adaptive"])
     through_rtpt, undefended = result["through"], result["undefended"]
     assert through_rtpt.abs().sum(dim=(1, 2, 3)).gt(0).all()
     cosine = F.cosine_similarity(through_rtpt.flatten(1), undefended.flatten(1), dim=1)

@@ -168,24 +168,31 @@ def comparable_records(out: Path) -> Records:
 # --- defenses against the transfer attack and the adaptive one ----------------------------------------------
 
 
-def defended_accuracy(defense, classifier, adversarial: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
-    """The share of ``adversarial`` the defense classifies right, with its own seeded test-time draws."""
-    logits = defense(classifier, adversarial, ImageRandomness.from_seed(seed, len(adversarial), "defense")).logits
-    return (logits.argmax(-1) == labels).float().mean().item()
+def right_over_draws(defense, classifier, adversarial: torch.Tensor, labels: torch.Tensor, draws: int = 4) -> int:
+    """How many of ``adversarial`` the defense classifies right, summed over ``draws`` seeded test-time draws of
+    its randomness, the same draws for whatever images are compared. On a single draw a random defense's
+    borderline image is a coin toss, which would drown an attack's gain of a few images."""
+    right = 0
+    for seed in range(draws):
+        logits = defense(classifier, adversarial, ImageRandomness.from_seed(seed, len(adversarial), "defense")).logits
+        right += int((logits.argmax(-1) == labels).sum())
+    return right
 
 
 def transfer_and_adaptive(defense, classifier, images, labels, budget: dict, rng) -> dict:
-    """A defense against PGD crafted on the undefended model and against PGD through it (same budget,
-    same draws): the defended accuracy of each, and at the transfer images the gradient of the loss
-    through the defense's exact view beside the undefended one. ``rng(n, seed=...)`` makes streams."""
+    """A defense against PGD crafted on the undefended model (transfer), and against PGD going on from those
+    images through the defense for as many steps again (adaptive): how many each leaves right over four
+    test-time draws, and at the transfer images the gradient of the loss through the defense's exact view
+    beside the undefended one. ``rng(n, seed=...)`` makes the attacks' streams."""
     transfer = PGD(**budget)(classifier, images, labels, rng(len(images)))
-    adaptive = AdaptiveAttack(defense, PGD(**budget))(classifier, images, labels, rng(len(images)))
+    adaptive = AdaptiveAttack(defense, PGD(**budget))(classifier, images, labels, rng(len(images)), start=transfer)
+    assert (adaptive - images).abs().max() <= budget["eps"] + 1e-6
     x = transfer.clone().requires_grad_(True)
     view = defense.attack_view(classifier, x, rng(len(images), seed=1), "exact")
     (through,) = torch.autograd.grad(F.cross_entropy(view.logits, labels, reduction="sum"), x)
     (undefended,) = torch.autograd.grad(F.cross_entropy(classifier.logits(x), labels, reduction="sum"), x)
-    return {"transfer": defended_accuracy(defense, classifier, transfer, labels),
-            "adaptive": defended_accuracy(defense, classifier, adaptive, labels),
+    return {"transfer": right_over_draws(defense, classifier, transfer, labels),
+            "adaptive": right_over_draws(defense, classifier, adaptive, labels),
             "through": through, "undefended": undefended}
 
 
