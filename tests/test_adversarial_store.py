@@ -59,7 +59,8 @@ def test_resume_continues_numbering_and_ignores_a_leftover_temp_file(tmp_path):
         "rank-0-000000.safetensors", "rank-0-000001.safetensors"]
     assert second.done() == {"cifar10": {0, 1, 2, 3, 4, 5}}
     second.check_complete({"cifar10": [0, 1, 2, 3, 4, 5]})
-    assert torch.equal(second.images("cifar10", [4, 0], "apgd"), torch.stack([more_images["apgd"][1], images["apgd"][0]]))
+    expected = torch.stack([more_images["apgd"][1], images["apgd"][0]])
+    assert torch.equal(second.images("cifar10", [4, 0], "apgd"), expected)
 
 
 def test_a_second_rank_is_found(tmp_path):

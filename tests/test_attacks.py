@@ -14,7 +14,8 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def test_pgd_stays_in_budget_and_box(random_classifier, images):
     labels = torch.arange(len(images)) % 10
     eps = 2 / 255
-    adv = PGD(eps=eps, steps=3, step_size=1 / 255)(random_classifier, images, labels, ImageRandomness.from_seed(0, len(images)))
+    rng = ImageRandomness.from_seed(0, len(images))
+    adv = PGD(eps=eps, steps=3, step_size=1 / 255)(random_classifier, images, labels, rng)
     assert (adv - images).abs().max() <= eps + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
 
@@ -27,7 +28,8 @@ def test_pgd_with_zero_budget_leaves_images_unchanged(random_classifier, images)
 
 def test_pgd_raises_the_loss_of_a_random_model(random_classifier, images):
     labels = torch.arange(len(images)) % 10
-    adv = PGD(eps=4 / 255, steps=5, step_size=1 / 255)(random_classifier, images, labels, ImageRandomness.from_seed(0, len(images)))
+    rng = ImageRandomness.from_seed(0, len(images))
+    adv = PGD(eps=4 / 255, steps=5, step_size=1 / 255)(random_classifier, images, labels, rng)
     with torch.no_grad():
         before = F.cross_entropy(random_classifier.logits(images), labels, reduction="none")
         after = F.cross_entropy(random_classifier.logits(adv), labels, reduction="none")

@@ -137,8 +137,10 @@ def test_plot_score_histograms_writes_a_png(tmp_path, flagged_above, chosen):
 
 def test_plot_pareto_writes_a_png(tmp_path):
     points = [
-        {"label": "ttc tau=0.2", "clean_acc": 80.0, "robust_acc": 20.0, "clean_ci95": (77.0, 83.0), "robust_ci95": (17.0, 23.5)},
-        {"label": "ttc tau=0.3", "clean_acc": 75.0, "robust_acc": 30.0, "clean_ci95": (72.0, 78.0), "robust_ci95": (27.0, 33.0)},
+        {"label": "ttc tau=0.2", "clean_acc": 80.0, "robust_acc": 20.0, "clean_ci95": (77.0, 83.0),
+         "robust_ci95": (17.0, 23.5)},
+        {"label": "ttc tau=0.3", "clean_acc": 75.0, "robust_acc": 30.0, "clean_ci95": (72.0, 78.0),
+         "robust_ci95": (27.0, 33.0)},
         {"label": "mac", "clean_acc": 70.0, "robust_acc": 25.0, "n": 500},
         {"label": "doc", "clean_acc": 82.0, "robust_acc": 10.0},
     ]

@@ -75,9 +75,11 @@ def test_eval_with_a_vision_checkpoint_measures_tau_with_the_base_model(tmp_path
         results = json.loads((tmp_path / out / "results.json").read_text())
         return results["config"], results["records"]
 
-    config, (none, ttc) = run("base-tau", "--model", f"local-dir:{random_clip_dir}", "--vision-checkpoint", str(checkpoint))
+    config, (none, ttc) = run("base-tau", "--model", f"local-dir:{random_clip_dir}",
+                              "--vision-checkpoint", str(checkpoint))
     _, (none_whole, ttc_own) = run("own-tau", "--model", f"local-dir:{finetuned_dir}")
-    _, (_, ttc_base) = run("base-as-tau", "--model", f"local-dir:{finetuned_dir}", "--tau-model", f"local-dir:{random_clip_dir}")
+    _, (_, ttc_base) = run("base-as-tau", "--model", f"local-dir:{finetuned_dir}",
+                           "--tau-model", f"local-dir:{random_clip_dir}")
     assert config["tau_model"].startswith("base") and config["vision_checkpoint"] == str(checkpoint)
     assert (none["clean_acc"], none["robust_acc"]) == (none_whole["clean_acc"], none_whole["robust_acc"])
     assert ttc["mean_score_clean"] == pytest.approx(ttc_base["mean_score_clean"], rel=1e-5)

@@ -30,7 +30,8 @@ def test_eval_writes_one_record_per_dataset_and_defense(tmp_path, random_clip_di
     config = results["config"]
     assert config["attacks"] == [{"attack": "pgd", "eps": 1 / 255, "steps": 2, "step_size": 1 / 255}]
     assert config["prompts"] == "paper" and config["templates"] is None and config["transform"] == "model"
-    assert [d["images"] for d in config["datasets"]] == [6, 6] and all(len(d["fingerprint"]) == 16 for d in config["datasets"])
+    assert [d["images"] for d in config["datasets"]] == [6, 6]
+    assert all(len(d["fingerprint"]) == 16 for d in config["datasets"])
     assert config["threat"] == "paper" and records[0]["threat"] == "paper" and records[0]["adaptive"] is None
     assert config["defenses"][1]["tau_thres"] == 0.2 and config["seed"] == 0 and config["limit"] == 4
     assert set(config["run"]["versions"]) == {"clip-counterattack", "torch", "torchvision", "open_clip_torch"}
@@ -47,7 +48,8 @@ def test_eval_writes_one_record_per_dataset_and_defense(tmp_path, random_clip_di
 )
 def test_user_mistakes_give_a_message_not_a_traceback(tmp_path, random_clip_dir, capsys, args, message):
     folder = write_image_folder(tmp_path / "a", {"cat": 1, "dog": 1})
-    base = ["--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}", "--out", str(tmp_path / "o")]
+    base = ["--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}",
+            "--out", str(tmp_path / "o")]
     assert run(*base, *args) == 2
     assert message in capsys.readouterr().err
 

@@ -83,7 +83,8 @@ def imagenet_layout(root, images_per_class: dict[str, int] | None = None) -> lis
     base = root / "imagenet"
     wnids = raw_classes("imagenet")
     base.mkdir()
-    torch.save(({w: (name,) for w, name in zip(wnids, curated_class_names()["imagenet"])}, []), base / "meta.bin")
+    names = dict(zip(wnids, curated_class_names()["imagenet"], strict=True))
+    torch.save(({w: (name,) for w, name in names.items()}, []), base / "meta.bin")
     labels, number = [], 0
     for label, wnid in enumerate(wnids):
         for _ in range((images_per_class or {}).get(wnid, 1)):
@@ -307,7 +308,7 @@ def test_fake_layout_loads_with_labels_and_class_names(tmp_path, monkeypatch, cl
         assert len(data.class_names) == PAPER_COUNTS[name]
         targets = data.targets
         if name == "sun397":  # its order is the file system's
-            targets = [y for _, y in sorted(zip(data.files, data.targets))]
+            targets = [y for _, y in sorted(zip(data.files, data.targets, strict=True))]
         assert targets == expected
         assert data.image_ids == list(range(len(expected)))
         if data.files is not None:
@@ -335,12 +336,13 @@ def test_paper_imagenet_is_the_ttc_codes_999_classes(tmp_path, clip):
     kept = [i for i, y in enumerate(labels) if y != dropped]
     assert len(paper) == len(labels) - 2 and paper.image_ids == kept
     assert paper.files == [full.files[i] for i in kept]
-    assert [f for f in full.files if f not in paper.files] == [f for f in full.files if f"/{IMAGENET_DROPPED_WNID}/" in f]
+    dropped_files = [f for f in full.files if f"/{IMAGENET_DROPPED_WNID}/" in f]
+    assert [f for f in full.files if f not in paper.files] == dropped_files
     # Later classes move down by one; earlier ones stay; each label names its image's synset.
     assert len(paper.class_names) == 999
     assert paper.targets == [labels[i] - (labels[i] > dropped) for i in kept]
     assert paper.targets[paper.image_ids.index(kept[-1])] == 998
-    for target, i in zip(paper.targets, paper.image_ids):
+    for target, i in zip(paper.targets, paper.image_ids, strict=True):
         assert paper.class_names[target] == imagenet_paper_name(wnids[labels[i]])
     assert paper.class_names[dropped - 1 : dropped + 1] == ["mailbox", "maillot"]  # n03710193, n03710721
     # The images themselves come with the moved labels.
@@ -375,7 +377,8 @@ def test_missing_or_broken_layout_gives_a_clear_error(tmp_path, monkeypatch, cli
     if name in ("caltech101", "caltech256", "eurosat", "country211", "imagenet"):
         return  # folder layouts: nothing but the folders to break
     BUILDERS[name](tmp_path, monkeypatch)
-    for index in [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".txt", ".json", ".mat", ".bin", ".h5", "")]:
+    indexes = (".txt", ".json", ".mat", ".bin", ".h5", "")
+    for index in [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in indexes]:
         index.unlink()  # the labels and lists, without which the images mean nothing
     with pytest.raises(CounterattackError, match=f"Could not load {name}"):
         load_dataset(name, clip, tmp_path, download=False)

@@ -16,7 +16,8 @@ IDS = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
 
 def _ttc_with_both_branches(classifier, images) -> TTC:
     """TTC whose gate judges about half of ``images`` attacked, so both branches are exercised."""
-    taus = TTC().counterattack(classifier, images, ImageRandomness.for_images(0, RANDOMNESS_KEY, IDS, call_purpose(0))).tau
+    rng = ImageRandomness.for_images(0, RANDOMNESS_KEY, IDS, call_purpose(0))
+    taus = TTC().counterattack(classifier, images, rng).tau
     return TTC(tau_thres=threshold_between(taus))
 
 

@@ -107,7 +107,7 @@ def test_hf_hub_model_loads_from_the_local_cache(tmp_path, random_clip_dir):
     from_hub = load_clip("hf-hub:someone/tiny-clip", cache_dir=str(tmp_path))
     from_dir = load_clip(f"local-dir:{random_clip_dir}")
     assert from_hub.image_size == (32, 32)
-    for a, b in zip(from_hub.model.state_dict().values(), from_dir.model.state_dict().values()):
+    for a, b in zip(from_hub.model.state_dict().values(), from_dir.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(CounterattackError, match="hf download someone/missing"):
         load_clip("hf-hub:someone/missing", cache_dir=str(tmp_path))

@@ -59,7 +59,8 @@ def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root
     results = json.loads((out / "results.json").read_text())
     config = results["config"]
     assert config["preset"] == "cola-table1"
-    assert [(a["attack"], round(a["eps"] * 255, 6), a["steps"]) for a in config["attacks"]] == [("pgd", 1, 10), ("cw", 1, 10)]
+    attacks = [(a["attack"], round(a["eps"] * 255, 6), a["steps"]) for a in config["attacks"]]
+    assert attacks == [("pgd", 1, 10), ("cw", 1, 10)]
     assert [d["defense"] for d in config["defenses"]] == ["none", "rn", "hd", "tte", "ttc"]
     assert {(r["dataset"], r["attack"]) for r in results["records"]} == {
         ("eurosat", a) for a in ("pgd", "cw", "worst-case")}

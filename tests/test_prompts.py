@@ -158,7 +158,7 @@ def test_openai_set_is_the_curated_names_with_one_template():
             assert names == curated[dataset]
     assert class_prompts("caltech256", "openai")[0] == [readable(c) for c in raw_classes("caltech256")]
     assert class_prompts("fgvc_aircraft", "openai")[0] == raw_classes("fgvc_aircraft")
-    imagenet_names = dict(zip(raw_classes("imagenet"), curated["imagenet"]))
+    imagenet_names = dict(zip(raw_classes("imagenet"), curated["imagenet"], strict=True))
     assert class_prompts("tinyimagenet", "openai")[0] == [imagenet_names[w] for w in raw_classes("tinyimagenet")]
 
 
@@ -222,7 +222,8 @@ def test_prompts_command_prints_one_prompt_per_class_without_the_data(capsys, pr
         names, templates = class_prompts(dataset, prompt_set)
         assert lines[0] == templates[0].format(names[0])
     assert main(["prompts", "cifar10"]) == 0
-    assert capsys.readouterr().out.splitlines()[:2] == ["This is a photo of a airplane.", "This is a photo of a automobile."]
+    first_two = capsys.readouterr().out.splitlines()[:2]
+    assert first_two == ["This is a photo of a airplane.", "This is a photo of a automobile."]
     assert main(["prompts", "eurosat"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "A centered satellite photo of annualcrop."
     assert main(["prompts", "mnist"]) == 2

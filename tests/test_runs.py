@@ -52,7 +52,8 @@ def test_rerun_resumes_without_recomputing(tmp_path, random_clip_dir, folder, re
 
 
 def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_clip_dir, folder, reference):
-    command = [sys.executable, "-m", "counterattack", *eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "1")]
+    args = eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "1")
+    command = [sys.executable, "-m", "counterattack", *args]
     parts = tmp_path / "parts" / "rank-0.jsonl"
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120

@@ -19,8 +19,8 @@ def folder(tmp_path_factory):
 
 def stability(random_clip_dir, folder, out, *extra) -> dict:
     assert main(["stability", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset",
-                 f"imagefolder:{folder}", "--attack-steps", "2", "--eps", "4", "--noise", "0,1,4,16", "--batch-size", "5",
-                 "--out", str(out), *extra]) == 0
+                 f"imagefolder:{folder}", "--attack-steps", "2", "--eps", "4", "--noise", "0,1,4,16",
+                 "--batch-size", "5", "--out", str(out), *extra]) == 0
     return json.loads((out / "stability.json").read_text())
 
 

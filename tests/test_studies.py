@@ -26,7 +26,8 @@ def folder(tmp_path) -> Path:
 
 @pytest.fixture
 def common(random_clip_dir, folder) -> list[str]:
-    return ["--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{folder}"]
+    return ["--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}",
+            "--dataset", f"imagefolder:{folder}"]
 
 
 ATTACK = ["--attack-steps", "2", "--eps", "4"]  # what crafting commands add: a short attack
@@ -64,13 +65,16 @@ def test_a_stored_set_evaluates_exactly_like_a_direct_eval(tmp_path, common):
     # One batch size throughout: float sums differ in the last bits between batch sizes, on clean images too.
     assert run("attack", *common, *ATTACK, "--attack", "pgd,cw", "--batch-size", "4", "--out", adv) == 0
     stored = AdversarialSet.open(adv)
-    assert [a["attack"] for a in stored.config["attacks"]] == ["pgd", "cw"] and sum(len(ids) for ids in stored.done().values()) == 12
-    assert run("eval", *common, *ATTACK, "--attack", "pgd,cw", "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "direct") == 0
-    assert run("eval", *common, "--adversarial", adv, "--defense", "none,rn,ttc", "--batch-size", "4", "--out", tmp_path / "stored") == 0
+    assert [a["attack"] for a in stored.config["attacks"]] == ["pgd", "cw"]
+    assert sum(len(ids) for ids in stored.done().values()) == 12
+    defended = ["--defense", "none,rn,ttc", "--batch-size", "4"]
+    assert run("eval", *common, *ATTACK, "--attack", "pgd,cw", *defended, "--out", tmp_path / "direct") == 0
+    assert run("eval", *common, "--adversarial", adv, *defended, "--out", tmp_path / "stored") == 0
     direct, from_set = per_image(tmp_path / "direct"), per_image(tmp_path / "stored")
     assert len(direct) == 36 and direct == from_set
     config = json.loads((tmp_path / "stored" / "results.json").read_text())["config"]
-    assert config["adversarial"] == {"hash": stored.hash, "seed": 0} and [a["attack"] for a in config["attacks"]] == ["pgd", "cw"]
+    assert config["adversarial"] == {"hash": stored.hash, "seed": 0}
+    assert [a["attack"] for a in config["attacks"]] == ["pgd", "cw"]
 
 
 def test_stored_images_are_the_attacks_output_bit_for_bit(tmp_path, common, random_clip_dir, folder):
@@ -84,7 +88,8 @@ def test_stored_images_are_the_attacks_output_bit_for_bit(tmp_path, common, rand
     classifier = ZeroShotClassifier.from_clip(clip, data.class_names, data.templates)
     stored = AdversarialSet.open(adv)
     crafted = 0
-    for ids, labels, images in craft_dataset(classifier, data, [PGD(eps=4 / 255, steps=2)], RunSettings(batch_size=128)):
+    crafting = craft_dataset(classifier, data, [PGD(eps=4 / 255, steps=2)], RunSettings(batch_size=128))
+    for ids, labels, images in crafting:
         assert torch.equal(stored.images(data.name, ids, "pgd"), images["pgd"])
         assert stored.labels(data.name, ids) == labels.tolist()
         crafted += len(ids)
@@ -110,7 +115,8 @@ def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path
     adv = tmp_path / "adv"
     assert run("attack", *common, *ATTACK, "--limit", "9", "--out", adv) == 0
     capsys.readouterr()
-    for extra, named in ((["--limit", "6"], "limit: 9 in the set, 6 here"), (["--limit", "9", "--prompts", "openai"], "prompts"),
+    for extra, named in ((["--limit", "6"], "limit: 9 in the set, 6 here"),
+                         (["--limit", "9", "--prompts", "openai"], "prompts"),
                          (["--limit", "9", "--transform", "paper"], "transform")):
         assert run("eval", *common, *extra, "--adversarial", adv, "--out", tmp_path / "e") == 2
         assert named in capsys.readouterr().err
@@ -120,7 +126,8 @@ def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path
     error = capsys.readouterr().err
     assert f"was made with other settings: datasets: imagefolder:{folder.resolve()} (12 images) in the set, " in error
     assert f"imagefolder:{other.resolve()} (12 images) here" in error
-    assert run("eval", *common, "--limit", "9", "--adversarial", adv, "--threat", "adaptive", "--out", tmp_path / "e") == 2
+    assert run("eval", *common, "--limit", "9", "--adversarial", adv, "--threat", "adaptive",
+               "--out", tmp_path / "e") == 2
     assert "adaptive attacks are crafted through each defense" in capsys.readouterr().err
     assert run("eval", *common, "--adversarial", tmp_path, "--out", tmp_path / "e") == 2
     assert "is not an adversarial set" in capsys.readouterr().err
@@ -130,7 +137,8 @@ def test_a_set_made_for_other_settings_is_refused_naming_the_difference(tmp_path
     assert "is not an adversarial set" in capsys.readouterr().err  # a results folder has a config.json too
     assert run("attack", *common, "--threat", "adaptive", "--out", tmp_path / "adaptive") == 2
     assert "adaptive attacks go through each defense" in capsys.readouterr().err
-    assert run("attack", *common, "--attack-steps", "2", "--limit", "9", "--eps", "2", "--out", adv) == 2  # another budget
+    another_budget = ["--attack-steps", "2", "--limit", "9", "--eps", "2"]
+    assert run("attack", *common, *another_budget, "--out", adv) == 2
     assert "differing: attacks" in capsys.readouterr().err
     for flags in (["--eps", "2"], ["--cw-kappa", "3"], ["--attack", "cw"], ["--attack-precision", "bf16"]):
         assert run("eval", *common, "--limit", "9", "--adversarial", adv, *flags, "--out", tmp_path / "e") == 2
@@ -163,7 +171,8 @@ def test_a_set_of_an_attack_this_installation_lacks_is_one_line(tmp_path, common
 
 def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
     sweep = tmp_path / "sweep"
-    assert run("sweep", *common, *ATTACK, "--defense", "ttc", "--grid", "tau_thres=0,0.2", "--grid", "eps=2,4", "--out", sweep) == 0
+    assert run("sweep", *common, *ATTACK, "--defense", "ttc", "--grid", "tau_thres=0,0.2", "--grid", "eps=2,4",
+               "--out", sweep) == 0
     swept = records(sweep)
     assert [r["defense"] for r in swept] == ["none", "ttc tau_thres=0 eps=2", "ttc tau_thres=0 eps=4",
                                             "ttc tau_thres=0.2 eps=2", "ttc tau_thres=0.2 eps=4"]
@@ -180,7 +189,8 @@ def test_a_sweep_point_equals_the_single_eval(tmp_path, common):
     by_image_sweep, by_image_eval = per_image(sweep), per_image(direct)
     for image_id, _ in [k for k in by_image_eval if k[1] == "ttc"]:
         assert by_image_sweep[(image_id, "ttc tau_thres=0.2 eps=4")] == by_image_eval[(image_id, "ttc")]
-        assert by_image_sweep[(image_id, "ttc tau_thres=0 eps=4")]["clean"]["pred"] == by_image_eval[(image_id, "rn")]["clean"]["pred"]
+        never_counterattacking = by_image_sweep[(image_id, "ttc tau_thres=0 eps=4")]
+        assert never_counterattacking["clean"]["pred"] == by_image_eval[(image_id, "rn")]["clean"]["pred"]
 
 
 def test_a_sweep_on_a_stored_set_does_not_attack_again(tmp_path, common, monkeypatch):
@@ -198,9 +208,11 @@ def test_a_sweep_on_a_stored_set_does_not_attack_again(tmp_path, common, monkeyp
     assert not (sweep / "adversarial").exists() and len(records(sweep)) == 3
 
 
-@pytest.mark.parametrize("grid, message", [("beta", "expected OPTION=V1,V2"), ("steps=1,x", "steps: must be an integer"),
+@pytest.mark.parametrize("grid, message", [("beta", "expected OPTION=V1,V2"),
+                                           ("steps=1,x", "steps: must be an integer"),
                                            ("beta=1,1", "repeats a setting"),
-                                           ("eps=300", "eps: must be <= 255"), ("kappa=1", "an option of ttc: eps, steps, step_size, tau_thres, beta")])
+                                           ("eps=300", "eps: must be <= 255"),
+                                           ("kappa=1", "an option of ttc: eps, steps, step_size, tau_thres, beta")])
 def test_a_bad_grid_is_one_line(tmp_path, common, capsys, grid, message):
     assert run("sweep", *common, "--defense", "ttc", "--grid", grid, "--out", tmp_path / "s") == 2
     err = capsys.readouterr().err

@@ -43,7 +43,8 @@ def bpe_tokenizer(tmp_path_factory):
     bpe = SimpleTokenizer()
     (folder / "vocab.json").write_text(json.dumps(bpe.encoder), encoding="utf-8")
     ranked = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in ranked) + "\n", encoding="utf-8")
+    merges = "\n".join(" ".join(pair) for pair in ranked)
+    (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", encoding="utf-8")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(
         folder, bos_token="<start_of_text>", eos_token="<end_of_text>", pad_token="<end_of_text>",
         unk_token="<end_of_text>", model_max_length=CONTEXT_LENGTH)

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def eval_args(model_dir: Path, folder: Path | str, out: Path, *extra: str) -> list[str]:
     return ["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{model_dir}",
-            "--dataset", f"imagefolder:{folder}", "--attack-steps", "2", "--defense", "none,ttc", "--out", str(out), *extra]
+            "--dataset", f"imagefolder:{folder}", "--attack-steps", "2", "--defense", "none,ttc",
+            "--out", str(out), *extra]
 
 
 def results(out: Path) -> dict:
@@ -47,7 +48,8 @@ def folder(tmp_path) -> Path:
 
 @pytest.mark.parametrize("steps, schedule", [(10, (2, 1, 1)), (100, (22, 6, 3))])
 def test_autoattack_apgd_derives_its_schedule_from_the_iterations(random_classifier, steps, schedule):
-    adversary = AutoAttackPaper(eps=1 / 255, steps=steps).adversary(random_classifier, 10, seed=0, device=torch.device("cpu"))
+    attack = AutoAttackPaper(eps=1 / 255, steps=steps)
+    adversary = attack.adversary(random_classifier, 10, seed=0, device=torch.device("cpu"))
     assert adversary.attacks_to_run == ["apgd-ce", "apgd-dlr"]
     for apgd in (adversary.apgd, adversary.apgd_targeted):
         # APGD's checkpoints (n_iter_2), minimum interval (n_iter_min) and step decrease (size_decr)
@@ -79,7 +81,7 @@ def test_worst_case_counts_an_image_only_if_it_survives_every_attack(tmp_path, r
             for b in batches for i, y in enumerate(b["labels"])
         )
         assert by_attack["worst-case"]["robust_acc"] == pytest.approx(100 * survivors / 9)
-        assert by_attack["worst-case"]["robust_acc"] <= min(by_attack["pgd"]["robust_acc"], by_attack["cw"]["robust_acc"])
+        assert by_attack["worst-case"]["robust_acc"] <= min(by_attack[a]["robust_acc"] for a in ("pgd", "cw"))
         assert len({r["clean_acc"] for r in by_attack.values()}) == 1
 
 
@@ -124,7 +126,8 @@ def test_two_spellings_of_one_folder_give_identical_records(tmp_path, random_cli
 
 def test_image_ids_are_file_paths_so_a_new_file_does_not_renumber_the_others(tmp_path, random_clip_dir, folder):
     def ids(out: Path) -> list:
-        return [i for line in (out / "parts" / "rank-0.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]]
+        lines = (out / "parts" / "rank-0.jsonl").read_text().splitlines()
+        return [i for line in lines for i in json.loads(line)["ids"]]
 
     assert main(eval_args(random_clip_dir, folder, tmp_path / "a", "--defense", "none")) == 0
     files = sorted(f"{c}/{i:04d}.png" for c in ("cat", "dog", "sea_lion") for i in range(3))
@@ -241,7 +244,8 @@ def test_non_finite_numbers_are_refused(capsys, option, value):
 
 
 @pytest.mark.parametrize("option, value, expected", [
-    ("--eps", "-1", ">= 0"), ("--eps", "300", "<= 255"), ("--attack-steps", "-2", ">= 0"), ("--attack-steps", "1.5", "integer"),
+    ("--eps", "-1", ">= 0"), ("--eps", "300", "<= 255"), ("--attack-steps", "-2", ">= 0"),
+    ("--attack-steps", "1.5", "integer"),
     ("--ttc-eps", "256", "<= 255"), ("--ttc-steps", "-1", ">= 0"), ("--tau-thres", "-0.1", ">= 0"),
     ("--eot-samples", "0", ">= 1"), ("--batch-size", "0", ">= 1"), ("--limit", "0", ">= 1"),
     ("--workers", "-1", ">= 0"), ("--seed", "-3", ">= 0"), ("--seed", "x", "integer"), ("--gate-weight", "-1", ">= 0"),
@@ -303,8 +307,8 @@ def test_every_defense_refuses_pixels_outside_0_1(random_classifier, images, nam
 
 
 @pytest.mark.parametrize("bad", list(BAD_PIXELS))
-@pytest.mark.parametrize("attack", [PGD(), build_attack("autoattack-paper", steps=2), AdaptiveAttack(TTC(), PGD(steps=1))],
-                         ids=["pgd", "autoattack", "adaptive"])
+@pytest.mark.parametrize("attack", [PGD(), build_attack("autoattack-paper", steps=2),
+                                    AdaptiveAttack(TTC(), PGD(steps=1))], ids=["pgd", "autoattack", "adaptive"])
 def test_every_attack_refuses_pixels_outside_0_1(random_classifier, images, attack, bad):
     labels = torch.zeros(len(images), dtype=torch.long)
     with pytest.raises(ValueError, match="pixels"):
@@ -345,12 +349,13 @@ finally:
 def test_a_failed_process_fails_the_others_with_its_error_instead_of_a_hang(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(FAILING_RANK)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", free_port(), str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = sorted(path.read_text() for path in tmp_path.glob("rank-*.txt"))
-    assert lines == ["rank 0: process 1 of 2 failed: cannot decode dog/0001.png", "rank 1: cannot decode dog/0001.png"], (
-        done.stdout + done.stderr[-2000:])
+    expected = ["rank 0: process 1 of 2 failed: cannot decode dog/0001.png", "rank 1: cannot decode dog/0001.png"]
+    assert lines == expected, done.stdout + done.stderr[-2000:]
 
 
 # --- Intervals ---------------------------------------------------------------------------------------

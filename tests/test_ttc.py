@@ -39,7 +39,8 @@ def oracle_steps(encoder, images: torch.Tensor, delta0: torch.Tensor, steps: int
 def test_step_weights_follow_the_formula():
     ttc = TTC(steps=2, beta=2.0)
     z = 1 + math.exp(2) + math.exp(4)
-    assert torch.allclose(ttc.step_weights(), torch.tensor([1 / z, math.exp(2) / z, math.exp(4) / z], dtype=torch.float64))
+    expected = torch.tensor([1 / z, math.exp(2) / z, math.exp(4) / z], dtype=torch.float64)
+    assert torch.allclose(ttc.step_weights(), expected)
     assert TTC(steps=5, beta=0.0).step_weights().tolist() == pytest.approx([1 / 6] * 6)
 
 
@@ -74,7 +75,7 @@ def test_images_judged_attacked_get_the_weighted_sum_of_the_kept_steps(random_cl
     assert result.counterattacked.all()
     deltas = oracle_steps(random_classifier.encoder, images, expected_delta0(images), ttc.steps)
     weights = ttc.step_weights()
-    expected = sum(float(w) * d for w, d in zip(weights, deltas))
+    expected = sum(float(w) * d for w, d in zip(weights, deltas, strict=True))
     assert torch.allclose(result.images - images, expected, atol=1e-6)
     # The steps really moved: the answer is not delta0.
     assert not torch.allclose(expected, deltas[0], atol=1e-4)
@@ -140,7 +141,7 @@ def test_tau_from_a_separate_encoder(random_classifier, images, tmp_path):
     assert not torch.allclose(result.tau, own_tau, rtol=1e-2)
     # The counterattack itself still ascends the defended model's embedding shift.
     deltas = oracle_steps(random_classifier.encoder, images, delta0, ttc.steps)
-    expected = sum(float(w) * d for w, d in zip(ttc.step_weights(), deltas))
+    expected = sum(float(w) * d for w, d in zip(ttc.step_weights(), deltas, strict=True))
     assert torch.allclose(result.images - images, expected, atol=1e-6)
 
 
@@ -166,8 +167,8 @@ def _assert_agree(classifier, images, ttc):
 @pytest.mark.parametrize("regime", ["all-clean", "all-attacked", "few-attacked", "most-attacked"])
 def test_fast_path_equals_reference_on_a_random_model(random_classifier, images, regime):
     taus = TTC().counterattack(random_classifier, images, rng(len(images))).tau
-    threshold = {"all-clean": 0.0, "all-attacked": float("inf"),
-                 "few-attacked": threshold_between(taus, below=2), "most-attacked": threshold_between(taus, below=5)}[regime]
+    threshold = {"all-clean": 0.0, "all-attacked": float("inf"), "few-attacked": threshold_between(taus, below=2),
+                 "most-attacked": threshold_between(taus, below=5)}[regime]
     fast = _assert_agree(random_classifier, images, TTC(tau_thres=threshold))
     expected = {"all-clean": 0, "all-attacked": 6, "few-attacked": 2, "most-attacked": 5}[regime]
     assert int(fast.counterattacked.sum()) == expected
