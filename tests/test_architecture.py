@@ -82,7 +82,8 @@ def test_the_attacks_do_not_import_the_defenses():
 def test_the_command_line_parses_without_importing_torch(tmp_path):
     """The first parse after a change of the code reads the registries (and caches their options); later ones
     import no model library (a process of its own: the test process has long imported torch)."""
-    code = ("import sys; from counterattack.cli import build_parser; build_parser().parse_args(['eval', '--eps', '2']); "
+    code = ("import sys; from counterattack.cli import build_parser; "
+            "build_parser().parse_args(['eval', '--eps', '2']); "
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")
     env = {**__import__("os").environ, "COUNTERATTACK_CACHE": str(tmp_path)}
     heavy = []

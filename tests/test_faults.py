@@ -280,7 +280,8 @@ def test_a_truncated_shard_is_named_and_deleting_it_recovers(tmp_path, random_cl
     shard.unlink()
     assert main(["attack", *common, "--out", str(adv)]) == 0
     anew = load_file(str(sorted((adv / "shards").glob("*.safetensors"))[-1]))
-    assert anew.keys() == intact.keys() and all(torch.equal(anew[k], intact[k]) for k in intact)  # crafted anew, the same
+    # Crafted anew, the same.
+    assert anew.keys() == intact.keys() and all(torch.equal(anew[k], intact[k]) for k in intact)
 
 
 def test_a_stored_image_beyond_its_budget_is_refused_naming_the_shard(tmp_path, random_clip_dir, folder, capsys):
@@ -323,7 +324,8 @@ def test_repeated_class_names_are_warned_about(random_clip_dir, caplog):
 
 # --- adaptive never above transfer ---------------------------------------------------------------------------
 
-def test_an_adaptive_image_counts_as_robust_only_if_it_survives_the_transfer_attack_too(tmp_path, random_clip_dir, folder):
+def test_an_adaptive_image_counts_as_robust_only_if_it_survives_the_transfer_attack_too(tmp_path, random_clip_dir,
+                                                                                        folder):
     out = tmp_path / "adaptive"
     assert main([*eval_argv(random_clip_dir, folder, out), "--threat", "adaptive"]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
@@ -351,7 +353,8 @@ def _can_mount_tmpfs(where) -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
     where.mkdir(exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(where)], capture_output=True).returncode == 0
+    mount = ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(where)]
+    return subprocess.run(mount, capture_output=True).returncode == 0
 
 
 def test_a_full_disk_stops_cleanly_and_the_same_command_resumes(tmp_path, random_clip_dir, folder, capsys):
