@@ -88,6 +88,8 @@ def test_openai_weights_load_into_quickgelu_and_match_openai_features(tmp_path):
 
 
 def test_missing_hub_model_fails_fast_with_instructions(tmp_path):
+    """A process of its own: huggingface_hub reads its endpoint, cache and offline switch from the environment when
+    imported (this process has it offline), and the reachability probe turns the switch for the whole process."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     # A closed local port: the hub is unreachable, as on a machine without network.
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path))
