@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from counterattack import TTC, CounterattackError, ImageRandomness, RandomNoise, defended
-from counterattack.defended import RANDOMNESS_KEY, call_purpose
+from counterattack.defended_model import RANDOMNESS_KEY, call_purpose
 from counterattack.defenses import build_defenses
 from counterattack.sanity import autoattack_warnings
 

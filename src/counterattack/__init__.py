@@ -28,7 +28,7 @@ _PUBLIC = {
     "inputs": ("DtypeError", "InputError", "LabelError", "PixelRangeError", "RandomnessError", "ShapeError", "check_labels",
                "check_pixels", "check_randomness"),
     "data": ("EvalDataset", "balanced_subset", "load_dataset"),
-    "defended": ("DefendedModel", "defended"),
+    "defended_model": ("DefendedModel", "defended"),
     "defenses": ("CSR", "DEFENSES", "DOC", "MAC", "RTPT", "TTC", "AntiAdversary", "Defense", "DefenseOutput", "Gate",
                  "HedgeDefense", "NoDefense", "RandomNoise", "TransformEnsemble", "TTCResult", "build_defense",
                  "build_defenses", "register_defense"),
@@ -39,6 +39,9 @@ _PUBLIC = {
     "randomness": ("ImageRandomness",),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+# A name defined here on first use must not be a submodule's name too: importing that submodule would set the
+# package's attribute to the module, and the name would then mean the module.
+assert not set(_HOME) & set(_PUBLIC), "a public name is also a module's name"
 
 __all__ = ["__version__", *_HOME]
 

@@ -24,7 +24,7 @@ from .attacks import PIXEL, Attack
 from .attacks.autoattack import collecting_warnings, import_pyautoattack
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, WithIndex, balanced_subset
-from .defended import defended
+from .defended_model import defended
 from .defenses import Defense
 from .evaluate import RunSettings, evaluate_dataset, summarize
 
