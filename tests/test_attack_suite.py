@@ -149,6 +149,6 @@ def test_adaptive_eval_records_say_what_ran(random_clip_dir, tmp_path):
                  "--dataset", f"imagefolder:{folder}", "--attack", "cw", "--attack-steps", "2", "--threat", "adaptive",
                  "--adaptive-method", "bpda", "--eot-samples", "2", "--defense", "none,ttc", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["adaptive"] == {"method": "bpda", "eot_samples": 2, "gate_weight": 0.0}
+    assert results["config"]["adaptive"] == {"method": "bpda", "eot_samples": 2, "gate_weight": 0.0, "select": "fresh"}
     ran = {(r["attack"], r["threat"], r["adaptive"]) for r in results["records"]}
-    assert ran == {("cw", "adaptive", "bpda, eot 2, gate weight 0")}
+    assert ran == {("cw", "adaptive", "bpda, eot 2, gate weight 0, fresh-draw selection")}

@@ -33,7 +33,7 @@ def test_imagefolder_names_classes_from_folders_and_keeps_model_sized_images(tmp
 
 
 def test_imagefolder_resizes_and_center_crops_to_the_model_size(tmp_path, random_clip_dir):
-    root = write_image_folder(tmp_path / "imgs", {"a": 1}, size=(64, 48))
+    root = write_image_folder(tmp_path / "imgs", {"a": 1, "b": 1}, size=(64, 48))
     data = load_dataset(f"imagefolder:{root}", load_clip(f"local-dir:{random_clip_dir}"))
     image, _ = data.dataset[0]
     assert image.shape == (3, 32, 32)

@@ -69,7 +69,7 @@ def test_score_noise_is_a_fair_sign_or_a_uniform_within_eps(images):
 
 
 def test_each_image_follows_the_papers_algorithm(random_classifier, images):
-    images, doc = images[:3], DOC()
+    images, doc = images[:3], DOC(score="directional")
     ids = list(range(20, 20 + len(images)))
     result = doc.counterattack(random_classifier, images, ImageRandomness.for_images(0, "d", ids, "p"))
     for i, image_id in enumerate(ids):
@@ -107,7 +107,7 @@ def test_gate_and_mix_by_hand_on_a_grey_image(target_score):
     spread = math.sqrt(1 / (1 - target_score) ** 2 - 1)
     classifier = grey_classifier(spread / EPS**2)
     grey = torch.full((2, 3, 8, 8), 0.5)
-    doc = DOC(orthogonal_weight=0.0)  # no exploration, so delta_T is known by hand
+    doc = DOC(orthogonal_weight=0.0, score="directional")  # no exploration, so delta_T is known by hand
     output = doc(classifier, grey, rng(2))
     result = doc.counterattack(classifier, grey, rng(2))
 
@@ -158,12 +158,14 @@ def test_batch_size_invariance(random_classifier, images):
 
 
 @pytest.mark.parametrize("tau_thres", [0.0, float("inf")])
-def test_counted_passes_match_the_specification(random_classifier, images, tau_thres):
-    # f(x), M = 5 noisy copies, T = 4 steps, the final forward: 11 forwards and 4 backwards per image,
-    # whatever the gate decides (every image takes the steps; w only mixes them).
+@pytest.mark.parametrize("score, forwards", [("directional", 5 + 4 + 2), ("tau", 4 + 2)])
+def test_counted_passes_match_the_specification(random_classifier, images, tau_thres, score, forwards):
+    # directional: f(x), M = 5 noisy copies, T = 4 steps, the final forward; tau: f(x), f(x + delta0) (also the first
+    # step's forward), the 3 other steps, the final forward. T backwards, whatever the gate decides (every image
+    # takes the steps; w only mixes them).
     with count_encoder_passes() as passes:
-        DOC(tau_thres=tau_thres)(random_classifier, images, rng(len(images)))
-    assert (passes.forwards, passes.backwards) == (11 * len(images), 4 * len(images))
+        DOC(tau_thres=tau_thres, score=score)(random_classifier, images, rng(len(images)))
+    assert (passes.forwards, passes.backwards) == (forwards * len(images), 4 * len(images))
 
 
 def test_attack_view_is_the_defense_with_its_score_and_gradients(random_classifier, images):

@@ -63,13 +63,6 @@ def test_docs_weighted_final_at_full_weight_is_ttcs_softmax_average_of_its_itera
     assert not torch.allclose(expected, kept[-1], atol=1e-4)  # not the last iterate: the average
 
 
-@pytest.mark.parametrize("score, forwards", [("tau", 4 + 2), ("directional", 5 + 4 + 2)])
-def test_docs_cost_follows_its_score(random_classifier, images, score, forwards):
-    with count_encoder_passes() as passes:
-        DOC(score=score)(random_classifier, images, rng(len(images)))
-    assert (passes.forwards, passes.backwards) == (forwards * len(images), 4 * len(images))
-
-
 # --- MAC ------------------------------------------------------------------------------------------------------
 
 def test_macs_pixel_units_scale_with_the_input_side(images):

@@ -39,7 +39,8 @@ def test_fp16_scales_the_loss_so_gradient_signs_survive(random_classifier, image
         # A loss whose gradient underflows in fp16 unless it is scaled first.
         return 1e-7 * (random_classifier.encode_image(moved).float() - anchor).pow(2).sum()
 
-    delta = ImageRandomness.from_seed(0, len(images)).uniform_like(images, -EPS, EPS)
+    noise = ImageRandomness.from_seed(0, len(images)).uniform_like(images, -EPS, EPS)
+    delta = torch.max(torch.min(noise, 1 - images), -images)  # images + delta stay pixels
     signs: list[torch.Tensor] = []
     with precision_context(images.device, "fp16"):
         assert loss_scale(images.device) == FP16_LOSS_SCALE

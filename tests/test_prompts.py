@@ -233,9 +233,9 @@ def test_prompts_command_prints_one_prompt_per_class_without_the_data(capsys, pr
 def test_image_folders_take_the_model_transform_or_the_papers(tmp_path, random_clip_dir):
     from counterattack import load_clip, load_dataset
 
-    folder = write_image_folder(tmp_path / "imgs", {"cat": 1}, size=(300, 400))
+    folder = write_image_folder(tmp_path / "imgs", {"cat": 1, "dog": 1}, size=(300, 400))
     clip = load_clip(f"local-dir:{random_clip_dir}")
     model = load_dataset(f"imagefolder:{folder}", clip)  # the model's own: resize the short side to 32, crop
     paper = load_dataset(f"imagefolder:{folder}", clip, transform="paper")  # Resize 256, CenterCrop 224
     assert model.dataset[0][0].shape == (3, 32, 32) and paper.dataset[0][0].shape == (3, 224, 224)
-    assert model.fingerprint == paper.fingerprint and paper.image_ids == ["cat/0000.png"]
+    assert model.fingerprint == paper.fingerprint and paper.image_ids == ["cat/0000.png", "dog/0000.png"]

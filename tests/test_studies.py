@@ -12,6 +12,7 @@ import torch
 
 from counterattack.adversarial import AdversarialSet
 from counterattack.cli import main
+from counterattack.evaluate import gate_scores
 from counterattack.results import ResultsStore
 
 from testkit import comparable_records, free_port, write_image_folder
@@ -249,9 +250,10 @@ def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path
     assert chosen_record["counterattacked_clean"] == pytest.approx(entry["chosen"]["flagged_clean"])
     # The AUC is the share of (clean, adversarial) pairs the score orders right, ties half.
     clean, adv = [], []
-    for batch in ResultsStore(out / "current").batches():
-        clean += batch["defenses"][defense]["clean"]["score"]
-        adv += batch["defenses"][defense]["adv"][entry["attack"]]["score"]
+    for batch in ResultsStore(out / "current").batches():  # MAC gates every view: its rates are of views
+        clean += gate_scores(batch["defenses"][defense]["clean"])
+        adv += gate_scores(batch["defenses"][defense]["adv"][entry["attack"]])
+    assert entry["scores"] == len(clean) == 12 * (2 if defense == "mac" else 1)
     sign = 1 if flagged == "above" else -1
     pairs = [(sign * a > sign * c) + 0.5 * (a == c) for a in adv for c in clean]
     assert entry["auc"] == pytest.approx(sum(pairs) / len(pairs))

@@ -85,21 +85,29 @@ def test_worst_case_counts_an_image_only_if_it_survives_every_attack(tmp_path, r
         assert len({r["clean_acc"] for r in by_attack.values()}) == 1
 
 
-def test_adaptive_attack_returns_its_best_iterate_not_its_last(random_classifier, images):
+@pytest.mark.parametrize("select", ["eot", "fresh"])
+def test_adaptive_attack_returns_its_best_iterate_not_its_last(random_classifier, images, select):
     labels = torch.arange(len(images)) % 10
     ttc = TTC(tau_thres=float("inf"))  # every image counterattacked
-    attack = AdaptiveAttack(ttc, PGD(eps=8 / 255, steps=6, step_size=4 / 255))
+    attack = AdaptiveAttack(ttc, PGD(eps=8 / 255, steps=6, step_size=4 / 255), select=select)
     adversarial = attack(random_classifier, images, labels, ImageRandomness.from_seed(0, len(images), "attack"))
-    # The same run, by hand, with the same draws in the same order: every iterate and its loss.
+    # The same run, by hand, with the same draws in the same order: every iterate and the loss it is chosen by
+    # (under the attack's own draw, or under the held-out one it never ascended).
     rng = ImageRandomness.from_seed(0, len(images), "attack")
     start = PGD(8 / 255, 6, 4 / 255)(random_classifier, images, labels, rng)
+    held_out = rng.fork("selection")
     iterates, losses = [], []
 
     def loss(adv: torch.Tensor) -> torch.Tensor:
         view = ttc.attack_view(random_classifier, adv, rng, "exact")
         per_image = torch.nn.functional.cross_entropy(view.logits, labels, reduction="none")
         iterates.append(adv.detach())
-        losses.append(per_image.detach())
+        if select == "fresh":
+            with torch.no_grad():
+                chosen_by = ttc.attack_view(random_classifier, adv.detach(), held_out, "exact").logits
+            losses.append(torch.nn.functional.cross_entropy(chosen_by, labels, reduction="none"))
+        else:
+            losses.append(per_image.detach())
         return per_image.sum()
 
     final = run_steps(loss, images, start - images, 8 / 255, 4 / 255, 6)
@@ -147,7 +155,7 @@ def test_a_file_added_between_two_runs_is_refused_on_resume(tmp_path, random_cli
 
 # --- Merging ---------------------------------------------------------------------------------------
 
-def test_a_merge_with_a_missing_or_doubled_image_is_refused(tmp_path, random_clip_dir, folder):
+def test_a_merge_with_a_missing_image_is_refused_and_an_identical_repeat_is_kept_once(tmp_path, random_clip_dir, folder):
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "3")) == 0
     store = ResultsStore(tmp_path)
     name = results(tmp_path)["records"][0]["dataset"]
@@ -158,8 +166,8 @@ def test_a_merge_with_a_missing_or_doubled_image_is_refused(tmp_path, random_cli
     parts = tmp_path / "parts" / "rank-0.jsonl"
     lines = parts.read_text().splitlines()
     (tmp_path / "parts" / "rank-1.jsonl").write_text(lines[0] + "\n")  # a second process's copy of one batch
-    with pytest.raises(CounterattackError, match="3 images of .* appear more than once"):
-        store.complete({name: ids})
+    merged = store.complete({name: ids})
+    assert sorted(i for b in merged for i in b["ids"]) == sorted(ids)  # the same results twice: kept once
     (tmp_path / "parts" / "rank-1.jsonl").unlink()
     parts.write_text("\n".join(lines[1:]) + "\n")  # a lost batch: the summary is refused, not shrunk
     with pytest.raises(CounterattackError, match="3 of 9 images"):

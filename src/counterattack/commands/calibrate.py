@@ -68,18 +68,20 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
     dataset = context.selections[0].data.name
     current_threshold = getattr(current, gate.threshold)
     entries, plots = [], []
+    images = sum(len(batch["ids"]) for batch in before.batches)
     for attack in attacks:
-        clean, adv = scores_of(before.batches, name, attack.name)
+        clean, adv = scores_of(before.batches, name, attack.name)  # MAC: one score per view
         oriented = (lambda xs: xs) if gate.flags_above else (lambda xs: [-x for x in xs])
         entries.append({
-            "dataset": dataset, "attack": attack.name, "defense": name, "n": len(clean), "score": gate.score,
+            "dataset": dataset, "attack": attack.name, "defense": name, "n": images, "scores": len(clean),
+            "score_per": "view" if len(clean) > images else "image", "score": gate.score,
             "flagged": gate.side, "auc": roc_auc(oriented(clean), oriented(adv)), "target_fpr": config.study.target_fpr,
             "current": _entry(before, attack.name, current_threshold, gate),
             "chosen": _entry(after, attack.name, chosen_threshold, gate),
         })
         plots.append(plot_score_histograms(
             clean, adv, current_threshold, chosen_threshold, gate.flags_above,
-            f"{name}'s {gate.score} on {short_name(dataset)}, {attack.name} ({len(clean)} images)",
+            f"{name}'s {gate.score} on {short_name(dataset)}, {attack.name} ({len(clean)} {entries[-1]['score_per']}s)",
             config.out / (f"calibration-{attack.name}.png" if len(attacks) > 1 else "calibration.png"), gate.score))
     results = {"config": described, "calibration": entries}
     write_json_atomically(config.out / "calibration.json", results)
@@ -89,9 +91,9 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
               f"detector {e['auc']:.3f}")
         for key, what in (("current", "current"), ("chosen", f"at {config.study.target_fpr:g} FPR")):
             c = e[key]
-            print(f"  {what:>10}: flagged if {gate.score} {side} {c['threshold']:.6g}: {c['flagged_clean']:.1%} of clean, "
-                  f"{c['flagged_adv']:.1%} of adversarial images flagged; clean {c['clean_acc']:.2f}%, "
-                  f"robust {c['robust_acc']:.2f}%")
+            print(f"  {what:>10}: flagged if {gate.score} {side} {c['threshold']:.6g}: "
+                  f"{c['flagged_clean']:.1%} of clean, {c['flagged_adv']:.1%} of adversarial {e['score_per']}s flagged; "
+                  f"clean {c['clean_acc']:.2f}%, robust {c['robust_acc']:.2f}%")
     print(f"\nuse it: --{name}-{gate.threshold.replace('_', '-')} {chosen_threshold:.6g}; details: "
           f"{config.out / 'calibration.json'}; histogram(s): {', '.join(map(str, plots))}")
     return results

@@ -46,7 +46,8 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             return "not installed"
 
-    return {"clip-counterattack": __version__, **{pkg: installed(pkg) for pkg in ("torch", "torchvision", "open_clip_torch")}}
+    return {"clip-counterattack": __version__,
+            **{pkg: installed(pkg) for pkg in ("torch", "torchvision", "open_clip_torch")}}
 
 
 @dataclass
@@ -87,8 +88,9 @@ def stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
 def _check_stored_attacks(config: RunConfig, adversarial: AdversarialSet, attacks: Sequence[Attack]) -> None:
     """No flag may ask for what a stored set's attacks cannot be."""
     if config.attack.threat != "paper":
-        raise CounterattackError("--adversarial holds images crafted against the undefended model (the paper's protocol); "
-                                 "adaptive attacks are crafted through each defense and cannot be stored once for all.")
+        raise CounterattackError("--adversarial holds images crafted against the undefended model (the paper's "
+                                 "protocol); adaptive attacks are crafted through each defense and cannot be stored "
+                                 "once for all.")
     shared = {"--eps": config.attack.eps, "--attack-steps": config.attack.steps,
               "--attack-step-size": config.attack.step_size, "--attack-precision": config.attack.precision}
     given = [name for name, value in shared.items() if value is not None]
@@ -96,9 +98,9 @@ def _check_stored_attacks(config: RunConfig, adversarial: AdversarialSet, attack
     if config.attack.given and sorted(config.attack.names) != sorted(a.name for a in attacks):
         given.insert(0, f"--attack {','.join(config.attack.names)}")
     if given:
-        raise CounterattackError(f"{adversarial.folder} holds {', '.join(a.name for a in attacks)} with their own settings "
-                                 f"(see its config.json); {', '.join(given)} cannot apply to it: drop them, or craft "
-                                 "another set with `counterattack attack`.")
+        raise CounterattackError(f"{adversarial.folder} holds {', '.join(a.name for a in attacks)} with their own "
+                                 f"settings (see its config.json); {', '.join(given)} cannot apply to it: drop them, "
+                                 "or craft another set with `counterattack attack`.")
 
 
 class RunContext:
@@ -122,8 +124,8 @@ class RunContext:
 
             workers = min(8 if device.type == "cuda" else 4, os.cpu_count() or 1)
         self.settings = RunSettings(run.seed, config.data.limit, run.batch_size, workers, device, run.progress,
-                                    group.rank, group.world_size, config.precisions["attack"], config.precisions["defense"],
-                                    config.attack.quantize)
+                                    group.rank, group.world_size, config.precisions["attack"],
+                                    config.precisions["defense"], config.attack.quantize)
 
     def with_seed(self, seed: int) -> RunContext:
         """The same loaded run under another seed (``--seeds``), writing under ``out/seed-S``."""
@@ -155,8 +157,9 @@ class RunContext:
 
     def run_record(self) -> dict[str, Any]:
         """Settings that change no result: a resumed run may differ in them."""
-        return {"batch_size": self.config.run.batch_size, "device": str(self.device), "processes": self.group.world_size,
-                "data_root": str(self.config.data.root), "weights_from": self.weights_location, "versions": _versions()}
+        return {"batch_size": self.config.run.batch_size, "device": str(self.device),
+                "processes": self.group.world_size, "data_root": str(self.config.data.root),
+                "weights_from": self.weights_location, "versions": _versions()}
 
     def expected(self) -> dict[str, list]:
         return {s.data.name: s.ids for s in self.selections}
@@ -178,7 +181,8 @@ class RunContext:
 
     def results(self, config: Mapping[str, Any], records: list[dict]) -> dict[str, Any]:
         """What results.json holds: the configuration, the records, their averages, the images left out."""
-        return {"config": config, "records": records, "average": average_records(records), "unreadable": self.unreadable()}
+        return {"config": config, "records": records, "average": average_records(records),
+                "unreadable": self.unreadable()}
 
     def evaluation_config(self, defenses: Mapping[str, Defense], attacks: Sequence[Attack]) -> dict[str, Any]:
         """Everything a results folder's numbers depend on (its hash guards resumption), and what does not (``run``)."""
@@ -231,8 +235,10 @@ class RunContext:
                 data = selection.data
                 on_data = {name: defense.for_dataset(data.name) for name, defense in defenses.items()}
                 attack_for = {(a.name, id(d)): self.attack_for(a, d) for a in attacks for d in on_data.values()}
+                # The batches are consumed here, within this selection's iteration: binding its table is exact.
                 for batch in evaluate_dataset(self.classifier(data), data, attacks, on_data, self.settings,
-                                              done.get(data.name, ()), lambda a, d: attack_for[(a.name, id(d))],
+                                              done.get(data.name, ()),
+                                              lambda a, d, attack_for=attack_for: attack_for[(a.name, id(d))],
                                               selection.chosen, self.adversarial):
                     store.append(batch)
                     estimate.after(len(batch["ids"]))
@@ -243,12 +249,14 @@ class RunContext:
         adaptive = None
         if threat == "adaptive":
             settings = config["adaptive"]
-            adaptive = f"{settings['method']}, eot {settings['eot_samples']}, gate weight {settings['gate_weight']:g}"
+            adaptive = (f"{settings['method']}, eot {settings['eot_samples']}, "
+                        f"gate weight {settings['gate_weight']:g}, {settings['select']}-draw selection")
         records = summarize(batches, list(self.expected()), list(defenses), [a.name for a in attacks], threat, adaptive)
         return Evaluation(batches, records)
 
     def craft_into(self, folder: Path, attacks: Sequence[Attack]) -> AdversarialSet:
-        """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is there."""
+        """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is
+        there."""
         config = {**self.identity(), "attacks": [a.describe() for a in attacks], "threat": "paper",
                   "precision": {"attack": self.settings.attack_precision}, "seed": self.settings.seed,
                   **({"quantize_adversarial": "8 bits"} if self.config.attack.quantize else {}),
@@ -382,12 +390,14 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
     clip = load_clip(config.model.name, config.model.pretrained, device=device)
     tau_encoder, tau_model = _tau_encoder(config, clip, device)
     if tau_encoder is not None:
-        built = [replace(d, tau_encoder=tau_encoder) if "tau_encoder" in {f.name for f in fields(d)} else d for d in built]
+        built = [replace(d, tau_encoder=tau_encoder) if "tau_encoder" in {f.name for f in fields(d)} else d
+                 for d in built]
     by_name = {d.name: d for d in built}
     named = {name: make(by_name[config.defense.names[0]]) for name, make in defenses.items()} if defenses else by_name
 
     def load_all() -> list[EvalDataset]:
-        return [load_dataset(spec, clip, config.data.root, prompts=config.model.prompts, transform=config.data.transform)
+        return [load_dataset(spec, clip, config.data.root, prompts=config.model.prompts,
+                             transform=config.data.transform)
                 for spec in config.data.datasets]
 
     loaded = group.first_on_main(load_all)  # downloads once; the others then read what it fetched
@@ -423,7 +433,8 @@ def over_seeds(context: RunContext, run: Callable[[RunContext], dict | None],
         return None
     records = combine_seeds([one["records"] for one in runs], seeds)
     config = {**runs[0]["config"], "seed": None, "seeds": list(seeds)}
-    results = {"config": config, "records": records, "average": average_records(records), "unreadable": runs[0]["unreadable"]}
+    results = {"config": config, "records": records, "average": average_records(records),
+               "unreadable": runs[0]["unreadable"]}
     print(f"\nmean over seeds {', '.join(map(str, seeds))} (± sample standard deviation):")
     write(context.config.out, results)
     return results
