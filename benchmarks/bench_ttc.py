@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,19 +80,24 @@ def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.devic
             for b in batches:
                 classifier.logits(b)
 
+    def reference(ttc: TTC) -> None:
+        for i, b in enumerate(batches):
+            reference_ttc(ttc, classifier, b, streams(i, b))
+
     def fast(ttc: TTC) -> None:
         with precision_context(device, precision):
             for i, b in enumerate(batches):
                 ttc(classifier, b, streams(i, b))
 
-    print(f"\n== {clip.description}: {n} images of {clip.image_size[0]}px, batch {batch}, {device}, precision {precision}")
+    print(f"\n== {clip.description}: {n} images of {clip.image_size[0]}px, batch {batch}, {device}, "
+          f"precision {precision}")
     t_plain = timed(plain, repeats, device)
     print(f"plain zero-shot        {1000 * t_plain / n:8.3f} ms/img")
     result: dict[str, float | bool] = {"agree": True}
     for regime, threshold in (("clean", 0.0), ("adv", float("inf"))):
         ttc = TTC(tau_thres=threshold)
-        t_ref = timed(lambda: [reference_ttc(ttc, classifier, b, streams(i, b)) for i, b in enumerate(batches)], repeats, device)
-        t_fast = timed(lambda: fast(ttc), repeats, device)
+        t_ref = timed(partial(reference, ttc), repeats, device)
+        t_fast = timed(partial(fast, ttc), repeats, device)
         with count_encoder_passes() as ref_passes:
             ref_images, ref_out = reference_ttc(ttc, classifier, batches[0], streams(0, batches[0]))
         with count_encoder_passes() as fast_passes:
@@ -105,8 +111,10 @@ def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.devic
         result["agree"] = bool(result["agree"]) and agree
         m = len(batches[0])
         print(
-            f"[{regime:5}] reference {1000 * t_ref / n:8.3f} ms/img ({ref_passes.forwards / m:.0f} fwd, {ref_passes.backwards / m:.0f} bwd)"
-            f" | fast {1000 * t_fast / n:8.3f} ms/img ({fast_passes.forwards / m:.0f} fwd, {fast_passes.backwards / m:.0f} bwd)"
+            f"[{regime:5}] reference {1000 * t_ref / n:8.3f} ms/img "
+            f"({ref_passes.forwards / m:.0f} fwd, {ref_passes.backwards / m:.0f} bwd)"
+            f" | fast {1000 * t_fast / n:8.3f} ms/img "
+            f"({fast_passes.forwards / m:.0f} fwd, {fast_passes.backwards / m:.0f} bwd)"
             f" | fast/reference {t_fast / t_ref:.3f} fast/plain {t_fast / t_plain:.3f} agree={'yes' if agree else 'no'}"
         )
         result[f"fast/reference({regime})"] = t_fast / t_ref
@@ -116,7 +124,8 @@ def bench_model(name: str, n: int, batch: int, repeats: int, device: torch.devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", help="vit-b-32 (random weights), tiny, or local-dir:PATH (repeatable)")
+    parser.add_argument("--model", action="append",
+                        help="vit-b-32 (random weights), tiny, or local-dir:PATH (repeatable)")
     parser.add_argument("--n", type=int, help="images per model (default 64 for ViT-B/32, 512 for small models)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -130,7 +139,8 @@ def main() -> None:
     agree = True
     for name in models:
         n = args.n or (8 if args.quick else 64 if name == "vit-b-32" else 512)
-        result = bench_model(name, n, min(args.batch_size, n), 1 if args.quick else args.repeats, device, args.precision)
+        result = bench_model(name, n, min(args.batch_size, n), 1 if args.quick else args.repeats, device,
+                             args.precision)
         agree = agree and bool(result["agree"])
     print(
         f"RATIOS fast/plain(clean)={result['fast/plain(clean)']:.3f} "

@@ -12,7 +12,8 @@ def _package_version() -> str:
         return _version("clip-counterattack")
     except _PackageNotFoundError:
         pyproject = _Path(__file__).resolve().parents[2] / "pyproject.toml"
-        found = _re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), _re.M) if pyproject.is_file() else None
+        found = (_re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), _re.M)
+                 if pyproject.is_file() else None)
         return f"{found.group(1)} (source tree)" if found else "unknown (no package metadata)"
 
 
@@ -25,8 +26,8 @@ _PUBLIC = {
                 "register_attack"),
     "adaptive": ("AdaptiveAttack",),
     "classifier": ("DEFAULT_TEMPLATES", "EncoderPasses", "ImageEncoder", "ZeroShotClassifier", "count_encoder_passes"),
-    "inputs": ("DtypeError", "InputError", "LabelError", "PixelRangeError", "RandomnessError", "ShapeError", "check_labels",
-               "check_pixels", "check_randomness"),
+    "inputs": ("DtypeError", "InputError", "LabelError", "PixelRangeError", "RandomnessError", "ShapeError",
+               "check_labels", "check_pixels", "check_randomness"),
     "data": ("EvalDataset", "balanced_subset", "load_dataset"),
     "defended_model": ("DefendedModel", "defended"),
     "defenses": ("CSR", "DEFENSES", "DOC", "MAC", "RTPT", "TTC", "AntiAdversary", "Defense", "DefenseOutput", "Gate",

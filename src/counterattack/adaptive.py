@@ -13,8 +13,9 @@ defense of the library can be attacked through its ``attack_view``:
 
 The PGD loop and its projection are the paper's; ``base`` gives the budget, the steps and the loss
 on the defended logits: any attack with ``eps``, ``steps``, ``step_size`` and ``loss(logits, labels)``
-(``PGD``, ``CW``) can be run through a defense (``GRADIENT_ATTACK``). The attack starts from ``base``'s adversarial image
-against the undefended model (the paper's protocol, from its random start) and goes on through the defense.
+(``PGD``, ``CW``) can be run through a defense (``GRADIENT_ATTACK``). The attack starts from ``base``'s
+adversarial image against the undefended model (the paper's protocol, from its random start) and goes on
+through the defense.
 It returns, per image, the iterate whose objective (the loss plus the gate term, averaged over
 the EOT draws) was highest, as AutoAttack keeps its best point, rather than the last iterate.
 """
@@ -70,7 +71,8 @@ def check_adaptive(attack: Attack, settings: Mapping[str, Any] | None = None) ->
 class AdaptiveAttack:
     """An attack run through a defense: exact or straight-through gradients, EOT, gate evasion."""
 
-    # Its options' flags: --adaptive-method, --adaptive-eot-samples (--eot-samples), --adaptive-gate-weight (--gate-weight).
+    # Its options' flags: --adaptive-method, --adaptive-eot-samples (--eot-samples),
+    # --adaptive-gate-weight (--gate-weight).
     defense: Defense = runtime()
     base: Attack = runtime()  # an attack with GRADIENT_ATTACK's fields (default: PGD's paper settings)
     method: str = option("exact", "exact: differentiate the unrolled defense; bpda: straight-through",
@@ -137,8 +139,8 @@ class AdaptiveAttack:
         return images + best_delta
 
     def describe(self) -> dict:
-        return {**self.base.describe(), "threat": "adaptive", **{f.name: getattr(self, f.name) for f in options_of(type(self))},
-                "defense": self.defense.name}
+        return {**self.base.describe(), "threat": "adaptive",
+                **{f.name: getattr(self, f.name) for f in options_of(type(self))}, "defense": self.defense.name}
 
 
 guard_attack(AdaptiveAttack)  # its inputs are checked like a registered attack's

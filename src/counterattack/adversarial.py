@@ -88,13 +88,15 @@ class AdversarialSet(Store):
         if changed:
             def shown(key: str, value: object) -> str:
                 if key == "datasets" and isinstance(value, list):  # names and sizes; fingerprints follow if they differ
-                    return ", ".join(f"{d.get('name')} ({d.get('images')} images)" for d in value if isinstance(d, dict))
+                    return ", ".join(f"{d.get('name')} ({d.get('images')} images)"
+                                     for d in value if isinstance(d, dict))
                 return json.dumps(value)[:200]
 
-            details = "; ".join(f"{k}: {shown(k, stored.get(k))} in the set, {shown(k, identity[k])} here" for k in changed)
+            details = "; ".join(f"{k}: {shown(k, stored.get(k))} in the set, {shown(k, identity[k])} here"
+                                for k in changed)
             raise CounterattackError(
-                f"{self.folder} was made with other settings: {details}{dataset_changes(stored, identity)}. Craft a set for these settings with `counterattack attack`, "
-                "or give the set's settings."
+                f"{self.folder} was made with other settings: {details}{dataset_changes(stored, identity)}. "
+                "Craft a set for these settings with `counterattack attack`, or give the set's settings."
             )
 
     def _shard_paths(self) -> list[tuple[int, int, Path]]:
@@ -119,8 +121,9 @@ class AdversarialSet(Store):
         return result
 
     def _damaged(self, shard: Path, exc: Exception) -> CounterattackError:
-        return CounterattackError(f"{shard} is damaged ({type(exc).__name__}: {str(exc)[:200]}). Delete it and run the same "
-                                  "`counterattack attack` again: its images are crafted anew, the other shards are kept.")
+        return CounterattackError(f"{shard} is damaged ({type(exc).__name__}: {str(exc)[:200]}). Delete it and run "
+                                  "the same `counterattack attack` again: its images are crafted anew, the other "
+                                  "shards are kept.")
 
     def append(self, dataset: str, ids: list, labels: torch.Tensor, images: dict[str, torch.Tensor]) -> None:
         """Store one batch as one shard, all at once: a killed run leaves no half shard."""

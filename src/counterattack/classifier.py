@@ -119,8 +119,8 @@ class ZeroShotClassifier(nn.Module):
     every class changes no prediction and no softmax or margin loss, only the logits' values.
     """
 
-    def __init__(self, encoder: ImageEncoder, text_embeddings: torch.Tensor, logit_scale: float, class_names: Sequence[str],
-                 logit_bias: float = 0.0):
+    def __init__(self, encoder: ImageEncoder, text_embeddings: torch.Tensor, logit_scale: float,
+                 class_names: Sequence[str], logit_bias: float = 0.0):
         super().__init__()
         if len(class_names) != len(text_embeddings):
             raise ValueError("one text embedding per class name is needed")

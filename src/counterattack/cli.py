@@ -67,36 +67,43 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     model = command.add_argument_group("model")
     model.add_argument("--model", help=helped("open_clip name, local-dir:PATH, hf-hub:ORG/NAME or "
                                               "transformers:ORG/NAME|PATH", "model.name"))
-    model.add_argument("--pretrained", help=helped("pretrained tag or weights file (built-in names only)", "model.pretrained"))
+    model.add_argument("--pretrained",
+                       help=helped("pretrained tag or weights file (built-in names only)", "model.pretrained"))
     model.add_argument("--vision-checkpoint", type=Path,
                        help="fine-tuned vision weights (e.g. TeCoA, PMG-AFT, FARE) swapped into --model's vision tower")
     model.add_argument("--backbone", metavar="NAME",
-                       help="what published tables call --vision-checkpoint's weights (tecoa, fare, pmg; -eps1/-eps4 where "
-                       "a source tells them apart), recorded so that `report --compare published` can match the run")
+                       help="what published tables call --vision-checkpoint's weights (tecoa, fare, pmg; -eps1/-eps4 "
+                       "where a source tells them apart), recorded so that `report --compare published` can match the "
+                       "run")
     model.add_argument("--tau-model", help="encoder for TTC's tau: 'defended', or a model like --model "
                        "(default: the base model when --vision-checkpoint is given, else the defended one)")
     model.add_argument("--tau-pretrained", help=helped("pretrained tag for --tau-model", "model.tau_pretrained"))
     model.add_argument("--prompts", choices=("paper", "openai"),
                        help=helped("class names and templates of the benchmark datasets: paper (as the TTC code builds "
                                    "them) or openai (curated names, 'This is a photo of a {}.')", "model.prompts"))
-    model.add_argument("--templates", nargs="+", help="prompt templates, '{}' is the class name (overrides --prompts' templates)")
+    model.add_argument("--templates", nargs="+",
+                       help="prompt templates, '{}' is the class name (overrides --prompts' templates)")
     data = command.add_argument_group("data")
     data.add_argument("--dataset", action="append",
-                      help=helped("a name from `counterattack datasets`, all, or imagefolder:DIR (repeatable)", "data.datasets"))
+                      help=helped("a name from `counterattack datasets`, all, or imagefolder:DIR (repeatable)",
+                                  "data.datasets"))
     data.add_argument("--data-root", type=Path, help=helped("where datasets live or are downloaded to", "data.root"))
     data.add_argument("--limit", type=POSITIVE, help=helped("class-balanced subset of N images (first images of each "
                                                             "class)", "data.limit", "all images"))
     data.add_argument("--transform", choices=("model", "paper"),
-                      help=helped("imagefolder: preprocessing: the model's own eval transform, or the paper's Resize 256, "
-                                  "CenterCrop 224", "data.transform"))
+                      help=helped("imagefolder: preprocessing: the model's own eval transform, or the paper's Resize "
+                                  "256, CenterCrop 224", "data.transform"))
     data.add_argument("--skip-unreadable", action="store_true", default=None,
                       help="skip image files that cannot be decoded (listed in results.json) instead of stopping")
-    attack = command.add_argument_group("attack", "Every attack's own options are below (--pgd-steps, --cw-kappa, ...); "
-                                        "--eps, --attack-steps and --attack-step-size set them for every attack that has them.")
+    attack = command.add_argument_group("attack", "Every attack's own options are below (--pgd-steps, --cw-kappa, "
+                                        "...); --eps, --attack-steps and --attack-step-size set them for every attack "
+                                        "that has them.")
     attack.add_argument("--attack", type=names_of("attack"),
                         help=helped("comma-separated; several give a worst-case record too. "
-                                    + "; ".join(f"{k}: {e.summary}" for k, e in entries("attack").items()), "attack.names"))
-    attack.add_argument("--eps", type=PIXELS, help="L-inf budget of every attack, in 1/255 (default: each attack's own)")
+                                    + "; ".join(f"{k}: {e.summary}" for k, e in entries("attack").items()),
+                                    "attack.names"))
+    attack.add_argument("--eps", type=PIXELS,
+                        help="L-inf budget of every attack, in 1/255 (default: each attack's own)")
     attack.add_argument("--attack-steps", type=COUNT, help="iterations of every attack (default: each attack's own)")
     attack.add_argument("--attack-step-size", type=PIXELS,
                         help="step size of every attack that has one, in 1/255 (default: each attack's own)")
@@ -117,15 +124,16 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     run = command.add_argument_group("run")
     precisions = ("fp32", "tf32", "bf16", "fp16", "paper")
     run.add_argument("--precision", choices=precisions,
-                     help=helped("of the attacks' and the defenses' encoder passes: fp32, tf32 (CUDA matrix products), bf16 "
-                                 "or fp16 autocast, or paper (fp16 autocast for both, as the TTC code ran); gates and the "
-                                 "logit head stay fp32", "run.precision"))
+                     help=helped("of the attacks' and the defenses' encoder passes: fp32, tf32 (CUDA matrix products), "
+                                 "bf16 or fp16 autocast, or paper (fp16 autocast for both, as the TTC code ran); gates "
+                                 "and the logit head stay fp32", "run.precision"))
     run.add_argument("--attack-precision", choices=precisions, help="the attacks' precision (default: --precision)")
     run.add_argument("--defense-precision", choices=precisions, help="the defenses' precision (default: --precision)")
     run.add_argument("--batch-size", type=POSITIVE, help=helped("images per batch", "run.batch_size"))
     run.add_argument("--seed", type=SEED, help=helped("of every random draw", "run.seed"))
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), help=helped("where to compute", "run.device"))
-    run.add_argument("--workers", type=COUNT, help="data loading processes (default: 4, or 8 with a GPU, at most the CPU count)")
+    run.add_argument("--workers", type=COUNT,
+                     help="data loading processes (default: 4, or 8 with a GPU, at most the CPU count)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--dist-timeout", type=number(float, 1),
                      help=helped("torchrun: minutes a process waits for the others at a synchronisation point",
@@ -134,8 +142,8 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
 
 def _add_seeds(command: argparse.ArgumentParser) -> None:
     command.add_argument("--seeds", type=_seeds, metavar="S,S,...",
-                         help="repeat the run once per seed (attack starts, defense noise) under --out/seed-S and report "
-                         "mean and sample standard deviation (instead of --seed)")
+                         help="repeat the run once per seed (attack starts, defense noise) under --out/seed-S and "
+                         "report mean and sample standard deviation (instead of --seed)")
 
 
 def _running(commands, name: str, help: str, description: str, defenses: bool = True) -> argparse.ArgumentParser:
@@ -148,32 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="counterattack", description="Test-time Counterattacks for CLIP: defend and evaluate.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ev = _running(commands, "eval", "attack a zero-shot CLIP and measure defenses",
-                  "Craft adversarial images (against the undefended CLIP under --threat paper, through each defense under "
-                  "--threat adaptive), then apply every defense to the same clean and adversarial images. Budgets and step "
-                  "sizes are in units of 1/255.")
+                  "Craft adversarial images (against the undefended CLIP under --threat paper, through each defense "
+                  "under --threat adaptive), then apply every defense to the same clean and adversarial images. "
+                  "Budgets and step sizes are in units of 1/255.")
     ev.add_argument("--out", type=Path, default=Path("runs/latest"),
                     help="folder for the results; running the same command again resumes there (default: runs/latest)")
     ev.add_argument("--adversarial", type=Path, metavar="ADV",
-                    help="evaluate on the adversarial images stored by `counterattack attack --out ADV` instead of attacking "
-                    "(its attacks and their settings are the set's; model, data and prompt flags must match it)")
+                    help="evaluate on the adversarial images stored by `counterattack attack --out ADV` instead of "
+                    "attacking (its attacks and their settings are the set's; model, data and prompt flags must "
+                    "match it)")
     _add_seeds(ev)
     attack = _running(commands, "attack", "craft adversarial images once and store them, for eval/sweep/calibrate "
-                      "--adversarial", "Craft the paper protocol's adversarial images (against the undefended CLIP) and "
-                      "store them losslessly (float32 safetensors shards with image ids, labels and the full configuration). "
-                      "Running the same command again resumes.", defenses=False)
+                      "--adversarial", "Craft the paper protocol's adversarial images (against the undefended CLIP) "
+                      "and store them losslessly (float32 safetensors shards with image ids, labels and the full "
+                      "configuration). Running the same command again resumes.", defenses=False)
     attack.add_argument("--out", type=Path, required=True, metavar="ADV", help="folder for the adversarial set")
     sweep = _running(commands, "sweep", "evaluate a grid of one defense's settings on one adversarial set, with a "
-                     "Pareto plot", "Every combination of --grid values (any option of the defense; budgets in 1/255) is "
-                     "evaluated on the same adversarial images: --adversarial ADV, or crafted once into --out/adversarial. "
-                     "Writes one record per setting (and the undefended model), a table and pareto.png. Resumable.")
+                     "Pareto plot", "Every combination of --grid values (any option of the defense; budgets in 1/255) "
+                     "is evaluated on the same adversarial images: --adversarial ADV, or crafted once into "
+                     "--out/adversarial. Writes one record per setting (and the undefended model), a table and "
+                     "pareto.png. Resumable.")
     calibrate = _running(commands, "calibrate", "a gate's score on clean and adversarial images: histograms, ROC AUC, "
                          "threshold at a target FPR", "Computes a gated defense's score (TTC's tau, MAC's corruption "
-                         "degree, DOC's sensitivity, CSR's spectral consistency) on clean and adversarial images, its ROC "
-                         "AUC as a detector of adversarial images, and the threshold that flags --target-fpr of the clean "
-                         "images, with the clean and robust accuracy the defense gets there. Resumable.")
+                         "degree, DOC's sensitivity, CSR's spectral consistency) on clean and adversarial images, its "
+                         "ROC AUC as a detector of adversarial images, and the threshold that flags --target-fpr of "
+                         "the clean images, with the clean and robust accuracy the defense gets there. Resumable.")
     for study in (sweep, calibrate):
-        study.add_argument("--adversarial", type=Path, metavar="ADV", help="a set from `counterattack attack` (default: craft one)")
-        study.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
+        study.add_argument("--adversarial", type=Path, metavar="ADV",
+                           help="a set from `counterattack attack` (default: craft one)")
+        study.add_argument("--out", type=Path, required=True,
+                           help="folder for the results; the same command again resumes")
     _add_seeds(sweep)
     sweep.add_argument("--grid", action="append", required=True, metavar="OPTION=V1,V2,...",
                        help="values of one option of the defense (repeatable: the cartesian product is swept)")
@@ -181,20 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"fraction of clean images the chosen threshold judges attacked "
                            f"(default: {default('calibrate', 'study.target_fpr')})")
     stability = _running(commands, "stability", "the paper's preliminary experiment: TTC's tau under uniform noise on "
-                         "clean and adversarial images", "For each dataset and noise budget: tau (the relative shift of the "
-                         "image embedding under one uniform draw, on TTC's tau encoder) on clean and adversarial images, its "
-                         "mean, quantiles and ROC AUC as a detector, and the paper's bar chart beside the TTC poster's values. "
-                         "Resumable.", defenses=False)
+                         "clean and adversarial images", "For each dataset and noise budget: tau (the relative shift "
+                         "of the image embedding under one uniform draw, on TTC's tau encoder) on clean and "
+                         "adversarial images, its mean, quantiles and ROC AUC as a detector, and the paper's bar chart "
+                         "beside the TTC poster's values. Resumable.", defenses=False)
     stability.add_argument("--noise", type=_noise, metavar="B,B,...",
                            help=f"uniform noise budgets in 1/255 (default: "
                            f"{','.join(f'{b * 255:g}' for b in default('stability', 'study.noise'))})")
-    stability.add_argument("--adversarial", type=Path, metavar="ADV", help="a set from `counterattack attack` (default: attack)")
-    stability.add_argument("--out", type=Path, required=True, help="folder for the results; the same command again resumes")
+    stability.add_argument("--adversarial", type=Path, metavar="ADV",
+                           help="a set from `counterattack attack` (default: attack)")
+    stability.add_argument("--out", type=Path, required=True,
+                           help="folder for the results; the same command again resumes")
     reproduce = _running(commands, "reproduce", "run a published table (a preset of eval) and compare it with the "
-                         "published numbers", "Runs one published table through eval's own code (resumable, torchrun) and "
-                         "writes comparison.md/.csv/.json/.png beside the results: ours against the published numbers, "
-                         "with our 95% intervals. The preset fixes the table's datasets, defenses, attacks and prompts: "
-                         "flags that would change them are refused. --list shows every preset with an estimated cost.")
+                         "published numbers", "Runs one published table through eval's own code (resumable, torchrun) "
+                         "and writes comparison.md/.csv/.json/.png beside the results: ours against the published "
+                         "numbers, with our 95% intervals. The preset fixes the table's datasets, defenses, attacks "
+                         "and prompts: flags that would change them are refused. --list shows every preset with an "
+                         "estimated cost.")
     reproduce.add_argument("preset", nargs="?", metavar="NAME", help="a preset of `counterattack reproduce --list`")
     reproduce.add_argument("--list", action="store_true", help="list the presets with their images, encoder passes and "
                            "an estimated time on this machine (a short warm-up of the real pipeline)")
@@ -208,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "Robust accuracy against eps and against attack steps, and AutoAttack's checks, for one model, "
                       "dataset, attack and defense. Exits with 1 when a check fails.")
     sanity.add_argument("--out", type=Path, help="also write sanity.json here")
-    listing = commands.add_parser("datasets", help="list the benchmark's datasets and whether they are under --data-root")
-    listing.add_argument("--data-root", type=Path, default=Path("data"), help="where datasets live or are downloaded to")
+    listing = commands.add_parser("datasets",
+                                  help="list the benchmark's datasets and whether they are under --data-root")
+    listing.add_argument("--data-root", type=Path, default=Path("data"),
+                         help="where datasets live or are downloaded to")
     listing.add_argument("--json", action="store_true", help="print JSON: [{name, num_classes, present, ...}]")
     for kind in ("defense", "attack"):
         listing = commands.add_parser(f"{kind}s", help=f"list every {kind} with its options and defaults")
-        listing.add_argument("--json", action="store_true", help="print JSON: {name: {summary, options: {flag: default}}}")
+        listing.add_argument("--json", action="store_true",
+                             help="print JSON: {name: {summary, options: {flag: default}}}")
     prompts = commands.add_parser("prompts", help="print a benchmark dataset's zero-shot prompts, one a line")
     prompts.add_argument("dataset", help="a name from `counterattack datasets`")
     prompts.add_argument("--prompts", default="paper", choices=("paper", "openai"), help="the prompt set")
@@ -226,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What a reproduce preset fixes: the table's datasets, attacks, defenses and prompts (flags and registered options).
-PRESET_FIXED = ("dataset", "attack", "eps", "attack_steps", "attack_step_size", "threat", "defense", "prompts", "templates",
-                "transform", "vision_checkpoint", "backbone", "tau_model", "tau_pretrained")
+PRESET_FIXED = ("dataset", "attack", "eps", "attack_steps", "attack_step_size", "threat", "defense", "prompts",
+                "templates", "transform", "vision_checkpoint", "backbone", "tau_model", "tau_pretrained")
 
 
 def _refuse_fixed_flags(args: argparse.Namespace) -> None:
@@ -248,22 +266,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         return None if value is None else value * PIXEL
 
     given: dict[str, Any] = {
-        "model.name": args.model, "model.pretrained": args.pretrained, "model.vision_checkpoint": args.vision_checkpoint,
-        "model.backbone": args.backbone,
+        "model.name": args.model, "model.pretrained": args.pretrained,
+        "model.vision_checkpoint": args.vision_checkpoint, "model.backbone": args.backbone,
         "model.tau_model": args.tau_model, "model.tau_pretrained": args.tau_pretrained, "model.prompts": args.prompts,
         "model.templates": tuple(args.templates) if args.templates else None,
         "data.root": args.data_root, "data.limit": args.limit, "data.transform": args.transform,
         "data.skip_unreadable": args.skip_unreadable,
         "attack.names": tuple(args.attack) if args.attack else None, "attack.given": args.attack is not None,
-        "attack.eps": pixels(args.eps), "attack.steps": args.attack_steps, "attack.step_size": pixels(args.attack_step_size),
-        "attack.threat": args.threat, "attack.precision": args.attack_precision,
-        "attack.quantize": args.quantize_adversarial,
+        "attack.eps": pixels(args.eps), "attack.steps": args.attack_steps,
+        "attack.step_size": pixels(args.attack_step_size), "attack.threat": args.threat,
+        "attack.precision": args.attack_precision, "attack.quantize": args.quantize_adversarial,
         "attack.adaptive": registered_settings(args, "adaptive", "adaptive"),
         "attack.settings": {name: registered_settings(args, "attack", name) for name in entries("attack")},
         "run.precision": args.precision, "run.batch_size": args.batch_size, "run.seed": args.seed,
         "run.seeds": getattr(args, "seeds", None), "run.device": args.device, "run.workers": args.workers,
         "run.progress": not args.no_progress, "run.dist_timeout_minutes": args.dist_timeout,
-        "study.grid": tuple(getattr(args, "grid", None) or ()) or None, "study.target_fpr": getattr(args, "target_fpr", None),
+        "study.grid": tuple(getattr(args, "grid", None) or ()) or None,
+        "study.target_fpr": getattr(args, "target_fpr", None),
         "study.noise": tuple(b * PIXEL for b in args.noise) if getattr(args, "noise", None) else None,
     }
     if args.dataset:
@@ -284,7 +303,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     given["attack.settings"] = {k: v for k, v in given["attack.settings"].items() if v}
     if "defense.settings" in given:
         given["defense.settings"] = {k: v for k, v in given["defense.settings"].items() if v}
-    return build_config(args.command, given, out=getattr(args, "out", None), adversarial=getattr(args, "adversarial", None))
+    return build_config(args.command, given, out=getattr(args, "out", None),
+                        adversarial=getattr(args, "adversarial", None))
 
 
 def list_datasets(args: argparse.Namespace) -> None:
@@ -351,7 +371,8 @@ def run_command(config: RunConfig) -> Any:
     from .models import resolve_device
     from .store import hold
 
-    group, device = distributed.start(resolve_device(config.run.device), timedelta(minutes=config.run.dist_timeout_minutes))
+    group, device = distributed.start(resolve_device(config.run.device),
+                                      timedelta(minutes=config.run.dist_timeout_minutes))
     try:
         with contextlib.ExitStack() as held:
             if config.out is not None:  # one run per folder: a second is refused at once, naming this one
@@ -398,8 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as exc:  # a full disk, a folder gone read-only: what is written stays whole
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"counterattack: error: {exc.strerror or exc}{where}. Finished work is kept (every file is written whole): "
-              "fix this and run the same command again to go on.", file=sys.stderr)
+        print(f"counterattack: error: {exc.strerror or exc}{where}. Finished work is kept (every file is written "
+              "whole): fix this and run the same command again to go on.", file=sys.stderr)
         return 2
     return 0
 

@@ -153,7 +153,8 @@ def default(command: str, key: str) -> Any:
 def build_config(command: str, given: Mapping[str, Any], **top: Any) -> RunConfig:
     """A ``RunConfig`` from the settings given (``section.field`` -> value; absent or None: the default)."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    for key, value in {**COMMAND_DEFAULTS.get(command, {}), **{k: v for k, v in given.items() if v is not None}}.items():
+    chosen = {**COMMAND_DEFAULTS.get(command, {}), **{k: v for k, v in given.items() if v is not None}}
+    for key, value in chosen.items():
         section, name = key.split(".")
         frozen = {"settings": _frozen, "adaptive": _proxy, "checkpoints": _proxy}.get(name)
         sections[section][name] = frozen(value) if frozen else value

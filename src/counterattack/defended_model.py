@@ -67,7 +67,8 @@ class DefendedModel(nn.Module):
         """The random streams the ``call``-th forward gives the defense for these images."""
         return ImageRandomness.for_images(self.seed, self.key, image_ids, call_purpose(call))
 
-    def forward(self, pixels: torch.Tensor, image_ids: Sequence[int | str] | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor,
+                image_ids: Sequence[int | str] | torch.Tensor | None = None) -> torch.Tensor:
         if image_ids is None:
             ids: list[int | str] = list(range(len(pixels)))
         else:
@@ -81,7 +82,8 @@ class DefendedModel(nn.Module):
         return self.defense(self.classifier, pixels, rng).logits
 
     def extra_repr(self) -> str:
-        return f"defense={getattr(self.defense, 'name', type(self.defense).__name__)}, seed={self.seed}, method={self.method}"
+        return (f"defense={getattr(self.defense, 'name', type(self.defense).__name__)}, seed={self.seed}, "
+                f"method={self.method}")
 
 
 def defended(classifier: ZeroShotClassifier, defense: Defense | str, seed: int = 0, method: str = "exact",

@@ -74,8 +74,8 @@ class _Stopwatch:
 def _per_image(output: DefenseOutput) -> dict:
     for what, values in (("logits", output.logits), ("gate scores", output.score)):
         if values is not None and not torch.isfinite(values).all():
-            raise CounterattackError(f"non-finite {what} (NaN or infinity): the model's weights or the images are broken; "
-                                     "the run stops before writing them (finished batches are kept)")
+            raise CounterattackError(f"non-finite {what} (NaN or infinity): the model's weights or the images are "
+                                     "broken; the run stops before writing them (finished batches are kept)")
     return {
         "pred": output.logits.argmax(-1).tolist(),
         "score": None if output.score is None else output.score.tolist(),
@@ -165,8 +165,9 @@ def craft_dataset(
     so an evaluation of the stored images equals a direct one."""
     for batch in _batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}"):
         with precision_context(settings.device, settings.attack_precision), checked_inputs():
-            crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, batch.labels, batch.streams("attack")),
-                                                     settings) for attack in attacks}
+            crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, batch.labels,
+                                                            batch.streams("attack")), settings)
+                       for attack in attacks}
         yield batch.ids, batch.labels, crafted
 
 
@@ -185,7 +186,8 @@ def evaluate_dataset(
     indices: Sequence[int] | None = None,
     adversarial: AdversarialSet | None = None,
 ) -> Iterator[dict]:
-    """Yield one result per batch: per-image predictions and gate scores of every defense under every attack, and costs.
+    """Yield one result per batch: per-image predictions and gate scores of every defense under every attack, and
+    costs.
 
     Under the paper's protocol each attack is crafted once, against the undefended model, for all
     defenses; ``attack_for_defense(attack, defense)`` gives each defense its own attack instead
@@ -199,6 +201,15 @@ def evaluate_dataset(
     """
     attack_for = attack_for_defense or (lambda attack, defense: attack)
     named = defenses if isinstance(defenses, Mapping) else {d.name: d for d in defenses}
+
+    def timed(attack: Attack, batch: _Batch, images: torch.Tensor, purpose: str,
+              **start: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``attack``'s images of ``batch`` and the seconds it took (``images``: the batch's, already checked)."""
+        with (_Stopwatch(settings.device) as watch, precision_context(settings.device, settings.attack_precision),
+              checked_inputs()):
+            adversarial_images = attack(classifier, images, batch.labels, batch.streams(purpose), **start)
+        return _as_defenses_see(adversarial_images, settings), watch.seconds
+
     for batch in _batches(data, settings, skip, indices):
         images, labels, ids = check_pixels(batch.images), batch.labels, batch.ids
         record = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
@@ -207,31 +218,26 @@ def evaluate_dataset(
             if adversarial.labels(data.name, ids) != record["labels"]:
                 raise CounterattackError(f"{adversarial.folder} stores other labels for images of {data.name} than the "
                                          "dataset has now: the set was made from other files.")
-            transfer = {attack.name: (_as_defenses_see(_stored(adversarial, data.name, ids, attack, images), settings), 0.0)
+            transfer = {attack.name: (_as_defenses_see(_stored(adversarial, data.name, ids, attack, images), settings),
+                                      0.0)
                         for attack in attacks}
-
-        def timed(attack: Attack, purpose: str, **start: torch.Tensor) -> tuple[torch.Tensor, float]:
-            """``attack``'s images of the batch and the seconds it took (its inputs: a loader's, already checked)."""
-            with (_Stopwatch(settings.device) as watch, precision_context(settings.device, settings.attack_precision),
-                  checked_inputs()):
-                adversarial_images = attack(classifier, images, labels, batch.streams(purpose), **start)
-            return _as_defenses_see(adversarial_images, settings), watch.seconds
-
         for name, defense in named.items():
             inputs: dict[str, dict[str, tuple[torch.Tensor, float]]] = {}  # attack -> component -> (images, seconds)
             for attack in attacks:
                 if attack.name not in transfer:  # the paper's protocol crafts once for all defenses
-                    transfer[attack.name] = timed(attack, "attack")
+                    transfer[attack.name] = timed(attack, batch, images, "attack")
                 inputs[attack.name] = {"transfer": transfer[attack.name]}
                 through = attack_for(attack, defense)
                 if through is not attack:
                     start = {"start": transfer[attack.name][0]} if isinstance(through, AdaptiveAttack) else {}
-                    inputs[attack.name]["adaptive"] = timed(through, "adaptive", **start)
+                    inputs[attack.name]["adaptive"] = timed(through, batch, images, "adaptive", **start)
             with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes, checked_inputs(),
                   precision_context(settings.device, defense_precision(settings.defense_precision, defense))):
-                # Every defense draws the same noise for an image, so their results (and an attack's components) pair up.
+                # Every defense draws the same noise for an image, so their results (and an attack's components)
+                # pair up.
                 clean = defense(classifier, images, batch.streams("defense-clean"))
-                outputs = {attack: {part: _per_image(defense(classifier, adversarial_images, batch.streams("defense-adv")))
+                outputs = {attack: {part: _per_image(defense(classifier, adversarial_images,
+                                                             batch.streams("defense-adv")))
                                     for part, (adversarial_images, _) in parts.items()}
                            for attack, parts in inputs.items()}
             record["defenses"][name] = {
@@ -244,7 +250,8 @@ def evaluate_dataset(
                 "defended_images": len(ids) * (1 + sum(len(parts) for parts in outputs.values())),
                 "seconds": cost.seconds,
                 "peak_memory_mb": cost.peak_memory_mb,
-                "attack_seconds": {attack: sum(seconds for _, seconds in parts.values()) for attack, parts in inputs.items()},
+                "attack_seconds": {attack: sum(seconds for _, seconds in parts.values())
+                                   for attack, parts in inputs.items()},
             }
         yield record
 
@@ -261,8 +268,8 @@ def _stored(adversarial: AdversarialSet, dataset: str, ids: list, attack: Attack
         i = int(outside.nonzero()[0])
         raise CounterattackError(
             f"{adversarial.shard_of(dataset, ids[i])}: image {ids[i]!r} of {dataset} is not a {attack.name} image of "
-            f"budget {attack.eps * 255:g}/255 of its clean image (it lies {float(beyond[i]) * 255:.3g}/255 beyond it, or "
-            "outside [0, 1]): the shard is damaged or was made from other images. Delete it and run the same "
+            f"budget {attack.eps * 255:g}/255 of its clean image (it lies {float(beyond[i]) * 255:.3g}/255 beyond it, "
+            "or outside [0, 1]): the shard is damaged or was made from other images. Delete it and run the same "
             "`counterattack attack` again to craft its images anew.")
     return stored
 
@@ -282,6 +289,14 @@ def worst_of(components: Mapping[str, dict], labels: Sequence[int]) -> dict:
     return {**merged, "components": dict(components)}
 
 
+def _gate_mean(sums: dict, kind: str, what: int) -> float | None:
+    """The mean score (0) or flagged fraction (1) of a gate, over its images (or views), from ``summarize``'s sums of
+    one dataset and defense."""
+    if not sums["gate_score"] or kind == WORST_CASE:
+        return None
+    return sums["gate"][kind][what] / sums["gate"][kind][2]
+
+
 def summarize(
     batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attacks: Sequence[str],
     threat: str = "paper", adaptive: str | None = None,
@@ -299,20 +314,20 @@ def summarize(
             # The gate, per input kind ("clean" and each attack): its scores' sum, how many images (or views) it
             # flagged, and how many scores there were.
             s = sums.setdefault((batch["dataset"], name), {
-                "n": 0, "correct_clean": 0, "gate_score": None, "correct_adv": dict.fromkeys(attack_names, 0), "parts": {},
-                "gate": {kind: [0.0, 0, 0] for kind in ("clean", *attacks)}, "forwards": 0, "backwards": 0,
+                "n": 0, "correct_clean": 0, "gate_score": None, "correct_adv": dict.fromkeys(attack_names, 0),
+                "parts": {}, "gate": {kind: [0.0, 0, 0] for kind in ("clean", *attacks)}, "forwards": 0, "backwards": 0,
                 "defended": 0, "seconds": 0.0, "peak": None})
             s["n"] += len(labels)
-            s["correct_clean"] += sum(p == y for p, y in zip(result["clean"]["pred"], labels))
+            s["correct_clean"] += sum(p == y for p, y in zip(result["clean"]["pred"], labels, strict=True))
             robust_to_all = [True] * len(labels)
             for attack in attacks:
                 adv = result["adv"][attack]
-                correct = [p == y for p, y in zip(adv["pred"], labels)]
+                correct = [p == y for p, y in zip(adv["pred"], labels, strict=True)]
                 s["correct_adv"][attack] += sum(correct)
                 for part, results in adv.get("components", {}).items():  # an adaptive attack's transfer and own images
                     parts = s["parts"].setdefault(attack, {})
-                    parts[part] = parts.get(part, 0) + sum(p == y for p, y in zip(results["pred"], labels))
-                robust_to_all = [a and b for a, b in zip(robust_to_all, correct)]
+                    parts[part] = parts.get(part, 0) + sum(p == y for p, y in zip(results["pred"], labels, strict=True))
+                robust_to_all = [a and b for a, b in zip(robust_to_all, correct, strict=True)]
             if WORST_CASE in s["correct_adv"]:
                 s["correct_adv"][WORST_CASE] += sum(robust_to_all)
             for kind, per_image in (("clean", result["clean"]), *result["adv"].items()):
@@ -337,13 +352,6 @@ def summarize(
                 if s is None:
                     continue
                 n = s["n"]
-
-                def mean(kind: str, what: int) -> float | None:
-                    """The mean score (0) or flagged fraction (1) of a gate, over its images (or views)."""
-                    if not s["gate_score"] or kind == WORST_CASE:
-                        return None
-                    return s["gate"][kind][what] / s["gate"][kind][2]
-
                 records.append({
                     "dataset": dataset,
                     "attack": attack,
@@ -356,12 +364,13 @@ def summarize(
                     "clean_ci95": wilson_interval(s["correct_clean"], n),
                     "robust_ci95": wilson_interval(s["correct_adv"][attack], n),
                     # Under an adaptive attack, the worst case above and each component's own robust accuracy.
-                    **{f"robust_acc_{part}": 100.0 * correct / n for part, correct in s["parts"].get(attack, {}).items()},
+                    **{f"robust_acc_{part}": 100.0 * correct / n
+                       for part, correct in s["parts"].get(attack, {}).items()},
                     "gate_score": s["gate_score"],  # what the gate's score is: TTC's tau, MAC's corruption degree, ...
-                    "mean_score_clean": mean("clean", 0) if attack != WORST_CASE else None,
-                    "mean_score_adv": mean(attack, 0),
-                    "counterattacked_clean": mean("clean", 1) if attack != WORST_CASE else None,
-                    "counterattacked_adv": mean(attack, 1),
+                    "mean_score_clean": _gate_mean(s, "clean", 0) if attack != WORST_CASE else None,
+                    "mean_score_adv": _gate_mean(s, attack, 0),
+                    "counterattacked_clean": _gate_mean(s, "clean", 1) if attack != WORST_CASE else None,
+                    "counterattacked_adv": _gate_mean(s, attack, 1),
                     # The cost of the defense itself, over its clean and adversarial inputs.
                     "forwards_per_image": s["forwards"] / s["defended"],
                     "backwards_per_image": s["backwards"] / s["defended"],

@@ -74,7 +74,8 @@ def weights_identity(model: str, pretrained: str | None, vision_checkpoint: Path
     """
     scheme, _, rest = model.partition(":") if ":" in model else ("", "", model)
     if scheme in ("local-dir", "transformers") and Path(rest).expanduser().is_dir():
-        described: dict[str, Any] = {"model": f"{scheme}:folder", "weights": folder_fingerprint(Path(rest).expanduser())}
+        described: dict[str, Any] = {"model": f"{scheme}:folder",
+                                     "weights": folder_fingerprint(Path(rest).expanduser())}
     elif scheme:
         described = {"model": model}
     elif pretrained and Path(pretrained).expanduser().is_file():
@@ -91,6 +92,6 @@ def resolved_location(model: str, pretrained: str | None, vision_checkpoint: Pat
     scheme, _, rest = model.partition(":") if ":" in model else ("", "", model)
     local = scheme in ("local-dir", "transformers") and Path(rest).expanduser().is_dir()
     return {"model": f"{scheme}:{Path(rest).expanduser().resolve()}" if local else model,
-            "pretrained": str(Path(pretrained).expanduser().resolve()) if pretrained and Path(pretrained).expanduser().is_file()
-            else pretrained,
+            "pretrained": str(Path(pretrained).expanduser().resolve())
+            if pretrained and Path(pretrained).expanduser().is_file() else pretrained,
             "vision_checkpoint": str(Path(vision_checkpoint).expanduser().resolve()) if vision_checkpoint else None}

@@ -93,15 +93,16 @@ def add_registered_options(command: argparse.ArgumentParser, kind: str) -> None:
     for name, entry in entries(kind).items():
         if not entry.options:
             continue
-        group = command.add_argument_group(f"{kind} {name}" if kind != "adaptive" else "adaptive attacks (--threat adaptive)",
-                                           entry.summary)
+        group = command.add_argument_group(
+            f"{kind} {name}" if kind != "adaptive" else "adaptive attacks (--threat adaptive)", entry.summary)
         for spec in entry.options:
             unit = f", in {PIXEL_UNIT}" if spec.unit == PIXEL_UNIT else ""
             metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else ("N" if spec.integer else "X")
             group.add_argument(flag(name, spec.name), *spec.aliases, dest=f"{kind}:{name}:{spec.name}",
                                type=option_parser(spec), default=None, metavar=metavar,
                                # argparse formats help with %: a literal one is doubled
-                               help=f"{spec.help}{unit} (default: {cli_value(spec.default, spec.unit)})".replace("%", "%%"))
+                               help=f"{spec.help}{unit} (default: {cli_value(spec.default, spec.unit)})"
+                               .replace("%", "%%"))
 
 
 def registered_settings(args: argparse.Namespace, kind: str, name: str) -> dict[str, Any]:

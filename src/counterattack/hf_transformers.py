@@ -138,11 +138,13 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise CounterattackError(f"--model transformers:... needs the transformers package ({exc}): {INSTALL_HINT}") from exc
+        raise CounterattackError(f"--model transformers:... needs the transformers package ({exc}): "
+                                 f"{INSTALL_HINT}") from exc
     return transformers
 
 
-def load_transformers_clip(identifier: str, device: str | torch.device = "cpu", cache_dir: str | None = None) -> LoadedCLIP:
+def load_transformers_clip(identifier: str, device: str | torch.device = "cpu",
+                           cache_dir: str | None = None) -> LoadedCLIP:
     """Load ``transformers:IDENTIFIER``: a ``save_pretrained`` folder, or a hub id (ORG/NAME) that is
     fetched (or, offline, read from the local cache) without its pickled weights.
 
@@ -238,7 +240,8 @@ def _model_folder(identifier: str, cache_dir: str | None) -> Path:
                                      local_files_only=bool(constants.HF_HUB_OFFLINE))
     except Exception as exc:  # huggingface_hub raises many types for a missing download
         raise CounterattackError(
-            _missing_download_message("transformers", identifier, None, exc) + f" (There is no folder {identifier} here either.)"
+            _missing_download_message("transformers", identifier, None, exc)
+            + f" (There is no folder {identifier} here either.)"
         ) from exc
     return Path(snapshot)
 
@@ -255,7 +258,8 @@ def _check_folder(folder: Path, description: str) -> str:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CounterattackError(
-            f"{description} is a {model_type!r} model; transformers: loads CLIP (CLIPModel) and SigLIP (SiglipModel) models."
+            f"{description} is a {model_type!r} model; transformers: loads CLIP (CLIPModel) and SigLIP (SiglipModel) "
+            "models."
         )
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))

@@ -81,8 +81,8 @@ def _source_key() -> str:
         for name in sorted(names):
             if name.endswith(".py"):
                 stat = os.stat(os.path.join(root, name))
-                digest.update(f"{os.path.relpath(os.path.join(root, name), PACKAGE)}:{stat.st_size}:{stat.st_mtime_ns}\n"
-                              .encode())
+                relative = os.path.relpath(os.path.join(root, name), PACKAGE)
+                digest.update(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -51,7 +51,8 @@ def options_of(cls: type) -> list[Field]:
 
 def describe_options(instance: Any) -> dict:
     """``{"defense": name, option: value, ...}`` (or ``"attack"``), as results record a registered instance."""
-    return {instance.registry_kind: instance.name, **{f.name: getattr(instance, f.name) for f in options_of(type(instance))}}
+    return {instance.registry_kind: instance.name,
+            **{f.name: getattr(instance, f.name) for f in options_of(type(instance))}}
 
 
 def check_options(instance: Any) -> None:
@@ -60,7 +61,8 @@ def check_options(instance: Any) -> None:
         value, meta = getattr(instance, f.name), f.metadata
         if meta["choices"] is not None:
             if value not in meta["choices"]:
-                raise CounterattackError(f"{instance.name}: {f.name} must be one of {', '.join(meta['choices'])}, got {value!r}.")
+                raise CounterattackError(f"{instance.name}: {f.name} must be one of {', '.join(meta['choices'])}, "
+                                         f"got {value!r}.")
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -97,7 +99,8 @@ class Registry(dict):
         """Register ``cls`` under its module's name, ``_`` written ``-``: one file is one defense (or attack)."""
         name = cls.__module__.rsplit(".", 1)[-1].replace("_", "-")
         if name in self and self[name] is not cls:
-            raise RegistrationError(f"two {self.kind}s are named {name!r}: {self[name].__module__} and {cls.__module__}")
+            raise RegistrationError(f"two {self.kind}s are named {name!r}: {self[name].__module__} and "
+                                    f"{cls.__module__}")
         missing = [method for method in self.required if not callable(getattr(cls, method, None))
                    or (method == "__call__" and cls.__call__ is object.__call__)]
         if missing:
@@ -136,7 +139,8 @@ class Registry(dict):
     def check_names(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self]
         if unknown:
-            raise CounterattackError(f"Unknown {self.kind}(s) {', '.join(map(repr, unknown))}. Available: {', '.join(self)}.")
+            raise CounterattackError(f"Unknown {self.kind}(s) {', '.join(map(repr, unknown))}. "
+                                     f"Available: {', '.join(self)}.")
         if len(set(names)) != len(names):
             raise CounterattackError(f"{self.kind.capitalize()} listed twice: {', '.join(names)}.")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -58,7 +59,7 @@ def plot_gate_histograms(batches: Sequence[dict], thresholds: dict[str, float], 
         ax.legend()
         fig.tight_layout()
         path = out / f"gate_hist_{safe_file_name(short_name(dataset))}.png"
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        write_atomically(path, partial(fig.savefig, dpi=120, format="png"))
         written.append(path)
     return written
 
@@ -169,7 +170,8 @@ def _draw_point(ax, point: dict, label_style: dict | None = None, **style) -> No
     if (ci := _interval(point, "robust")) is not None:
         yerr = [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
     ax.errorbar([x], [y], xerr=xerr, yerr=yerr, capsize=2, elinewidth=0.8, **style)
-    ax.annotate(point["label"], (x, y), xytext=(3, 3), textcoords="offset points", **(label_style or {"fontsize": "x-small"}))
+    ax.annotate(point["label"], (x, y), xytext=(3, 3), textcoords="offset points",
+                **(label_style or {"fontsize": "x-small"}))
 
 
 def plot_pareto(points: Sequence[dict], path: Path, baseline: dict | None = None, title: str | None = None) -> Path:

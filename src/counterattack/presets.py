@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from .data import PAPER_AVERAGE_DATASETS as TTC16
 from .options import PIXEL
 
-COLA9 = ("oxford_pets", "flowers102", "fgvc_aircraft", "dtd", "eurosat", "stanford_cars", "food101", "sun397", "caltech101")
+COLA9 = ("oxford_pets", "flowers102", "fgvc_aircraft", "dtd", "eurosat", "stanford_cars", "food101", "sun397",
+         "caltech101")
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,17 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in [
-    Preset("ttc-table1", "ttc-poster", "TTC, Table 1: CLIP ViT-B/32 under PGD-10 at 1/255, no defense, random noise, TTC",
+    Preset("ttc-table1", "ttc-poster",
+           "TTC, Table 1: CLIP ViT-B/32 under PGD-10 at 1/255, no defense, random noise, TTC",
            TTC16, ("none", "rn", "ttc"), ("pgd",), 1, 10),
     Preset("ttc-aft", "ttc-poster", "TTC, Table 2: TTC on adversarially fine-tuned vision towers (TeCoA, FARE), PGD-10 "
            "at 1/255", TTC16, ("none", "ttc"), ("pgd",), 1, 10, backbones=("tecoa", "fare")),
     Preset("doc-table1", "doc-aaai26", "DOC, Table 1 (TTC and the baselines re-run by DOC's authors): PGD-10 at 4/255",
            TTC16, ("none", "anti-adversary", "hd", "ttc", "doc"), ("pgd",), 4, 10),
-    Preset("doc-table2", "doc-aaai26", "DOC, Table 2: CW at 4/255", TTC16, ("none", "hd", "ttc", "doc"), ("cw",), 4, 10),
+    Preset("doc-table2", "doc-aaai26", "DOC, Table 2: CW at 4/255", TTC16, ("none", "hd", "ttc", "doc"), ("cw",), 4,
+           10),
     Preset("doc-fig4", "doc-aaai26", "DOC, Figure 4: AutoAttack's APGD-CE + APGD-DLR at 4/255, 100 iterations",
            TTC16, ("none", "anti-adversary", "hd", "ttc", "doc"), ("autoattack-paper",), 4, 100),
-    Preset("cola-table1", "cola-neurips25", "COLA, Table 1 (TTC and the baselines re-run by COLA's authors): PGD-10 and "
-           "CW at 1/255 on nine datasets", COLA9, ("none", "rn", "hd", "tte", "ttc"), ("pgd", "cw"), 1, 10),
+    Preset("cola-table1", "cola-neurips25", "COLA, Table 1 (TTC and the baselines re-run by COLA's authors): PGD-10 "
+           "and CW at 1/255 on nine datasets", COLA9, ("none", "rn", "hd", "tte", "ttc"), ("pgd", "cw"), 1, 10),
 ]}

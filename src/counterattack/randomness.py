@@ -112,7 +112,8 @@ class ImageRandomness:
         unit = self.uniform(*images.shape[1:], device=images.device)
         return (unit * (high - low) + low).to(images.dtype)
 
-    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0,
+                device: torch.device | str = "cpu") -> torch.Tensor:
         """The next draw as a float32 tensor of shape ``(len(self), *shape)`` in [low, high), computed on ``device``
         (per-image parameters: an augmentation's angle, a probability, a noise level)."""
         bits = self._next_bits(math.prod(shape), torch.device(device))

@@ -54,7 +54,7 @@ def format_table(records: Sequence[dict]) -> str:
     header = [title for _, title, _ in columns]
     rows = [[_cell(r, key, fmt) for key, _, fmt in columns] for r in records]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -84,7 +84,8 @@ def paper_tables(records: Sequence[dict]) -> str:
     counts = {scope: max((a["datasets"] for (s, _, _), a in averages.items() if s == scope), default=0)
               for scope in ("paper", "all")}
     header = ["defense", *map(short_name, datasets),
-              f"average, paper's datasets ({counts['paper']} of {len(PAPER_AVERAGE_DATASETS)})", f"average, all ({counts['all']})"]
+              f"average, paper's datasets ({counts['paper']} of {len(PAPER_AVERAGE_DATASETS)})",
+              f"average, all ({counts['all']})"]
 
     def cell(record: dict | None, key: str) -> str:
         if record is None:
@@ -113,7 +114,8 @@ def paper_tables(records: Sequence[dict]) -> str:
             defense,
             f"{sum(r['forwards_per_image'] for r in rs) / len(rs):.2f}",
             f"{sum(r['backwards_per_image'] for r in rs) / len(rs):.2f}",
-            f"{sum(r['ms_per_image'] for r in rs) / len(rs):.2f}" if all(r.get("ms_per_image") is not None for r in rs) else "-",
+            f"{sum(r['ms_per_image'] for r in rs) / len(rs):.2f}"
+            if all(r.get("ms_per_image") is not None for r in rs) else "-",
             f"{max(peaks):.0f}" if peaks else "-",
         ])
     sections.append("### Cost per image of each defense\n\n" + _markdown(
@@ -126,7 +128,8 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
     attacks = "; ".join(f"`{json.dumps(a)}`" for a in config.get("attacks", []))
     images = ", ".join(f"{short_name(d)}: {n}" for d, n in dict.fromkeys((r["dataset"], r["n"]) for r in records))
     prompts = config.get("prompts", "paper")
-    prompt_words = ("the TTC code's per-dataset prompts" if prompts == "paper" else "curated class names with one template")
+    prompt_words = ("the TTC code's per-dataset prompts" if prompts == "paper"
+                    else "curated class names with one template")
     prompt_words += " for benchmark datasets; image folders use their folder names"
     if config.get("templates"):
         prompt_words += f", templates overridden by {config['templates']}"
@@ -134,14 +137,14 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
     if config.get("seeds"):
         draws = ("the defenses' random draws; the adversarial images are one stored set" if config.get("adversarial")
                  else "the random draws of the attacks and the defenses")
-        seeds = (f"seeds {', '.join(map(str, config['seeds']))}: each accuracy is the mean over them ± the sample standard "
-                 f"deviation (the spread due to {draws}); its 95% interval is the image sample's")
+        seeds = (f"seeds {', '.join(map(str, config['seeds']))}: each accuracy is the mean over them ± the sample "
+                 f"standard deviation (the spread due to {draws}); its 95% interval is the image sample's")
     worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
         r["attack"] == "worst-case" for r in records) else ""
     stored = " Adversarial images rounded to 8 bits before the defenses." if config.get("quantize_adversarial") else ""
     if config.get("adversarial"):
-        stored += (f" Adversarial images read from a stored set (hash {config['adversarial']['hash']}, crafted with seed "
-                  f"{config['adversarial']['seed']}).")
+        stored += (f" Adversarial images read from a stored set (hash {config['adversarial']['hash']}, crafted with "
+                  f"seed {config['adversarial']['seed']}).")
     return (f"Attacks ({config.get('threat', 'paper')} threat): {attacks}.{worst}{stored}\n\n"
             f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
 

@@ -40,7 +40,8 @@ def _checked_batch(line: dict) -> dict:
         raise ValueError("ids and labels do not pair up")
     for result in batch["defenses"].values():
         for per_image in (result["clean"], *result["adv"].values()):
-            if any(values is not None and len(values) != count for key, values in per_image.items() if key != "components"):
+            if any(values is not None and len(values) != count
+                   for key, values in per_image.items() if key != "components"):
                 raise ValueError("a defense's results are not one per image")
     return batch
 
@@ -115,9 +116,9 @@ class ResultsStore(Store):
                 other_path, other, j = first[key]
                 if _image_results(other, j) != _image_results(batch, i):
                     raise CounterattackError(
-                        f"image {image_id!r} of {batch['dataset']} has two different results, in {other_path} and {path} "
-                        f"(two runs wrote {self.folder}). Keep one run's: delete the other's file (e.g. `rm {path}`) "
-                        "and run the same command again; the images it held are evaluated again.")
+                        f"image {image_id!r} of {batch['dataset']} has two different results, in {other_path} and "
+                        f"{path} (two runs wrote {self.folder}). Keep one run's: delete the other's file "
+                        f"(e.g. `rm {path}`) and run the same command again; the images it held are evaluated again.")
             if len(keep) == len(batch["ids"]):
                 kept.append(batch)
             elif keep:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from dataclasses import dataclass, field
 
 import torch
@@ -56,12 +57,13 @@ def _robust_accuracy(classifier, data, defense, attack, settings, indices) -> fl
 
 
 def _never_increases(points: list[tuple[float, float]], tolerance: float) -> tuple[bool, str]:
-    rises = [(a, b) for a, b in zip(points, points[1:]) if b[1] > a[1] + tolerance]
+    rises = [(a, b) for a, b in pairwise(points) if b[1] > a[1] + tolerance]
     detail = " -> ".join(f"{x:g}: {acc:.1f}%" for x, acc in points)
     return not rises, detail + (f" (rises: {', '.join(f'{a[0]:g}->{b[0]:g}' for a, b in rises)})" if rises else "")
 
 
-def autoattack_warnings(classifier: ZeroShotClassifier, defense: Defense, images: torch.Tensor, labels: torch.Tensor, seed: int) -> list[str]:
+def autoattack_warnings(classifier: ZeroShotClassifier, defense: Defense, images: torch.Tensor, labels: torch.Tensor,
+                        seed: int) -> list[str]:
     """Run AutoAttack's checks on the defended model; return what they flag."""
     checks = import_pyautoattack().checks
 
@@ -130,6 +132,8 @@ def format_report(report: SanityReport, what: str) -> str:
     if report.autoattack_warnings:
         lines += ["", "!!! AutoAttack's checks flag this model:"] + [f"!!!   {w}" for w in report.autoattack_warnings]
     else:
-        lines += ["", "AutoAttack's checks (randomness, dynamic forward, probability outputs, zero gradients): nothing flagged"]
-    lines += ["", "ALL CHECKS PASSED" if report.passed else "!!! SOME CHECKS FAILED: the robustness numbers may be unreliable"]
+        lines += ["", "AutoAttack's checks (randomness, dynamic forward, probability outputs, zero gradients): "
+                  "nothing flagged"]
+    lines += ["", "ALL CHECKS PASSED" if report.passed
+              else "!!! SOME CHECKS FAILED: the robustness numbers may be unreliable"]
     return "\n".join(lines)

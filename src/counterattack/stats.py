@@ -32,4 +32,6 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 def duration(seconds: float) -> str:
     """A time for a person: seconds, minutes or hours."""
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"

@@ -62,7 +62,8 @@ def dataset_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
         previous = before.get(dataset["name"])
         if previous is not None and previous != dataset:
             notes.append(f"{dataset['name']} changed: {previous.get('images')} images (fingerprint "
-                         f"{previous.get('fingerprint')}) then, {dataset['images']} (fingerprint {dataset['fingerprint']}) now")
+                         f"{previous.get('fingerprint')}) then, {dataset['images']} "
+                         f"(fingerprint {dataset['fingerprint']}) now")
     return ("; " + "; ".join(notes)) if notes else ""
 
 
@@ -114,7 +115,8 @@ class Store:
             stored = self.read_config()
             if stored.get("hash") != digest:
                 old = stored.get("config", {})
-                changed = sorted(k for k in set(old) | set(config) if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
+                changed = sorted(k for k in set(old) | set(config)
+                                 if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
                 raise CounterattackError(
                     f"{self.folder} holds {self.what} of another configuration (hash {stored.get('hash')}, this one "
                     f"{digest}; differing: {', '.join(changed) or 'unknown'}{dataset_changes(old, config)}). "
@@ -132,8 +134,8 @@ class Store:
                 raise ValueError("not a configuration written by counterattack")
         except (OSError, ValueError) as exc:
             raise CounterattackError(
-                f"{self.config_path} is damaged ({type(exc).__name__}: {exc}). Delete it and run the same command again "
-                f"(it is rewritten, and the {self.what} already there are kept), or use another --out.") from None
+                f"{self.config_path} is damaged ({type(exc).__name__}: {exc}). Delete it and run the same command "
+                f"again (it is rewritten, and the {self.what} already there are kept), or use another --out.") from None
         return stored
 
     def pieces(self) -> Iterable[tuple[str, list]]:
@@ -182,7 +184,8 @@ def hold(folder: Path) -> Iterator[None]:
     except FileExistsError:
         raise CounterattackError(f"{folder} is a file, not a folder: give another --out.") from None
     except OSError as exc:
-        raise CounterattackError(f"cannot use {folder} as the output folder ({exc.strerror}): give another --out.") from None
+        raise CounterattackError(f"cannot use {folder} as the output folder ({exc.strerror}): "
+                                 "give another --out.") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -92,9 +92,10 @@ class AutoAttack:
         iterations afterwards would keep the schedule of 100.
         """
         pyautoattack = import_pyautoattack()
-        APGDAttack, APGDAttack_targeted = pyautoattack.autopgd_base.APGDAttack, pyautoattack.autopgd_base.APGDAttack_targeted
-        adversary = pyautoattack.AutoAttack(model, attacks=self.attacks_for(num_classes), eps=self.eps, norm="Linf", seed=seed,
-                              device=device, version="custom")
+        APGDAttack = pyautoattack.autopgd_base.APGDAttack
+        APGDAttack_targeted = pyautoattack.autopgd_base.APGDAttack_targeted
+        adversary = pyautoattack.AutoAttack(model, attacks=self.attacks_for(num_classes), eps=self.eps, norm="Linf",
+                                            seed=seed, device=device, version="custom")
         shared = dict(n_iter=self.steps, n_restarts=1, eps=self.eps, norm="Linf", eot_iter=1, rho=0.75, seed=seed,
                       device=device, logger=adversary.logger, verbose=False)
         adversary.apgd = APGDAttack(model, **shared)

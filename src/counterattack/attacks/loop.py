@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
@@ -14,7 +15,8 @@ def project(images: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tens
     return torch.clamp(delta.clamp(-eps, eps), min=-images, max=1 - images)
 
 
-def sign_step(images: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, step_size: float, eps: float) -> torch.Tensor:
+def sign_step(images: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, step_size: float,
+              eps: float) -> torch.Tensor:
     """One ascent step: move by ``step_size`` along the gradient's sign, then project."""
     return project(images, delta.detach() + step_size * grad.sign(), eps)
 
@@ -58,10 +60,9 @@ def run_steps(
     signs: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The perturbation after all ``steps`` of ``sign_gradient_steps`` (``delta`` itself for none)."""
-    final = delta.detach()
-    for final in sign_gradient_steps(loss_fn, images, delta, eps, step_size, steps, signs):
-        pass
-    return final
+    # Only the last step is kept: the earlier ones are freed as the loop goes on.
+    last = deque(sign_gradient_steps(loss_fn, images, delta, eps, step_size, steps, signs), maxlen=1)
+    return last[0] if last else delta.detach()
 
 
 def replay_steps(

@@ -13,8 +13,9 @@ from .context import open_run
 
 def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> AdversarialSet:
     if config.attack.threat != "paper":
-        raise CounterattackError("counterattack attack stores the paper protocol's images (crafted against the undefended "
-                                 "model); adaptive attacks go through each defense: use `counterattack eval --threat adaptive`.")
+        raise CounterattackError("counterattack attack stores the paper protocol's images (crafted against the "
+                                 "undefended model); adaptive attacks go through each defense: use `counterattack eval "
+                                 "--threat adaptive`.")
     context = open_run(config, group, device)
     adversarial = context.craft_into(config.out, context.attacks)
     if group.is_main:

@@ -92,8 +92,8 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
         for key, what in (("current", "current"), ("chosen", f"at {config.study.target_fpr:g} FPR")):
             c = e[key]
             print(f"  {what:>10}: flagged if {gate.score} {side} {c['threshold']:.6g}: "
-                  f"{c['flagged_clean']:.1%} of clean, {c['flagged_adv']:.1%} of adversarial {e['score_per']}s flagged; "
-                  f"clean {c['clean_acc']:.2f}%, robust {c['robust_acc']:.2f}%")
+                  f"{c['flagged_clean']:.1%} of clean, {c['flagged_adv']:.1%} of adversarial {e['score_per']}s "
+                  f"flagged; clean {c['clean_acc']:.2f}%, robust {c['robust_acc']:.2f}%")
     print(f"\nuse it: --{name}-{gate.threshold.replace('_', '-')} {chosen_threshold:.6g}; details: "
           f"{config.out / 'calibration.json'}; histogram(s): {', '.join(map(str, plots))}")
     return results

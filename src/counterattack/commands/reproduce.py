@@ -38,7 +38,8 @@ WARM_UP_SIDE = 224  # the registry datasets' images: the paper's Resize 256 + Ce
 
 def preset_of(name: str) -> Preset:
     if name not in PRESETS:
-        raise CounterattackError(f"Unknown preset {name!r}. Presets: {', '.join(PRESETS)} (see `counterattack reproduce --list`).")
+        raise CounterattackError(f"Unknown preset {name!r}. Presets: {', '.join(PRESETS)} "
+                                 "(see `counterattack reproduce --list`).")
     return PRESETS[name]
 
 
@@ -48,7 +49,8 @@ def _checkpoints(preset: Preset, config: RunConfig) -> dict[str, Path | None]:
     for backbone, flag in preset.checkpoint_flags.items():
         if backbone not in given:
             raise CounterattackError(f"{preset.name} runs TTC on the {backbone} vision tower: give its weights with "
-                                     f"{flag} FILE (the authors' ViT-B/32 checkpoint, safetensors or a plain state dict).")
+                                     f"{flag} FILE (the authors' ViT-B/32 checkpoint, safetensors or a plain state "
+                                     "dict).")
     return {backbone: given.get(backbone) for backbone in preset.backbones}
 
 
@@ -95,8 +97,8 @@ def preset_config(config: RunConfig, preset: Preset, backbone: str, checkpoint: 
 def _summarize_comparison(results: dict, folder: Path) -> str:
     comparison = compare_results(results, load_published())
     inside = sum(1 for row in comparison.rows if row.robust_inside)
-    return (f"{len(comparison.rows)} robust accuracies compared with published ones ({inside} inside our 95% interval), "
-            f"{len(comparison.unmatched)} record(s) without a published twin: {folder / 'comparison.md'}")
+    return (f"{len(comparison.rows)} robust accuracies compared with published ones ({inside} inside our 95% "
+            f"interval), {len(comparison.unmatched)} record(s) without a published twin: {folder / 'comparison.md'}")
 
 
 def reproduce(config: RunConfig, group: ProcessGroup, device: torch.device) -> list[dict]:
@@ -142,8 +144,8 @@ def _timing_model(config: RunConfig, device: torch.device) -> LoadedCLIP:
         return load_clip(name, config.model.pretrained, device=device)
     import open_clip
 
-    return LoadedCLIP.from_model(open_clip.create_model(name, pretrained=None).to(device), open_clip.get_tokenizer(name),
-                                 f"{name} (random weights, for timing)")
+    return LoadedCLIP.from_model(open_clip.create_model(name, pretrained=None).to(device),
+                                 open_clip.get_tokenizer(name), f"{name} (random weights, for timing)")
 
 
 @dataclass
@@ -158,7 +160,8 @@ class Estimate:
         return self.setup_seconds + self.images * self.seconds_per_image
 
 
-def estimate(preset: Preset, config: RunConfig, clip: LoadedCLIP, load_seconds: float, device: torch.device) -> Estimate:
+def estimate(preset: Preset, config: RunConfig, clip: LoadedCLIP, load_seconds: float,
+             device: torch.device) -> Estimate:
     """Time one batch of the real evaluation (the preset's attacks, then every defense on clean and adversarial
     images) after a warm-up batch, on random images labelled as the model classifies them (so that every image is
     attacked in full, as a correctly classified one is); scale to the preset's images, and add the model's loading
@@ -189,7 +192,8 @@ def estimate(preset: Preset, config: RunConfig, clip: LoadedCLIP, load_seconds: 
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / batch
     limit = config.data.limit
-    count = len(preset.backbones) * sum(min(limit or DATASETS[d].test_size, DATASETS[d].test_size) for d in preset.datasets)
+    count = len(preset.backbones) * sum(min(limit or DATASETS[d].test_size, DATASETS[d].test_size)
+                                        for d in preset.datasets)
     prompts = sum(len(names) * len(templates) for names, templates in (class_prompts(d, config.model.prompts)
                                                                        for d in preset.datasets))
     setup = len(preset.backbones) * (load_seconds + per_prompt * prompts)
@@ -201,9 +205,10 @@ def list_presets(config: RunConfig, device: torch.device) -> dict[str, Estimate]
     clip = _timing_model(config, device)
     load_seconds = time.perf_counter() - start
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    print(f"Presets of `counterattack reproduce`; times are ESTIMATES for {clip.description} on this machine's {where}, "
-          f"precision {config.run.precision}, measured from one warm-up batch of the real pipeline on random images "
-          f"and scaled to every image{'' if config.data.limit is None else f' (--limit {config.data.limit} per dataset)'}.")
+    limited = "" if config.data.limit is None else f" (--limit {config.data.limit} per dataset)"
+    print(f"Presets of `counterattack reproduce`; times are ESTIMATES for {clip.description} on this machine's "
+          f"{where}, precision {config.run.precision}, measured from one warm-up batch of the real pipeline on random "
+          f"images and scaled to every image{limited}.")
     estimates = {}
     for name, preset in PRESETS.items():
         found = estimates[name] = estimate(preset, config, clip, load_seconds, device)

@@ -39,8 +39,8 @@ def budget_label(budget: float) -> str:
 
 def _summary(scores: Sequence[float]) -> dict:
     values = np.asarray(scores, dtype=np.float64)
-    return {"mean": float(values.mean()), "quantiles": dict(zip(map(str, QUANTILES), np.quantile(values, QUANTILES).tolist(),
-                                                               strict=True))}
+    return {"mean": float(values.mean()),
+            "quantiles": dict(zip(map(str, QUANTILES), np.quantile(values, QUANTILES).tolist(), strict=True))}
 
 
 def summarize_stability(batches: Sequence[dict], budgets: Sequence[float], attack: str) -> list[dict]:
@@ -63,7 +63,8 @@ def summarize_stability(batches: Sequence[dict], budgets: Sequence[float], attac
 
 def _published_tau(dataset: str) -> dict[float, tuple[float, float]]:
     """The poster's chart values for this dataset (noise budget in 1/255 -> mean tau clean, adversarial), if any."""
-    return {entry.noise_eps: (entry.tau_clean, entry.tau_adv) for entry in load_published().tau if entry.dataset == dataset}
+    return {entry.noise_eps: (entry.tau_clean, entry.tau_adv) for entry in load_published().tau
+            if entry.dataset == dataset}
 
 
 def _markdown(rows: Sequence[dict], config: dict) -> str:
@@ -119,9 +120,11 @@ def measure(context: RunContext) -> list[dict] | None:
     rows = [row for attack in context.attacks for row in summarize_stability(evaluation.batches, budgets, attack.name)]
     written = write_stability(config.out, rows, described)
     for r in rows:
-        print(f"{short_name(r['dataset'])} {r['attack']} noise {r['noise_eps']:g}/255: tau clean {r['clean']['mean']:.4f}, "
-              f"adversarial {r['adversarial']['mean']:.4f}, AUC {r['auc']:.3f} ({r['n']} images)")
-    print(f"\n{', '.join(map(str, written))}" + ("" if adversarial is None else f" (adversarial images from {adversarial.folder})"))
+        print(f"{short_name(r['dataset'])} {r['attack']} noise {r['noise_eps']:g}/255: "
+              f"tau clean {r['clean']['mean']:.4f}, adversarial {r['adversarial']['mean']:.4f}, "
+              f"AUC {r['auc']:.3f} ({r['n']} images)")
+    print(f"\n{', '.join(map(str, written))}"
+          + ("" if adversarial is None else f" (adversarial images from {adversarial.folder})"))
     return rows
 
 

@@ -24,7 +24,8 @@ from .context import RunContext, open_run, over_seeds, single_defense, write_res
 
 
 def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:
-    """``["tau_thres=0,0.1", "eps=2,4"]`` -> every combination, as settings in the library's units (cartesian product)."""
+    """``["tau_thres=0,0.1", "eps=2,4"]`` -> every combination, as settings in the library's units (cartesian
+    product)."""
     by_name = {f.name: option_spec(f) for f in options_of(DEFENSES[defense])}
     if not by_name:
         raise CounterattackError(f"{defense} has no options to sweep.")
@@ -81,9 +82,11 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
     grid = parse_grid(config.study.grid, name)
     settings = {setting_label(name, setting): setting for setting in grid}
     if len(settings) != len(grid):
-        raise CounterattackError(f"--grid repeats a setting ({len(grid)} combinations, {len(settings)} distinct at 6 digits).")
+        raise CounterattackError(f"--grid repeats a setting ({len(grid)} combinations, {len(settings)} distinct at "
+                                 "6 digits).")
     makers = {"none": lambda base: NoDefense(),
-              **{label: (lambda base, setting=setting: replace(base, **setting)) for label, setting in settings.items()}}
+              **{label: (lambda base, setting=setting: replace(base, **setting))
+                 for label, setting in settings.items()}}
     context = open_run(config, group, device, defenses=makers)
 
     def sweep(context: RunContext) -> dict | None:

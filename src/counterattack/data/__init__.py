@@ -134,12 +134,13 @@ def _imagefolder(directory: Path, clip: LoadedCLIP, transform: str) -> EvalDatas
     seen: dict[str, str] = {}
     for folder, name in zip(ds.classes, names, strict=True):
         if name in seen:
-            raise CounterattackError(f"{directory}: the class folders {seen[name]!r} and {folder!r} both name the class "
-                                     f"{name!r} ('_' reads as a space): their images could never be told apart. Rename one.")
+            raise CounterattackError(f"{directory}: the class folders {seen[name]!r} and {folder!r} both name the "
+                                     f"class {name!r} ('_' reads as a space): their images could never be told apart. "
+                                     "Rename one.")
         seen[name] = folder
     files = [path for path, _ in ds.samples]
     ids: list[ImageId] = [Path(path).relative_to(directory).as_posix() for path in files]
-    fingerprint = _digest(f"{i}\t{os.path.getsize(f)}\t{y}" for i, f, y in zip(ids, files, ds.targets))
+    fingerprint = _digest(f"{i}\t{os.path.getsize(f)}\t{y}" for i, f, y in zip(ids, files, ds.targets, strict=True))
     return EvalDataset(f"{IMAGEFOLDER_PREFIX}{directory}", ds, names, list(ds.targets), ids, fingerprint,
                        f"{IMAGEFOLDER_PREFIX}{fingerprint}", files=files)
 
@@ -207,7 +208,7 @@ def _files_of(dataset: Dataset) -> list[str] | None:
         folder, name = (("101_ObjectCategories", "image_{index:04d}.jpg") if isinstance(dataset, datasets.Caltech101)
                         else ("256_ObjectCategories", "{label:03d}_{index:04d}.jpg"))
         return [os.path.join(dataset.root, folder, dataset.categories[y], name.format(index=i, label=y + 1))
-                for i, y in zip(dataset.index, dataset.y)]
+                for i, y in zip(dataset.index, dataset.y, strict=True)]
     for attribute in ("samples", "_samples"):
         entries = getattr(dataset, attribute, None)
         if isinstance(entries, list) and entries and isinstance(entries[0], tuple):

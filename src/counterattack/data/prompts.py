@@ -198,7 +198,9 @@ def check_own_classes(dataset: str, own: Sequence[str]) -> None:
         return
     if found == expected:
         return
-    index = next((i for i, (e, f) in enumerate(zip(expected, found)) if e != f), min(len(expected), len(found)))
+    # The lists may differ in length: the first difference may lie past the shorter one's end.
+    index = next((i for i, (e, f) in enumerate(zip(expected, found, strict=False)) if e != f),
+                 min(len(expected), len(found)))
     expected_at = repr(expected[index]) if index < len(expected) else "no class"
     found_at = repr(found[index]) if index < len(found) else "no class"
     raise CounterattackError(

@@ -90,7 +90,7 @@ class DatasetInfo:
 
 @cache
 def _openai_imagenet_names() -> dict[str, str]:
-    return dict(zip(raw_classes("imagenet"), curated_class_names()["imagenet"]))
+    return dict(zip(raw_classes("imagenet"), curated_class_names()["imagenet"], strict=True))
 
 
 def _openai_imagenet_name(wnid: str) -> str:
@@ -119,7 +119,8 @@ def _sun397(root: str, **kwargs: Any) -> Dataset:
     """torchvision lists SUN397's files in the file system's order: sorted, an index names the same image on
     every copy."""
     ds = tv.SUN397(root, **kwargs)
-    ds._image_files, ds._labels = map(list, zip(*sorted(zip(ds._image_files, ds._labels)))) if ds._labels else ([], [])
+    ds._image_files, ds._labels = (map(list, zip(*sorted(zip(ds._image_files, ds._labels, strict=True)), strict=True))
+                                   if ds._labels else ([], []))
     return ds
 
 

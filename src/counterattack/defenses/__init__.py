@@ -38,7 +38,8 @@ build_defenses = DEFENSES.build_many  # build_defenses(names, {name: settings}, 
 
 __all__ = [
     "ADAPTIVE_METHODS", "AttackView", "CSR", "DEFENSES", "DOC", "AntiAdversary", "Defense", "DefenseOutput", "Gate",
-    "HedgeDefense", "MAC", "NoDefense", "PIXEL_UNIT", "RTPT", "RandomNoise", "TTC", "TTCResult", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "TransformEnsemble",
+    "HedgeDefense", "MAC", "NoDefense", "PIXEL_UNIT", "RTPT", "RandomNoise", "TTC", "TTCResult", "TTC_EPS", "TTC_STEPS",
+    "TTC_STEP_SIZE", "TransformEnsemble",
     "build_defense", "build_defenses", "check_defense_names", "discover_defenses", "option", "options_of",
     "register_defense", "relative_shift", "runtime", "weighted_mix",
 ]

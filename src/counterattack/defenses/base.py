@@ -101,7 +101,7 @@ register_defense = DEFENSES.register  # @register_defense on a frozen dataclass:
 
 def weighted_mix(deltas: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """``sum_k weights[k] * deltas[k]``: how TTC (and its successors) combine the perturbations they kept."""
-    return sum(w.to(d.dtype) * d for w, d in zip(weights.to(deltas[0].device), deltas))
+    return sum(w.to(d.dtype) * d for w, d in zip(weights.to(deltas[0].device), deltas, strict=True))
 
 
 def softmax_weights(beta: float, count: int) -> torch.Tensor:
@@ -117,7 +117,8 @@ class Defense(Protocol):
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput: ...
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         """The defended logits, differentiable w.r.t. ``images`` (see ``ADAPTIVE_METHODS``)."""
         ...
@@ -130,7 +131,7 @@ class Defense(Protocol):
 
 
 __all__ = [
-    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "REFERENCE_SIDE", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE", "AttackView", "Defense", "Gate",
-    "DefenseOutput", "check_options", "describe_options", "option", "options_of", "register_defense", "runtime",
-    "softmax_weights", "through_defense", "weighted_mix",
+    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "REFERENCE_SIDE", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE",
+    "AttackView", "Defense", "Gate", "DefenseOutput", "check_options", "describe_options", "option", "options_of",
+    "register_defense", "runtime", "softmax_weights", "through_defense", "weighted_mix",
 ]

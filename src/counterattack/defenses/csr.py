@@ -55,8 +55,8 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense,
-    through_defense,
+    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option,
+    register_defense, through_defense,
 )
 
 FILTERS = ("gaussian", "butterworth", "ideal")
@@ -156,8 +156,10 @@ class CSR:
                              resized.device)
         return apply_mask(resized, mask).clamp(0, 1)
 
-    def consistency(self, encoder: ImageEncoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(C(x), f(x), f(x_low))``, in float32 whatever the precision policy: the gate compares nearby embeddings."""
+    def consistency(self, encoder: ImageEncoder,
+                    images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(C(x), f(x), f(x_low))``, in float32 whatever the precision policy: the gate compares nearby
+        embeddings."""
         with full_precision(images.device):
             plain = encoder(images).float()
             low = encoder(self.low_pass(encoder, images)).float()
@@ -196,7 +198,8 @@ class CSR:
 
     @torch.no_grad()
     def purify(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> CSRResult:
-        """The classified images and the gate's diagnostics (the gate in float32, the steps under the precision policy)."""
+        """The classified images and the gate's diagnostics (the gate in float32, the steps under the precision
+        policy)."""
         encoder = classifier.encoder
         x = check_pixels(images).detach().float()
         consistency, plain, low = self.consistency(encoder, x)
@@ -208,7 +211,8 @@ class CSR:
         scores = x.new_zeros(len(chosen), self.steps + 1)
         if len(chosen):
             attraction, repulsion = F.normalize(low[chosen], dim=-1), F.normalize(plain[chosen], dim=-1)
-            best_images, best_embeddings, selected, scores = self.rectify(encoder, x[chosen], attraction, repulsion, signs)
+            best_images, best_embeddings, selected, scores = self.rectify(encoder, x[chosen], attraction, repulsion,
+                                                                          signs)
             defended[chosen] = best_images
             embeddings[chosen] = best_embeddings.to(embeddings.dtype)
         return CSRResult(defended, consistency, flagged, embeddings, signs, selected, scores)
@@ -220,7 +224,8 @@ class CSR:
         return DefenseOutput(logits, result.consistency, result.flagged, result.images)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         """CSR as a function of its input; nothing is random, so EOT adds nothing.
 

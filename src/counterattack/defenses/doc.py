@@ -112,12 +112,14 @@ class DOC:
     tau_thres: float = option(0.3, "the gate's threshold on its score (uncertain; set for ViT-B/32 and tau: with "
                                    "--doc-score directional, choose it with `counterattack calibrate`)")
     gamma: float = option(20.0, "sharpness of the soft gate (uncertain)")
-    score: str = option("tau", "the gate's score: tau (TTC's, under delta0; the public runner's, for which 0.3 was set) "
-                        "or directional (the paper's 1 - mean cos over noise_copies copies)", choices=SCORES)
-    score_noise: str = option("sign", "directional score: noise of the copies: sign (Eq. 10, +-eps) or uniform (Alg. 1)",
+    score: str = option("tau", "the gate's score: tau (TTC's, under delta0; the public runner's, for which 0.3 was "
+                        "set) or directional (the paper's 1 - mean cos over noise_copies copies)", choices=SCORES)
+    score_noise: str = option("sign",
+                              "directional score: noise of the copies: sign (Eq. 10, +-eps) or uniform (Alg. 1)",
                               choices=SCORE_NOISES)
     final: str = option("last", "the perturbation: last (Algorithm 1: w delta_T + (1 - w) delta0) or weighted (the "
-                        "runner's: w times TTC's softmax(beta k) average of the steps, + (1 - w) delta0)", choices=FINALS)
+                        "runner's: w times TTC's softmax(beta k) average of the steps, + (1 - w) delta0)",
+                        choices=FINALS)
     beta: float = option(2.0, "weighted: the steps' weights softmax(beta k), as TTC's", low=None)
     tau_encoder: ImageEncoder | None = runtime()  # score tau: measured on this encoder (None: the defended one)
 
@@ -160,8 +162,9 @@ class DOC:
         return torch.sigmoid(self.gamma * (self.tau_thres - score))
 
     def orthogonal_steps(
-        self, encoder: ImageEncoder, images: torch.Tensor, anchor: torch.Tensor, delta0: torch.Tensor, rng: ImageRandomness,
-        signs: list[torch.Tensor] | None = None, first: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, encoder: ImageEncoder, images: torch.Tensor, anchor: torch.Tensor, delta0: torch.Tensor,
+        rng: ImageRandomness, signs: list[torch.Tensor] | None = None,
+        first: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """delta_0 .. delta_T of T orthogonal-gradient momentum steps from delta0 (Eqs. 5-9).
 
@@ -246,7 +249,8 @@ class DOC:
         return DefenseOutput(classifier.logits(result.images), result.score, result.weight > 0.5, result.images)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         """DOC as a function of its input, with this call's draws held fixed (a new call draws anew: EOT).
 

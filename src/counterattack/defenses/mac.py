@@ -67,8 +67,8 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense,
-    through_defense,
+    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option,
+    register_defense, through_defense,
 )
 
 # Columns of one augmentation draw: every per-image parameter comes from a single uniform draw.
@@ -117,7 +117,8 @@ class MAC:
         predictions = output.logits.argmax(-1)  # output.score: corruption degree of each image itself
     """
 
-    gate: ClassVar[Gate] = Gate("corruption degree", flags_above=True)  # a large d flags a view (TTC's tau: a small one)
+    # A large d flags a view (TTC's tau: a small one).
+    gate: ClassVar[Gate] = Gate("corruption degree", flags_above=True)
     eps: float = option(8 / 255, "counterattack budget (and delta0's range)", unit=PIXEL_UNIT)
     steps: int = option(4, "counterattack steps")
     step_size: float | None = option(None, "size of each step (default: eps / 4, as the code ties it)", unit=PIXEL_UNIT)
@@ -217,7 +218,8 @@ class MAC:
             return images
         n = len(images)
         augmented = self.augment(images.repeat_interleave(self.views - 1, dim=0), draw)
-        return torch.cat((images.unsqueeze(1), augmented.view(n, self.views - 1, *images.shape[1:])), dim=1).flatten(0, 1)
+        return torch.cat((images.unsqueeze(1), augmented.view(n, self.views - 1, *images.shape[1:])),
+                         dim=1).flatten(0, 1)
 
     # The defense ---------------------------------------------------------------------------------
 
@@ -247,9 +249,11 @@ class MAC:
             return (encoder(perturbed).float() - anchor).pow(2).sum()
 
         signs: list[torch.Tensor] = []
-        last = run_steps(embedding_shift, views, project(views, noise, self.eps), self.eps, self.alpha, self.steps, signs)
+        last = run_steps(embedding_shift, views, project(views, noise, self.eps), self.eps, self.alpha, self.steps,
+                         signs)
         defended = views + self.modulated(weights, last)
-        return MACResult(views, defended, degree.view(n, v), weights.view(n, v), view_draw, corruption_draw, noise, signs)
+        return MACResult(views, defended, degree.view(n, v), weights.view(n, v), view_draw, corruption_draw, noise,
+                         signs)
 
     def modulated(self, weights: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Each view's perturbation: ``w * delta_K``; with no steps, delta0 itself (the code's)."""
@@ -266,7 +270,8 @@ class MAC:
         return DefenseOutput(logits, result.degree, result.degree > self.tau_thres)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         """MAC as a function of its input, for this draw of every augmentation, noise and delta0.
 

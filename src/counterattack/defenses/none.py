@@ -22,7 +22,8 @@ class NoDefense:
         return DefenseOutput(logits=classifier.logits(check_pixels(images)), images=images)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         return AttackView(classifier.logits(check_pixels(images)))
 

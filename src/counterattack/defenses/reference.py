@@ -15,7 +15,8 @@ from .base import DefenseOutput, weighted_mix
 from .ttc import TTC, relative_shift
 
 
-def reference_ttc(ttc: TTC, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> tuple[torch.Tensor, DefenseOutput]:
+def reference_ttc(ttc: TTC, classifier: ZeroShotClassifier, images: torch.Tensor,
+                  rng: ImageRandomness) -> tuple[torch.Tensor, DefenseOutput]:
     """(defended images, output) of the straightforward loop; the anchor is recomputed for the counterattack."""
     encoder = classifier.encoder
     tau_encoder = ttc.tau_encoder or encoder

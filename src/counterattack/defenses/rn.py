@@ -15,7 +15,10 @@ from ..attacks.loop import project
 from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..randomness import ImageRandomness
-from .base import PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense, through_defense
+from .base import (
+    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense,
+    through_defense,
+)
 
 
 @register_defense
@@ -35,7 +38,8 @@ class RandomNoise:
         return DefenseOutput(logits=classifier.logits(x + delta0), images=x + delta0)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         delta0 = project(check_pixels(images), rng.uniform_like(images, -self.eps, self.eps), self.eps)
         return AttackView(classifier.logits(through_defense(images, delta0, method)))

@@ -69,8 +69,8 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    ADAPTIVE_METHODS, REFERENCE_SIDE, AttackView, DefenseOutput, check_options, describe_options, option, register_defense,
-    runtime,
+    ADAPTIVE_METHODS, REFERENCE_SIDE, AttackView, DefenseOutput, check_options, describe_options, option,
+    register_defense, runtime,
 )
 
 AUGMENTATIONS = ("augmix", "crop-flip")
@@ -79,7 +79,8 @@ IMAGENET_FAMILY = frozenset({"imagenet", "imagenet-v2", "imagenet-a", "imagenet-
 SELF_MASKS = ("diagonal", "authors")
 
 # AugMix's operations as the R-TPT code lists them (augmix_ops.augmentations), in that order.
-AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y", "translate_x", "translate_y")
+AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y", "translate_x",
+              "translate_y")
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 ZERO_GRADIENT_OPS = ("equalize", "posterize")  # piecewise constant in the pixels
 AUGMIX_CHAINS = 3
@@ -171,7 +172,7 @@ def _op_theta(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, height:
     coefficients = [one, zero, zero, zero, one, zero]
     for name, values in candidates.items():
         chosen = op == AUGMIX_OPS.index(name)
-        coefficients = [torch.where(chosen, v, current) for v, current in zip(values, coefficients)]
+        coefficients = [torch.where(chosen, v, current) for v, current in zip(values, coefficients, strict=True)]
     return pixel_affine_to_theta(*coefficients, height, width)
 
 
@@ -209,7 +210,8 @@ def _augmix_chains(chains: torch.Tensor, draws: ViewDraws, method: str | None) -
         active = step < depth
         op, level, sign = ops[:, step], levels[:, step], signs[:, step]
 
-        def geometric_op(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # The closures run within this step (apply_to_rows calls them at once), so binding this step's draws is exact.
+        def geometric_op(x: torch.Tensor, rows: torch.Tensor, op=op, level=level, sign=sign) -> torch.Tensor:
             return warp(x, _op_theta(op[rows], level[rows], sign[rows], height, width))
 
         # Every chain takes one operation per step: the operations' rows are disjoint, so their order is moot.
@@ -217,7 +219,7 @@ def _augmix_chains(chains: torch.Tensor, draws: ViewDraws, method: str | None) -
         for name, apply in PIXEL_OPS.items():
             passed = method == "bpda" or (method == "exact" and name in ZERO_GRADIENT_OPS)
 
-            def colour_op(x: torch.Tensor, rows: torch.Tensor, apply=apply, passed=passed) -> torch.Tensor:
+            def colour_op(x: torch.Tensor, rows: torch.Tensor, apply=apply, passed=passed, level=level) -> torch.Tensor:
                 after = apply(x, level[rows])
                 return straight_through(x, after) if passed else after
 
@@ -243,7 +245,8 @@ def render_views(images: torch.Tensor, draws: ViewDraws, augmentation: str = "au
         chains = _augmix_chains(cropped.repeat_interleave(AUGMIX_CHAINS, dim=0), draws, method)
         exponentials = -torch.log1p(-draws.mixing[..., :AUGMIX_CHAINS])  # Dirichlet(1, 1, 1) = normalised Exp(1)
         chain_weights = (exponentials / exponentials.sum(dim=-1, keepdim=True)).flatten(0, 1)
-        mix = (chain_weights[:, :, None, None, None] * chains.view(n * extra, AUGMIX_CHAINS, channels, height, width)).sum(1)
+        mix = (chain_weights[:, :, None, None, None]
+               * chains.view(n * extra, AUGMIX_CHAINS, channels, height, width)).sum(1)
         views = blend(cropped, mix, draws.mixing[..., AUGMIX_CHAINS].flatten(), clamp=False)  # Beta(1, 1) = uniform
     return torch.cat([images[:, None], views.view(n, extra, channels, height, width)], dim=1)
 
@@ -314,7 +317,8 @@ def encode_prompts(prompt: PromptContext, context: torch.Tensor) -> torch.Tensor
     x = model.ln_final(x)
     x = text_global_pool(x, tokens.repeat(n, 1), model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        x = (model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear)
+             else x @ model.text_projection)
     return F.normalize(x.float(), dim=-1).view(n, classes, -1)
 
 
@@ -345,7 +349,8 @@ def reliability_weights(features: torch.Tensor, neighbours: int, temperature: fl
 @register_defense
 @dataclass(frozen=True)
 class RTPT:
-    """R-TPT, Sheng et al. 2025: per-image prompt tuning on 64 views, reliability-weighted ensemble (64 forwards per image)."""
+    """R-TPT, Sheng et al. 2025: per-image prompt tuning on 64 views, reliability-weighted ensemble (64 forwards per
+    image)."""
 
     paper_precision: ClassVar[str] = "fp32"  # its authors' code runs in float32
 
@@ -360,8 +365,8 @@ class RTPT:
     weight_decay: float = option(0.01, "AdamW weight decay (PyTorch's default, which the R-TPT code keeps)")
     neighbours: int = option(20, "a view's reliability is its mean cosine to this many most similar other views", low=1)
     temperature: float = option(0.01, "reliability weights: softmax(reliability / temperature)", low=1e-6)
-    self_mask: str = option("diagonal", "what a view's reliability leaves out: diagonal (its own similarity) or authors "
-                            "(similarities >= 1.0, as the code; in float32 about 40% of views keep their own)",
+    self_mask: str = option("diagonal", "what a view's reliability leaves out: diagonal (its own similarity) or "
+                            "authors (similarities >= 1.0, as the code; in float32 about 40% of views keep their own)",
                             choices=SELF_MASKS)
     # Memory bounds, not settings: images are processed in chunks whose AugMix chains hold at most
     # ``chunk_values`` pixel values and whose text-encoder passes hold at most ``chunk_prompts`` prompts.
@@ -449,7 +454,8 @@ class RTPT:
         return DefenseOutput(logits=self._logits(classifier, x, rng, None))
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         """The ensemble as a function of the images: fresh views from ``rng``, the tuned context held fixed
         (see the module's docstring for what ``exact`` and ``bpda`` differentiate). R-TPT has no gate."""
@@ -463,5 +469,6 @@ class RTPT:
             "selected_views": self.selected_views,
             "neighbours_used": min(self.neighbours, self.views - 1),
             "context": "the template's words before the class name",
-            "text_encoder_per_image": {"forwards": self.steps + 1, "backwards": self.steps, "over": "every class prompt"},
+            "text_encoder_per_image": {"forwards": self.steps + 1, "backwards": self.steps,
+                                       "over": "every class prompt"},
         }

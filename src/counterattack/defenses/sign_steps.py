@@ -40,7 +40,8 @@ class SignStepDefense:
         self, classifier: ZeroShotClassifier, images: torch.Tensor, signs: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
         return run_steps(
-            self.objective(classifier, images), images, torch.zeros_like(images), self.eps, self.step_size, self.steps, signs
+            self.objective(classifier, images), images, torch.zeros_like(images), self.eps, self.step_size, self.steps,
+            signs,
         )
 
     @torch.no_grad()
@@ -50,7 +51,8 @@ class SignStepDefense:
         return DefenseOutput(classifier.logits(defended), images=defended)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         signs: list[torch.Tensor] = []
         self.perturbation(classifier, check_pixels(images).detach().float(), signs)

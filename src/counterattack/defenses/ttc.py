@@ -28,8 +28,8 @@ from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, Gate, check_options, describe_options, option,
-    register_defense, runtime, softmax_weights, through_defense, weighted_mix,
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, Gate, check_options, describe_options,
+    option, register_defense, runtime, softmax_weights, through_defense, weighted_mix,
 )
 
 
@@ -111,7 +111,8 @@ class TTC:
             delta[chosen] = self._counterattack_chosen(encoder, x, delta0, anchor, noisy, start, chosen, reuse, signs)
         return TTCResult(x + delta, tau, counterattacked, noisy.detach(), noise, signs)
 
-    def _counterattack_chosen(self, encoder, x, delta0, anchor, noisy, start, chosen, reuse_gate_forward: bool, signs) -> torch.Tensor:
+    def _counterattack_chosen(self, encoder, x, delta0, anchor, noisy, start, chosen, reuse_gate_forward: bool,
+                              signs) -> torch.Tensor:
         """``sum_k w_k delta_k`` for the chosen images; the first step from the gate's graph if asked."""
         x_chosen, target = x[chosen], anchor[chosen]
 
@@ -141,7 +142,8 @@ class TTC:
         return DefenseOutput(logits, result.tau, result.counterattacked, result.images)
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         """TTC as a function of its input: the gate and the step signs of this draw are held fixed,
         the projections are differentiated (exact) or the whole perturbation is (bpda)."""
@@ -150,7 +152,8 @@ class TTC:
         delta = delta0
         chosen = result.counterattacked.nonzero().flatten()
         if len(chosen):
-            kept = [delta0[chosen], *replay_steps(images[chosen], delta0[chosen], result.signs, self.step_size, self.eps)]
+            kept = [delta0[chosen],
+                    *replay_steps(images[chosen], delta0[chosen], result.signs, self.step_size, self.eps)]
             delta = delta0.index_put((chosen,), weighted_mix(kept, self.step_weights()))
         tau = None
         if with_score:

@@ -70,7 +70,8 @@ class TransformEnsemble:
         return DefenseOutput(logits=self._mean_logits(classifier, x))
 
     def attack_view(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str, with_score: bool = False
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
+        with_score: bool = False
     ) -> AttackView:
         """Flips and shifts are differentiable: both methods differentiate the ensemble itself."""
         return AttackView(self._mean_logits(classifier, check_pixels(images)))
