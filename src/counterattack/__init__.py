@@ -25,6 +25,7 @@ _PUBLIC = {
     "attacks": ("ATTACKS", "CW", "PGD", "Attack", "AutoAttack", "AutoAttackPaper", "build_attack", "build_attacks",
                 "register_attack"),
     "adaptive": ("AdaptiveAttack",),
+    "backbones": ("Backbone", "PromptTunable", "SCHEMES", "load_clip"),
     "classifier": ("DEFAULT_TEMPLATES", "EncoderPasses", "ImageEncoder", "ZeroShotClassifier", "count_encoder_passes"),
     "inputs": ("DtypeError", "InputError", "LabelError", "PixelRangeError", "RandomnessError", "ShapeError",
                "check_labels", "check_pixels", "check_randomness"),
@@ -36,7 +37,8 @@ _PUBLIC = {
     "errors": ("CounterattackError",),
     "evaluate": ("RunSettings", "evaluate_dataset", "summarize"),
     "hf_transformers": ("TransformersCLIP", "TransformersTokenizer"),
-    "models": ("LoadedCLIP", "load_clip", "load_vision_checkpoint", "read_state_dict"),
+    "loading": ("LoadedCLIP",),
+    "models": ("load_vision_checkpoint", "read_state_dict"),
     "randomness": ("ImageRandomness",),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}

@@ -19,7 +19,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from .errors import CounterattackError
 from .inputs import check_pixels, inputs_checked
-from .models import LoadedCLIP
+from .loading import LoadedCLIP
 from .precision import full_precision
 
 log = logging.getLogger(__name__)

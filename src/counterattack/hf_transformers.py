@@ -1,14 +1,15 @@
-"""CLIP and SigLIP from Hugging Face ``transformers``, behind the open_clip interface the library uses.
+"""CLIP and SigLIP from Hugging Face ``transformers``, behind the backbone protocol (``backbones.py``).
 
 ``load_clip("transformers:ORG/NAME")`` (a hub id, read from the local Hugging Face cache when
 offline) or ``load_clip("transformers:FOLDER")`` (a ``save_pretrained`` folder holding the model, its
 image processor and its tokenizer) returns the same ``LoadedCLIP`` as an open_clip model.
 
-The rest of the library touches an open_clip model through four things only: ``model.visual``
-(normalised pixels -> image embeddings), ``model.encode_text(tokens, normalize=...)``,
-``model.logit_scale`` (the log of the scale) and, for sigmoid heads, ``model.logit_bias``.
-``TransformersCLIP`` offers exactly these over a ``CLIPModel`` or ``SiglipModel``, so preprocessing,
-the zero-shot head, every attack and every defense run unchanged on either kind of model.
+The rest of the library touches a backbone through the protocol only: ``model.visual`` (normalised
+pixels -> image embeddings), ``model.encode_text(tokens, normalize=...)``, ``model.logit_scale`` (the
+log of the scale), ``model.logit_bias`` (None for CLIP) and, for R-TPT's prompt tuning, the token
+embeddings and the text features of given ones. ``TransformersCLIP`` offers exactly these over a
+``CLIPModel`` or ``SiglipModel``, so preprocessing, the zero-shot head, every attack and every defense
+run unchanged on either kind of model.
 
 ``transformers`` is an optional dependency (``pip install "clip-counterattack[transformers]"``); this
 module imports it only when a model is loaded. Weights are read from safetensors files only.
@@ -27,12 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CounterattackError
-from .models import (
-    TRANSFORMERS_PREFIX, LoadedCLIP, _go_offline_if_hub_unreachable, _missing_download_message, read_json_config,
-    refusal_message,
+from .loading import (
+    LoadedCLIP, go_offline_if_hub_unreachable, hub_download_hint, missing_download_message, read_json_config,
+    refusal_message, token_embeddings_replaced,
 )
 
 log = logging.getLogger(__name__)
+
+TRANSFORMERS_PREFIX = "transformers:"  # its row in the scheme table (backbones.py)
 
 EXTRA_INSTALL = 'pip install "clip-counterattack[transformers]"'  # transformers and sentencepiece
 INSTALL_HINT = f'{EXTRA_INSTALL} (or: pip install "transformers>=4.40")'
@@ -73,11 +76,13 @@ class TransformersImageTower(nn.Module):
 
 
 class TransformersCLIP(nn.Module):
-    """A transformers ``CLIPModel`` or ``SiglipModel`` with the open_clip interface the library uses.
+    """A transformers ``CLIPModel`` or ``SiglipModel`` as a backbone (``backbones.PromptTunable``).
 
     ``visual`` maps normalised pixels to image embeddings, ``encode_text`` maps token ids (as the
     ``TransformersTokenizer`` returns them) to text embeddings, ``logit_scale`` is the model's own
-    (log) scale and ``logit_bias`` its bias (None for CLIP). Wrap a model you loaded yourself with
+    (log) scale and ``logit_bias`` its bias (None for CLIP); ``embed_tokens`` and
+    ``encode_text_embeddings`` are the text tower's input and the rest of it, for prompt tuning.
+    Wrap a model you loaded yourself with
     ``LoadedCLIP.from_model(TransformersCLIP(model, preprocess_cfg), TransformersTokenizer(tok, n))``.
     """
 
@@ -114,6 +119,21 @@ class TransformersCLIP(nn.Module):
         features = projection(pooled) if projection is not None else pooled
         return F.normalize(features, dim=-1) if normalize else features
 
+    @property
+    def _token_embedding(self) -> nn.Module:
+        return self.hf_model.text_model.embeddings.token_embedding
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._token_embedding(tokens)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # The text model's own forward, its token embeddings replaced: whatever the version, transformers then
+        # builds CLIP's causal mask and pools at the end token of ``tokens`` (CLIP) or the last position (SigLIP,
+        # through its head). Driving its parts by hand would tie this to one version: the text model takes no
+        # inputs_embeds, and its encoder's arguments changed (causal_attention_mask in 4.x, is_causal in 5.x).
+        with token_embeddings_replaced(self._token_embedding, embeddings):
+            return self.encode_text(tokens)
+
 
 class TransformersTokenizer:
     """A transformers tokenizer as open_clip's: a list of texts in, a LongTensor of token ids out,
@@ -138,15 +158,16 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise CounterattackError(f"--model transformers:... needs the transformers package ({exc}): "
+        raise CounterattackError(f"--model {TRANSFORMERS_PREFIX}... needs the transformers package ({exc}): "
                                  f"{INSTALL_HINT}") from exc
     return transformers
 
 
-def load_transformers_clip(identifier: str, device: str | torch.device = "cpu",
+def load_transformers_clip(identifier: str, *, pretrained: str | None = None, device: str | torch.device = "cpu",
                            cache_dir: str | None = None) -> LoadedCLIP:
     """Load ``transformers:IDENTIFIER``: a ``save_pretrained`` folder, or a hub id (ORG/NAME) that is
-    fetched (or, offline, read from the local cache) without its pickled weights.
+    fetched (or, offline, read from the local cache) without its pickled weights (``pretrained`` is ignored:
+    the folder holds the weights).
 
     The model runs in float32 with transformers' plain ("eager") attention: like the open_clip
     models here, an embedding is then bit-identical with and without autograd, which TTC's gate
@@ -234,13 +255,15 @@ def _model_folder(identifier: str, cache_dir: str | None) -> Path:
         )
     from huggingface_hub import constants, snapshot_download
 
-    _go_offline_if_hub_unreachable()
+    go_offline_if_hub_unreachable()
     try:
         snapshot = snapshot_download(identifier, cache_dir=cache_dir, allow_patterns=list(HUB_PATTERNS),
                                      local_files_only=bool(constants.HF_HUB_OFFLINE))
     except Exception as exc:  # huggingface_hub raises many types for a missing download
+        fetch = hub_download_hint(identifier, "save the model and its processor with save_pretrained into a folder "
+                                              f"and pass --model {TRANSFORMERS_PREFIX}FOLDER")
         raise CounterattackError(
-            _missing_download_message("transformers", identifier, None, exc)
+            missing_download_message(f"{TRANSFORMERS_PREFIX}{identifier}", exc, fetch)
             + f" (There is no folder {identifier} here either.)"
         ) from exc
     return Path(snapshot)

@@ -1,5 +1,6 @@
-"""Load a CLIP through open_clip: built-in name + pretrained tag, ``local-dir:PATH`` or ``hf-hub:org/name``;
-or through Hugging Face transformers: ``transformers:ORG/NAME`` or ``transformers:PATH`` (hf_transformers.py).
+"""open_clip backbones, three rows of the scheme table (``backbones.py``): a built-in name with a pretrained tag
+or weights file, ``local-dir:PATH`` and ``hf-hub:ORG/NAME``; fine-tuned vision weights swapped into a loaded model;
+and the prompt-tuning side of the backbone protocol over open_clip's ``CLIP`` (``OpenCLIPBackbone``).
 
 Weights are only ever read safely (safetensors, or ``torch.load(weights_only=True)``), and a model
 that is neither on disk nor reachable fails within seconds with a message saying what to fetch.
@@ -8,61 +9,32 @@ that is neither on disk nor reachable fails within seconds with a message saying
 from __future__ import annotations
 
 import difflib
-import json
-import logging
 import os
 import pickle
-import socket
-import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urlparse
 
 import open_clip
 import torch
-from open_clip.factory import parse_model_name
+from open_clip.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 
 from .errors import CounterattackError
-
-log = logging.getLogger(__name__)
+from .loading import (
+    LoadedCLIP, check_finite, go_offline_if_hub_unreachable, hub_download_hint, missing_download_message,
+    read_json_config, refusal, token_embeddings_replaced,
+)
 
 DEFAULT_MODEL = "ViT-B-32"
-TRANSFORMERS_PREFIX = "transformers:"  # a Hugging Face transformers model: hf_transformers.py
 DEFAULT_PRETRAINED = "openai"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# Without the hub, an open_clip model is a folder: what to put in it.
+_LOCAL_DIR_INSTEAD = "put open_clip_config.json and the weights in a folder and pass --model local-dir:FOLDER"
 
-
-@dataclass
-class LoadedCLIP:
-    """An open_clip model (or a transformers one behind the same interface, ``TransformersCLIP``) in
-    eval mode with frozen weights, its tokenizer and its image settings."""
-
-    model: torch.nn.Module
-    tokenizer: Callable[[list[str]], torch.Tensor]
-    image_size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer: Callable, description: str = "") -> "LoadedCLIP":
-        """Wrap an open_clip model you created yourself; it is put in eval mode and frozen. Weights that hold NaN
-        or infinite values are refused, naming the tensor: they would give NaN logits, or silently chance-level ones."""
-        check_finite(model.state_dict(), description or type(model).__name__)
-        model = model.eval().requires_grad_(False)
-        cfg = dict(open_clip.get_model_preprocess_cfg(model))
-        size = cfg.get("size", 224)
-        return cls(
-            model=model,
-            tokenizer=tokenizer,
-            image_size=(size, size) if isinstance(size, int) else tuple(size),
-            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-            preprocess_cfg=cfg,
-            description=description,
-        )
+__all__ = [
+    "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "LoadedCLIP", "OpenCLIPBackbone",
+    "check_finite", "load_builtin", "load_hf_hub", "load_local_dir", "load_vision_checkpoint", "read_state_dict",
+    "resolve_device",
+]
 
 
 def resolve_device(choice: str | torch.device) -> torch.device:
@@ -84,80 +56,91 @@ def resolve_device(choice: str | torch.device) -> torch.device:
     return device
 
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse weights holding NaN or infinite values, naming the first such tensor."""
-    for name, tensor in state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CounterattackError(f"{what}: the weights {name} hold NaN or infinite values (a damaged file, or a "
-                                     "training run that diverged); use other weights.")
-
-
-def load_clip(
-    model: str = DEFAULT_MODEL,
-    pretrained: str | None = DEFAULT_PRETRAINED,
-    device: str | torch.device = "cpu",
-    cache_dir: str | None = None,
-) -> LoadedCLIP:
-    """Load a CLIP for zero-shot classification.
-
-    ``model`` is an open_clip built-in name (``ViT-B-32``) used with ``pretrained`` (a tag such as
-    ``openai``, or a weights file), or ``local-dir:PATH`` / ``hf-hub:org/name`` (``pretrained`` is
-    then ignored). Tags trained with QuickGELU (OpenAI's among them) are loaded into the QuickGELU
-    variant of the architecture, so the features are the original model's.
-
-    ``transformers:ORG/NAME`` or ``transformers:PATH`` loads a Hugging Face ``CLIPModel`` or
-    ``SiglipModel`` with its processor's image settings and tokenizer (needs the ``transformers``
-    extra; ``pretrained`` is ignored).
-    """
-    device = resolve_device(device)
-    if model.startswith(TRANSFORMERS_PREFIX):
-        from .hf_transformers import load_transformers_clip  # it imports this module: imported here
-
-        return load_transformers_clip(model[len(TRANSFORMERS_PREFIX):], device=device, cache_dir=cache_dir)
-    schema, identifier = _parse(model)
-    force_quick_gelu = False
-    needs_hub = schema == "hf-hub"
-    if schema == "local-dir":
-        _check_local_dir(Path(identifier))
-        pretrained = None
-    elif schema is None:
-        force_quick_gelu, needs_hub = _check_builtin(identifier, pretrained)
+def load_builtin(name: str, *, pretrained: str | None, device: torch.device, cache_dir: str | None) -> LoadedCLIP:
+    """An open_clip built-in architecture (``ViT-B-32``) with ``pretrained`` weights: a tag such as ``openai``, or a
+    weights file. Tags trained with QuickGELU (OpenAI's among them) are loaded into the QuickGELU variant of the
+    architecture, so the features are the original model's."""
+    force_quick_gelu, needs_hub = _check_builtin(name, pretrained)
     if needs_hub:
-        _go_offline_if_hub_unreachable()
+        go_offline_if_hub_unreachable()
 
-    description = model if schema else f"{model} (pretrained: {pretrained})"
+    def missing(exc: Exception) -> str:
+        # open_clip's convention for a tag's weights: "org/name/" (default file) or "org/name/file.bin".
+        repo = os.path.split(open_clip.get_pretrained_cfg(name, pretrained or "").get("hf_hub", ""))[0]
+        fetch = (hub_download_hint(repo, _LOCAL_DIR_INSTEAD) if repo
+                 else "Download the weights file and pass its path as --pretrained, or use --model local-dir:FOLDER.")
+        return missing_download_message(f"{name} with pretrained weights {pretrained!r}", exc, fetch)
+
+    return _create(name, pretrained, force_quick_gelu, f"{name} (pretrained: {pretrained})", device, cache_dir, missing)
+
+
+def load_local_dir(path: str, *, pretrained: str | None, device: torch.device, cache_dir: str | None) -> LoadedCLIP:
+    """``local-dir:PATH``: a folder holding open_clip_config.json and the weights (``pretrained`` is ignored)."""
+    _check_local_dir(Path(path))
+    model = f"{LOCAL_DIR_PREFIX}{path}"
+    return _create(model, None, False, model, device, cache_dir, lambda exc: f"Could not load {model}: {exc}")
+
+
+def load_hf_hub(repo: str, *, pretrained: str | None, device: torch.device, cache_dir: str | None) -> LoadedCLIP:
+    """``hf-hub:ORG/NAME``: an open_clip model on the Hugging Face Hub, or in its local cache when the hub cannot
+    be reached (``pretrained`` is ignored)."""
+    go_offline_if_hub_unreachable()
+    model = f"{HF_HUB_PREFIX}{repo}"
+    return _create(model, None, False, model, device, cache_dir,
+                   lambda exc: missing_download_message(model, exc, hub_download_hint(repo, _LOCAL_DIR_INSTEAD)))
+
+
+def _create(model: str, pretrained: str | None, force_quick_gelu: bool, description: str, device: torch.device,
+            cache_dir: str | None, missing: Callable[[Exception], str]) -> LoadedCLIP:
+    """open_clip's model and tokenizer for ``model`` (its own name, scheme included), loaded safely; ``missing``
+    says what went wrong when open_clip or the hub fails."""
     try:
         clip, _, _ = open_clip.create_model_and_transforms(
             model,
-            pretrained=pretrained if schema is None else None,
+            pretrained=pretrained,
             force_quick_gelu=force_quick_gelu,
             cache_dir=cache_dir,
             weights_only=True,
         )
         tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
     except pickle.UnpicklingError as exc:
-        raise _refusal(description, exc) from exc
+        raise refusal(description, exc) from exc
     except CounterattackError:
         raise
     except Exception as exc:  # open_clip and the hub raise many types for a missing download
-        if schema == "local-dir":
-            raise CounterattackError(f"Could not load {description}: {exc}") from exc
-        raise CounterattackError(_missing_download_message(schema, identifier, pretrained, exc)) from exc
-
+        raise CounterattackError(missing(exc)) from exc
     return LoadedCLIP.from_model(clip.to(device), tokenizer, description)
 
 
-def refusal_message(what: str, details: str) -> str:
-    """Why pickled weights are refused, and what to do instead (shared by every loader)."""
-    return (
-        f"Refusing to load {what}: the checkpoint holds pickled objects whose loading could run code, "
-        "not only tensors. Convert it to safetensors (or a plain state dict) on a machine you trust. "
-        f"Details: {details}"
-    )
+class OpenCLIPBackbone:
+    """open_clip's ``CLIP`` as a prompt-tunable backbone (``backbones.PromptTunable``): the model's own ``visual``,
+    ``encode_text``, ``logit_scale`` and ``logit_bias``, and its text tower's token embedding. ``CustomTextCLIP``
+    keeps its text tower (open_clip's or a Hugging Face one) behind ``model.text``, which this does not open."""
 
+    def __init__(self, model: open_clip.CLIP):
+        self.model = model
 
-def _refusal(what: str, exc: Exception) -> CounterattackError:
-    return CounterattackError(refusal_message(what, str(exc).splitlines()[0]))
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        with token_embeddings_replaced(self.model.token_embedding, embeddings):
+            return self.model.encode_text(tokens)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -172,7 +155,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise _refusal(str(path), exc) from exc
+        raise refusal(str(path), exc) from exc
     except Exception as exc:  # a truncated or foreign file
         raise CounterattackError(f"Cannot read checkpoint {path}: {exc}") from exc
 
@@ -215,21 +198,6 @@ def load_vision_checkpoint(clip: LoadedCLIP, path: str | Path) -> None:
     clip.model.visual.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
 
-def _parse(model: str) -> tuple[str | None, str]:
-    try:
-        return parse_model_name(model)
-    except ValueError as exc:
-        raise CounterattackError(f"Bad model name {model!r}: {exc}") from exc
-
-
-def read_json_config(path: Path) -> Any:
-    """A model folder's JSON configuration, or a one-line error saying why it cannot be read."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CounterattackError(f"Cannot read {path}: {exc}") from exc
-
-
 def _check_local_dir(path: Path) -> None:
     config = path / "open_clip_config.json"
     if not path.is_dir():
@@ -255,7 +223,8 @@ def _check_builtin(name: str, pretrained: str | None) -> tuple[bool, bool]:
         close = difflib.get_close_matches(name, known, n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise CounterattackError(
-            f"Unknown model {name!r}.{hint} Use an open_clip name, local-dir:PATH or hf-hub:org/name."
+            f"Unknown model {name!r}.{hint} Use an open_clip name, local-dir:PATH, hf-hub:org/name or "
+            "transformers:ORG/NAME|PATH."
         )
     if not pretrained:
         return False, False
@@ -268,63 +237,3 @@ def _check_builtin(name: str, pretrained: str | None) -> tuple[bool, bool]:
     raise CounterattackError(
         f"{pretrained!r} is neither a pretrained tag of {name} nor a file. Tags: {', '.join(tags) or 'none'}."
     )
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    address = (url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80))
-    reached = threading.Event()
-
-    def probe() -> None:
-        try:
-            socket.create_connection(address, timeout=timeout).close()
-            reached.set()
-        except OSError:
-            pass
-
-    # A thread bounds the DNS look-up too, which socket timeouts do not cover.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return reached.is_set()
-
-
-def _go_offline_if_hub_unreachable() -> None:
-    """Without this, huggingface_hub retries an unreachable hub for ~50 s before failing."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy")):
-        return
-    if not _hub_reachable():
-        log.warning("The Hugging Face Hub is unreachable: using the local cache only (as HF_HUB_OFFLINE=1).")
-        constants.HF_HUB_OFFLINE = True
-
-
-def _missing_download_message(schema: str | None, identifier: str, pretrained: str | None, exc: Exception) -> str:
-    from huggingface_hub import constants
-
-    if schema in ("hf-hub", "transformers"):
-        repo, what = identifier, f"{schema}:{identifier}"
-    else:
-        tag_cfg = open_clip.get_pretrained_cfg(identifier, pretrained or "")
-        # open_clip's convention: "org/name/" (default file) or "org/name/file.bin".
-        repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]
-        what = f"{identifier} with pretrained weights {pretrained!r}"
-    folder = (
-        "save the model and its processor with save_pretrained into a folder and pass --model transformers:FOLDER"
-        if schema == "transformers"
-        else "put open_clip_config.json and the weights in a folder and pass --model local-dir:FOLDER"
-    )
-    fetch = (
-        f"On a machine with internet, run `hf download {repo}` and copy the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}) here, or {folder}."
-        if repo
-        else "Download the weights file and pass its path as --pretrained, or use --model local-dir:FOLDER."
-    )
-    if constants.HF_HUB_OFFLINE:
-        why = "the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache"
-    else:
-        why = f"the download failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
-    return f"Could not get {what}: {why}. {fetch}"

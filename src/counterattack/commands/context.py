@@ -23,6 +23,7 @@ from .. import __version__
 from ..adaptive import AdaptiveAttack, check_adaptive
 from ..adversarial import AdversarialSet
 from ..attacks import ATTACKS, Attack, build_attacks
+from ..backbones import load_clip
 from ..classifier import ImageEncoder, ZeroShotClassifier
 from ..config import RunConfig
 from ..data import EvalDataset, balanced_subset, check_manual_datasets, find_unreadable, load_dataset
@@ -31,7 +32,8 @@ from ..distributed import ProcessGroup
 from ..errors import CounterattackError
 from ..fingerprints import resolved_location, weights_identity
 from ..evaluate import RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize
-from ..models import LoadedCLIP, load_clip, load_vision_checkpoint
+from ..loading import LoadedCLIP
+from ..models import load_vision_checkpoint
 from ..options import flag, options_of
 from ..report import format_table, paper_tables, write_report
 from ..results import ResultsStore

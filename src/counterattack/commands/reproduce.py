@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..attacks import build_attacks
+from ..backbones import load_clip
 from ..classifier import ImageEncoder, ZeroShotClassifier, count_encoder_passes
 from ..compare import compare_results, write_comparison
 from ..config import AttackConfig, DefenseConfig, RunConfig
@@ -25,7 +26,7 @@ from ..defenses import build_defenses
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
 from ..evaluate import RunSettings, evaluate_dataset
-from ..models import LoadedCLIP, load_clip
+from ..loading import LoadedCLIP
 from ..presets import PRESETS, Preset
 from ..published import load_published
 from ..stats import duration

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..classifier import DEFAULT_TEMPLATES
 from ..errors import CounterattackError
-from ..models import LoadedCLIP
+from ..loading import LoadedCLIP
 from .prompts import PROMPT_SETS, check_own_classes, class_prompts, prompt_class_indices, raw_classes
 from .registry import DATASETS, DatasetInfo, is_present
 
