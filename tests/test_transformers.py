@@ -17,14 +17,18 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
 from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
-from counterattack import CounterattackError, ZeroShotClassifier, load_clip  # noqa: E402
+from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, load_clip  # noqa: E402
 from counterattack.cli import main  # noqa: E402
 from counterattack.data import load_dataset  # noqa: E402
+from counterattack.defenses.rtpt import (  # noqa: E402
+    RTPT, draw_views, encode_prompts, prompt_context, reliability_weights, render_views,
+)
 
 from testkit import RunsCode, fake_hub_cache, write_image_folder  # noqa: E402
 
@@ -167,6 +171,54 @@ def test_eval_runs_ttc_end_to_end_on_a_transformers_model(tmp_path, hf_clip_dir,
     with torch.no_grad():
         accuracy = (classifier.logits(pixels).argmax(-1) == labels).float().mean().item() * 100
     assert none["clean_acc"] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_rtpt_tunes_the_prompt_of_a_transformers_model(kind, hf_clip_dir, hf_clip, hf_siglip_dir):
+    """R-TPT through the backbone protocol: the untuned prompt's text features are the model's own, its
+    logits at learning rate 0 are the reliability-weighted zero-shot logits of its views, and one AdamW step
+    moves the context (its gradient comes back through the transformers text tower)."""
+    clip = hf_clip if kind == "clip" else load_clip(f"transformers:{hf_siglip_dir}")
+    classifier = ZeroShotClassifier.from_clip(clip, CLASSES, [TEMPLATE])
+    prompt = prompt_context(classifier)
+    assert prompt.length == 6  # "this is a photo of a", after the start-of-text token
+    # The model's own text features, its tokenizer padding as its processor does (CLIP: to the longest, masked).
+    prompts, tokenizer = [TEMPLATE.format(c) for c in CLASSES], clip.tokenizer.tokenizer
+    if kind == "clip":
+        inputs = dict(tokenizer(prompts, padding=True, return_tensors="pt"))
+    else:
+        inputs = {"input_ids": tokenizer(prompts, padding="max_length", return_tensors="pt")["input_ids"]}
+    with torch.no_grad():
+        theirs = clip.model.hf_model.get_text_features(**inputs)
+        theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output  # a model output from 5.0
+        ours = prompt.backbone.encode_text_embeddings(prompt.frozen, prompt.tokens)
+        untuned = encode_prompts(prompt, prompt.init[None])[0]
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(untuned, classifier.text_embeddings, atol=1e-5)
+    # Another template's words as the context: the features are that template's own prompts'.
+    drawing = ZeroShotClassifier.from_clip(clip, CLASSES, ["This is a drawing of a {}."])
+    with torch.no_grad():
+        swapped = encode_prompts(prompt, prompt_context(drawing).init[None])[0]
+    assert torch.allclose(swapped, drawing.text_embeddings, atol=1e-5)
+    assert not torch.allclose(swapped, untuned, atol=1e-3)
+
+    pixels, views = _pixels(3, seed=6), 8
+
+    def streams() -> ImageRandomness:
+        return ImageRandomness.from_seed(0, len(pixels), "rtpt")
+
+    output = RTPT(views=views, lr=0.0)(classifier, pixels, streams()).logits
+    with torch.no_grad():
+        features = classifier.encode_image(render_views(pixels, draw_views(streams(), views, 1.0, pixels.device))
+                                           .flatten(0, 1))
+        logits = classifier.logits_from_embeddings(features).view(len(pixels), views, -1)
+        unit = F.normalize(features, dim=-1).view(len(pixels), views, -1)
+        weights = reliability_weights(unit, 20, 0.01)
+    assert torch.allclose(output, (weights[..., None] * logits).sum(1), atol=1e-5)
+    assert logits.std(dim=1).mean() > 1e-3  # the views' logits differ: the weights matter
+    # Adam's first step moves every coordinate of the context by the learning rate, where its gradient is not 0.
+    tuned = RTPT(views=views).tune_context(prompt, unit, classifier.logit_scale)
+    assert torch.allclose((tuned - prompt.init).abs().amax(dim=(1, 2)), torch.full((len(pixels),), 5e-3), rtol=0.01)
 
 
 def test_hub_id_loads_from_the_local_cache(tmp_path, hf_clip_dir, hf_clip):

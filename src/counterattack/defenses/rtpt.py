@@ -54,15 +54,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 
 from ..augment import (
     apply_to_rows, autocontrast, blend, crop_and_resize, equalize, pixel_affine_to_theta, posterize, solarize,
     straight_through, warp,
 )
+from ..backbones import PromptTunable, prompt_tunable
 from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..errors import CounterattackError
@@ -258,10 +257,10 @@ def render_views(images: torch.Tensor, draws: ViewDraws, augmentation: str = "au
 class PromptContext:
     """The class prompts with the template's words before the class name made learnable."""
 
-    model: torch.nn.Module
+    backbone: PromptTunable
     tokens: torch.Tensor  # (C, L) token ids of the class prompts
     frozen: torch.Tensor  # (C, L, width) their token embeddings
-    start: int  # position of the first context token (after the start-of-text token)
+    start: int  # position of the first context token (after the tokens every text starts with, e.g. start-of-text)
     init: torch.Tensor  # (n_ctx, width) the context's initial value: the template words' embeddings
 
     @property
@@ -274,10 +273,7 @@ def prompt_context(classifier: ZeroShotClassifier) -> PromptContext:
     clip = classifier.clip
     if clip is None:
         raise CounterattackError("rtpt tunes the text prompt: build the classifier with ZeroShotClassifier.from_clip.")
-    model = clip.model
-    if not isinstance(model, open_clip.CLIP):
-        raise CounterattackError(f"rtpt tunes the text prompt of open_clip's CLIP class only; this model is a "
-                                 f"{type(model).__name__}, whose text tower it cannot open.")
+    backbone = prompt_tunable(clip.model)
     if len(classifier.templates) != 1:
         raise CounterattackError(f"rtpt tunes one prompt template; the classifier averages {len(classifier.templates)} "
                                  f"({', '.join(map(repr, classifier.templates))}). Give a single --templates.")
@@ -285,25 +281,46 @@ def prompt_context(classifier: ZeroShotClassifier) -> PromptContext:
     words = template.split("{}")[0].strip()
     if not words:
         raise CounterattackError(f"rtpt tunes the template's words before the class name; {template!r} has none.")
-    device = model.token_embedding.weight.device
+    device = next(clip.model.parameters()).device
     tokens = clip.tokenizer([template.format(name) for name in classifier.class_names]).to(device)
-    alone = clip.tokenizer([words])[0].to(device)
-    start = 1  # after the start-of-text token; the end-of-text token is the largest id (open_clip's argmax pooling)
-    context = alone[start : int(alone.argmax())]
-    length = len(context)
-    ends = tokens.argmax(dim=-1)
-    if not length or (ends <= start + length).any() or not (tokens[:, start : start + length] == context).all():
+    span = _context_span(clip.tokenizer([words])[0].to(device), clip.tokenizer([""])[0].to(device), tokens)
+    if span is None:
         raise CounterattackError(f"rtpt: the tokenizer does not keep the words {words!r} as the first tokens of "
                                  f"every prompt of {template!r}, so they cannot be tuned as a shared context.")
+    start, end = span
     with torch.no_grad():
-        frozen = model.token_embedding(tokens)
-    return PromptContext(model, tokens, frozen, start, frozen[0, start : start + length].clone())
+        frozen = backbone.embed_tokens(tokens)
+    return PromptContext(backbone, tokens, frozen, start, frozen[0, start:end].clone())
+
+
+def _common_prefix(rows: torch.Tensor) -> int:
+    """How many leading positions all ``rows`` (``(k, L)`` token ids) agree on."""
+    differs = (rows != rows[:1]).any(dim=0)
+    return int(differs.int().argmax()) if differs.any() else rows.shape[1]
+
+
+def _context_span(words: torch.Tensor, empty: torch.Tensor, prompts: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, end)``: the positions of the template words' tokens at the head of every prompt, or None.
+
+    Found by the tokenizer alone, whatever its special tokens: every text starts with what the words and the empty
+    text share (CLIP's start-of-text; nothing for SigLIP's), and the words end where the prompts, which go on with
+    their class names, part from them. The words alone must then end as the empty text does (their own tokens are
+    all of the context), and every prompt must go on after them (no class name cut off).
+    """
+    start = _common_prefix(torch.stack([words, empty]))
+    end = _common_prefix(torch.cat([words[None], prompts]))
+    length = words.shape[0]
+    if end <= start or end == length or (prompts[:, end] == words[end]).any():
+        return None
+    if not torch.equal(words[end:], empty[start : start + length - end]):
+        return None
+    return start, end
 
 
 def encode_prompts(prompt: PromptContext, context: torch.Tensor) -> torch.Tensor:
     """L2-normalised text embeddings ``(n, C, dim)`` of the class prompts with each image's ``context``
-    (``(n, n_ctx, width)``): open_clip's ``CLIP.encode_text`` with the context's embeddings in place."""
-    model, tokens = prompt.model, prompt.tokens
+    (``(n, n_ctx, width)``): the backbone's text features with the context's embeddings in place."""
+    tokens = prompt.tokens
     n, classes = len(context), len(tokens)
     end = prompt.start + prompt.length
     embeddings = torch.cat([
@@ -311,15 +328,8 @@ def encode_prompts(prompt: PromptContext, context: torch.Tensor) -> torch.Tensor
         context[:, None].expand(-1, classes, -1, -1),
         prompt.frozen[None, :, end:].expand(n, -1, -1, -1),
     ], dim=2).flatten(0, 1)
-    cast = model.transformer.get_cast_dtype()
-    x = embeddings.to(cast) + model.positional_embedding.to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens.repeat(n, 1), model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = (model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear)
-             else x @ model.text_projection)
-    return F.normalize(x.float(), dim=-1).view(n, classes, -1)
+    features = prompt.backbone.encode_text_embeddings(embeddings, tokens.repeat(n, 1))
+    return F.normalize(features.float(), dim=-1).view(n, classes, -1)
 
 
 # --- selection, tuning, weighting -------------------------------------------------------------------
@@ -431,7 +441,9 @@ class RTPT:
         with torch.no_grad():
             text = encode_prompts(prompt, context)
         logits = classifier.logit_scale * features @ text.transpose(1, 2)
-        return (weights[..., None] * logits).sum(dim=1)
+        mixed = (weights[..., None] * logits).sum(dim=1)
+        # The weights sum to 1: a sigmoid head's bias (SigLIP's) is the mix's as it is every view's.
+        return mixed + classifier.logit_bias if classifier.logit_bias else mixed
 
     def _logits(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness,
                 method: str | None) -> torch.Tensor:
