@@ -2,14 +2,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
-from counterattack import CounterattackError, load_clip
+from counterattack import SCHEMES, CounterattackError, LoadedCLIP, ZeroShotClassifier, load_clip
+from counterattack.cli import main
+from counterattack.data import load_dataset
 
-from testkit import RANDOM_CLIP_CFG, RunsCode, fake_hub_cache, write_local_dir
+from testkit import RANDOM_CLIP_CFG, RunsCode, fake_hub_cache, write_image_folder, write_local_dir
 
 
 def test_local_dir_loads_config_weights_and_image_settings(random_clip_dir):
@@ -113,3 +116,45 @@ def test_hf_hub_model_loads_from_the_local_cache(tmp_path, random_clip_dir):
         assert torch.equal(a, b)
     with pytest.raises(CounterattackError, match="hf download someone/missing"):
         load_clip("hf-hub:someone/missing", cache_dir=str(tmp_path))
+
+
+def test_a_backbone_scheme_is_one_row_of_the_table(tmp_path, monkeypatch):
+    """``toy:FOLDER``, a seeded random open_clip CLIP whose seed the folder keeps, added as one row of the scheme
+    table (monkeypatch puts the table back): load_clip and `counterattack eval` run on it end to end."""
+    folder = tmp_path / "toy-model"
+    folder.mkdir()
+    (folder / "toy.json").write_text(json.dumps({"seed": 3}))
+
+    def load_toy(identifier: str, *, pretrained: str | None, device: torch.device,
+                 cache_dir: str | None) -> LoadedCLIP:
+        torch.manual_seed(json.loads((Path(identifier) / "toy.json").read_text())["seed"])
+        model = open_clip.CLIP(**RANDOM_CLIP_CFG).to(device)
+        context_length = RANDOM_CLIP_CFG["text_cfg"]["context_length"]
+        return LoadedCLIP.from_model(model, lambda texts: open_clip.tokenize(texts, context_length),
+                                     f"toy:{identifier}")
+
+    with pytest.raises(CounterattackError, match="one of local-dir:, hf-hub:, transformers:"):
+        load_clip(f"toy:{folder}")
+    monkeypatch.setitem(SCHEMES, "toy:", load_toy)
+
+    images = write_image_folder(tmp_path / "images", {"cat": 3, "dog": 3}, seed=4)
+    out = tmp_path / "out"
+    code = main(["eval", "--no-progress", "--workers", "0", "--model", f"toy:{folder}",
+                 "--dataset", f"imagefolder:{images}", "--limit", "4", "--attack-steps", "2",
+                 "--defense", "none,ttc", "--batch-size", "4", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["model"] == f"toy:{folder}"
+    none, ttc = results["records"]
+    assert (none["defense"], ttc["defense"]) == ("none", "ttc") and none["n"] == ttc["n"] == 4
+    # The run classified with the toy model: its clean accuracy is the API's on the same images.
+    clip = load_clip(f"toy:{folder}")
+    assert clip.description == f"toy:{folder}" and clip.image_size == (32, 32)
+    data = load_dataset(f"imagefolder:{images}", clip)
+    classifier = ZeroShotClassifier.from_clip(clip, data.class_names, data.templates)
+    chosen = [0, 1, 3, 4]  # the class-balanced first four: two cats, two dogs
+    pixels = torch.stack([data.dataset[i][0] for i in chosen])
+    labels = torch.tensor([data.targets[i] for i in chosen])
+    with torch.no_grad():
+        accuracy = (classifier.logits(pixels).argmax(-1) == labels).float().mean().item() * 100
+    assert none["clean_acc"] == pytest.approx(accuracy)
