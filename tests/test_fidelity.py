@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from counterattack import MAC, RTPT, TTC, ImageRandomness, count_encoder_passes
+from counterattack import MAC, RTPT, TTC, ImageRandomness
 from counterattack.adaptive import gate_evasion
 from counterattack.augment import gaussian_blur
 from counterattack.cli import main

@@ -155,7 +155,9 @@ def test_a_file_added_between_two_runs_is_refused_on_resume(tmp_path, random_cli
 
 # --- Merging ---------------------------------------------------------------------------------------
 
-def test_a_merge_with_a_missing_image_is_refused_and_an_identical_repeat_is_kept_once(tmp_path, random_clip_dir, folder):
+def test_a_merge_with_a_missing_image_is_refused_and_an_identical_repeat_is_kept_once(
+    tmp_path, random_clip_dir, folder
+):
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "3")) == 0
     store = ResultsStore(tmp_path)
     name = results(tmp_path)["records"][0]["dataset"]
