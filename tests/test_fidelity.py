@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from counterattack import MAC, RTPT, TTC, ImageRandomness
+from counterattack import MAC, RTPT, TTC, ImageRandomness, ZeroShotClassifier, load_clip
 from counterattack.adaptive import gate_evasion
 from counterattack.augment import gaussian_blur
 from counterattack.cli import main
@@ -19,7 +19,7 @@ from counterattack.evaluate import to_8_bits
 from counterattack.precision import defense_precision
 from counterattack.store import config_hash
 
-from testkit import write_image_folder
+from testkit import CIFAR10_CLASSES, RANDOM_CLIP_CFG, write_image_folder, write_local_dir
 
 
 def rng(n: int, seed: int = 0, purpose: str = "p") -> ImageRandomness:
@@ -46,6 +46,23 @@ def test_docs_directional_score_is_one_minus_the_mean_cosine_over_its_noisy_copi
     brute = 1 - torch.stack([F.cosine_similarity(c, anchor) for c in copies]).mean(dim=0)
     assert torch.allclose(result.score.double(), brute, rtol=1e-3, atol=1e-7)
     assert doc.gate.score == "directional sensitivity" and DOC().gate.score == "tau"
+
+
+def test_docs_directional_score_is_measured_on_the_tau_encoder_and_the_steps_on_the_defended_one(
+    random_classifier, images, tmp_path
+):
+    other = load_clip(f"local-dir:{write_local_dir(tmp_path / 'other', RANDOM_CLIP_CFG, seed=7)}")
+    tau_encoder = ZeroShotClassifier.from_clip(other, CIFAR10_CLASSES).encoder
+    separate = DOC(score="directional", tau_encoder=tau_encoder).counterattack(
+        random_classifier, images, rng(len(images))
+    )
+    own = DOC(score="directional").counterattack(random_classifier, images, rng(len(images)))
+    noise = DOC(score="directional").sensitivity_noise(images, rng(len(images)))
+    expected, _ = DOC.sensitivity_score(tau_encoder, images, noise)
+    assert torch.equal(separate.score, expected)
+    assert not torch.allclose(separate.score, own.score, rtol=1e-2)
+    # Same draws after the score, same defended encoder: the steps' result is the same.
+    assert torch.allclose(separate.final_delta, own.final_delta, atol=1e-6)
 
 
 def test_docs_weighted_final_at_full_weight_is_ttcs_softmax_average_of_its_iterates(random_classifier, images):

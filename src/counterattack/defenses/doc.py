@@ -11,10 +11,10 @@ with f the image encoder and e = f(x):
      only public DOC code (a third-party runner) gates with tau_thres 0.3 and gamma 20 on the original
      CLIP, so those values were set for this scale;
    - ``directional``: the paper's DSS (Eq. 10), ``1 - mean_m cos(f(x_m), f(x))`` over M noisy copies
-     ``x_m = clip_[0,1](x + eta_m)``, on the same encoder (the runner computes it only for fine-tuned
-     models, and on the original CLIP's encoder). It measures about 1.7 tau^2 (1 - cos is about r^2/2,
-     and sign noise has sqrt(3) times uniform noise's RMS), so 0.3 gates where tau would be about 0.42:
-     choose its threshold with ``counterattack calibrate``.
+     ``x_m = clip_[0,1](x + eta_m)``, on ``tau_encoder`` when one is given, as the runner does (it
+     computes it only for fine-tuned models, on the original CLIP's encoder). It measures about
+     1.7 tau^2 (1 - cos is about r^2/2, and sign noise has sqrt(3) times uniform noise's RMS), so
+     0.3 gates where tau would be about 0.42: choose its threshold with ``counterattack calibrate``.
 2. Soft gate (Eq. 11): ``w = sigmoid(gamma * (tau_thres - s))``. A low score ("falsely stable")
    gives the full counterattack (w -> 1), as in TTC.
 3. ``delta0 ~ U[-eps, eps]``, kept inside [0, 1]; momentum ``m_0 = 0``.
@@ -43,7 +43,8 @@ Other choices where the sources disagree:
   stays defined where f(x + delta) = e.
 - Every image gets the T steps, whatever its w (Algorithm 1). Cost per image: with ``tau``, T + 2
   forwards (f(x), one per step, the first shared with tau, the classification) and T backwards, plus
-  2 forwards on a separate tau encoder; with ``directional``, M + T + 2 forwards and T backwards.
+  2 forwards on a separate tau encoder; with ``directional``, M + T + 2 forwards and T backwards (the
+  score's M + 1 on a separate tau encoder when there is one, with f(x) again on the defended one).
 """
 
 from __future__ import annotations
@@ -214,7 +215,11 @@ class DOC:
         first step's forward (None if there is none). ``keep_graph``: the score stays differentiable in x."""
         with torch.set_grad_enabled(keep_graph):
             if self.score == "directional":
-                score, anchor = self.sensitivity_score(encoder, x, self.sensitivity_noise(x.detach(), rng))
+                score_encoder = self.tau_encoder or encoder
+                score, anchor = self.sensitivity_score(score_encoder, x, self.sensitivity_noise(x.detach(), rng))
+                if self.tau_encoder is not None:  # the steps move away from the defended encoder's f(x)
+                    with full_precision(x.device):
+                        anchor = encoder(x).float()
                 return score, anchor, project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps), None
             delta0 = project(x, rng.uniform_like(x, -self.eps, self.eps), self.eps)
             with full_precision(x.device):  # a score of two nearby embeddings: float32 only
