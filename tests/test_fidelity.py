@@ -178,6 +178,11 @@ def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random
     with torch.no_grad():
         by_hand = classifier.logits(images).argmax(-1).tolist()
     assert [preds[i] for i in ids] == by_hand
+    # The stored set evaluated without the flag: its images are 8-bit, and the results say so.
+    assert main(["eval", *common[:-4], "--adversarial", str(tmp_path / "adv"), "--defense", "none",
+                 "--out", str(tmp_path / "on-set")]) == 0
+    on_set = json.loads((tmp_path / "on-set" / "results.json").read_text())
+    assert on_set["config"]["quantize_adversarial"] == "8 bits"
 
 
 def test_to_8_bits_rounds_to_the_nearest_level():

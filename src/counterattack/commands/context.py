@@ -221,6 +221,8 @@ class RunContext:
             stored = self.adversarial.config
             described["precision"]["attack"] = stored["precision"]["attack"]
             described["adversarial"] = {"hash": self.adversarial.hash, "seed": stored["seed"]}
+            if stored.get("quantize_adversarial"):  # a set stored in 8 bits is evaluated in 8 bits, flag or not
+                described["quantize_adversarial"] = stored["quantize_adversarial"]
             described["run"]["adversarial_folder"] = str(self.adversarial.folder)  # a moved set is the same set
         return described
 
