@@ -2,7 +2,6 @@
 every view's gate, R-TPT's views per dataset, 8-bit adversarial images, and each defense's paper precision."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -212,4 +211,16 @@ def test_every_new_default_changes_the_run_config_hash(defense, before):
     now = {"defenses": [defense.describe()]}
     then = {"defenses": [{k: v for k, v in defense.describe().items() if k not in before}]}
     assert config_hash(now) != config_hash(then)
-    assert math.isfinite(len(json.dumps(now)))
+
+
+def test_a_run_under_paper_precision_records_each_defenses_resolved_precision(tmp_path, random_clip_dir):
+    """So a defense whose authors' precision is corrected later (CSR: fp16, now fp32) starts a new run."""
+    folder = write_image_folder(tmp_path / "imgs", {"cat": 2, "dog": 2}, seed=3)
+    common = ["--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset",
+              f"imagefolder:{folder}", "--attack-steps", "1", "--defense", "ttc,csr"]
+    assert main(["eval", *common, "--precision", "paper", "--out", str(tmp_path / "paper")]) == 0
+    described = json.loads((tmp_path / "paper" / "results.json").read_text())["config"]["defenses"]
+    assert {d["defense"]: d["precision"] for d in described} == {"ttc": "fp16", "csr": "fp32"}
+    assert main(["eval", *common, "--out", str(tmp_path / "default")]) == 0
+    described = json.loads((tmp_path / "default" / "results.json").read_text())["config"]["defenses"]
+    assert all("precision" not in d for d in described)

@@ -35,6 +35,7 @@ from ..evaluate import RunSettings, average_records, combine_seeds, craft_datase
 from ..loading import LoadedCLIP
 from ..models import load_vision_checkpoint
 from ..options import flag, options_of
+from ..precision import defense_precision
 from ..report import format_table, paper_tables, write_report
 from ..results import ResultsStore
 from ..stats import duration
@@ -193,9 +194,14 @@ class RunContext:
         if config.attack.threat == "adaptive":
             adaptive = {f.name: getattr(AdaptiveAttack(None, attacks[0], **config.attack.adaptive), f.name)
                         for f in options_of(AdaptiveAttack)}
+        policy = config.precisions["defense"]
+
         def described_defenses(dataset: str | None) -> list[dict]:
             resolved = {name: d if dataset is None else d.for_dataset(dataset) for name, d in defenses.items()}
-            return [{**d.describe(), "name": name} if name != d.name else d.describe() for name, d in resolved.items()]
+            return [{**d.describe(), **({"name": name} if name != d.name else {}),
+                     # "paper" resolved per defense, so a defense's new paper precision is a new run
+                     **({"precision": defense_precision(policy, d)} if policy == "paper" else {})}
+                    for name, d in resolved.items()]
 
         # Settings a defense resolves per dataset (R-TPT's augmentation), where they differ from the run's.
         per_dataset = {s.data.name: described_defenses(s.data.name) for s in self.selections}
