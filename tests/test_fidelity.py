@@ -83,18 +83,26 @@ def test_docs_weighted_final_at_full_weight_is_ttcs_softmax_average_of_its_itera
 
 def test_macs_pixel_units_scale_with_the_input_side(images):
     mac = MAC(rotation=0.0, scale_low=1.0, scale_high=1.0, jitter_p=0.0, noise_p=0.0, blur_p=1.0)
-    draw = mac.draw_augmentations(rng(len(images)), 1, images)
-    u = draw.parameters
-    unit = 32 / 224
-    # The blur: sigma in [0.5, 1.2] pixels of a 224-px input, a 3-px kernel (5 at 224 px) here.
-    sigma = unit * (0.5 + u[:, 14] * 0.7)
-    shift = torch.stack([torch.round((2 * u[:, c] - 1) * 0.04 * 32 / unit) * unit for c in (1, 2)], dim=1)
-    # Whole pixels of a 224-px input (1/7 px here), as RandomAffine rounds (at most half a unit past the range).
-    assert shift.abs().max() <= 0.04 * 32 + unit / 2 and (shift / unit - torch.round(shift / unit)).abs().max() < 1e-5
     from counterattack.augment import affine
 
-    expected = gaussian_blur(affine(images, torch.zeros(len(images)), shift, torch.ones(len(images))), sigma, 3)
-    assert torch.allclose(mac.augment(images, draw), expected, atol=1e-6)
+    def shifted(x: torch.Tensor, u: torch.Tensor, unit: float) -> torch.Tensor:
+        side = x.shape[-1]
+        shift = torch.stack([torch.round((2 * u[:, c] - 1) * 0.04 * side / unit) * unit for c in (1, 2)], dim=1)
+        # Whole pixels of a 224-px input, as RandomAffine rounds (at most half a unit past the range).
+        assert shift.abs().max() <= 0.04 * side + unit / 2
+        return affine(x, torch.zeros(len(x)), shift, torch.ones(len(x)))
+
+    # 32 px: translations round to 1/7 px; the blur's kernel rounds to 1 px, which leaves the image as it is.
+    draw = mac.draw_augmentations(rng(len(images)), 1, images)
+    assert torch.allclose(mac.augment(images, draw), shifted(images, draw.parameters, 32 / 224), atol=1e-6)
+    # 112 px: half-pixel translations; sigma in [0.5, 1.2] pixels of a 224-px input is [0.25, 0.6] here, kernel 3.
+    mid = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(4))
+    draw = mac.draw_augmentations(rng(3), 1, mid)
+    u = draw.parameters
+    sigma = 0.5 * (0.5 + u[:, 14] * 0.7)
+    expected = gaussian_blur(shifted(mid, u, 0.5), sigma, 3)
+    assert torch.allclose(mac.augment(mid, draw), expected, atol=1e-6)
+    assert not torch.allclose(mac.augment(mid, draw), gaussian_blur(shifted(mid, u, 0.5), 2 * sigma, 3), atol=1e-3)
 
 
 def test_macs_pixel_units_are_unchanged_at_224_px():

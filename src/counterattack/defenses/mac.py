@@ -31,9 +31,10 @@ multiplies by the interpolated coverage mask, so border pixels fade towards 0.
 
 The augmentations' pixel units (the blur's kernel and sigma, the whole pixels translations round
 to) are those of a 224-px input, the code's; on an input of another side they scale with side/224,
-as CSR's low-pass radius does: on a 32-px image the blur's sigma is 0.07-0.17 px (a 3-px kernel)
-and translations round to 1/7 px, so a view is as mild a corruption as on the authors' inputs. At
-224 px nothing changes.
+as CSR's low-pass radius does: on a 32-px image the blur's sigma would be 0.07-0.17 px and its
+kernel rounds to 1 px, so it is no blur at all (at 112 px: sigma 0.25-0.6, a 3-px kernel), and
+translations round to 1/7 px, so a view is as mild a corruption as on the authors' inputs. At 224 px
+nothing changes.
 
 Defaults (``mac_test.sh``): eps 8/255, 4 steps of eps/4 = 2/255 (the code ties the step to eps), 2 views,
 tau_thres 0.7, tau_temp 0.01. tau_thres was calibrated on OpenAI ViT-B/32 under fp16 autocast and
