@@ -1,6 +1,7 @@
 """A defense is one file: registered by a decorator, its options become flags and a listing."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -182,3 +183,25 @@ def test_attacks_json_lists_every_attack_with_its_defaults(capsys):
     assert list(listing)[:4] == ["pgd", "cw", "autoattack-paper", "autoattack"]
     assert listing["cw"]["options"] == {"--cw-eps": 1.0, "--cw-steps": 10, "--cw-step-size": 1.0, "--cw-kappa": 50.0}
     assert listing["autoattack"]["options"] == {"--autoattack-eps": 1.0, "--autoattack-steps": 100}
+
+
+def test_a_broken_extension_file_is_named_in_one_line_before_any_command_runs(tmp_path):
+    """A defense file without attack_view, dropped into a copy of the package: the first command that reads the
+    registries (here --help's flags, with no registry cache yet) names it and exits 2, with no traceback."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    package = Path(defenses.__file__).resolve().parents[1]
+    copy = tmp_path / "site" / "counterattack"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    broken = TOY_DEFENSE.replace("    def attack_view(self,", "    def not_attack_view(self,")
+    (copy / "defenses" / "toy_broken.py").write_text(broken)
+    env = {**os.environ, "PYTHONPATH": str(copy.parent), "COUNTERATTACK_CACHE": str(tmp_path / "cache"),
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "counterattack.cli", "eval", "--help"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "counterattack: error: defense toy-broken (counterattack.defenses.toy_broken) lacks attack_view: a defense "
+        "needs __call__, attack_view, describe."]

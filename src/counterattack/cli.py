@@ -386,7 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_from_open_clip)
-    parser = build_parser()
+    try:  # building it imports the registries: a broken extension is named in one line
+        parser = build_parser()
+    except CounterattackError as exc:
+        print(f"counterattack: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if getattr(args, "seeds", None) and args.seed is not None:
         parser.exit(2, f"counterattack {args.command}: error: --seed and --seeds together: give one\n")
