@@ -378,3 +378,31 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes(tmp_path, random
         assert comparable_records(out) == comparable_records(lone)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_under_attack_stops_cleanly_and_the_same_command_finishes_the_set(
+    tmp_path, random_clip_dir, folder, capsys
+):
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("needs root and tmpfs to fill a small disk")
+    try:
+        argv = ["attack", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset",
+                f"imagefolder:{folder}", "--attack-steps", "1", "--batch-size", "1"]
+        lone = tmp_path / "lone"
+        assert main([*argv, "--out", str(lone)]) == 0
+        out = disk / "adv"
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out)]) == 2
+        one_line_error(capsys, "No space left on device", "Finished work is kept")
+        assert not list(out.rglob("*.tmp"))  # the shard being written is not left behind
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert main([*argv, "--out", str(out)]) == 0
+        from counterattack.adversarial import AdversarialSet
+
+        finished, alone = AdversarialSet.open(out), AdversarialSet.open(lone)
+        ((dataset, ids),) = alone.done().items()
+        assert finished.done() == alone.done()
+        assert torch.equal(finished.images(dataset, sorted(ids), "pgd"), alone.images(dataset, sorted(ids), "pgd"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -14,6 +14,8 @@ after the highest shard number of its rank and skips every image already stored.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CounterattackError
@@ -137,10 +139,17 @@ class AdversarialSet(Store):
         path = self.shards / f"rank-{self.rank}-{max(numbers, default=-1) + 1:06d}.safetensors"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.shards.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"dataset": dataset, "ids": json.dumps(list(ids))})
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            try:
+                save_file(tensors, str(tmp), metadata={"dataset": dataset, "ids": json.dumps(list(ids))})
+            except SafetensorError as exc:  # a full disk, from safetensors' Rust side: not an OSError
+                raise OSError(errno.EIO, str(exc), str(tmp)) from exc
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):  # cleaning up must not hide why the write failed
+                tmp.unlink()
         self._index = None
 
     def pieces(self) -> list[tuple[str, list]]:
