@@ -260,9 +260,19 @@ def test_doubled_images_with_different_results_are_refused_naming_the_file(finis
     one_line_error(capsys, "two different results", "rank-1.jsonl")
 
 
-def test_a_damaged_results_json_under_report_is_one_line(finished, capsys):
+@pytest.mark.parametrize("damage", ["cut", "a record without its defense", "an accuracy as text"])
+def test_a_damaged_results_json_under_report_is_one_line(finished, capsys, damage):
     out, _ = finished
-    (out / "results.json").write_text('{"records": [')
+    results = json.loads((out / "results.json").read_text())
+    if damage == "cut":
+        (out / "results.json").write_text('{"records": [')
+    else:
+        record = results["records"][0]
+        if damage == "an accuracy as text":
+            record["robust_acc"] = str(record["robust_acc"])
+        else:
+            del record["defense"]
+        (out / "results.json").write_text(json.dumps(results))
     assert main(["report", str(out)]) == 2
     one_line_error(capsys, "results.json is damaged", "run the command that made it again")
 

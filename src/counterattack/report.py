@@ -12,6 +12,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .data import PAPER_AVERAGE_DATASETS, short_name
 from .errors import CounterattackError
@@ -149,6 +150,20 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
             f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
 
 
+_RECORD_FIELDS = {"dataset": str, "attack": str, "defense": str, "n": int, "clean_acc": (int, float),
+                  "robust_acc": (int, float)}
+
+
+def checked_record(record: Any) -> dict:
+    """A summary record with the fields every table and plot reads, of the right types; else TypeError/KeyError."""
+    if not isinstance(record, dict):
+        raise TypeError(f"a record is a {type(record).__name__}")
+    for key, kind in _RECORD_FIELDS.items():
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise TypeError(f"a record's {key} is {record[key]!r}")
+    return record
+
+
 def write_report(out: Path) -> list[Path]:
     """Write report.md, report.csv and the PNG plots from a run folder's results."""
     out = Path(out)
@@ -157,8 +172,10 @@ def write_report(out: Path) -> list[Path]:
         raise CounterattackError(f"No results.json in {out}: run `counterattack eval --out {out}` first.")
     try:
         results = json.loads(results_path.read_text(encoding="utf-8"))
-        records = [upgraded(r) for r in results["records"]]
+        records = [checked_record(upgraded(r)) for r in results["records"]]
         config = results.get("config", {})
+        if not isinstance(config, dict):
+            raise TypeError(f"config is a {type(config).__name__}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CounterattackError(f"{results_path} is damaged ({type(exc).__name__}: {exc}): run the command that made "
                                  "it again, which rewrites it from the finished batches in parts/.") from None
