@@ -47,8 +47,7 @@ def entries(kind: str) -> dict[str, EntrySpec]:
 
 
 def names_of(kind: str) -> Callable[[str], list[str]]:
-    """An argparse type: comma-separated names; attack names are checked here, defense names when the run starts
-    (a typo in either is one line)."""
+    """An argparse type: comma-separated names, checked against the registry before any model library loads."""
 
     def parse(text: str) -> list[str]:
         known = entries(kind)
@@ -56,11 +55,11 @@ def names_of(kind: str) -> Callable[[str], list[str]]:
         if not names:
             raise argparse.ArgumentTypeError(f"no {kind} in {text!r}; available: {', '.join(known)}")
         unknown = [n for n in names if n not in known]
-        if kind == "attack" and unknown:
-            raise argparse.ArgumentTypeError(f"Unknown attack(s) {', '.join(map(repr, unknown))}. "
+        if unknown:
+            raise argparse.ArgumentTypeError(f"Unknown {kind}(s) {', '.join(map(repr, unknown))}. "
                                              f"Available: {', '.join(known)}.")
-        if kind == "attack" and len(set(names)) != len(names):
-            raise argparse.ArgumentTypeError(f"Attack listed twice: {', '.join(names)}.")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"{kind.capitalize()} listed twice: {', '.join(names)}.")
         return names
 
     return parse
