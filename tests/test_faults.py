@@ -107,6 +107,20 @@ def test_new_weights_behind_the_same_path_are_refused_and_another_path_to_the_sa
     one_line_error(capsys, "another configuration", "weights")
 
 
+def test_ttcs_tau_model_is_part_of_the_run_by_its_weights_not_its_path(tmp_path, random_clip_dir, folder, capsys):
+    tau_model = write_local_dir(tmp_path / "tau", RANDOM_CLIP_CFG, seed=3)
+    out = tmp_path / "out"
+    assert main(eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tau_model}")) == 0
+    parts = (out / "parts" / "rank-0.jsonl").read_text()
+    (tmp_path / "link").symlink_to(tau_model)
+    assert main(eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tmp_path / 'link'}")) == 0
+    assert (out / "parts" / "rank-0.jsonl").read_text() == parts  # the same weights: nothing recomputed
+    write_local_dir(tau_model, RANDOM_CLIP_CFG, seed=4)
+    capsys.readouterr()
+    assert main(eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tau_model}")) == 2
+    one_line_error(capsys, "another configuration", "tau_model")
+
+
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, folder, capsys):
     model = write_local_dir(tmp_path / "model", RANDOM_CLIP_CFG, seed=0)
     weights = load_file(str(model / "open_clip_model.safetensors"))

@@ -120,6 +120,9 @@ class RunContext:
         # By content, once per run: another path to the same weights is the same run, new weights behind a path are not.
         self.weights = weights_identity(model.name, model.pretrained_tag, model.vision_checkpoint)
         self.weights_location = resolved_location(model.name, model.pretrained_tag, model.vision_checkpoint)
+        separate = model.tau_model not in (None, "defended")  # another model's weights: by content too
+        self.tau_identity = weights_identity(model.tau_model, model.tau_pretrained, None) if separate else tau_model
+        self.tau_location = resolved_location(model.tau_model, model.tau_pretrained, None) if separate else None
         run = config.run
         workers = run.workers
         if workers is None:  # more loader processes keep a GPU busy
@@ -162,7 +165,8 @@ class RunContext:
         """Settings that change no result: a resumed run may differ in them."""
         return {"batch_size": self.config.run.batch_size, "device": str(self.device),
                 "processes": self.group.world_size, "data_root": str(self.config.data.root),
-                "weights_from": self.weights_location, "versions": _versions()}
+                "weights_from": self.weights_location,
+                **({"tau_weights_from": self.tau_location} if self.tau_location else {}), "versions": _versions()}
 
     def expected(self) -> dict[str, list]:
         return {s.data.name: s.ids for s in self.selections}
@@ -208,7 +212,7 @@ class RunContext:
         per_dataset = {name: settings for name, settings in per_dataset.items() if settings != described_defenses(None)}
         described = {
             **self.identity(),
-            "tau_model": self.tau_model,
+            "tau_model": self.tau_identity,
             "attacks": [attack.describe() for attack in attacks],
             "threat": config.attack.threat,
             "adaptive": adaptive,
