@@ -261,14 +261,15 @@ def _stored(adversarial: AdversarialSet, dataset: str, ids: list, attack: Attack
     attack's recorded budget of its clean image: a damaged or foreign shard must not pass for that attack."""
     stored = adversarial.images(dataset, ids, attack.name, clean.device)
     slack = 1e-6 + (0.5 / 255 if adversarial.config.get("quantize_adversarial") else 0.0)
-    beyond = (stored - clean).abs().flatten(1).amax(dim=1) - attack.eps
+    eps = getattr(attack, "eps", None)  # an attack without an L-inf budget: the box alone is checked
+    beyond = (stored - clean).abs().flatten(1).amax(dim=1) - (eps if eps is not None else float("inf"))
     outside = ~torch.isfinite(stored).flatten(1).all(dim=1) | (stored.flatten(1).amin(dim=1) < -1e-6) \
         | (stored.flatten(1).amax(dim=1) > 1 + 1e-6) | (beyond > slack)
     if outside.any():
         i = int(outside.nonzero()[0])
         raise CounterattackError(
             f"{adversarial.shard_of(dataset, ids[i])}: image {ids[i]!r} of {dataset} is not a {attack.name} image of "
-            f"budget {attack.eps * 255:g}/255 of its clean image (it lies {float(beyond[i]) * 255:.3g}/255 beyond it, "
+            f"budget {(eps or 0) * 255:g}/255 of its clean image (it lies {float(beyond[i]) * 255:.3g}/255 beyond it, "
             "or outside [0, 1]): the shard is damaged or was made from other images. Delete it and run the same "
             "`counterattack attack` again to craft its images anew.")
     return stored
