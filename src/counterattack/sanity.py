@@ -51,8 +51,9 @@ class SanityReport:
         return all(check.passed for check in self.checks)
 
 
-def _robust_accuracy(classifier, data, defense, attack, settings, indices) -> float:
-    batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices))
+def _robust_accuracy(classifier, data, defense, attack, settings, indices, attack_for_defense) -> float:
+    batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices,
+                                    attack_for_defense=attack_for_defense))
     return summarize(batches, [data.name], [defense.name], [attack.name])[0]["robust_acc"]
 
 
@@ -93,17 +94,21 @@ def run_sanity(
     base_steps: int,
     settings: RunSettings,
     indices: Sequence[int] | None = None,
+    attack_for_defense: Callable[[Attack, Defense], Attack] | None = None,
 ) -> SanityReport:
     """``make_attack(eps, steps, step_size)`` (pixel units) builds the attack under test; ``indices``
-    are the images (default: the class-balanced subset of ``settings.limit``)."""
+    are the images (default: the class-balanced subset of ``settings.limit``). ``attack_for_defense``: the
+    adaptive attack through the defense, judged as ``eval`` judges it (an image is robust only if it survives
+    the transfer attack too)."""
     report = SanityReport()
     indices = balanced_subset(data.targets, settings.limit) if indices is None else list(indices)
     n = len(indices)
     tolerance = max(100.0 / n, 0.5)  # one image, or half a point
 
     def accuracy(eps: float, steps: int) -> float:
-        attack = make_attack(eps * PIXEL, steps, 2.5 * eps * PIXEL / max(steps, 1))
-        return _robust_accuracy(classifier, data, defense, attack, settings, indices)
+        # Madry's 2.5 eps / steps, at most the whole pixel range (an unbounded eps in one or two steps)
+        attack = make_attack(eps * PIXEL, steps, min(1.0, 2.5 * eps * PIXEL / max(steps, 1)))
+        return _robust_accuracy(classifier, data, defense, attack, settings, indices, attack_for_defense)
 
     for eps in sorted({base_eps / 2, base_eps, 2 * base_eps, 4 * base_eps, 8 * base_eps, UNBOUNDED_EPS}):
         report.eps_sweep.append((eps, accuracy(eps, base_steps)))

@@ -36,10 +36,10 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> bool:
 
     def attack_at(eps: float, steps: int, step_size: float):
         changed = {"eps": eps, "steps": steps, **({"step_size": step_size} if "step_size" in own else {})}
-        return context.attack_for(replace(attack, **changed), defense)
+        return replace(attack, **changed)
 
     report = run_sanity(context.classifier(selection.data), selection.data, defense, attack_at, attack.eps / PIXEL,
-                        attack.steps, context.settings, selection.chosen)
+                        attack.steps, context.settings, selection.chosen, attack_for_defense=context.attack_for)
     threat = config.attack.threat
     if threat == "adaptive":
         threat = f"adaptive ({dict(config.attack.adaptive).get('method', 'exact')})"
