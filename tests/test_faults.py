@@ -136,9 +136,13 @@ def test_weights_that_overflow_to_non_finite_outputs_stop_the_run(tmp_path, fold
     weights = load_file(str(model / "open_clip_model.safetensors"))
     weights["visual.proj"] = weights["visual.proj"] * 1e38  # finite, until a product overflows
     save_file(weights, str(model / "open_clip_model.safetensors"))
-    assert main(eval_argv(model, folder, tmp_path / "out")) == 2
-    one_line_error(capsys, "non-finite")
+    assert main([*eval_argv(model, folder, tmp_path / "out"), "--defense", "none"]) == 2  # no gate to see it
+    one_line_error(capsys, "non-finite image embedding norms")
     assert not (tmp_path / "out" / "results.json").exists()
+    # `attack` too: no shard of broken images is stored.
+    assert main(["attack", *eval_argv(model, folder, tmp_path / "adv")[1:8], "--out", str(tmp_path / "adv")]) == 2
+    one_line_error(capsys, "non-finite image embedding norms")
+    assert not list((tmp_path / "adv").rglob("*.safetensors"))
 
 
 # --- one run per folder ----------------------------------------------------------------------------------

@@ -71,11 +71,22 @@ class _Stopwatch:
         self.seconds = time.perf_counter() - self.start
 
 
+def _check_finite(what: str, values: torch.Tensor | None) -> None:
+    if values is not None and not torch.isfinite(values).all():
+        raise CounterattackError(f"non-finite {what} (NaN or infinity): the model's weights or the images are "
+                                 "broken; the run stops before writing them (finished batches are kept)")
+
+
+def _check_embeddings(classifier: ZeroShotClassifier, images: torch.Tensor) -> None:
+    """Once per dataset: weights that overflow make every logit 0 (an embedding's norm is inf), which no later
+    check would see in an undefended run."""
+    with torch.no_grad():
+        _check_finite("image embedding norms", classifier.encoder(images).float().norm(dim=-1))
+
+
 def _per_image(output: DefenseOutput) -> dict:
     for what, values in (("logits", output.logits), ("gate scores", output.score)):
-        if values is not None and not torch.isfinite(values).all():
-            raise CounterattackError(f"non-finite {what} (NaN or infinity): the model's weights or the images are "
-                                     "broken; the run stops before writing them (finished batches are kept)")
+        _check_finite(what, values)
     return {
         "pred": output.logits.argmax(-1).tolist(),
         "score": None if output.score is None else output.score.tolist(),
@@ -163,11 +174,15 @@ def craft_dataset(
     """Yield ``(ids, labels, {attack: adversarial images})`` per batch: the paper protocol's attacks,
     crafted against the undefended classifier with the same random streams ``evaluate_dataset`` uses,
     so an evaluation of the stored images equals a direct one."""
-    for batch in _batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}"):
+    for number, batch in enumerate(_batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}")):
         with precision_context(settings.device, settings.attack_precision), checked_inputs():
+            if number == 0:
+                _check_embeddings(classifier, batch.images)
             crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, batch.labels,
                                                             batch.streams("attack")), settings)
                        for attack in attacks}
+        for name, images in crafted.items():
+            _check_finite(f"{name} images", images)
         yield batch.ids, batch.labels, crafted
 
 
@@ -210,8 +225,10 @@ def evaluate_dataset(
             adversarial_images = attack(classifier, images, batch.labels, batch.streams(purpose), **start)
         return _as_defenses_see(adversarial_images, settings), watch.seconds
 
-    for batch in _batches(data, settings, skip, indices):
+    for number, batch in enumerate(_batches(data, settings, skip, indices)):
         images, labels, ids = check_pixels(batch.images), batch.labels, batch.ids
+        if number == 0:
+            _check_embeddings(classifier, images)
         record = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
         transfer: dict[str, tuple[torch.Tensor, float]] = {}  # each attack's images against the undefended model
         if adversarial is not None:
