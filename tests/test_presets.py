@@ -80,6 +80,8 @@ def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root
 @pytest.mark.parametrize("argv, message", [
     (["reproduce", "ttc-table9"], "Unknown preset 'ttc-table9'"),
     (["reproduce", "ttc-aft", "--skip-missing"], "--tecoa-checkpoint FILE"),
+    (["reproduce", "ttc-aft", "--skip-missing", "--tecoa-checkpoint", "/no/tecoa.pt", "--fare-checkpoint",
+      "/no/fare.pt"], "--tecoa-checkpoint /no/tecoa.pt: no such file"),
     (["reproduce", "cola-table1", "--eps", "4"], "cola-table1 fixes what its table measured; --eps cannot change it"),
     (["reproduce", "doc-table1", "--ttc-tau-thres", "0.1"], "--ttc-tau-thres cannot change it"),
     (["reproduce", "cola-table1"], "--skip-missing"),
@@ -90,6 +92,23 @@ def test_bad_reproduce_requests_are_one_line(tmp_path, argv, message, capsys):
     assert run(*argv, "--data-root", tmp_path, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_damaged_published_numbers_stop_reproduce_and_stability_before_they_run(
+    tmp_path, data_root, random_clip_dir, monkeypatch, capsys
+):
+    import counterattack.published as published
+
+    monkeypatch.setattr(published, "DEFAULT_PATH", tmp_path / "gone.json")
+    common = ["--model", f"local-dir:{random_clip_dir}", "--limit", "2", "--workers", "0", "--no-progress"]
+    assert run("reproduce", "cola-table1", "--skip-missing", "--data-root", data_root, *common,
+               "--out", tmp_path / "cola") == 2
+    assert run("stability", "--dataset", f"imagefolder:{data_root / 'eurosat' / '2750'}", *common,
+               "--out", tmp_path / "stability") == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"counterattack: error: Published numbers not found: {tmp_path / 'gone.json'} does not exist "
+                      "or is not a file."] * 2
+    assert not list(tmp_path.glob("*/parts/*.jsonl"))  # nothing was evaluated
 
 
 def test_a_missing_manual_dataset_is_named_with_where_to_get_it(tmp_path, capsys):

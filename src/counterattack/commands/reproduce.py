@@ -52,17 +52,20 @@ def _checkpoints(preset: Preset, config: RunConfig) -> dict[str, Path | None]:
             raise CounterattackError(f"{preset.name} runs TTC on the {backbone} vision tower: give its weights with "
                                      f"{flag} FILE (the authors' ViT-B/32 checkpoint, safetensors or a plain state "
                                      "dict).")
+        if not Path(given[backbone]).expanduser().is_file():  # before the first backbone's hours, not after
+            raise CounterattackError(f"{flag} {given[backbone]}: no such file.")
     return {backbone: given.get(backbone) for backbone in preset.backbones}
 
 
-def _datasets(preset: Preset, config: RunConfig) -> tuple[str, ...]:
+def _datasets(preset: Preset, config: RunConfig, is_main: bool) -> tuple[str, ...]:
     """The preset's datasets that will run: all of them, downloading what torchvision can fetch, unless a dataset
     must be fetched by hand; with ``--skip-missing``, only those already under ``--data-root``."""
     root = config.data.root
     missing = [DATASETS[name] for name in preset.datasets if not is_present(DATASETS[name], root)]
     if config.study.skip_missing:
-        if missing:
-            print(f"skipping {len(missing)} dataset(s) not under {root}: {', '.join(info.name for info in missing)}")
+        if missing and is_main:
+            print(f"skipping {len(missing)} dataset(s) not under {root}: "
+                  + " ".join(f"{info.name} ({info.how_to_get})." for info in missing))
         running = tuple(name for name in preset.datasets if name not in {info.name for info in missing})
         if not running:
             raise CounterattackError(f"none of {preset.name}'s datasets is under {root}: "
@@ -75,7 +78,7 @@ def _datasets(preset: Preset, config: RunConfig) -> tuple[str, ...]:
             f"automatically. " + " ".join(f"{info.name}: {info.how_to_get}." for info in manual)
             + " Or pass --skip-missing to run the datasets that are there.")
     fetched = [info.name for info in missing]
-    if fetched:
+    if fetched and is_main:
         print(f"will download {len(fetched)} dataset(s) into {root} first: {', '.join(fetched)}")
     return preset.datasets
 
@@ -105,7 +108,8 @@ def _summarize_comparison(results: dict, folder: Path) -> str:
 def reproduce(config: RunConfig, group: ProcessGroup, device: torch.device) -> list[dict]:
     preset = preset_of(config.study.preset)
     checkpoints = _checkpoints(preset, config)
-    datasets = _datasets(preset, config)
+    load_published()  # a damaged package is found before the run, not after it
+    datasets = _datasets(preset, config, group.is_main)
     results = []
     for backbone, checkpoint in checkpoints.items():
         run_config = preset_config(config, preset, backbone, checkpoint, datasets)

@@ -27,7 +27,7 @@ from ..evaluate import gate_scores
 from ..options import PIXEL
 from ..plots import plot_stability, safe_file_name
 from ..published import load_published
-from ..store import write_json_atomically
+from ..store import write_atomically, write_json_atomically
 from .context import RunContext, open_run
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -95,7 +95,8 @@ def _markdown(rows: Sequence[dict], config: dict) -> str:
 
 def write_stability(out: Path, rows: list[dict], config: dict) -> list[Path]:
     write_json_atomically(out / "stability.json", {"config": config, "stability": rows})
-    (out / "stability.md").write_text(_markdown(rows, config), encoding="utf-8")
+    text = _markdown(rows, config)
+    write_atomically(out / "stability.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     plots = []
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     for dataset in datasets:
@@ -111,6 +112,7 @@ def measure(context: RunContext) -> list[dict] | None:
     """Evaluate every noise budget into ``--out`` (resuming), then summarize on the main process."""
     config = context.config
     adversarial = context.adversarial
+    load_published()  # the poster's values: a damaged package is found before the run, not after it
     budgets = config.study.noise
     probes = {budget_label(b): TTC(eps=b, tau_thres=0.0, tau_encoder=context.tau_encoder) for b in budgets}
     described = {**context.evaluation_config(probes, context.attacks), "stability": {"noise": list(budgets)}}
