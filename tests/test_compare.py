@@ -214,6 +214,13 @@ def test_worst_case_sweeps_and_image_folders_have_no_twin(published):
     assert "worst case" in reasons[0] and "sweep setting" in reasons[1] and "image folder" in reasons[2]
 
 
+def test_8_bit_adversarial_images_have_no_twin(published):
+    ours = [record("cifar10", "ttc", "pgd", 812, 290)]
+    assert compare_results(results(ours), published).rows  # the same record, in float: matched
+    comparison = compare_results(results(ours, quantize_adversarial="8 bits"), published)
+    assert not comparison.rows and "8 bits" in comparison.unmatched[0].reason
+
+
 def test_options_off_the_defaults_are_named_not_matched_on(published):
     payload = results([record("cifar10", "ttc", "pgd", 812, 290)])
     payload["config"]["defenses"] = [{"defense": "ttc", "eps": 4 / 255, "steps": 2, "step_size": 1 / 255,

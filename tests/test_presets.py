@@ -84,6 +84,7 @@ def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root
       "/no/fare.pt"], "--tecoa-checkpoint /no/tecoa.pt: no such file"),
     (["reproduce", "cola-table1", "--eps", "4"], "cola-table1 fixes what its table measured; --eps cannot change it"),
     (["reproduce", "doc-table1", "--ttc-tau-thres", "0.1"], "--ttc-tau-thres cannot change it"),
+    (["reproduce", "doc-table1", "--quantize-adversarial"], "--quantize-adversarial cannot change it"),
     (["reproduce", "cola-table1"], "--skip-missing"),
     (["reproduce", "cola-table1", "--list"], "not both"),
     (["reproduce"], "name a preset"),

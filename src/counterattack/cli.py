@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a reproduce preset fixes: the table's datasets, attacks, defenses and prompts (flags and registered options).
 PRESET_FIXED = ("dataset", "attack", "eps", "attack_steps", "attack_step_size", "threat", "defense", "prompts",
-                "templates", "transform", "vision_checkpoint", "backbone", "tau_model", "tau_pretrained")
+                "templates", "transform", "vision_checkpoint", "backbone", "tau_model", "tau_pretrained",
+                "quantize_adversarial")
 
 
 def _refuse_fixed_flags(args: argparse.Namespace) -> None:

@@ -231,6 +231,8 @@ def _ineligible(record: dict, config: Mapping[str, Any], model: str | None, back
         return f"{NO_TWIN}: the worst case over this run's attacks (no paper printed it)"
     if dataset.startswith("imagefolder:"):
         return f"{NO_TWIN}: an image folder (no paper ran it)"
+    if config.get("quantize_adversarial"):
+        return f"{NO_TWIN}: adversarial images rounded to 8 bits (the tables' attacks kept them in float)"
     if not model:
         return f"{NO_TWIN}: the config names no model"
     if backbone is None:
