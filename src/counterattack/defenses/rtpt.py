@@ -31,6 +31,9 @@ choice, this implementation takes the following, each marked in the code:
   224 px): AugMix's pixel amounts (translation) are scaled from 224 px, and images are not rounded to
   8 bits, except inside the operations defined on 8-bit levels (equalize, posterize and solarize's
   threshold). The sign of each operation's random direction makes orientation conventions moot.
+- Views of clean and adversarial images are both cropped from the image the defense is given; the
+  authors' code crops clean images' views from the uncropped image and adversarial ones' from the
+  224-px crop (clean accuracy may move by a point).
 - A view is excluded from its own neighbours by masking the diagonal (the code masks similarities
   >= 1.0, which also drops exact duplicates). With fewer than 21 views every other view is a
   neighbour, and at least one view is selected (``int(views * selection)`` as coded, minimum 1).
