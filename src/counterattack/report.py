@@ -164,6 +164,19 @@ def checked_record(record: Any) -> dict:
     return record
 
 
+def gate_thresholds(described: Sequence[dict]) -> dict[str, float]:
+    """Each gated defense's threshold (by the name its records carry), read from the option its gate names."""
+    from .defenses import DEFENSES
+
+    found = {}
+    for entry in described:
+        cls = DEFENSES.get(entry.get("defense"))
+        gate = cls().gate if cls is not None else None  # an instance: a gate may depend on options (DOC's score)
+        if gate is not None and gate.threshold in entry:
+            found[entry.get("name", entry["defense"])] = entry[gate.threshold]
+    return found
+
+
 def write_report(out: Path) -> list[Path]:
     """Write report.md, report.csv and the PNG plots from a run folder's results."""
     out = Path(out)
@@ -181,7 +194,7 @@ def write_report(out: Path) -> list[Path]:
                                  "it again, which rewrites it from the finished batches in parts/.") from None
     if not records:
         raise CounterattackError(f"{results_path} holds no records yet.")
-    thresholds = {d.get("name", d["defense"]): d["tau_thres"] for d in config.get("defenses", []) if "tau_thres" in d}
+    thresholds = gate_thresholds(config.get("defenses", []))
 
     def write_csv(path: Path) -> None:
         with path.open("w", newline="", encoding="utf-8") as f:
