@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "Craft adversarial images (against the undefended CLIP under --threat paper, through each defense "
                   "under --threat adaptive), then apply every defense to the same clean and adversarial images. "
                   "Budgets and step sizes are in units of 1/255.")
-    ev.add_argument("--out", type=Path, default=Path("runs/latest"),
+    ev.add_argument("--out", type=Path,
                     help="folder for the results; running the same command again resumes there (default: runs/latest)")
     ev.add_argument("--adversarial", type=Path, metavar="ADV",
                     help="evaluate on the adversarial images stored by `counterattack attack --out ADV` instead of "
@@ -299,8 +299,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         given.update({"study.preset": args.preset, "study.skip_missing": args.skip_missing,
                       "study.checkpoints": {b: getattr(args, f"{b}_checkpoint") for b in ("tecoa", "fare")
                                             if getattr(args, f"{b}_checkpoint") is not None}})
-        if args.out is None and args.preset:
-            args.out = Path("runs") / args.preset
     given["attack.settings"] = {k: v for k, v in given["attack.settings"].items() if v}
     if "defense.settings" in given:
         given["defense.settings"] = {k: v for k, v in given["defense.settings"].items() if v}

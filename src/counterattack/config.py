@@ -150,10 +150,21 @@ def default(command: str, key: str) -> Any:
     return getattr(_SECTIONS[section](), name)
 
 
+def default_out(command: str, preset: str | None) -> Path | None:
+    """Where results go without ``--out``: eval's ``runs/latest``, a preset's ``runs/NAME`` (others need one)."""
+    if command == "eval":
+        return Path("runs/latest")
+    if command == "reproduce" and preset:
+        return Path("runs") / preset
+    return None
+
+
 def build_config(command: str, given: Mapping[str, Any], **top: Any) -> RunConfig:
     """A ``RunConfig`` from the settings given (``section.field`` -> value; absent or None: the default)."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     chosen = {**COMMAND_DEFAULTS.get(command, {}), **{k: v for k, v in given.items() if v is not None}}
+    if top.get("out") is None:
+        top = {**top, "out": default_out(command, chosen.get("study.preset"))}
     for key, value in chosen.items():
         section, name = key.split(".")
         frozen = {"settings": _frozen, "adaptive": _proxy, "checkpoints": _proxy}.get(name)
