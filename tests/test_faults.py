@@ -183,6 +183,16 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, ra
     one_line_error(capsys, "--out")
 
 
+def test_a_run_refused_before_any_work_leaves_no_new_folder_behind(tmp_path, random_clip_dir, folder, capsys):
+    out = tmp_path / "new" / "out"
+    assert main(eval_argv(random_clip_dir, tmp_path / "no-such-images", out)) == 2
+    one_line_error(capsys, "no-such-images")
+    assert not out.exists()
+    out.mkdir(parents=True)  # a folder that was there before stays
+    assert main(eval_argv(random_clip_dir, tmp_path / "no-such-images", out)) == 2
+    assert out.is_dir()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_out_is_one_line(tmp_path, random_clip_dir, folder, capsys):
     out = tmp_path / "ro"

@@ -178,6 +178,7 @@ def hold(folder: Path) -> Iterator[None]:
     import fcntl
 
     folder = Path(folder)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -198,6 +199,10 @@ def hold(folder: Path) -> Iterator[None]:
                          f"{' '.join(sys.argv)[:300]}".encode())
         yield
     finally:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # refused before writing: leave no trace
+            with contextlib.suppress(OSError):
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
         os.close(handle)
 
 
