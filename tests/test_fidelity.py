@@ -210,7 +210,7 @@ def test_paper_precision_follows_each_defenses_authors(capsys):
 
 
 @pytest.mark.parametrize("defense, before", [
-    (DOC(), ("score", "final", "beta", "separate_tau_encoder")),
+    (DOC(), ("score", "final", "beta", "separate_tau_encoder", "score_encoder")),
     (MAC(), ("pixel_units",)),
     (RTPT(), ("self_mask",)),
 ])

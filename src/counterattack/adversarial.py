@@ -143,7 +143,9 @@ class AdversarialSet(Store):
             try:
                 save_file(tensors, str(tmp), metadata={"dataset": dataset, "ids": json.dumps(list(ids))})
             except SafetensorError as exc:  # a full disk, from safetensors' Rust side: not an OSError
-                raise OSError(errno.EIO, str(exc), str(tmp)) from exc
+                code = re.search(r"os error (\d+)", str(exc))
+                number = int(code.group(1)) if code else errno.EIO
+                raise OSError(number, os.strerror(number), str(self.shards)) from exc
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

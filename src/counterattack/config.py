@@ -151,7 +151,7 @@ def default(command: str, key: str) -> Any:
 
 
 def default_out(command: str, preset: str | None) -> Path | None:
-    """Where results go without ``--out``: eval's ``runs/latest``, a preset's ``runs/NAME`` (others need one)."""
+    """Where results go without ``--out``: eval's ``runs/latest``, a preset's ``runs/NAME``; else none."""
     if command == "eval":
         return Path("runs/latest")
     if command == "reproduce" and preset:

@@ -170,8 +170,11 @@ def gate_thresholds(described: Sequence[dict]) -> dict[str, float]:
 
     found = {}
     for entry in described:
-        cls = DEFENSES.get(entry.get("defense"))
-        gate = cls().gate if cls is not None else None  # an instance: a gate may depend on options (DOC's score)
+        cls = DEFENSES.get(entry.get("defense")) if isinstance(entry, dict) else None
+        try:  # a default instance: a gate may be a property (DOC's names its score), its threshold option is fixed
+            gate = cls().gate if cls is not None else None
+        except (CounterattackError, TypeError):
+            continue
         if gate is not None and gate.threshold in entry:
             found[entry.get("name", entry["defense"])] = entry[gate.threshold]
     return found

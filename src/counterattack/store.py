@@ -187,6 +187,7 @@ def hold(folder: Path) -> Iterator[None]:
     except OSError as exc:
         raise CounterattackError(f"cannot use {folder} as the output folder ({exc.strerror}): "
                                  "give another --out.") from None
+    locked = False
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,16 +195,21 @@ def hold(folder: Path) -> Iterator[None]:
             holder = os.read(handle, 4096).decode("utf-8", "replace").strip() or "unknown"
             raise CounterattackError(f"{folder} is in use by another run ({holder}): wait for it to finish, or use "
                                      "another --out.") from None
+        locked = True
         os.ftruncate(handle, 0)
         os.write(handle, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                          f"{' '.join(sys.argv)[:300]}".encode())
         yield
     finally:
-        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # refused before writing: leave no trace
-            with contextlib.suppress(OSError):
-                (folder / LOCK_NAME).unlink()
-                folder.rmdir()
-        os.close(handle)
+        try:
+            # Refused before writing anything: leave no trace. Only the holder cleans up, never a run refused the lock.
+            if created and locked:
+                with contextlib.suppress(OSError):
+                    if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                        (folder / LOCK_NAME).unlink()
+                        folder.rmdir()
+        finally:
+            os.close(handle)
 
 
 def fill(store: Store, config: Mapping[str, Any], expected: Mapping[str, list], group: ProcessGroup,

@@ -68,8 +68,11 @@ def _published_tau(dataset: str) -> dict[float, tuple[float, float]]:
 
 
 def _markdown(rows: Sequence[dict], config: dict) -> str:
+    tau_model = config["tau_model"]
+    if isinstance(tau_model, dict):  # another model, identified by its weights: name where they were read from
+        tau_model = config.get("run", {}).get("tau_weights_from", {}).get("model") or tau_model.get("model")
     lines = ["# Stability of the image embedding under uniform noise (TTC's tau)", "",
-             f"Model {config['model']}, tau from the {config['tau_model']} encoder; attack {rows[0]['attack']} "
+             f"Model {config['model']}, tau from the {tau_model} encoder; attack {rows[0]['attack']} "
              f"({config['threat']} protocol); seed {config['seed']}. tau = ||f(x + delta0) - f(x)|| / ||f(x)|| with "
              "delta0 ~ U[-noise, noise]; AUC: tau as a detector of adversarial images, a low tau flagging "
              "(0.5: no better than chance).", ""]

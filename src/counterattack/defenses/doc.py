@@ -43,8 +43,8 @@ Other choices where the sources disagree:
   stays defined where f(x + delta) = e.
 - Every image gets the T steps, whatever its w (Algorithm 1). Cost per image: with ``tau``, T + 2
   forwards (f(x), one per step, the first shared with tau, the classification) and T backwards, plus
-  2 forwards on a separate tau encoder; with ``directional``, M + T + 2 forwards and T backwards (the
-  score's M + 1 on a separate tau encoder when there is one, with f(x) again on the defended one).
+  2 forwards on a separate tau encoder; with ``directional``, M + T + 2 forwards and T backwards, or
+  with a separate tau encoder M + 1 on it (the score) and T + 2 on the defended one.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class DOC:
         first step's forward (None if there is none). ``keep_graph``: the score stays differentiable in x."""
         with torch.set_grad_enabled(keep_graph):
             if self.score == "directional":
-                score_encoder = self.tau_encoder or encoder
+                score_encoder = self.tau_encoder if self.tau_encoder is not None else encoder
                 score, anchor = self.sensitivity_score(score_encoder, x, self.sensitivity_noise(x.detach(), rng))
                 if self.tau_encoder is not None:  # the steps move away from the defended encoder's f(x)
                     with full_precision(x.device):
@@ -279,4 +279,7 @@ class DOC:
         return AttackView(logits, score if with_score else None, self.gate, self.tau_thres)
 
     def describe(self) -> dict:
-        return {**describe_options(self), "separate_tau_encoder": self.tau_encoder is not None}
+        separate = self.tau_encoder is not None
+        # Which encoder the score ran on: the directional score moved to the tau encoder in 0.2 (a new run).
+        return {**describe_options(self), "separate_tau_encoder": separate,
+                "score_encoder": "tau encoder" if separate else "defended"}
