@@ -11,7 +11,7 @@ from counterattack.defenses import DEFENSES
 from counterattack.presets import PRESETS
 from counterattack.published import AVERAGE16, load_published
 
-from testkit import build_eurosat
+from testkit import TINY_CLIP_DIR, build_eurosat, needs_shared
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +75,19 @@ def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root
     parts = sorted(p.read_text() for p in (out / "parts").glob("*.jsonl"))
     assert run(*argv) == 0
     assert sorted(p.read_text() for p in (out / "parts").glob("*.jsonl")) == parts
+
+
+@needs_shared
+def test_reproduce_runs_on_the_tiny_clip_with_a_limit(tmp_path, data_root):
+    out = tmp_path / "cola-tiny"
+    assert run("reproduce", "cola-table1", "--skip-missing", "--data-root", data_root, "--model",
+               f"local-dir:{TINY_CLIP_DIR}", "--limit", "4", "--workers", "0", "--no-progress", "--out", out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["dataset"], r["defense"]) for r in results["records"]} == {
+        ("eurosat", d) for d in ("none", "rn", "hd", "tte", "ttc")}
+    assert all(r["n"] == 4 for r in results["records"])
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["rows"] == [] and len(comparison["unmatched"]) == len(results["records"])
 
 
 @pytest.mark.parametrize("argv, message", [

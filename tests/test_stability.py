@@ -7,7 +7,7 @@ import pytest
 from counterattack.cli import main
 from counterattack.commands.stability import summarize_stability
 
-from testkit import write_image_folder
+from testkit import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared, write_image_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -72,3 +72,17 @@ def test_a_stored_set_gives_the_same_stability_as_attacking_again(tmp_path, rand
                  "--out", str(tmp_path / "stored")]) == 0
     stored = json.loads((tmp_path / "stored" / "stability.json").read_text())
     assert stored["stability"] == direct["stability"]
+
+
+@needs_shared
+def test_on_the_tiny_clip_tau_starts_at_zero_and_grows_for_clean_and_adversarial_images(tmp_path):
+    out = tmp_path / "tiny"
+    assert main(["stability", "--no-progress", "--workers", "0", "--model", f"local-dir:{TINY_CLIP_DIR}",
+                 "--dataset", f"imagefolder:{CIFAR10_TEST_DIR}", "--limit", "20", "--noise", "0,1,4,16",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "stability.json").read_text())["stability"]
+    assert [r["noise_eps"] for r in rows] == [0, 1, 4, 16] and all(r["n"] == 20 for r in rows)
+    for side in ("clean", "adversarial"):
+        means = [r[side]["mean"] for r in rows]
+        assert means[0] == 0.0 and means[1] < means[2] < means[3]
+    assert (out / "stability.png").read_bytes()[:8] == PNG
