@@ -8,11 +8,10 @@ import open_clip
 import pytest
 import torch
 
-from counterattack import SCHEMES, CounterattackError, LoadedCLIP, ZeroShotClassifier, load_clip
+from counterattack import SCHEMES, CounterattackError, LoadedCLIP, load_clip
 from counterattack.cli import main
-from counterattack.data import load_dataset
 
-from testkit import RANDOM_CLIP_CFG, RunsCode, fake_hub_cache, write_image_folder, write_local_dir
+from testkit import RANDOM_CLIP_CFG, RunsCode, api_clean_accuracy, fake_hub_cache, write_image_folder, write_local_dir
 
 
 def test_local_dir_loads_config_weights_and_image_settings(random_clip_dir):
@@ -150,11 +149,5 @@ def test_a_backbone_scheme_is_one_row_of_the_table(tmp_path, monkeypatch):
     # The run classified with the toy model: its clean accuracy is the API's on the same images.
     clip = load_clip(f"toy:{folder}")
     assert clip.description == f"toy:{folder}" and clip.image_size == (32, 32)
-    data = load_dataset(f"imagefolder:{images}", clip)
-    classifier = ZeroShotClassifier.from_clip(clip, data.class_names, data.templates)
     chosen = [0, 1, 3, 4]  # the class-balanced first four: two cats, two dogs
-    pixels = torch.stack([data.dataset[i][0] for i in chosen])
-    labels = torch.tensor([data.targets[i] for i in chosen])
-    with torch.no_grad():
-        accuracy = (classifier.logits(pixels).argmax(-1) == labels).float().mean().item() * 100
-    assert none["clean_acc"] == pytest.approx(accuracy)
+    assert none["clean_acc"] == pytest.approx(api_clean_accuracy(clip, images, chosen))

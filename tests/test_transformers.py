@@ -25,12 +25,11 @@ from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
 from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, load_clip  # noqa: E402
 from counterattack.cli import main  # noqa: E402
-from counterattack.data import load_dataset  # noqa: E402
 from counterattack.defenses.rtpt import (  # noqa: E402
     RTPT, draw_views, encode_prompts, prompt_context, reliability_weights, render_views,
 )
 
-from testkit import RunsCode, fake_hub_cache, write_image_folder  # noqa: E402
+from testkit import RunsCode, api_clean_accuracy, fake_hub_cache, write_image_folder  # noqa: E402
 
 CONTEXT_LENGTH = 16
 CLASSES = ["cat", "dog", "red car", "airplane"]
@@ -163,14 +162,8 @@ def test_eval_runs_ttc_end_to_end_on_a_transformers_model(tmp_path, hf_clip_dir,
     assert ttc["mean_score_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
     assert ttc["forwards_per_image"] >= 2  # TTC ran: f(x) and f(x + delta0) at least
     # The command line's clean accuracy is the API's on the same images.
-    data = load_dataset(f"imagefolder:{images}", hf_clip)
-    classifier = ZeroShotClassifier.from_clip(hf_clip, data.class_names, data.templates)
     chosen = [0, 1, 3, 4]  # the class-balanced first four: two cats, two dogs
-    pixels = torch.stack([data.dataset[i][0] for i in chosen])
-    labels = torch.tensor([data.targets[i] for i in chosen])
-    with torch.no_grad():
-        accuracy = (classifier.logits(pixels).argmax(-1) == labels).float().mean().item() * 100
-    assert none["clean_acc"] == pytest.approx(accuracy)
+    assert none["clean_acc"] == pytest.approx(api_clean_accuracy(hf_clip, images, chosen))
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

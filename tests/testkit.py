@@ -229,3 +229,17 @@ def assert_equal_up_to_sign_flips(first: torch.Tensor, second: torch.Tensor, sha
     (A draw that depended on the batch would move nearly every pixel.)"""
     moved = (first - second).abs() > 1e-6
     assert moved.float().mean() <= share, f"{int(moved.sum())} of {moved.numel()} pixels differ"
+
+
+def api_clean_accuracy(clip, images: Path, chosen: list[int]) -> float:
+    """The clean accuracy (%) the Python API gives on ``chosen`` images of an image folder: what a command line
+    run on the same images must report."""
+    from counterattack import ZeroShotClassifier
+    from counterattack.data import load_dataset
+
+    data = load_dataset(f"imagefolder:{images}", clip)
+    classifier = ZeroShotClassifier.from_clip(clip, data.class_names, data.templates)
+    pixels = torch.stack([data.dataset[i][0] for i in chosen])
+    labels = torch.tensor([data.targets[i] for i in chosen])
+    with torch.no_grad():
+        return (classifier.logits(pixels).argmax(-1) == labels).float().mean().item() * 100
