@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from counterattack import SCHEMES, CounterattackError, LoadedCLIP, load_clip
-from counterattack.cli import main
 
-from testkit import RANDOM_CLIP_CFG, RunsCode, api_clean_accuracy, fake_hub_cache, write_image_folder, write_local_dir
+from testkit import (
+    RANDOM_CLIP_CFG, RunsCode, api_clean_accuracy, eval_none_and_ttc, fake_hub_cache, write_image_folder,
+    write_local_dir,
+)
 
 
 def test_local_dir_loads_config_weights_and_image_settings(random_clip_dir):
@@ -137,15 +139,8 @@ def test_a_backbone_scheme_is_one_row_of_the_table(tmp_path, monkeypatch):
     monkeypatch.setitem(SCHEMES, "toy:", load_toy)
 
     images = write_image_folder(tmp_path / "images", {"cat": 3, "dog": 3}, seed=4)
-    out = tmp_path / "out"
-    code = main(["eval", "--no-progress", "--workers", "0", "--model", f"toy:{folder}",
-                 "--dataset", f"imagefolder:{images}", "--limit", "4", "--attack-steps", "2",
-                 "--defense", "none,ttc", "--batch-size", "4", "--out", str(out)])
-    assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    results, none, _ = eval_none_and_ttc(f"toy:{folder}", images, tmp_path / "out")
     assert results["config"]["model"] == f"toy:{folder}"
-    none, ttc = results["records"]
-    assert (none["defense"], ttc["defense"]) == ("none", "ttc") and none["n"] == ttc["n"] == 4
     # The run classified with the toy model: its clean accuracy is the API's on the same images.
     clip = load_clip(f"toy:{folder}")
     assert clip.description == f"toy:{folder}" and clip.image_size == (32, 32)

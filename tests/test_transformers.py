@@ -24,12 +24,11 @@ transformers = pytest.importorskip("transformers")
 from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
 from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, load_clip  # noqa: E402
-from counterattack.cli import main  # noqa: E402
 from counterattack.defenses.rtpt import (  # noqa: E402
     RTPT, draw_views, encode_prompts, prompt_context, reliability_weights, render_views,
 )
 
-from testkit import RunsCode, api_clean_accuracy, fake_hub_cache, write_image_folder  # noqa: E402
+from testkit import RunsCode, api_clean_accuracy, eval_none_and_ttc, fake_hub_cache, write_image_folder  # noqa: E402
 
 CONTEXT_LENGTH = 16
 CLASSES = ["cat", "dog", "red car", "airplane"]
@@ -151,14 +150,7 @@ def test_embeddings_do_not_depend_on_autograd(hf_clip):
 
 def test_eval_runs_ttc_end_to_end_on_a_transformers_model(tmp_path, hf_clip_dir, hf_clip):
     images = write_image_folder(tmp_path / "images", {"cat": 3, "dog": 3}, seed=4)
-    out = tmp_path / "out"
-    code = main(["eval", "--no-progress", "--workers", "0", "--model", f"transformers:{hf_clip_dir}",
-                 "--dataset", f"imagefolder:{images}", "--limit", "4", "--attack-steps", "2",
-                 "--defense", "none,ttc", "--batch-size", "4", "--out", str(out)])
-    assert code == 0
-    results = json.loads((out / "results.json").read_text())
-    none, ttc = results["records"]
-    assert (none["defense"], ttc["defense"]) == ("none", "ttc") and none["n"] == ttc["n"] == 4
+    _, none, ttc = eval_none_and_ttc(f"transformers:{hf_clip_dir}", images, tmp_path / "out")
     assert ttc["mean_score_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
     assert ttc["forwards_per_image"] >= 2  # TTC ran: f(x) and f(x + delta0) at least
     # The command line's clean accuracy is the API's on the same images.

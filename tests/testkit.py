@@ -243,3 +243,18 @@ def api_clean_accuracy(clip, images: Path, chosen: list[int]) -> float:
     labels = torch.tensor([data.targets[i] for i in chosen])
     with torch.no_grad():
         return (classifier.logits(pixels).argmax(-1) == labels).float().mean().item() * 100
+
+
+def eval_none_and_ttc(model: str, images: Path, out: Path) -> tuple[dict, dict, dict]:
+    """``counterattack eval`` of ``model`` on the first four images of a folder, undefended and with TTC (2 PGD
+    steps): the results, and the two records, checked to be what ran."""
+    from counterattack.cli import main
+
+    code = main(["eval", "--no-progress", "--workers", "0", "--model", model, "--dataset", f"imagefolder:{images}",
+                 "--limit", "4", "--attack-steps", "2", "--defense", "none,ttc", "--batch-size", "4",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    none, ttc = results["records"]
+    assert (none["defense"], ttc["defense"]) == ("none", "ttc") and none["n"] == ttc["n"] == 4
+    return results, none, ttc
