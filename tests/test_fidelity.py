@@ -11,7 +11,7 @@ from counterattack import MAC, RTPT, TTC, ImageRandomness, ZeroShotClassifier, l
 from counterattack.adaptive import gate_evasion
 from counterattack.augment import gaussian_blur
 from counterattack.cli import main
-from counterattack.defenses import DEFENSES, AttackView
+from counterattack.defenses import DEFENSES
 from counterattack.defenses.base import weighted_mix
 from counterattack.defenses.doc import DOC
 from counterattack.evaluate import to_8_bits
@@ -121,8 +121,7 @@ def test_mac_gates_every_view_and_gate_evasion_pushes_them_all(random_classifier
     output = MAC(tau_thres=0.0)(random_classifier, images, rng(len(images)))
     assert output.score.shape == (len(images), 2) and output.counterattacked.shape == (len(images), 2)
     scores = torch.tensor([[0.1, 0.9], [0.6, 0.7]], requires_grad=True)
-    view = AttackView(torch.zeros(2, 3), scores, MAC.gate, 0.5)
-    term = gate_evasion(view)
+    term = gate_evasion(MAC(tau_thres=0.5), scores)
     (grad,) = torch.autograd.grad(term.sum(), scores)
     assert term.shape == (2,)
     # Each view pushed down towards the unflagged side, down to tau_thres / 1.5 and no further.

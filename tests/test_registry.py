@@ -23,7 +23,7 @@ import torch
 
 from counterattack.classifier import check_pixels
 from counterattack.defenses import option, register_defense
-from counterattack.defenses.base import AttackView, DefenseOutput, describe_options
+from counterattack.defenses.base import AttackView, DefenseOutput
 
 
 @register_defense
@@ -43,9 +43,6 @@ class Mirror:
 
     def attack_view(self, classifier, images, rng, method, with_score=False):
         return AttackView(classifier.logits(self._mixed(check_pixels(images))))
-
-    def describe(self):
-        return describe_options(self)
 '''
 
 
@@ -56,7 +53,7 @@ from dataclasses import dataclass
 
 from counterattack.attacks import register_attack
 from counterattack.attacks.loop import project
-from counterattack.options import PIXEL_UNIT, describe_options, option
+from counterattack.options import PIXEL_UNIT, option
 
 
 @register_attack
@@ -69,9 +66,6 @@ class CornerNoise:
     def __call__(self, classifier, images, labels, rng):
         signs = rng.uniform_like(images, -1.0, 1.0).sign()
         return images + project(images, self.eps * signs, self.eps)
-
-    def describe(self):
-        return describe_options(self)
 '''
 
 
@@ -204,4 +198,4 @@ def test_a_broken_extension_file_is_named_in_one_line_before_any_command_runs(tm
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         "counterattack: error: defense toy-broken (counterattack.defenses.toy_broken) lacks attack_view: a defense "
-        "needs __call__, attack_view, describe."]
+        "needs __call__, attack_view."]

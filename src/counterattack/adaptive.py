@@ -32,7 +32,7 @@ from .attacks import PGD, Attack
 from .attacks.loop import project, run_steps
 from .classifier import ZeroShotClassifier
 from .inputs import check_pixels
-from .defenses.base import ADAPTIVE_METHODS, AttackView, Defense
+from .defenses.base import ADAPTIVE_METHODS, Defense
 from .errors import CounterattackError
 from .inputs import guard_attack
 from .options import check_options, option, options_of, runtime
@@ -42,13 +42,12 @@ GATE_MARGIN = 1.5  # the gate-evasion term pushes tau up to 1.5 tau_thres
 SELECTIONS = ("eot", "fresh")
 
 
-def gate_evasion(view: AttackView) -> torch.Tensor:
-    """Per image, a term that grows as the score moves to the unflagged side of the gate, with a margin
+def gate_evasion(defense: Defense, score: torch.Tensor) -> torch.Tensor:
+    """Per image, a term that grows as the score moves to the unflagged side of ``defense``'s gate, with a margin
     (``GATE_MARGIN``) beyond which it stops: the defense draws its own noise at test time."""
-    if view.gate.flags_above:
-        term = -view.score.clamp(min=view.threshold / GATE_MARGIN)
-    else:
-        term = view.score.clamp(max=GATE_MARGIN * view.threshold)
+    gate = defense.gate
+    threshold = gate.threshold_of(defense)
+    term = -score.clamp(min=threshold / GATE_MARGIN) if gate.flags_above else score.clamp(max=GATE_MARGIN * threshold)
     return term.flatten(1).sum(dim=1) if term.ndim > 1 else term  # a gate per view (MAC): every view's
 
 
@@ -122,7 +121,7 @@ class AdaptiveAttack:
                 view = self.defense.attack_view(classifier, adv, draws, self.method, with_score=self.gate_weight > 0)
                 per_image = per_image + base.loss(view.logits, labels)
                 if self.gate_weight > 0 and view.score is not None:
-                    per_image = per_image + self.gate_weight * gate_evasion(view)
+                    per_image = per_image + self.gate_weight * gate_evasion(self.defense, view.score)
             return per_image / samples
 
         def objective(adv: torch.Tensor) -> torch.Tensor:

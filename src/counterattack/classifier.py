@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,10 @@ class ZeroShotClassifier(nn.Module):
         self.class_names = list(class_names)
         self.clip: LoadedCLIP | None = None  # set by from_clip
         self.templates: tuple[str, ...] = DEFAULT_TEMPLATES
+        # Per class name, sentences describing the class (CuPL's and AWT's LLM descriptions), for the defenses that
+        # build their own text side from them (DBD, COLA); None where no file was given.
+        self.descriptions: Mapping[str, Sequence[str]] | None = None
+        self._text_side: dict[Hashable, Any] = {}
 
     @classmethod
     @torch.no_grad()
@@ -140,6 +145,7 @@ class ZeroShotClassifier(nn.Module):
         class_names: Sequence[str],
         templates: Sequence[str] = DEFAULT_TEMPLATES,
         chunk_size: int = 256,
+        descriptions: Mapping[str, Sequence[str]] | None = None,
     ) -> "ZeroShotClassifier":
         if not class_names:
             raise CounterattackError("A zero-shot classifier needs at least one class name.")
@@ -160,8 +166,27 @@ class ZeroShotClassifier(nn.Module):
         logit_bias = bias.item() if bias is not None else 0.0
         classifier = cls(ImageEncoder.from_clip(clip), embeddings, logit_scale, class_names, logit_bias).to(device)
         # Defenses that work on the text side (R-TPT's prompt tuning) need the model and the prompts.
-        classifier.clip, classifier.templates = clip, tuple(templates)
+        classifier.clip, classifier.templates, classifier.descriptions = clip, tuple(templates), descriptions
         return classifier
+
+    def text_side(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per classifier and ``key``: a defense's text-side work (its own class embeddings,
+        a blank prompt's) is done once per dataset, not once per batch."""
+        if key not in self._text_side:
+            self._text_side[key] = build()
+        return self._text_side[key]
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], chunk_size: int = 256) -> torch.Tensor:
+        """The L2-normalised text embeddings ``(len(texts), dim)`` of sentences, in float32, with the model's own
+        tokenizer and text tower."""
+        if self.clip is None:
+            raise CounterattackError("encoding text needs the model: build the classifier with "
+                                     "ZeroShotClassifier.from_clip.")
+        device = self.text_embeddings.device
+        chunks = [self.clip.model.encode_text(self.clip.tokenizer(list(texts[i:i + chunk_size])).to(device)).float()
+                  for i in range(0, len(texts), chunk_size)]
+        return F.normalize(torch.cat(chunks), dim=-1)
 
     @property
     def num_classes(self) -> int:

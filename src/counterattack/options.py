@@ -8,8 +8,10 @@ attacks`` list them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+import numbers
 import pkgutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import Field, field, fields, is_dataclass
@@ -64,6 +66,8 @@ def check_options(instance: Any) -> None:
                 raise CounterattackError(f"{instance.name}: {f.name} must be one of {', '.join(meta['choices'])}, "
                                          f"got {value!r}.")
             continue
+        if _is_count(f.default) and not _is_count(value):
+            raise CounterattackError(f"{instance.name}: {f.name} must be an integer, got {value!r}.")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not math.isfinite(value) and not (math.isinf(value) and value > 0 and meta["high"] is None):
@@ -72,6 +76,26 @@ def check_options(instance: Any) -> None:
             raise CounterattackError(f"{instance.name}: {f.name} must be >= {meta['low']:g}, got {value:g}.")
         if meta["high"] is not None and value > meta["high"]:
             raise CounterattackError(f"{instance.name}: {f.name} must be <= {meta['high']:g}, got {value:g}.")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _checked_on_construction(cls: type) -> None:
+    """Wrap ``cls.__init__`` so that every instance's options are checked when it is built (``PGD(steps=1.5)`` fails
+    there, not when called): registration does it, so an extension need not remember to."""
+    init = cls.__init__
+    if getattr(init, "_checks_options", False):
+        return
+
+    @functools.wraps(init)
+    def checked_init(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        check_options(self)
+
+    checked_init._checks_options = True
+    cls.__init__ = checked_init
 
 
 class RegistrationError(CounterattackError):
@@ -114,6 +138,7 @@ class Registry(dict):
                 setattr(cls, attribute, value)
         if self.guard is not None:
             self.guard(cls)
+        _checked_on_construction(cls)
         cls.name = name
         cls.registry_kind = self.kind
         self[name] = cls

@@ -23,7 +23,7 @@ import torch
 from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..errors import CounterattackError
-from ..options import PIXEL_UNIT, check_options, describe_options, option, runtime
+from ..options import PIXEL_UNIT, describe_options, option, runtime
 from ..randomness import ImageRandomness
 from .base import register_attack
 
@@ -75,7 +75,6 @@ class AutoAttack:
     warnings: list[str] = runtime(None)  # AutoAttack's warnings, for `counterattack sanity`
 
     def __post_init__(self) -> None:
-        check_options(self)
         import_pyautoattack()  # a missing dependency fails when the attack is chosen, not hours into a run
         if self.warnings is None:
             object.__setattr__(self, "warnings", [])

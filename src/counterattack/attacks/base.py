@@ -8,7 +8,7 @@ import torch
 
 from ..classifier import ZeroShotClassifier
 from ..inputs import guard_attack
-from ..options import PIXEL, Registry
+from ..options import PIXEL, Registry, describe_options
 from ..randomness import ImageRandomness
 
 __all__ = ["ATTACKS", "PIXEL", "Attack", "register_attack"]
@@ -26,5 +26,6 @@ class Attack(Protocol):
     def describe(self) -> dict: ...
 
 
-ATTACKS = Registry("attack", required=("__call__", "describe"), guard=guard_attack)
+# An attack that leaves out ``describe`` is described by its options.
+ATTACKS = Registry("attack", required=("__call__",), defaults={"describe": describe_options}, guard=guard_attack)
 register_attack = ATTACKS.register  # @register_attack on a frozen dataclass: its options become --NAME-FIELD flags

@@ -8,7 +8,7 @@ import torch
 
 from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
-from ..options import PIXEL_UNIT, check_options, describe_options, option
+from ..options import PIXEL_UNIT, option
 from ..randomness import ImageRandomness
 from .base import register_attack
 from .loop import project, run_steps
@@ -33,9 +33,6 @@ class PGD:
     steps: int = option(10, "iterations")
     step_size: float = option(1 / 255, "size of each signed-gradient step", unit=PIXEL_UNIT)
 
-    def __post_init__(self) -> None:
-        check_options(self)
-
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per image, what the attack ascends."""
         return cross_entropy(logits, labels)
@@ -50,6 +47,3 @@ class PGD:
             return self.loss(classifier.logits(adv), labels).sum()
 
         return images + run_steps(loss, images, delta, self.eps, self.step_size, self.steps)
-
-    def describe(self) -> dict:
-        return describe_options(self)

@@ -404,8 +404,7 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
     clip = load_clip(config.model.name, config.model.pretrained, device=device)
     tau_encoder, tau_model = _tau_encoder(config, clip, device)
     if tau_encoder is not None:
-        built = [replace(d, tau_encoder=tau_encoder) if "tau_encoder" in {f.name for f in fields(d)} else d
-                 for d in built]
+        built = [d.with_score_encoder(tau_encoder) for d in built]
     by_name = {d.name: d for d in built}
     named = {name: make(by_name[config.defense.names[0]]) for name, make in defenses.items()} if defenses else by_name
 

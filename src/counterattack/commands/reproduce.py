@@ -181,8 +181,9 @@ def estimate(preset: Preset, config: RunConfig, clip: LoadedCLIP, load_seconds: 
         images.labels = classifier.logits(images.images.to(device)).argmax(-1).tolist()
     data = EvalDataset("warm-up", images, classes, images.labels, list(range(2 * batch)), "random", "warm-up")
     # A fine-tuned backbone's TTC measures tau on the original encoder: two more forwards per image.
-    tau_encoder = ImageEncoder.from_clip(clip) if preset.checkpoint_flags else None
-    defenses = build_defenses(preset.defenses, tau_encoder=tau_encoder)
+    defenses = build_defenses(preset.defenses)
+    if preset.checkpoint_flags:
+        defenses = [d.with_score_encoder(ImageEncoder.from_clip(clip)) for d in defenses]
     attacks = build_attacks(preset.attacks, preset.attack_settings)
     settings = RunSettings(config.run.seed, None, batch, 0, device, False, attack_precision=config.precisions["attack"],
                            defense_precision=config.precisions["defense"])

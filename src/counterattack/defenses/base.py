@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..classifier import ZeroShotClassifier
+from ..classifier import ImageEncoder, ZeroShotClassifier
 from ..inputs import guard_defense
 from ..options import PIXEL_UNIT, Registry, check_options, describe_options, option, options_of, runtime
 from ..randomness import ImageRandomness
@@ -52,19 +52,25 @@ class Gate:
         """Which of ``scores`` (a tensor or an array) the gate flags; a score equal to the threshold is not flagged."""
         return scores > threshold if self.flags_above else scores < threshold
 
+    def threshold_of(self, defense: Any) -> float:
+        """The defense's threshold: the value of the option this gate names."""
+        return getattr(defense, self.threshold)
+
+    def flags(self, defense: Any, scores: Any) -> Any:
+        """Which of ``scores`` ``defense`` flags at its own threshold: how every gated defense decides."""
+        return self.flagged(scores, self.threshold_of(defense))
+
 
 @dataclass
 class AttackView:
     """A defense's logits as a differentiable function of its input, for adaptive attacks.
 
-    ``score`` (differentiable too) is the gate's score, given for gated defenses when asked for,
-    with the ``gate`` that reads it and its ``threshold``.
+    ``score`` (differentiable too) is the gate's score, given for gated defenses when asked for; the
+    defense's own ``gate`` says how it is read.
     """
 
     logits: torch.Tensor
     score: torch.Tensor | None = None
-    gate: Gate | None = None
-    threshold: float | None = None
 
 
 # bpda: the defense's perturbation is a constant in the backward pass (straight-through, d(x + delta)/dx = I).
@@ -92,10 +98,16 @@ def _the_same_on_every_dataset(defense: Defense, dataset: str) -> Defense:
     return defense
 
 
+def _no_score_encoder(defense: Defense, encoder: ImageEncoder) -> Defense:
+    return defense
+
+
 # --precision paper: the precision a defense's authors' code ran it in (the TTC code's fp16 autocast, unless a
-# defense says otherwise).
-DEFENSES = Registry("defense", required=("__call__", "attack_view", "describe"), guard=guard_defense,
-                    defaults={"gate": None, "for_dataset": _the_same_on_every_dataset, "paper_precision": "fp16"})
+# defense says otherwise). What a defense leaves out, the registry supplies: no gate, its options as its
+# description, the same settings on every dataset, no separate score encoder.
+DEFENSES = Registry("defense", required=("__call__", "attack_view"), guard=guard_defense,
+                    defaults={"gate": None, "for_dataset": _the_same_on_every_dataset, "paper_precision": "fp16",
+                              "describe": describe_options, "with_score_encoder": _no_score_encoder})
 register_defense = DEFENSES.register  # @register_defense on a frozen dataclass: its options become --NAME-FIELD flags
 
 
@@ -123,10 +135,17 @@ class Defense(Protocol):
         """The defended logits, differentiable w.r.t. ``images`` (see ``ADAPTIVE_METHODS``)."""
         ...
 
-    def describe(self) -> dict: ...
+    def describe(self) -> dict:
+        """What records say of the defense: its options by default."""
+        ...
 
     def for_dataset(self, dataset: str) -> Defense:
         """The defense as it runs on ``dataset`` (a setting the authors choose per dataset); itself by default."""
+        ...
+
+    def with_score_encoder(self, encoder: ImageEncoder) -> Defense:
+        """The defense with its gate's score measured on ``encoder`` (TTC's tau on the original CLIP under a
+        fine-tuned tower); itself by default, for a defense without that capability."""
         ...
 
 

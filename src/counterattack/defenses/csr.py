@@ -55,7 +55,7 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option,
+    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, describe_options, option,
     register_defense, through_defense,
 )
 
@@ -138,7 +138,6 @@ class CSR:
                               low=None)
 
     def __post_init__(self) -> None:
-        check_options(self)
         if not self.lpf_radius > 0:
             raise CounterattackError(f"csr: lpf_radius must be > 0, got {self.lpf_radius:g}.")
 
@@ -203,7 +202,7 @@ class CSR:
         encoder = classifier.encoder
         x = check_pixels(images).detach().float()
         consistency, plain, low = self.consistency(encoder, x)
-        flagged = consistency < self.tau_thres
+        flagged = self.gate.flags(self, consistency)
         chosen = flagged.nonzero().flatten()
         defended, embeddings = x.clone(), plain.clone()
         signs: list[torch.Tensor] = []
@@ -247,7 +246,7 @@ class CSR:
             delta = delta.index_put((chosen,), picked)
         logits = classifier.logits(through_defense(images, delta, method))
         tau = self.consistency(classifier.encoder, images)[0] if with_score else None
-        return AttackView(logits, tau, self.gate, self.tau_thres)
+        return AttackView(logits, tau)
 
     def describe(self) -> dict:
         return {**describe_options(self), "reference_side": REFERENCE_SIDE}

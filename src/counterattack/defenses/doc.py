@@ -49,7 +49,7 @@ Other choices where the sources disagree:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ from ..inputs import check_pixels
 from ..precision import full_precision, loss_scale
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, Gate, check_options, describe_options, option, register_defense,
+    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, Gate, describe_options, option, register_defense,
     runtime, softmax_weights, through_defense, weighted_mix,
 )
 from .ttc import relative_shift
@@ -123,9 +123,6 @@ class DOC:
                         choices=FINALS)
     beta: float = option(2.0, "weighted: the steps' weights softmax(beta k), as TTC's", low=None)
     tau_encoder: ImageEncoder | None = runtime()  # score tau: measured on this encoder (None: the defended one)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     @property
     def gate(self) -> Gate:
@@ -250,8 +247,10 @@ class DOC:
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         result = self.counterattack(classifier, images, rng)
-        # "Counterattacked": the gate leans towards the counterattack (w > 1/2).
-        return DefenseOutput(classifier.logits(result.images), result.score, result.weight > 0.5, result.images)
+        # "Counterattacked": the score is on the gate's flagged side, where the soft gate leans towards the
+        # counterattack (w > 1/2).
+        return DefenseOutput(classifier.logits(result.images), result.score, self.gate.flags(self, result.score),
+                             result.images)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
@@ -276,7 +275,10 @@ class DOC:
         kept = [delta0, *replay_steps(images, delta0, signs, self.step_size, self.eps)]
         delta = self.mix(self.soft_gate(score), self.final_delta(kept), delta0)
         logits = classifier.logits(through_defense(images, delta, method))
-        return AttackView(logits, score if with_score else None, self.gate, self.tau_thres)
+        return AttackView(logits, score if with_score else None)
+
+    def with_score_encoder(self, encoder: ImageEncoder) -> DOC:
+        return replace(self, tau_encoder=encoder)
 
     def describe(self) -> dict:
         separate = self.tau_encoder is not None

@@ -68,7 +68,7 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, check_options, describe_options, option,
+    PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, describe_options, option,
     register_defense, through_defense,
 )
 
@@ -144,7 +144,6 @@ class MAC:
     noise_sigma: float = option(0.02, "additive noise: standard deviation drawn in [0, this]", high=1)
 
     def __post_init__(self) -> None:
-        check_options(self)
         if self.scale_low > self.scale_high or self.blur_sigma_low > self.blur_sigma_high:
             raise CounterattackError(f"{self.name}: a range's low end exceeds its high end (scale or blur sigma).")
         if self.blur_kernel % 2 == 0:
@@ -268,7 +267,7 @@ class MAC:
         result = self.counterattack(classifier, images, rng)
         logits = self._mean_over_views(classifier.logits(result.defended))
         # Every view's own gate: (n, views) scores, and which views it judged corrupted (w > 1/2).
-        return DefenseOutput(logits, result.degree, result.degree > self.tau_thres)
+        return DefenseOutput(logits, result.degree, self.gate.flags(self, result.degree))
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
@@ -299,7 +298,7 @@ class MAC:
             with full_precision(x.device):
                 degree = corruption_degree(classifier.encoder(corrupted).float(), classifier.encoder(views).float())
             degree = degree.view(len(x), self.views)
-        return AttackView(logits, degree, self.gate, self.tau_thres)
+        return AttackView(logits, degree)
 
     def describe(self) -> dict:
         return {**describe_options(self), "step_size": self.alpha, "pixel_units": f"of a {REFERENCE_SIDE}-px input"}

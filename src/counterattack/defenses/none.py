@@ -9,7 +9,7 @@ import torch
 from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOutput, describe_options, register_defense
+from .base import AttackView, DefenseOutput, register_defense
 
 
 @register_defense
@@ -26,6 +26,3 @@ class NoDefense:
         with_score: bool = False
     ) -> AttackView:
         return AttackView(classifier.logits(check_pixels(images)))
-
-    def describe(self) -> dict:
-        return describe_options(self)

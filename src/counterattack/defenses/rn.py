@@ -16,7 +16,7 @@ from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, check_options, describe_options, option, register_defense,
+    PIXEL_UNIT, TTC_EPS, AttackView, DefenseOutput, option, register_defense,
     through_defense,
 )
 
@@ -27,9 +27,6 @@ class RandomNoise:
     """TTC's uniform noise delta0 alone: no steps, no gate (1 forward per image)."""
 
     eps: float = option(TTC_EPS, "noise budget (uniform in [-eps, eps])", unit=PIXEL_UNIT)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
@@ -43,6 +40,3 @@ class RandomNoise:
     ) -> AttackView:
         delta0 = project(check_pixels(images), rng.uniform_like(images, -self.eps, self.eps), self.eps)
         return AttackView(classifier.logits(through_defense(images, delta0, method)))
-
-    def describe(self) -> dict:
-        return describe_options(self)

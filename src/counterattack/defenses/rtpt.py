@@ -71,7 +71,7 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    ADAPTIVE_METHODS, REFERENCE_SIDE, AttackView, DefenseOutput, check_options, describe_options, option,
+    ADAPTIVE_METHODS, REFERENCE_SIDE, AttackView, DefenseOutput, describe_options, option,
     register_defense, runtime,
 )
 
@@ -385,9 +385,6 @@ class RTPT:
     # ``chunk_values`` pixel values and whose text-encoder passes hold at most ``chunk_prompts`` prompts.
     chunk_values: int = runtime(2**25)
     chunk_prompts: int = runtime(8192)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def for_dataset(self, dataset: str) -> RTPT:
         """``auto`` resolved as the authors' code resolves it for this dataset."""

@@ -12,7 +12,7 @@ from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, check_options, describe_options, option,
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, option,
     through_defense,
 )
 
@@ -27,9 +27,6 @@ class SignStepDefense:
     eps: float = option(TTC_EPS, "budget of the steps", unit=PIXEL_UNIT)
     steps: int = option(TTC_STEPS, "signed-gradient steps")
     step_size: float = option(TTC_STEP_SIZE, "size of each step", unit=PIXEL_UNIT)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def objective(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The scalar to ascend, as a function of the moved images (summed over the batch)."""
@@ -59,6 +56,3 @@ class SignStepDefense:
         start = torch.zeros_like(images)
         delta = replay_steps(images, start, signs, self.step_size, self.eps)[-1] if signs else start
         return AttackView(classifier.logits(through_defense(images, delta, method)))
-
-    def describe(self) -> dict:
-        return describe_options(self)

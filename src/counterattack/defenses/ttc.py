@@ -17,7 +17,7 @@ fine-tuned one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -28,7 +28,7 @@ from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, Gate, check_options, describe_options,
+    PIXEL_UNIT, TTC_EPS, TTC_STEP_SIZE, TTC_STEPS, AttackView, DefenseOutput, Gate, describe_options,
     option, register_defense, runtime, softmax_weights, through_defense, weighted_mix,
 )
 
@@ -70,9 +70,6 @@ class TTC:
     beta: float = option(2.0, "weights of the kept deltas: softmax(beta * k)", low=None, aliases=("--beta",))
     tau_encoder: ImageEncoder | None = runtime()  # None: the defended encoder measures tau
 
-    def __post_init__(self) -> None:
-        check_options(self)
-
     def step_weights(self) -> torch.Tensor:
         """``w_k = exp(beta k) / sum_j exp(beta j)`` for k = 0..steps."""
         return softmax_weights(self.beta, self.steps + 1)
@@ -98,7 +95,7 @@ class TTC:
                 tau = relative_shift(noisy.detach().float(), anchor)
             else:
                 tau = relative_shift(self.tau_encoder(x + delta0).float(), self.tau_encoder(x).float())
-        counterattacked = tau < self.tau_thres
+        counterattacked = self.gate.flags(self, tau)
         chosen = counterattacked.nonzero().flatten()
         delta = delta0.clone()
         signs: list[torch.Tensor] = []
@@ -160,7 +157,10 @@ class TTC:
             tau_encoder = self.tau_encoder or classifier.encoder
             with full_precision(images.device):
                 tau = relative_shift(tau_encoder(images + delta0).float(), tau_encoder(images).float())
-        return AttackView(classifier.logits(through_defense(images, delta, method)), tau, self.gate, self.tau_thres)
+        return AttackView(classifier.logits(through_defense(images, delta, method)), tau)
+
+    def with_score_encoder(self, encoder: ImageEncoder) -> TTC:
+        return replace(self, tau_encoder=encoder)
 
     def describe(self) -> dict:
         return {**describe_options(self), "separate_tau_encoder": self.tau_encoder is not None}

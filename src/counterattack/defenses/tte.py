@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOutput, check_options, describe_options, option, register_defense, runtime
+from .base import AttackView, DefenseOutput, describe_options, option, register_defense, runtime
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,9 +54,6 @@ class TransformEnsemble:
 
     shift_fraction: float = option(1 / 16, "shift of the shifted views, as a fraction of the image side", high=0.5)
     transforms: Sequence[Transform] | None = runtime()  # None: default_transforms for the image size
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def _views(self, images: torch.Tensor) -> Sequence[Transform]:
         return self.transforms or default_transforms(images.shape[-1], self.shift_fraction)
