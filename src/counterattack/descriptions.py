@@ -38,7 +38,7 @@ def descriptions_file(path: Path, dataset: str) -> Path:
     from .data import short_name
 
     short = short_name(dataset)
-    candidates = [path / f"{dataset}.json", path / f"{short.replace('/', '_')}.json", path / f"{short.split('/')[0]}.json"]
+    candidates = [path / f"{name}.json" for name in (dataset, short.replace("/", "_"), short.split("/")[0])]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
