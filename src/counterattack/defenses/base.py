@@ -102,12 +102,18 @@ def _no_score_encoder(defense: Defense, encoder: ImageEncoder) -> Defense:
     return defense
 
 
+# Whether a defense reads class descriptions (``--descriptions``, ``classifier.descriptions``): not at all, optionally
+# (it falls back to its templates alone) or only with them; ``descriptions_needed``: the fewest sentences per class
+# it works with.
+READS_DESCRIPTIONS = ("no", "optional", "required")
+
 # --precision paper: the precision a defense's authors' code ran it in (the TTC code's fp16 autocast, unless a
 # defense says otherwise). What a defense leaves out, the registry supplies: no gate, its options as its
-# description, the same settings on every dataset, no separate score encoder.
+# description, the same settings on every dataset, no separate score encoder, no class descriptions.
 DEFENSES = Registry("defense", required=("__call__", "attack_view"), guard=guard_defense,
                     defaults={"gate": None, "for_dataset": _the_same_on_every_dataset, "paper_precision": "fp16",
-                              "describe": describe_options, "with_score_encoder": _no_score_encoder})
+                              "describe": describe_options, "with_score_encoder": _no_score_encoder,
+                              "reads_descriptions": "no", "descriptions_needed": 1})
 register_defense = DEFENSES.register  # @register_defense on a frozen dataclass: its options become --NAME-FIELD flags
 
 
@@ -125,6 +131,8 @@ class Defense(Protocol):
     name: ClassVar[str]
     gate: ClassVar[Gate | None]  # None: the defense treats every image alike
     paper_precision: ClassVar[str]  # --precision paper: as its authors' code ran it (fp16 or fp32)
+    reads_descriptions: ClassVar[str]  # one of READS_DESCRIPTIONS
+    descriptions_needed: ClassVar[int]
 
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput: ...
 
@@ -150,7 +158,8 @@ class Defense(Protocol):
 
 
 __all__ = [
-    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "REFERENCE_SIDE", "TTC_EPS", "TTC_STEPS", "TTC_STEP_SIZE",
+    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "READS_DESCRIPTIONS", "REFERENCE_SIDE", "TTC_EPS", "TTC_STEPS",
+    "TTC_STEP_SIZE",
     "AttackView", "Defense", "Gate", "DefenseOutput", "check_options", "describe_options", "option", "options_of",
     "register_defense", "runtime", "softmax_weights", "through_defense", "weighted_mix",
 ]
