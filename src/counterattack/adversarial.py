@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -29,10 +30,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CounterattackError
-from .store import Store, config_hash, dataset_changes
+from .store import Piece, Store, config_hash, dataset_changes
 
 SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
 CACHED_TENSORS = 4  # shard tensors kept in memory while reading: a large set is never loaded whole
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """A tensor's checksum: its dtype, shape and bytes."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class AdversarialSet(Store):
@@ -52,18 +61,26 @@ class AdversarialSet(Store):
 
     @classmethod
     def open(cls, folder: Path) -> AdversarialSet:
-        """An existing set for reading; a folder that is not one is refused before any work is done."""
+        """An existing set for reading, bound to the run that made it: its config.json, or, where that file is
+        missing, the configuration its shards carry (when they agree). A folder that is not a set is refused
+        before any work is done."""
         adversarial = cls(folder)
-        try:
-            stored = json.loads(adversarial.config_path.read_text(encoding="utf-8"))
-            adversarial._config = stored["config"]
-            if adversarial._config["kind"] != cls.kind:
-                raise ValueError(adversarial._config["kind"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CounterattackError(
-                f"{adversarial.folder} is not an adversarial set (no config.json of one); "
-                "make one with `counterattack attack --out DIR`."
-            ) from None
+        not_a_set = CounterattackError(f"{adversarial.folder} is not an adversarial set (no config.json of one); "
+                                       "make one with `counterattack attack --out DIR`.")
+        if adversarial.config_path.exists():
+            try:
+                stored = json.loads(adversarial.config_path.read_text(encoding="utf-8"))
+                config = stored["config"]
+                if config["kind"] != cls.kind:
+                    raise ValueError(config["kind"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise not_a_set from None
+        else:
+            runs = {piece.run for piece in adversarial.pieces()} if adversarial.shards.is_dir() else set()
+            config = adversarial.described(next(iter(runs))) if len(runs) == 1 else None
+            if config is None:
+                raise not_a_set
+        adversarial._config, adversarial.digest, adversarial.bound = config, config_hash(config), config
         return adversarial
 
     @property
@@ -73,8 +90,8 @@ class AdversarialSet(Store):
             self._config = type(self).open(self.folder).config
         return self._config
 
-    def check_config(self, config: Mapping[str, Any], write: bool) -> None:
-        super().check_config(config, write)
+    def bind(self, config: Mapping[str, Any], write: bool) -> None:
+        super().bind(config, write)
         self._config = None
 
     @property
@@ -110,17 +127,29 @@ class AdversarialSet(Store):
                 found.append((int(match[1]), int(match[2]), path))
         return sorted(found)
 
-    def _shard_ids(self) -> list[tuple[Path, str, list]]:
-        """(path, dataset, ids) of every shard, from the metadata alone (no tensor is read)."""
+    def _metadata(self) -> list[tuple[Path, dict[str, str]]]:
+        """Every shard's metadata (no tensor is read)."""
         result = []
         for _, _, path in self._shard_paths():
             try:
                 with safe_open(str(path), framework="pt") as f:
                     metadata = f.metadata()
-                result.append((path, metadata["dataset"], json.loads(metadata["ids"])))
+                if not all(key in metadata for key in ("dataset", "ids", "run")):
+                    raise ValueError("its metadata names no dataset, images or run (written by an earlier release?)")
+                json.loads(metadata["ids"])
             except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
                 raise self._damaged(path, exc) from None
+            result.append((path, metadata))
         return result
+
+    def described(self, run: str) -> dict[str, Any] | None:
+        return next((json.loads(m["config"]) for _, m in self._metadata() if m["run"] == run and "config" in m), None)
+
+    def _shard_ids(self) -> list[tuple[Path, str, list]]:
+        """(path, dataset, ids) of every shard of the bound run; a shard of another run is refused."""
+        shards = [(path, m["dataset"], json.loads(m["ids"]), m["run"]) for path, m in self._metadata()]
+        self.check_pieces(Piece(dataset, ids, run, str(path)) for path, dataset, ids, run in shards)
+        return [(path, dataset, ids) for path, dataset, ids, _ in shards]
 
     def _damaged(self, shard: Path, exc: Exception) -> CounterattackError:
         return CounterattackError(f"{shard} is damaged ({type(exc).__name__}: {str(exc)[:200]}). Delete it and run "
@@ -139,9 +168,13 @@ class AdversarialSet(Store):
         path = self.shards / f"rank-{self.rank}-{max(numbers, default=-1) + 1:06d}.safetensors"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.shards.mkdir(parents=True, exist_ok=True)
+        # The run's identity and settings travel with every shard, and each tensor's checksum with it.
+        checksums = {key: _digest(tensor) for key, tensor in tensors.items()}
+        metadata = {"dataset": dataset, "ids": json.dumps(list(ids)), "run": self.digest,
+                    "config": json.dumps(self.bound), "checksums": json.dumps(checksums)}
         try:
             try:
-                save_file(tensors, str(tmp), metadata={"dataset": dataset, "ids": json.dumps(list(ids))})
+                save_file(tensors, str(tmp), metadata=metadata)
             except SafetensorError as exc:  # a full disk, from safetensors' Rust side: not an OSError
                 code = re.search(r"os error (\d+)", str(exc))
                 number = int(code.group(1)) if code else errno.EIO
@@ -154,8 +187,8 @@ class AdversarialSet(Store):
                 tmp.unlink()
         self._index = None
 
-    def pieces(self) -> list[tuple[str, list]]:
-        return [(dataset, ids) for _, dataset, ids in self._shard_ids()]
+    def pieces(self) -> list[Piece]:
+        return [Piece(m["dataset"], json.loads(m["ids"]), m["run"], str(path)) for path, m in self._metadata()]
 
     def unfinished(self, problems: list[str]) -> str:
         """No defense is evaluated on a part of a set."""
@@ -198,6 +231,9 @@ class AdversarialSet(Store):
                     )
                 # A copy, not a view of the mapped file: a shard cut short later must not crash the process.
                 tensor = f.get_tensor(key).clone()
+                expected = json.loads(f.metadata().get("checksums", "{}")).get(key)
+            if expected != _digest(tensor):
+                raise ValueError(f"the checksum of {key} does not match its content")
         except CounterattackError:
             raise
         except Exception as exc:

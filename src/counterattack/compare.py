@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CounterattackError
+from .plots import plot_comparison
 from .published import AVERAGE_KEYS, Published, PublishedRecord, Source, load_published
+from .records import Record, RecordError, Results
 from .store import write_atomically
 
 EPS_TOLERANCE = 1e-6  # in 1/255: our eps * 255 against the published budget
@@ -26,7 +28,6 @@ MATCHING_RULE = ("exact on model, backbone, defense, attack, budget (our eps x 2
                  "1e-6), steps and dataset, for paper-protocol records only; nothing is matched loosely")
 NO_TWIN = "no published twin"
 OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 
 
 @dataclass(frozen=True)
@@ -180,19 +181,8 @@ def _setting_notes(config: Mapping[str, Any], defense: str, attack: str) -> tupl
     return tuple(notes)
 
 
-def _interval(value: Any) -> tuple[float, float] | None:
-    if (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        return float(value[0]), float(value[1])
-    return None
-
-
 def _inside(published: float | None, interval: tuple[float, float] | None) -> bool | None:
     return None if published is None or interval is None else interval[0] <= published <= interval[1]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _budget_text(eps: float | None, steps: int | None) -> str:
@@ -217,15 +207,12 @@ def _hint(published: Published, model: str, backbone: str, defense: str, attack:
     return f"{NO_TWIN}: no paper printed {defense} against {attack} on {dataset}"
 
 
-def _ineligible(record: dict, config: Mapping[str, Any], model: str | None, backbone: str | None) -> str | None:
+def _ineligible(record: Record, config: Mapping[str, Any], model: str | None, backbone: str | None) -> str | None:
     """Why a record cannot have a twin whatever the papers printed, or None."""
-    threat = record.get("threat", config.get("threat"))
-    defense, attack, dataset = record.get("defense"), record.get("attack"), record.get("dataset")
-    if not all(isinstance(v, str) for v in (defense, attack, dataset)):
-        return f"{NO_TWIN}: the record has no dataset, defense or attack name"
+    threat, defense, attack, dataset = record.threat, record.defense, record.attack, record.dataset
     if threat != "paper":
         return f"{NO_TWIN}: {threat or 'unknown'} threat (the published numbers are all under the paper's protocol)"
-    if record.get("setting") or " " in defense:
+    if record.setting or " " in defense:
         return f"{NO_TWIN}: a sweep setting (the papers print each defense at its own settings)"
     if attack == "worst-case":
         return f"{NO_TWIN}: the worst case over this run's attacks (no paper printed it)"
@@ -238,8 +225,6 @@ def _ineligible(record: dict, config: Mapping[str, Any], model: str | None, back
     if backbone is None:
         return (f"{NO_TWIN}: unknown backbone (a vision checkpoint replaced the tower and the config has no "
                 "\"backbone\" label such as tecoa-eps1)")
-    if not (_is_number(record.get("clean_acc")) and _is_number(record.get("robust_acc"))):
-        return f"{NO_TWIN}: the record has no clean and robust accuracy"
     return None
 
 
@@ -263,18 +248,14 @@ def _dataset_order(published: Published, dataset: str) -> tuple[int, str]:
     return (order.index(dataset) if dataset in order else len(order), dataset)
 
 
-def compare_results(results: Mapping[str, Any], published: Published) -> Comparison:
-    """Match every record of ``results`` (a results.json's content) with the published numbers; pure.
+def compare_results(results: Results, published: Published) -> Comparison:
+    """Match every record of ``results`` with the published numbers; pure.
 
     One row per (our record, source) with a twin; one average row per published average of this run's
     model, backbone, defense, attack and budget of which we ran at least one dataset; every other record
     listed with the reason it has no twin.
     """
-    if not isinstance(results, Mapping) or not isinstance(results.get("records"), list):
-        raise CounterattackError("Results to compare must be an object with a \"records\" list (a results.json).")
-    config = results.get("config") or {}
-    if not isinstance(config, Mapping):
-        raise CounterattackError("The results' \"config\" must be an object.")
+    config = results.config
     model, backbone = run_identity(config)
     budgets = _budgets(config)
     index: dict[tuple, list[PublishedRecord]] = {}
@@ -282,30 +263,25 @@ def compare_results(results: Mapping[str, Any], published: Published) -> Compari
         index.setdefault((p.model, p.backbone, p.defense, p.attack, p.dataset), []).append(p)
     rows: list[ComparisonRow] = []
     unmatched: list[UnmatchedRecord] = []
-    eligible: dict[tuple, dict[str, dict]] = {}  # (defense, attack, eps, steps) -> dataset -> record
+    eligible: dict[tuple, dict[str, Record]] = {}  # (defense, attack, eps, steps) -> dataset -> record
 
-    for record in results["records"]:
-        if not isinstance(record, dict):
-            raise CounterattackError(f"A results record must be an object, got {type(record).__name__}.")
-        budget = budgets.get(record.get("attack")) if isinstance(record.get("attack"), str) else None
+    for record in results.records:
+        budget = budgets.get(record.attack)
         eps, steps = budget if budget else (None, None)
-        reason = _ineligible(record, config, model, backbone) or _budget_problem(record["attack"], budgets)
+        reason = _ineligible(record, config, model, backbone) or _budget_problem(record.attack, budgets)
         if reason is None:
-            defense, attack, dataset = record["defense"], record["attack"], record["dataset"]
+            defense, attack, dataset = record.defense, record.attack, record.dataset
             eligible.setdefault((defense, attack, eps, steps), {}).setdefault(dataset, record)
             twins = [p for p in index.get((model, backbone, defense, attack, dataset), [])
                      if abs(eps - p.eps) <= EPS_TOLERANCE and steps == p.steps]
             if not twins:
                 reason = _hint(published, model, backbone, defense, attack, dataset, eps, steps)
         if reason is not None:
-            unmatched.append(UnmatchedRecord(
-                dataset=str(record.get("dataset")), defense=str(record.get("defense")),
-                attack=str(record.get("attack")), threat=record.get("threat", config.get("threat")), eps=eps,
-                steps=steps, reason=reason))
+            unmatched.append(UnmatchedRecord(dataset=record.dataset, defense=record.defense, attack=record.attack,
+                                             threat=record.threat, eps=eps, steps=steps, reason=reason))
             continue
-        clean, robust = float(record["clean_acc"]), float(record["robust_acc"])
-        clean_ci, robust_ci = _interval(record.get("clean_ci95")), _interval(record.get("robust_ci95"))
-        n = record.get("n") if isinstance(record.get("n"), int) else None
+        clean, robust, n = record.clean_acc, record.robust_acc, record.n
+        clean_ci, robust_ci = record.clean_ci95, record.robust_ci95
         notes = _setting_notes(config, defense, attack)
         for p in twins:
             rows.append(ComparisonRow(
@@ -320,7 +296,7 @@ def compare_results(results: Mapping[str, Any], published: Published) -> Compari
     sources_order = _source_order(published)
     rows.sort(key=lambda r: (sources_order[r.source], _dataset_order(published, r.dataset), r.defense, r.attack, r.eps))
     cited = {r.source for r in rows} | {a.source for a in averages}
-    return Comparison(model=model, backbone=backbone, records=len(results["records"]), rows=tuple(rows),
+    return Comparison(model=model, backbone=backbone, records=len(results.records), rows=tuple(rows),
                       averages=tuple(averages), unmatched=tuple(unmatched),
                       sources=tuple(s for key, s in published.sources.items() if key in cited))
 
@@ -330,7 +306,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _averages(published: Published, model: str | None, backbone: str | None,
-              eligible: Mapping[tuple, Mapping[str, dict]]) -> list[AverageRow]:
+              eligible: Mapping[tuple, Mapping[str, Record]]) -> list[AverageRow]:
     """Our mean over the datasets run of each published average's set, named when it is not the whole set."""
     per_dataset = {(p.source, p.model, p.backbone, p.defense, p.attack, p.eps, p.steps, p.dataset): p
                    for p in published.records}
@@ -345,7 +321,7 @@ def _averages(published: Published, model: str | None, backbone: str | None,
         run = [d for d in scope if d in ours]
         if not run:
             continue
-        clean, robust = _mean([ours[d]["clean_acc"] for d in run]), _mean([ours[d]["robust_acc"] for d in run])
+        clean, robust = _mean([ours[d].clean_acc for d in run]), _mean([ours[d].robust_acc for d in run])
         theirs = [per_dataset.get((p.source, p.model, p.backbone, p.defense, p.attack, p.eps, p.steps, d)) for d in run]
         same_robust = _mean([t.robust for t in theirs]) if all(theirs) else None
         same_clean = (_mean([t.clean for t in theirs])
@@ -488,71 +464,20 @@ def comparison_json(comparison: Comparison) -> dict:
             "unmatched": [asdict(u) for u in comparison.unmatched]}
 
 
-def plot_comparison(comparison: Comparison, path: Path) -> Path:
-    """Ours (x) against published (y), clean and robust side by side, written atomically as a PNG.
-
-    Drawn on a bare ``matplotlib.figure.Figure``: pyplot is never imported and the backend never set, so a
-    caller's interactive session is left as it was.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    fig = Figure(figsize=(12, 5.6), dpi=110)
-    if not comparison.rows:
-        ax = fig.add_subplot()
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"No record of this run has a published twin ({comparison.records} records compared):\n"
-                "nothing to plot. comparison.md lists each record's reason.", ha="center", va="center", fontsize=12)
-    else:
-        colours = {s.key: f"C{i}" for i, s in enumerate(comparison.sources)}
-        defenses = list(dict.fromkeys(r.defense for r in comparison.rows))
-        markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(defenses)}
-        for k, kind in enumerate(("clean", "robust")):
-            ax = fig.add_subplot(1, 2, k + 1)
-            values = []
-            for r in comparison.rows:
-                ours, theirs = getattr(r, f"ours_{kind}"), getattr(r, f"published_{kind}")
-                ci = getattr(r, f"{kind}_ci95")
-                if theirs is None:
-                    continue
-                xerr = [[max(0.0, ours - ci[0])], [max(0.0, ci[1] - ours)]] if ci else None
-                ax.errorbar([ours], [theirs], xerr=xerr, fmt=markers[r.defense], color=colours[r.source], ms=6,
-                            elinewidth=1, capsize=2, alpha=0.85)
-                ax.annotate(r.dataset, (ours, theirs), xytext=(3, 3), textcoords="offset points", fontsize=6)
-                values += [ours, theirs, *(ci or ())]
-            low, high = (max(0.0, min(values) - 3), min(100.0, max(values) + 3)) if values else (0.0, 100.0)
-            ax.plot([low, high], [low, high], color="0.5", lw=1, ls="--", zorder=0)
-            ax.set_xlim(low, high)
-            ax.set_ylim(low, high)
-            ax.set_aspect("equal")
-            ax.set_xlabel(f"ours: {kind} accuracy (%), 95% interval")
-            ax.set_ylabel(f"published {kind} accuracy (%)")
-            ax.set_title(f"{kind}" + ("" if values else ": no published value"))
-            ax.grid(alpha=0.3)
-        handles = [Line2D([], [], color=colours[s.key], marker="o", ls="", label=f"{s.key}: {s.label}")
-                   for s in comparison.sources]
-        handles += [Line2D([], [], color="0.3", marker=markers[d], ls="", label=d) for d in defenses]
-        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
-        fig.suptitle(f"{comparison.model} ({comparison.backbone}): ours against published, one point per dataset and "
-                     "defense (dashed: equal)", fontsize=11)
-        fig.subplots_adjust(bottom=0.22, top=0.9, wspace=0.25)
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
-    return path
-
-
-def _read_results(folder: Path) -> dict:
+def _read_results(folder: Path) -> Results:
     path = folder / "results.json"
     run = f"run `counterattack eval --out {folder}`"
     if not path.is_file():
         raise CounterattackError(f"No results.json in {folder}: {run} first, then compare.")
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CounterattackError(f"Cannot read {path} ({str(e).splitlines()[0]}): {run} again to rewrite it.") from e
-    if not isinstance(results, dict) or not isinstance(results.get("records"), list) \
-            or not isinstance(results.get("config", {}), dict):
-        raise CounterattackError(f"{path} is not a results file (no \"records\" list): {run} again to rewrite it.")
-    if not results["records"]:
+    try:
+        results = Results.from_json(content)
+    except RecordError as e:
+        raise CounterattackError(f"{path} is not a results file ({e}): {run} again to rewrite it.") from None
+    if not results.records:
         raise CounterattackError(f"{path} holds no records yet: {run} (it resumes) to finish the run, then compare.")
     return results
 
@@ -565,7 +490,7 @@ def write_comparison(folder: Path, published: Published | None = None) -> list[P
     published = published if published is not None else load_published()
     comparison = compare_results(results, published)
     md, csv_path, json_path, png = (folder / name for name in OUTPUT_NAMES)
-    seeds = results.get("config", {}).get("seeds")
+    seeds = results.config.get("seeds")
     text = comparison_markdown(comparison, folder, seeds if isinstance(seeds, list) else None)
     write_atomically(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     table = comparison_csv(comparison)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +25,7 @@ from .errors import CounterattackError
 from .inputs import check_pixels, checked_inputs
 from .precision import defense_precision, precision_context
 from .randomness import ImageRandomness, key_words
+from .records import Average, BatchRecord, DefenseBatch, ImageResults, Record, flat
 from .stats import mean_and_std, wilson_interval
 
 
@@ -84,35 +85,14 @@ def _check_embeddings(classifier: ZeroShotClassifier, images: torch.Tensor) -> N
         _check_finite("image embedding norms", classifier.encoder(images).float().norm(dim=-1))
 
 
-def _per_image(output: DefenseOutput) -> dict:
+def _per_image(output: DefenseOutput) -> ImageResults:
     for what, values in (("logits", output.logits), ("gate scores", output.score)):
         _check_finite(what, values)
-    return {
-        "pred": output.logits.argmax(-1).tolist(),
-        "score": None if output.score is None else output.score.tolist(),
-        "counterattacked": None if output.counterattacked is None else output.counterattacked.tolist(),
-    }
-
-
-def _flat(values: list) -> list:
-    """Per-image values, each a number or (a gate per view, MAC) a list of them, as one flat list."""
-    return [v for item in values for v in (item if isinstance(item, list) else [item])]
-
-
-def gate_scores(per_image: dict) -> list[float] | None:
-    """A part's gate scores, one per image, or per view where a defense gates each view (None for an ungated
-    defense); runs before 0.2 recorded them as ``tau``."""
-    scores = per_image["score"] if "score" in per_image else per_image.get("tau")
-    return None if scores is None else _flat(scores)
-
-
-def upgraded(record: dict) -> dict:
-    """A summary record under today's keys: runs before 0.2 called every gate's mean score ``mean_tau_*``."""
-    if "mean_tau_clean" not in record:
-        return record
-    renamed = {k: v for k, v in record.items() if k not in ("mean_tau_clean", "mean_tau_adv")}
-    return {**renamed, "gate_score": "tau" if record["mean_tau_clean"] is not None else None,
-            "mean_score_clean": record["mean_tau_clean"], "mean_score_adv": record["mean_tau_adv"]}
+    return ImageResults(
+        output.logits.argmax(-1).tolist(),
+        None if output.score is None else output.score.tolist(),
+        None if output.counterattacked is None else output.counterattacked.tolist(),
+    )
 
 
 WORST_CASE = "worst-case"  # the attack name of the per-image worst case over every attack run
@@ -229,10 +209,10 @@ def evaluate_dataset(
         images, labels, ids = check_pixels(batch.images), batch.labels, batch.ids
         if number == 0:
             _check_embeddings(classifier, images)
-        record = {"dataset": data.name, "ids": ids, "labels": labels.tolist(), "defenses": {}}
+        record = BatchRecord(data.name, ids, labels.tolist(), {})
         transfer: dict[str, tuple[torch.Tensor, float]] = {}  # each attack's images against the undefended model
         if adversarial is not None:
-            if adversarial.labels(data.name, ids) != record["labels"]:
+            if adversarial.labels(data.name, ids) != record.labels:
                 raise CounterattackError(f"{adversarial.folder} stores other labels for images of {data.name} than the "
                                          "dataset has now: the set was made from other files.")
             transfer = {attack.name: (_as_defenses_see(_stored(adversarial, data.name, ids, attack, images), settings),
@@ -257,19 +237,19 @@ def evaluate_dataset(
                                                              batch.streams("defense-adv")))
                                     for part, (adversarial_images, _) in parts.items()}
                            for attack, parts in inputs.items()}
-            record["defenses"][name] = {
-                "gate_score": None if defense.gate is None else defense.gate.score,
-                "clean": _per_image(clean),
-                "adv": {attack: parts["transfer"] if len(parts) == 1 else worst_of(parts, record["labels"])
-                        for attack, parts in outputs.items()},
-                "forwards": passes.forwards,
-                "backwards": passes.backwards,
-                "defended_images": len(ids) * (1 + sum(len(parts) for parts in outputs.values())),
-                "seconds": cost.seconds,
-                "peak_memory_mb": cost.peak_memory_mb,
-                "attack_seconds": {attack: sum(seconds for _, seconds in parts.values())
-                                   for attack, parts in inputs.items()},
-            }
+            record.defenses[name] = DefenseBatch(
+                gate_score=None if defense.gate is None else defense.gate.score,
+                clean=_per_image(clean),
+                adv={attack: parts["transfer"] if len(parts) == 1 else worst_of(parts, record.labels)
+                     for attack, parts in outputs.items()},
+                forwards=passes.forwards,
+                backwards=passes.backwards,
+                defended_images=len(ids) * (1 + sum(len(parts) for parts in outputs.values())),
+                seconds=cost.seconds,
+                peak_memory_mb=cost.peak_memory_mb,
+                attack_seconds={attack: sum(seconds for _, seconds in parts.values())
+                                for attack, parts in inputs.items()},
+            )
         yield record
 
 
@@ -293,76 +273,92 @@ def _stored(adversarial: AdversarialSet, dataset: str, ids: list, attack: Attack
     return stored
 
 
-def worst_of(components: Mapping[str, dict], labels: Sequence[int]) -> dict:
+def worst_of(components: Mapping[str, ImageResults], labels: Sequence[int]) -> ImageResults:
     """Per image, the results under the first component (attack) the defense fails, else under the last: an image
     is robust only if it survives all of them. The components' own results are kept under ``components``."""
     names = list(components)
-    merged: dict[str, list | None] = {}
-    for key in components[names[0]]:
-        merged[key] = None if components[names[0]][key] is None else []
-    for i, label in enumerate(labels):
-        chosen = components[next((c for c in names if components[c]["pred"][i] != label), names[-1])]
-        for key, values in merged.items():
-            if values is not None:
-                values.append(chosen[key][i])
-    return {**merged, "components": dict(components)}
+    chosen = [components[next((c for c in names if components[c].pred[i] != label), names[-1])]
+              for i, label in enumerate(labels)]
+
+    def merged(key: str) -> list | None:
+        if getattr(components[names[0]], key) is None:
+            return None
+        return [getattr(part, key)[i] for i, part in enumerate(chosen)]
+
+    return ImageResults(merged("pred"), merged("score"), merged("counterattacked"), dict(components))
 
 
-def _gate_mean(sums: dict, kind: str, what: int) -> float | None:
-    """The mean score (0) or flagged fraction (1) of a gate, over its images (or views), from ``summarize``'s sums of
-    one dataset and defense."""
-    if not sums["gate_score"] or kind == WORST_CASE:
-        return None
-    return sums["gate"][kind][what] / sums["gate"][kind][2]
+@dataclass
+class _Sums:
+    """What ``summarize`` adds up for one dataset and defense."""
+
+    attacks: Sequence[str]
+    n: int = 0
+    correct_clean: int = 0
+    gate_score: str | None = None
+    correct_adv: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)  # attack -> component -> correct
+    # The gate, per input kind ("clean" and each attack): its scores' sum, how many images (or views) it flagged,
+    # and how many scores there were.
+    gate: dict[str, list] = field(default_factory=dict)
+    forwards: float = 0.0
+    backwards: float = 0.0
+    defended: float = 0.0
+    seconds: float = 0.0
+    peak: float | None = None
+
+    def add(self, labels: Sequence[int], result: DefenseBatch) -> None:
+        def right(results: ImageResults) -> list[bool]:
+            return [p == y for p, y in zip(results.pred, labels, strict=True)]
+
+        self.n += len(labels)
+        self.correct_clean += sum(right(result.clean))
+        robust_to_all = [True] * len(labels)
+        for attack in self.attacks:
+            correct = right(result.adv[attack])
+            self.correct_adv[attack] = self.correct_adv.get(attack, 0) + sum(correct)
+            for part, results in (result.adv[attack].components or {}).items():  # an adaptive attack's components
+                parts = self.parts.setdefault(attack, {})
+                parts[part] = parts.get(part, 0) + sum(right(results))
+            robust_to_all = [a and b for a, b in zip(robust_to_all, correct, strict=True)]
+        if len(self.attacks) > 1:
+            self.correct_adv[WORST_CASE] = self.correct_adv.get(WORST_CASE, 0) + sum(robust_to_all)
+        for kind, results in (("clean", result.clean), *result.adv.items()):
+            scores = results.gate_scores()
+            if scores is not None:
+                self.gate_score = result.gate_score
+                gate = self.gate.setdefault(kind, [0.0, 0, 0])
+                gate[0] += sum(scores)
+                gate[1] += sum(flat(results.counterattacked))
+                gate[2] += len(scores)
+        self.forwards += result.forwards
+        self.backwards += result.backwards
+        self.defended += result.defended_images
+        self.seconds += result.seconds
+        if result.peak_memory_mb is not None:
+            self.peak = max(self.peak or 0.0, result.peak_memory_mb)
+
+    def gate_mean(self, kind: str, what: int) -> float | None:
+        """The mean score (0) or flagged fraction (1) of the gate on one input kind, over its images (or views)."""
+        if not self.gate_score or kind == WORST_CASE or kind not in self.gate:
+            return None
+        return self.gate[kind][what] / self.gate[kind][2]
 
 
 def summarize(
-    batches: Iterable[dict], datasets: Sequence[str], defenses: Sequence[str], attacks: Sequence[str],
+    batches: Iterable[BatchRecord], datasets: Sequence[str], defenses: Sequence[str], attacks: Sequence[str],
     threat: str = "paper", adaptive: str | None = None,
-) -> list[dict]:
+) -> list[Record]:
     """One record per dataset, attack and defense, in the given orders, from per-batch results.
 
     With several attacks, a ``worst-case`` record per dataset and defense follows them: an image
     counts as robust only if the defense classifies it correctly under every attack.
     """
     attack_names = list(attacks) + ([WORST_CASE] if len(attacks) > 1 else [])
-    sums: dict[tuple[str, str], dict] = {}
+    sums: dict[tuple[str, str], _Sums] = {}
     for batch in batches:
-        labels = batch["labels"]
-        for name, result in batch["defenses"].items():
-            # The gate, per input kind ("clean" and each attack): its scores' sum, how many images (or views) it
-            # flagged, and how many scores there were.
-            s = sums.setdefault((batch["dataset"], name), {
-                "n": 0, "correct_clean": 0, "gate_score": None, "correct_adv": dict.fromkeys(attack_names, 0),
-                "parts": {}, "gate": {kind: [0.0, 0, 0] for kind in ("clean", *attacks)}, "forwards": 0, "backwards": 0,
-                "defended": 0, "seconds": 0.0, "peak": None})
-            s["n"] += len(labels)
-            s["correct_clean"] += sum(p == y for p, y in zip(result["clean"]["pred"], labels, strict=True))
-            robust_to_all = [True] * len(labels)
-            for attack in attacks:
-                adv = result["adv"][attack]
-                correct = [p == y for p, y in zip(adv["pred"], labels, strict=True)]
-                s["correct_adv"][attack] += sum(correct)
-                for part, results in adv.get("components", {}).items():  # an adaptive attack's transfer and own images
-                    parts = s["parts"].setdefault(attack, {})
-                    parts[part] = parts.get(part, 0) + sum(p == y for p, y in zip(results["pred"], labels, strict=True))
-                robust_to_all = [a and b for a, b in zip(robust_to_all, correct, strict=True)]
-            if WORST_CASE in s["correct_adv"]:
-                s["correct_adv"][WORST_CASE] += sum(robust_to_all)
-            for kind, per_image in (("clean", result["clean"]), *result["adv"].items()):
-                scores = gate_scores(per_image)
-                if scores is not None:
-                    s["gate_score"] = result.get("gate_score", "tau")
-                    gate = s["gate"][kind]
-                    gate[0] += sum(scores)
-                    gate[1] += sum(_flat(per_image["counterattacked"]))
-                    gate[2] += len(scores)
-            s["forwards"] += result["forwards"]
-            s["backwards"] += result["backwards"]
-            s["defended"] += result["defended_images"]
-            s["seconds"] += result["seconds"]
-            if result["peak_memory_mb"] is not None:
-                s["peak"] = max(s["peak"] or 0.0, result["peak_memory_mb"])
+        for name, result in batch.defenses.items():
+            sums.setdefault((batch.dataset, name), _Sums(list(attacks))).add(batch.labels, result)
     records = []
     for dataset in datasets:
         for attack in attack_names:
@@ -370,36 +366,28 @@ def summarize(
                 s = sums.get((dataset, name))
                 if s is None:
                     continue
-                n = s["n"]
-                records.append({
-                    "dataset": dataset,
-                    "attack": attack,
-                    "threat": threat,
-                    "adaptive": adaptive,
-                    "defense": name,
-                    "n": n,
-                    "clean_acc": 100.0 * s["correct_clean"] / n,
-                    "robust_acc": 100.0 * s["correct_adv"][attack] / n,
-                    "clean_ci95": wilson_interval(s["correct_clean"], n),
-                    "robust_ci95": wilson_interval(s["correct_adv"][attack], n),
+                n = s.n
+                clean_scores = attack != WORST_CASE
+                records.append(Record(
+                    dataset=dataset, attack=attack, threat=threat, adaptive=adaptive, defense=name, n=n,
+                    clean_acc=100.0 * s.correct_clean / n, robust_acc=100.0 * s.correct_adv[attack] / n,
+                    clean_ci95=wilson_interval(s.correct_clean, n),
+                    robust_ci95=wilson_interval(s.correct_adv[attack], n),
                     # Under an adaptive attack, the worst case above and each component's own robust accuracy.
-                    **{f"robust_acc_{part}": 100.0 * correct / n
-                       for part, correct in s["parts"].get(attack, {}).items()},
-                    "gate_score": s["gate_score"],  # what the gate's score is: TTC's tau, MAC's corruption degree, ...
-                    "mean_score_clean": _gate_mean(s, "clean", 0) if attack != WORST_CASE else None,
-                    "mean_score_adv": _gate_mean(s, attack, 0),
-                    "counterattacked_clean": _gate_mean(s, "clean", 1) if attack != WORST_CASE else None,
-                    "counterattacked_adv": _gate_mean(s, attack, 1),
+                    **{f"robust_acc_{part}": 100.0 * correct / n for part, correct in s.parts.get(attack, {}).items()},
+                    gate_score=s.gate_score,  # what the gate's score is: TTC's tau, MAC's corruption degree, ...
+                    mean_score_clean=s.gate_mean("clean", 0) if clean_scores else None,
+                    mean_score_adv=s.gate_mean(attack, 0),
+                    counterattacked_clean=s.gate_mean("clean", 1) if clean_scores else None,
+                    counterattacked_adv=s.gate_mean(attack, 1),
                     # The cost of the defense itself, over its clean and adversarial inputs.
-                    "forwards_per_image": s["forwards"] / s["defended"],
-                    "backwards_per_image": s["backwards"] / s["defended"],
-                    "ms_per_image": 1000.0 * s["seconds"] / s["defended"],
-                    "peak_memory_mb": s["peak"],
-                })
+                    forwards_per_image=s.forwards / s.defended, backwards_per_image=s.backwards / s.defended,
+                    ms_per_image=1000.0 * s.seconds / s.defended, peak_memory_mb=s.peak,
+                ))
     return records
 
 
-def average_records(records: Sequence[dict]) -> list[dict]:
+def average_records(records: Sequence[Record]) -> list[Average]:
     """Per attack and defense, the mean clean and robust accuracy across datasets.
 
     Two scopes: ``paper``, over the datasets run that are among the TTC paper's 16 (its headline
@@ -407,20 +395,17 @@ def average_records(records: Sequence[dict]) -> list[dict]:
     """
     averages = []
     for scope, keep in (("paper", lambda d: d in PAPER_AVERAGE_DATASETS), ("all", lambda d: True)):
-        groups: dict[tuple[str, str], list[dict]] = {}
+        groups: dict[tuple[str, str], list[Record]] = {}
         for record in records:
-            if keep(record["dataset"]):
-                groups.setdefault((record["attack"], record["defense"]), []).append(record)
-        averages += [
-            {"scope": scope, "attack": attack, "defense": defense, "datasets": len(rs),
-             "clean_acc": sum(r["clean_acc"] for r in rs) / len(rs),
-             "robust_acc": sum(r["robust_acc"] for r in rs) / len(rs)}
-            for (attack, defense), rs in groups.items()
-        ]
+            if keep(record.dataset):
+                groups.setdefault((record.attack, record.defense), []).append(record)
+        averages += [Average(scope, attack, defense, len(rs), sum(r.clean_acc for r in rs) / len(rs),
+                             sum(r.robust_acc for r in rs) / len(rs))
+                     for (attack, defense), rs in groups.items()]
     return averages
 
 
-def combine_seeds(records_per_seed: Sequence[Sequence[dict]], seeds: Sequence[int]) -> list[dict]:
+def combine_seeds(records_per_seed: Sequence[Sequence[Record]], seeds: Sequence[int]) -> list[Record]:
     """Per dataset, attack and defense, the mean over seeds of each accuracy and its sample standard deviation.
 
     Each seed's run evaluates the same images with other random draws (attack starts, defense noise),
@@ -428,15 +413,16 @@ def combine_seeds(records_per_seed: Sequence[Sequence[dict]], seeds: Sequence[in
     the mean accuracy and ``n`` images) is the spread due to the image sample. Other fields are the
     first seed's.
     """
-    keyed = [{(r["dataset"], r["attack"], r["defense"]): r for r in records} for records in records_per_seed]
+    keyed = [{(r.dataset, r.attack, r.defense): r for r in records} for records in records_per_seed]
     combined = []
     for record in records_per_seed[0]:
-        runs = [by_key[(record["dataset"], record["attack"], record["defense"])] for by_key in keyed]
-        merged = {**record, "seeds": list(seeds)}
+        runs = [by_key[(record.dataset, record.attack, record.defense)] for by_key in keyed]
+        merged = replace(record, seeds=list(seeds))
         for kind in ("clean", "robust"):
-            mean, std = mean_and_std([r[f"{kind}_acc"] for r in runs])
-            merged.update({f"{kind}_acc": mean, f"{kind}_acc_std": std,
-                           f"{kind}_ci95": wilson_interval(round(mean * record["n"] / 100), record["n"]),
-                           f"{kind}_acc_per_seed": [r[f"{kind}_acc"] for r in runs]})
+            values = [getattr(r, f"{kind}_acc") for r in runs]
+            mean, std = mean_and_std(values)
+            merged = replace(merged, **{f"{kind}_acc": mean, f"{kind}_acc_std": std,
+                                        f"{kind}_ci95": wilson_interval(round(mean * record.n / 100), record.n),
+                                        f"{kind}_acc_per_seed": values})
         combined.append(merged)
     return combined

@@ -8,12 +8,15 @@ attacks`` list them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import logging
 import math
 import numbers
 import pkgutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import Field, field, fields, is_dataclass
 from typing import Any
 
@@ -21,6 +24,23 @@ from .errors import CounterattackError
 
 PIXEL_UNIT = "1/255"  # an option in pixel units is given in 1/255 on the command line
 PIXEL = 1 / 255  # that unit, in [0, 1] pixels
+# A budget above a quarter of the pixel range is almost always a unit slip through the API (PGD(eps=1) meant 1/255, not
+# the whole box): it gets a warning, not a refusal, since an unbounded sanity check means it.
+LARGE_BUDGET = 0.25
+
+log = logging.getLogger(__name__)
+_LARGE_BUDGETS_MEANT: ContextVar[bool] = ContextVar("counterattack_large_budgets_meant", default=False)
+
+
+@contextlib.contextmanager
+def large_budgets_meant() -> Iterator[None]:
+    """Inside the block, budgets above ``LARGE_BUDGET`` are deliberate and built without a warning: the command line's
+    (given in 1/255, where no unit slip is possible) and a sanity sweep's unbounded eps."""
+    token = _LARGE_BUDGETS_MEANT.set(True)
+    try:
+        yield
+    finally:
+        _LARGE_BUDGETS_MEANT.reset(token)
 
 
 def option(default: Any, help: str, *, unit: str | None = None, low: float | None = 0, high: float | None = None,
@@ -51,6 +71,11 @@ def options_of(cls: type) -> list[Field]:
     return [f for f in fields(cls) if f.metadata.get("cli")]
 
 
+def defaults_of(cls: type) -> dict[str, Any]:
+    """A registered class's options at their defaults, read off its fields (nothing is constructed)."""
+    return {f.name: f.default for f in options_of(cls)}
+
+
 def describe_options(instance: Any) -> dict:
     """``{"defense": name, option: value, ...}`` (or ``"attack"``), as results record a registered instance."""
     return {instance.registry_kind: instance.name,
@@ -58,7 +83,9 @@ def describe_options(instance: Any) -> dict:
 
 
 def check_options(instance: Any) -> None:
-    """Refuse values outside an option's bounds or choices, or not finite, with the option's name."""
+    """Refuse values outside an option's bounds or choices, or not finite, with the option's name; warn (one line) of
+    pixel budgets above ``LARGE_BUDGET``, outside ``large_budgets_meant()``."""
+    large = []
     for f in options_of(type(instance)):
         value, meta = getattr(instance, f.name), f.metadata
         if meta["choices"] is not None:
@@ -76,6 +103,11 @@ def check_options(instance: Any) -> None:
             raise CounterattackError(f"{instance.name}: {f.name} must be >= {meta['low']:g}, got {value:g}.")
         if meta["high"] is not None and value > meta["high"]:
             raise CounterattackError(f"{instance.name}: {f.name} must be <= {meta['high']:g}, got {value:g}.")
+        if meta["unit"] == PIXEL_UNIT and value > LARGE_BUDGET:
+            large.append(f"{f.name}={value:g} ({value / PIXEL:g}/255)")
+    if large and not _LARGE_BUDGETS_MEANT.get():
+        log.warning("%s: %s: above a quarter of the pixel range; budgets are in [0, 1] pixel units, so 4/255 is "
+                    "written 4 / 255", instance.name, " and ".join(large))
 
 
 def _is_count(value: Any) -> bool:
@@ -178,6 +210,18 @@ class Registry(dict):
             raise CounterattackError(f"{name} has no setting {', '.join(unknown)}; its settings: "
                                      f"{', '.join(f.name for f in options_of(cls)) or 'none'}.")
         return cls(**settings)
+
+    def rebuild(self, described: Mapping[str, Any]) -> Any:
+        """The instance a record describes (``describe()``'s output: its name and options), or None where this
+        installation lacks it or the recorded options no longer fit it."""
+        cls = self.get(described.get(self.kind)) if isinstance(described, Mapping) else None
+        if cls is None:
+            return None
+        own = {f.name for f in options_of(cls)}
+        try:
+            return cls(**{k: v for k, v in described.items() if k in own})
+        except (CounterattackError, TypeError, ValueError):
+            return None
 
     def build_many(self, names: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None = None,
                    **shared: Any) -> list:

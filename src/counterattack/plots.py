@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -17,7 +18,10 @@ from matplotlib.figure import Figure
 
 from .calibration import finite_scores, pareto_front, roc_auc
 from .data import short_name
-from .evaluate import gate_scores
+from .records import BatchRecord, Record
+
+if TYPE_CHECKING:  # compare imports this module to draw its figure
+    from .compare import Comparison
 from .stats import wilson_interval
 from .store import write_atomically
 
@@ -26,20 +30,20 @@ def safe_file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def plot_gate_histograms(batches: Sequence[dict], thresholds: dict[str, float], out: Path) -> list[Path]:
+def plot_gate_histograms(batches: Sequence[BatchRecord], thresholds: dict[str, float], out: Path) -> list[Path]:
     """Per dataset: a gate's score on clean vs adversarial images (TTC's "falsely stable" picture), for TTC if
     it ran, else the first gated defense (``thresholds``: each defense's threshold, from the configuration)."""
     scores: dict[str, dict] = {}
     for batch in batches:
-        gated = sorted(batch["defenses"].items(), key=lambda item: item[0] != "ttc")
+        gated = sorted(batch.defenses.items(), key=lambda item: item[0] != "ttc")
         for name, result in gated:
-            if gate_scores(result["clean"]) is not None:
-                attack = next(iter(result["adv"]))
-                entry = scores.setdefault(batch["dataset"], {"defense": name, "attack": attack, "clean": [], "adv": [],
-                                                             "score": result.get("gate_score", "tau")})
+            if result.clean.gate_scores() is not None:
+                attack = next(iter(result.adv))
+                entry = scores.setdefault(batch.dataset, {"defense": name, "attack": attack, "clean": [], "adv": [],
+                                                          "score": result.gate_score or "tau"})
                 if entry["defense"] == name:
-                    entry["clean"] += gate_scores(result["clean"])
-                    entry["adv"] += gate_scores(result["adv"][entry["attack"]])
+                    entry["clean"] += result.clean.gate_scores()
+                    entry["adv"] += result.adv[entry["attack"]].gate_scores()
     written = []
     for dataset, entry in scores.items():
         fig = Figure(figsize=(6, 3.6))
@@ -64,30 +68,33 @@ def plot_gate_histograms(batches: Sequence[dict], thresholds: dict[str, float], 
     return written
 
 
-def _error_bars(by_key: dict, datasets: Sequence[str], defense: str, kind: str) -> list[list[float]]:
+def _error_bars(by_key: dict[tuple[str, str], Record], datasets: Sequence[str], defense: str,
+                kind: str) -> list[list[float]]:
     """Matplotlib's asymmetric error bars (below, above) from the records' 95% intervals."""
     below, above = [], []
     for dataset in datasets:
-        record = by_key.get((dataset, defense), {})
-        value, (low, high) = record.get(f"{kind}_acc", 0.0), record.get(f"{kind}_ci95", (0.0, 0.0)) or (0.0, 0.0)
-        below.append(max(0.0, value - low) if record else 0.0)
-        above.append(max(0.0, high - value) if record else 0.0)
+        record = by_key.get((dataset, defense))
+        interval = None if record is None else getattr(record, f"{kind}_ci95")
+        value = 0.0 if record is None else getattr(record, f"{kind}_acc")
+        low, high = interval or (value, value)
+        below.append(max(0.0, value - low))
+        above.append(max(0.0, high - value))
     return [below, above]
 
 
-def plot_accuracy(records: Sequence[dict], out: Path) -> Path:
+def plot_accuracy(records: Sequence[Record], out: Path) -> Path:
     """Grouped bars: per dataset, clean (light) and robust (dark) accuracy of each defense."""
-    datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    defenses = list(dict.fromkeys(r["defense"] for r in records))
-    by_key = {(r["dataset"], r["defense"]): r for r in records}
+    datasets = list(dict.fromkeys(r.dataset for r in records))
+    defenses = list(dict.fromkeys(r.defense for r in records))
+    by_key = {(r.dataset, r.defense): r for r in records}
     width = 0.8 / len(defenses)
     fig = Figure(figsize=(max(6, 1.5 * len(datasets) * max(1, len(defenses) / 3)), 4))
     ax = fig.subplots()
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, defense in enumerate(defenses):
         xs = [i + (j - (len(defenses) - 1) / 2) * width for i in range(len(datasets))]
-        clean = [by_key.get((d, defense), {}).get("clean_acc", 0) for d in datasets]
-        robust = [by_key.get((d, defense), {}).get("robust_acc", 0) for d in datasets]
+        clean = [by_key[(d, defense)].clean_acc if (d, defense) in by_key else 0 for d in datasets]
+        robust = [by_key[(d, defense)].robust_acc if (d, defense) in by_key else 0 for d in datasets]
         color = colors[j % len(colors)]
         ax.bar(xs, clean, width, color=color, alpha=0.35, yerr=_error_bars(by_key, datasets, defense, "clean"),
                error_kw={"alpha": 0.5, "capsize": 2})
@@ -237,4 +244,58 @@ def plot_stability(rows: Sequence[dict], published: dict[float, tuple[float, flo
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    return path
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def plot_comparison(comparison: Comparison, path: Path) -> Path:
+    """Ours (x) against published (y), clean and robust side by side, written atomically as a PNG.
+
+    Drawn on a bare ``matplotlib.figure.Figure``: pyplot is never imported and the backend never set, so a
+    caller's interactive session is left as it was.
+    """
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(12, 5.6), dpi=110)
+    if not comparison.rows:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No record of this run has a published twin ({comparison.records} records compared):\n"
+                "nothing to plot. comparison.md lists each record's reason.", ha="center", va="center", fontsize=12)
+    else:
+        colours = {s.key: f"C{i}" for i, s in enumerate(comparison.sources)}
+        defenses = list(dict.fromkeys(r.defense for r in comparison.rows))
+        markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(defenses)}
+        for k, kind in enumerate(("clean", "robust")):
+            ax = fig.add_subplot(1, 2, k + 1)
+            values = []
+            for r in comparison.rows:
+                ours, theirs = getattr(r, f"ours_{kind}"), getattr(r, f"published_{kind}")
+                ci = getattr(r, f"{kind}_ci95")
+                if theirs is None:
+                    continue
+                xerr = [[max(0.0, ours - ci[0])], [max(0.0, ci[1] - ours)]] if ci else None
+                ax.errorbar([ours], [theirs], xerr=xerr, fmt=markers[r.defense], color=colours[r.source], ms=6,
+                            elinewidth=1, capsize=2, alpha=0.85)
+                ax.annotate(r.dataset, (ours, theirs), xytext=(3, 3), textcoords="offset points", fontsize=6)
+                values += [ours, theirs, *(ci or ())]
+            low, high = (max(0.0, min(values) - 3), min(100.0, max(values) + 3)) if values else (0.0, 100.0)
+            ax.plot([low, high], [low, high], color="0.5", lw=1, ls="--", zorder=0)
+            ax.set_xlim(low, high)
+            ax.set_ylim(low, high)
+            ax.set_aspect("equal")
+            ax.set_xlabel(f"ours: {kind} accuracy (%), 95% interval")
+            ax.set_ylabel(f"published {kind} accuracy (%)")
+            ax.set_title(f"{kind}" + ("" if values else ": no published value"))
+            ax.grid(alpha=0.3)
+        handles = [Line2D([], [], color=colours[s.key], marker="o", ls="", label=f"{s.key}: {s.label}")
+                   for s in comparison.sources]
+        handles += [Line2D([], [], color="0.3", marker=markers[d], ls="", label=d) for d in defenses]
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+        fig.suptitle(f"{comparison.model} ({comparison.backbone}): ours against published, one point per dataset and "
+                     "defense (dashed: equal)", fontsize=11)
+        fig.subplots_adjust(bottom=0.22, top=0.9, wspace=0.25)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path

@@ -12,12 +12,12 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .data import PAPER_AVERAGE_DATASETS, short_name
 from .errors import CounterattackError
-from .evaluate import average_records, upgraded
+from .evaluate import average_records
 from .plots import plot_accuracy, plot_gate_histograms
+from .records import Average, Record, Results
 from .results import ResultsStore
 from .store import write_atomically
 
@@ -44,14 +44,15 @@ _COLUMNS = (
 _ONLY_IF_GIVEN = ("clean_acc_std", "robust_acc_std")  # runs over several seeds
 
 
-def _cell(record: dict, key: str, fmt: str) -> str:
-    value = record.get(key)
+def _cell(record: Record, key: str, fmt: str) -> str:
+    value = getattr(record, key)
     return "-" if value is None else fmt.format(value)
 
 
-def format_table(records: Sequence[dict]) -> str:
+def format_table(records: Sequence[Record]) -> str:
     """A plain-text table, one row per record; missing values print as '-'."""
-    columns = [c for c in _COLUMNS if c[0] not in _ONLY_IF_GIVEN or any(r.get(c[0]) is not None for r in records)]
+    columns = [c for c in _COLUMNS
+               if c[0] not in _ONLY_IF_GIVEN or any(getattr(r, c[0]) is not None for r in records)]
     header = [title for _, title, _ in columns]
     rows = [[_cell(r, key, fmt) for key, _, fmt in columns] for r in records]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -70,30 +71,30 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def paper_tables(records: Sequence[dict]) -> str:
+def paper_tables(records: Sequence[Record]) -> str:
     """Markdown in the paper's Table 1 layout: clean accuracy, robust accuracy per attack (defenses x
     datasets + averages), then the cost of each defense.
 
     Two averages: over the TTC paper's 16 datasets among those run (its headline number), and over
     everything run.
     """
-    averages = {(a["scope"], a["attack"], a["defense"]): a for a in average_records(records)}
-    attacks = _ordered(r["attack"] for r in records)
-    datasets = _ordered(r["dataset"] for r in records)
-    defenses = _ordered(r["defense"] for r in records)
-    by_key = {(r["attack"], r["dataset"], r["defense"]): r for r in records}
-    counts = {scope: max((a["datasets"] for (s, _, _), a in averages.items() if s == scope), default=0)
+    averages = {(a.scope, a.attack, a.defense): a for a in average_records(records)}
+    attacks = _ordered(r.attack for r in records)
+    datasets = _ordered(r.dataset for r in records)
+    defenses = _ordered(r.defense for r in records)
+    by_key = {(r.attack, r.dataset, r.defense): r for r in records}
+    counts = {scope: max((a.datasets for (s, _, _), a in averages.items() if s == scope), default=0)
               for scope in ("paper", "all")}
     header = ["defense", *map(short_name, datasets),
               f"average, paper's datasets ({counts['paper']} of {len(PAPER_AVERAGE_DATASETS)})",
               f"average, all ({counts['all']})"]
 
-    def cell(record: dict | None, key: str) -> str:
+    def cell(record: Record | Average | None, key: str) -> str:
         if record is None:
             return "-"
-        std = record.get(f"{key}_std")  # runs over several seeds: mean ± sample standard deviation
-        interval = record.get(key.replace("_acc", "_ci95"))  # averages have none
-        return (f"{record[key]:.2f}" + ("" if std is None else f" ± {std:.2f}")
+        std = getattr(record, f"{key}_std", None)  # runs over several seeds: mean ± sample standard deviation
+        interval = getattr(record, key.replace("_acc", "_ci95"), None)  # averages have none
+        return (f"{getattr(record, key):.2f}" + ("" if std is None else f" ± {std:.2f}")
                 + ("" if interval is None else f" ({interval[0]:.1f}–{interval[1]:.1f})"))
 
     def table(attack: str, key: str) -> str:
@@ -109,25 +110,24 @@ def paper_tables(records: Sequence[dict]) -> str:
     sections += [f"### Robust accuracy (%), attack {attack}\n\n{table(attack, 'robust_acc')}" for attack in attacks]
     cost_rows = []
     for defense in defenses:
-        rs = [r for r in records if r["defense"] == defense and r["attack"] == attacks[0]]
-        peaks = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
-        cost_rows.append([
-            defense,
-            f"{sum(r['forwards_per_image'] for r in rs) / len(rs):.2f}",
-            f"{sum(r['backwards_per_image'] for r in rs) / len(rs):.2f}",
-            f"{sum(r['ms_per_image'] for r in rs) / len(rs):.2f}"
-            if all(r.get("ms_per_image") is not None for r in rs) else "-",
-            f"{max(peaks):.0f}" if peaks else "-",
-        ])
+        rs = [r for r in records if r.defense == defense and r.attack == attacks[0]]
+        peaks = [r.peak_memory_mb for r in rs if r.peak_memory_mb is not None]
+
+        def mean(key: str, rs: list[Record] = rs) -> str:
+            values = [getattr(r, key) for r in rs]
+            return "-" if None in values else f"{sum(values) / len(values):.2f}"
+
+        cost_rows.append([defense, mean("forwards_per_image"), mean("backwards_per_image"), mean("ms_per_image"),
+                          f"{max(peaks):.0f}" if peaks else "-"])
     sections.append("### Cost per image of each defense\n\n" + _markdown(
         ["defense", "forwards", "backwards", "ms", "peak GPU memory (MB)"], cost_rows))
     return "\n\n".join(sections)
 
 
-def _what_was_run(config: dict, records: Sequence[dict]) -> str:
+def _what_was_run(config: dict, records: Sequence[Record]) -> str:
     """The attacks, the prompts and how many images stand behind each number, in words."""
     attacks = "; ".join(f"`{json.dumps(a)}`" for a in config.get("attacks", []))
-    images = ", ".join(f"{short_name(d)}: {n}" for d, n in dict.fromkeys((r["dataset"], r["n"]) for r in records))
+    images = ", ".join(f"{short_name(d)}: {n}" for d, n in dict.fromkeys((r.dataset, r.n) for r in records))
     prompts = config.get("prompts", "paper")
     prompt_words = ("the TTC code's per-dataset prompts" if prompts == "paper"
                     else "curated class names with one template")
@@ -141,7 +141,7 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
         seeds = (f"seeds {', '.join(map(str, config['seeds']))}: each accuracy is the mean over them ± the sample "
                  f"standard deviation (the spread due to {draws}); its 95% interval is the image sample's")
     worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
-        r["attack"] == "worst-case" for r in records) else ""
+        r.attack == "worst-case" for r in records) else ""
     stored = " Adversarial images rounded to 8 bits before the defenses." if config.get("quantize_adversarial") else ""
     if config.get("adversarial"):
         stored += (f" Adversarial images read from a stored set (hash {config['adversarial']['hash']}, crafted with "
@@ -150,33 +150,15 @@ def _what_was_run(config: dict, records: Sequence[dict]) -> str:
             f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
 
 
-_RECORD_FIELDS = {"dataset": str, "attack": str, "defense": str, "n": int, "clean_acc": (int, float),
-                  "robust_acc": (int, float)}
-
-
-def checked_record(record: Any) -> dict:
-    """A summary record with the fields every table and plot reads, of the right types; else TypeError/KeyError."""
-    if not isinstance(record, dict):
-        raise TypeError(f"a record is a {type(record).__name__}")
-    for key, kind in _RECORD_FIELDS.items():
-        if not isinstance(record[key], kind) or isinstance(record[key], bool):
-            raise TypeError(f"a record's {key} is {record[key]!r}")
-    return record
-
-
 def gate_thresholds(described: Sequence[dict]) -> dict[str, float]:
     """Each gated defense's threshold (by the name its records carry), read from the option its gate names."""
     from .defenses import DEFENSES
 
     found = {}
     for entry in described:
-        cls = DEFENSES.get(entry.get("defense")) if isinstance(entry, dict) else None
-        try:  # a default instance: a gate may be a property (DOC's names its score), its threshold option is fixed
-            gate = cls().gate if cls is not None else None
-        except (CounterattackError, TypeError):
-            continue
-        if gate is not None and gate.threshold in entry:
-            found[entry.get("name", entry["defense"])] = entry[gate.threshold]
+        defense = DEFENSES.rebuild(entry)  # a gate may follow a setting (DOC's names its score)
+        if defense is not None and defense.gate is not None:
+            found[entry.get("name", entry["defense"])] = defense.gate.threshold_of(defense)
     return found
 
 
@@ -187,12 +169,9 @@ def write_report(out: Path) -> list[Path]:
     if not results_path.is_file():
         raise CounterattackError(f"No results.json in {out}: run `counterattack eval --out {out}` first.")
     try:
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        records = [checked_record(upgraded(r)) for r in results["records"]]
-        config = results.get("config", {})
-        if not isinstance(config, dict):
-            raise TypeError(f"config is a {type(config).__name__}")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        results = Results.from_json(json.loads(results_path.read_text(encoding="utf-8")))
+        records, config = results.records, results.config
+    except (OSError, ValueError) as exc:
         raise CounterattackError(f"{results_path} is damaged ({type(exc).__name__}: {exc}): run the command that made "
                                  "it again, which rewrites it from the finished batches in parts/.") from None
     if not records:
@@ -201,9 +180,10 @@ def write_report(out: Path) -> list[Path]:
 
     def write_csv(path: Path) -> None:
         with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
+            rows = [r.to_json() for r in records]
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
-            writer.writerows(records)
+            writer.writerows(rows)
 
     write_atomically(out / "report.csv", write_csv)
     plots = [plot_accuracy(records, out), *plot_gate_histograms(ResultsStore(out).batches(), thresholds, out)]

@@ -3,13 +3,16 @@
 Layout under ``--out``::
 
     config.json          the run's settings and their hash; a different configuration is refused
-    parts/rank-R.jsonl   one line per finished batch, appended and fsynced by process R
+    parts/rank-R.jsonl   process R's lines, appended and fsynced: first the run it belongs to (its hash and
+                         settings), then one line per finished batch, each carrying that hash
     results.json         the summary records, written at the end (atomically)
 
 A run killed at any moment (even ``kill -9``) leaves at worst one half-written last line, which is
 ignored and cut off; running the same command again skips every image already done. Every line
 carries a checksum of its content and is checked for its shape when read: a line edited or damaged
-after it was written is refused, naming the file and the line, never merged.
+after it was written is refused, naming the file and the line, never merged. Every batch carries its
+run's hash: a parts file of another run (copied from another folder, or left by other settings after
+config.json was deleted) is refused, naming the settings that differ.
 """
 
 from __future__ import annotations
@@ -18,61 +21,48 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CounterattackError
-from .store import Store
+from .records import BatchRecord, RecordError
+from .store import Piece, Store
 
 
-def _checksum(batch: dict) -> str:
-    return hashlib.sha256(json.dumps(batch, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
+def _checksum(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
 
 
-def _checked_batch(line: dict) -> dict:
-    """A part line's batch, once its checksum matches and every list holds one entry per image."""
+@dataclass
+class _Line:
+    """One line of a parts file: a run's header (``config``) or a batch (``batch``), with the run's hash."""
+
+    path: Path
+    number: int
+    run: str
+    config: dict | None = None
+    batch: BatchRecord | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.number}"
+
+
+def _parsed(line: Any) -> tuple[str, dict | None, BatchRecord | None]:
+    """A part line's run, and its header's configuration or its batch, once its checksum matches."""
     if not isinstance(line, dict) or "checksum" not in line:
-        raise ValueError("no checksum")
-    batch = {k: v for k, v in line.items() if k != "checksum"}
-    if _checksum(batch) != line["checksum"]:
-        raise ValueError("its checksum does not match its content")
-    count = len(batch["ids"])
-    if not isinstance(batch["dataset"], str) or len(batch["labels"]) != count or not count:
-        raise ValueError("ids and labels do not pair up")
-    for result in batch["defenses"].values():
-        for per_image in (result["clean"], *result["adv"].values()):
-            if any(values is not None and len(values) != count
-                   for key, values in per_image.items() if key != "components"):
-                raise ValueError("a defense's results are not one per image")
-    return batch
-
-
-def _per_image_lists(batch: dict) -> Iterator[tuple[dict, str]]:
-    """Every (dict, key) of a batch whose value is a list with one entry per image."""
-    yield batch, "ids"
-    yield batch, "labels"
-    for result in batch["defenses"].values():
-        for per_image in (result["clean"], *result["adv"].values(), *(
-                part for adv in result["adv"].values() for part in adv.get("components", {}).values())):
-            for key, values in per_image.items():
-                if isinstance(values, list):
-                    yield per_image, key
-
-
-def _image_results(batch: dict, i: int) -> list:
-    """One image's results in a batch, everything but the batch's costs."""
-    return [values[key][i] for values, key in _per_image_lists(batch) if key != "ids"]
-
-
-def _only(batch: dict, keep: list[int]) -> dict:
-    """A batch with only the images at ``keep``; its costs scaled to their share."""
-    copy = json.loads(json.dumps(batch))
-    for values, key in _per_image_lists(copy):
-        values[key] = [values[key][i] for i in keep]
-    share = len(keep) / len(batch["ids"])
-    for result in copy["defenses"].values():
-        for cost in ("forwards", "backwards", "defended_images", "seconds"):
-            result[cost] = result[cost] * share
-    return copy
+        raise RecordError("no checksum")
+    content = {k: v for k, v in line.items() if k != "checksum"}
+    if _checksum(content) != line["checksum"]:
+        raise RecordError("its checksum does not match its content")
+    if not isinstance(content.get("run"), str):
+        raise RecordError("it names no run (written by an earlier release?)")
+    if "config" in content:
+        if not isinstance(content["config"], dict):
+            raise RecordError("its run's configuration is not an object")
+        return content["run"], content["config"], None
+    return content["run"], None, BatchRecord.from_json(content.get("batch"))
 
 
 class ResultsStore(Store):
@@ -81,91 +71,116 @@ class ResultsStore(Store):
     def __init__(self, out: Path, rank: int = 0):
         super().__init__(out, rank)
         self.parts = self.folder / "parts"
+        self._headed = False  # this process's parts file names the bound run
 
-    def _lines(self, path: Path) -> Iterator[dict]:
+    def _lines(self, path: Path) -> Iterator[_Line]:
         with path.open("rb") as f:
             for number, line in enumerate(f, start=1):
                 if not line.endswith(b"\n"):
                     return  # the half-written last line of a killed run
                 try:
-                    yield _checked_batch(json.loads(line.decode("utf-8")))
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    run, config, batch = _parsed(json.loads(line.decode("utf-8")))
+                except (ValueError, UnicodeDecodeError) as exc:
                     raise CounterattackError(
-                        f"{path}, line {number}, is damaged or was edited ({exc}). Delete that line (its images are "
-                        "evaluated again) and run the same command again.") from None
+                        f"{path}, line {number}, is damaged or was edited ({exc}). Drop that line (e.g. `sed -i "
+                        f"'{number}d' {path}`: the images of that batch are evaluated again) and run the same command "
+                        "again.") from None
+                yield _Line(path, number, run, config, batch)
 
-    def _all_batches(self) -> list[dict]:
-        return [batch for _, batch in self._batches_with_files()]
+    def _all_lines(self) -> list[_Line]:
+        return [line for path in sorted(self.parts.glob("rank-*.jsonl")) for line in self._lines(path)]
 
-    def _batches_with_files(self) -> list[tuple[Path, dict]]:
-        return [(path, batch) for path in sorted(self.parts.glob("rank-*.jsonl")) for batch in self._lines(path)]
+    def _batch_lines(self) -> list[_Line]:
+        return [line for line in self._all_lines() if line.batch is not None]
 
-    def _without_repeats(self) -> list[dict]:
+    def described(self, run: str) -> dict[str, Any] | None:
+        return next((line.config for line in self._all_lines() if line.config is not None and line.run == run), None)
+
+    def pieces(self) -> Iterator[Piece]:
+        return (Piece(line.batch.dataset, line.batch.ids, line.run, line.where) for line in self._batch_lines())
+
+    def _checked_batch_lines(self) -> list[_Line]:
+        lines = self._batch_lines()
+        self.check_pieces(Piece(line.batch.dataset, line.batch.ids, line.run, line.where) for line in lines)
+        return lines
+
+    def _without_repeats(self) -> list[BatchRecord]:
         """Every batch, an image evaluated twice kept once where both results agree (a repeat changes nothing);
-        two different results for one image are refused, naming the files and how to keep one."""
-        first: dict[tuple[str, object], tuple[Path, dict, int]] = {}
+        two different results for one image are refused, naming both lines and how to drop one."""
+        first: dict[tuple[str, object], tuple[_Line, int]] = {}
         kept = []
-        for path, batch in self._batches_with_files():
-            keep = []
-            for i, image_id in enumerate(batch["ids"]):
-                key = (batch["dataset"], image_id)
+        for line in self._checked_batch_lines():
+            batch, keep = line.batch, []
+            for i, image_id in enumerate(batch.ids):
+                key = (batch.dataset, image_id)
                 if key not in first:
-                    first[key] = (path, batch, i)
+                    first[key] = (line, i)
                     keep.append(i)
                     continue
-                other_path, other, j = first[key]
-                if _image_results(other, j) != _image_results(batch, i):
+                other, j = first[key]
+                if other.batch.of_image(j) != batch.of_image(i):
                     raise CounterattackError(
-                        f"image {image_id!r} of {batch['dataset']} has two different results, in {other_path} and "
-                        f"{path} (two runs wrote {self.folder}). Keep one run's: delete the other's file "
-                        f"(e.g. `rm {path}`) and run the same command again; the images it held are evaluated again.")
-            if len(keep) == len(batch["ids"]):
+                        f"image {image_id!r} of {batch.dataset} has two different results: {other.where} and "
+                        f"{line.where} (two runs wrote {self.folder}). Keep one: drop either line (e.g. `sed -i "
+                        f"'{line.number}d' {line.path}`; the images of that batch are evaluated again) and run the "
+                        "same command again.")
+            if len(keep) == len(batch.ids):
                 kept.append(batch)
             elif keep:
-                kept.append(_only(batch, keep))
+                kept.append(batch.only(keep))
         return kept
-
-    def pieces(self) -> Iterator[tuple[str, list]]:
-        return ((batch["dataset"], batch["ids"]) for batch in self._all_batches())
 
     def unfinished(self, problems: list[str]) -> str:
         return (f"Cannot merge the results in {self.parts}: {'; '.join(problems)}. Run the same command again "
                 "to evaluate what is missing; if results are doubled or foreign, the folder was written by "
                 "something else: use another --out.")
 
-    def complete(self, expected: Mapping[str, list]) -> list[dict]:
+    def complete(self, expected: Mapping[str, list]) -> list[BatchRecord]:
         """Every batch, once each expected image id (per dataset) is found exactly once and no other is.
 
         The merge of the processes' files: a missing or doubled image refuses the summary rather
         than averaging over whatever happens to be there.
         """
         batches = self._without_repeats()
-        self.check_complete(expected, [(batch["dataset"], batch["ids"]) for batch in batches])
+        self.check_complete(expected, [(batch.dataset, batch.ids) for batch in batches])
         return batches
 
-    def batches(self) -> list[dict]:
-        """Every finished batch of every process; an image met twice counts once."""
-        seen: set[tuple[str, int]] = set()
+    def batches(self) -> list[BatchRecord]:
+        """Every finished batch of every process of the run config.json names; an image met twice counts once."""
+        if self.digest is None:
+            self.read_bound()
+        seen: set[tuple[str, object]] = set()
         result = []
-        for batch in self._all_batches():
-            keys = [(batch["dataset"], i) for i in batch["ids"]]
+        for line in self._checked_batch_lines():
+            keys = [(line.batch.dataset, i) for i in line.batch.ids]
             if any(k in seen for k in keys):
                 continue
             seen.update(keys)
-            result.append(batch)
+            result.append(line.batch)
         return result
 
-    def append(self, batch: dict) -> None:
-        path = self.parts / f"rank-{self.rank}.jsonl"
-        self.parts.mkdir(parents=True, exist_ok=True)
+    def _write_line(self, path: Path, content: dict) -> None:
         with path.open("a+b") as f:
             # Cut a half-written last line left by a killed run before adding to the file.
             f.seek(0, os.SEEK_END)
             if f.tell():
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
-                    content = path.read_bytes()
-                    f.truncate(content.rfind(b"\n") + 1)
-            f.write((json.dumps({**batch, "checksum": _checksum(batch)}, allow_nan=False) + "\n").encode())
+                    data = path.read_bytes()
+                    f.truncate(data.rfind(b"\n") + 1)
+            f.write((json.dumps({**content, "checksum": _checksum(content)}, allow_nan=False) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
+
+    def append(self, batch: BatchRecord) -> None:
+        """Add one batch of the bound run to this process's parts file (its first line names the run)."""
+        if self.digest is None:
+            raise RuntimeError("bind the store to its run before appending")
+        path = self.parts / f"rank-{self.rank}.jsonl"
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if not self._headed:  # read once per run: a resumed file already names it
+            if not any(line.config is not None and line.run == self.digest
+                       for line in (self._lines(path) if path.exists() else ())):
+                self._write_line(path, {"run": self.digest, "config": self.bound})
+            self._headed = True
+        self._write_line(path, {"run": self.digest, "batch": batch.to_json()})

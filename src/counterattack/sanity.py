@@ -54,7 +54,7 @@ class SanityReport:
 def _robust_accuracy(classifier, data, defense, attack, settings, indices, attack_for_defense) -> float:
     batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices,
                                     attack_for_defense=attack_for_defense))
-    return summarize(batches, [data.name], [defense.name], [attack.name])[0]["robust_acc"]
+    return summarize(batches, [data.name], [defense.name], [attack.name])[0].robust_acc
 
 
 def _never_increases(points: list[tuple[float, float]], tolerance: float) -> tuple[bool, str]:

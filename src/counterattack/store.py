@@ -18,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -85,12 +86,32 @@ def coverage_problems(counts: Counter, expected: Mapping[str, list], doubled: st
     return problems
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One finished piece of a store: the images of one dataset it covers, the hash of the run that wrote it (every
+    piece carries its run's identity), and where it is, for messages."""
+
+    dataset: str
+    ids: list
+    run: str
+    where: str
+
+
+def differing(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """The settings two configurations differ in, in words."""
+    changed = sorted(k for k in set(old) | set(new) if k not in RUN_ONLY_KEYS and old.get(k) != new.get(k))
+    return f"{', '.join(changed) or 'unknown'}{dataset_changes(old, new)}"
+
+
 class Store:
     """A folder of pieces, each covering some images of one dataset, under one configuration.
 
-    Subclasses say what they hold (``what``, words for messages), how a store of theirs is marked in
-    its configuration (``kind``, or None), list their finished pieces (``pieces``) and say how to
-    finish an incomplete store (``unfinished``).
+    ``config.json`` holds the configuration and its hash; every piece carries that hash too, with the configuration
+    it was written under, so a piece of another run (a file copied from another folder, a folder whose config.json
+    was deleted and run again with other settings) is refused, naming the settings that differ, never merged.
+    Subclasses say what they hold (``what``, words for messages), how a store of theirs is marked in its
+    configuration (``kind``), list their finished pieces (``pieces``), give the configuration stored with a run's
+    pieces (``described``) and say how to finish an incomplete store (``unfinished``).
     """
 
     what: ClassVar[str] = "results"
@@ -101,29 +122,60 @@ class Store:
     def __init__(self, folder: Path, rank: int = 0):
         self.folder = Path(folder)
         self.rank = rank
+        self.digest: str | None = None  # the bound run's hash: set by ``bind`` (writing) or ``read_bound`` (reading)
+        self.bound: dict[str, Any] | None = None
 
     @property
     def config_path(self) -> Path:
         return self.folder / "config.json"
 
-    def check_config(self, config: Mapping[str, Any], write: bool) -> None:
-        """Refuse to mix two configurations in one folder: the stored hash must be this configuration's,
-        else the differing settings are named; the configuration is written when absent and ``write``."""
-        config = {"kind": self.kind, **config} if self.kind else dict(config)
+    def marked(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"kind": self.kind, **config} if self.kind else dict(config)
+
+    def bind(self, config: Mapping[str, Any], write: bool) -> None:
+        """Bind the store to one run: refuse a folder (its config.json, or any of its pieces) of another
+        configuration, naming the settings that differ; write config.json when absent and ``write`` (rebuilt from
+        the pieces only when they are this run's)."""
+        config = self.marked(config)
         digest = config_hash(config)
         if self.config_path.exists():
             stored = self.read_config()
             if stored.get("hash") != digest:
                 old = stored.get("config", {})
-                changed = sorted(k for k in set(old) | set(config)
-                                 if k not in RUN_ONLY_KEYS and old.get(k) != config.get(k))
                 raise CounterattackError(
-                    f"{self.folder} holds {self.what} of another configuration (hash {stored.get('hash')}, this one "
-                    f"{digest}; differing: {', '.join(changed) or 'unknown'}{dataset_changes(old, config)}). "
-                    "Use another --out, or delete the folder to start over."
-                )
-        elif write:
+                    f"{self.folder} holds {self.what_of(old)} of another configuration (hash {stored.get('hash')}, "
+                    f"this one {digest}; differing: {differing(old, config)}). Use another --out: what is there is "
+                    "kept.")
+        self.digest, self.bound = digest, config
+        self.check_pieces(self.pieces())
+        if write and not self.config_path.exists():
             write_json_atomically(self.config_path, {"hash": digest, "config": config})
+
+    def what_of(self, config: Mapping[str, Any]) -> str:
+        """What a folder of this configuration holds, in words: a results folder is not an adversarial set."""
+        kind = config.get("kind") if isinstance(config, Mapping) else None
+        if kind == self.kind:
+            return self.what
+        return "an adversarial set" if kind == "adversarial set" else "results"
+
+    def read_bound(self) -> None:
+        """Bind to the run config.json names, for reading a finished store."""
+        stored = self.read_config()
+        self.digest, self.bound = stored["hash"], stored["config"]
+
+    def check_pieces(self, pieces: Iterable[Piece]) -> list[Piece]:
+        """``pieces``, once every one is of the bound run."""
+        pieces = list(pieces)
+        for piece in pieces:
+            if piece.run != self.digest:
+                other = self.described(piece.run)
+                detail = (f"differing: {differing(other, self.bound or {})}" if other is not None
+                          else "written by an earlier release, which did not record its run")
+                raise CounterattackError(
+                    f"{piece.where} holds {self.what} of another run (hash {piece.run}, this one {self.digest}; "
+                    f"{detail}). Move that file out of {self.folder} (what it holds is kept there), or use another "
+                    "--out.")
+        return pieces
 
     def read_config(self) -> dict[str, Any]:
         """The stored ``{"hash", "config"}``; a damaged file is one line saying how to recover."""
@@ -134,19 +186,24 @@ class Store:
                 raise ValueError("not a configuration written by counterattack")
         except (OSError, ValueError) as exc:
             raise CounterattackError(
-                f"{self.config_path} is damaged ({type(exc).__name__}: {exc}). Delete it and run the same command "
-                f"again (it is rewritten, and the {self.what} already there are kept), or use another --out.") from None
+                f"{self.config_path} is damaged ({type(exc).__name__}: {exc}). Move it aside (e.g. `mv "
+                f"{self.config_path} {self.config_path}.damaged`) and run the same command again: it is rebuilt from "
+                f"the {self.what} already there, which carry their run's identity.") from None
         return stored
 
-    def pieces(self) -> Iterable[tuple[str, list]]:
-        """``(dataset, image ids)`` of every finished piece, in a fixed order."""
+    def pieces(self) -> Iterable[Piece]:
+        """Every finished piece, in a fixed order."""
+        raise NotImplementedError
+
+    def described(self, run: str) -> dict[str, Any] | None:
+        """The configuration stored with the pieces of run ``run``, if they carry one."""
         raise NotImplementedError
 
     def done(self) -> dict[str, set]:
         """Image ids already stored, per dataset (every process's): what a resumed run skips."""
         done: dict[str, set] = {}
-        for dataset, ids in self.pieces():
-            done.setdefault(dataset, set()).update(ids)
+        for piece in self.check_pieces(self.pieces()):
+            done.setdefault(piece.dataset, set()).update(piece.ids)
         return done
 
     def unfinished(self, problems: list[str]) -> str:
@@ -155,8 +212,9 @@ class Store:
 
     def check_complete(self, expected: Mapping[str, list], pieces: Iterable[tuple[str, list]] | None = None) -> None:
         """Refuse a store that does not hold every expected image (per dataset) exactly once, and nothing else
-        (``pieces``: the store's, if already read)."""
-        pieces = self.pieces() if pieces is None else pieces
+        (``pieces``: ``(dataset, ids)`` of the store's, if already read)."""
+        if pieces is None:
+            pieces = [(p.dataset, p.ids) for p in self.check_pieces(self.pieces())]
         counts = Counter((dataset, image_id) for dataset, ids in pieces for image_id in ids)
         problems = coverage_problems(counts, expected, self.doubled, self.foreign)
         if problems:
@@ -216,13 +274,13 @@ def fill(store: Store, config: Mapping[str, Any], expected: Mapping[str, list], 
          produce: Callable[[dict[str, set]], None]) -> Any:
     """The one way a run adds to a store, on one process or under torchrun.
 
-    The configuration is checked (and written, if new) on the main process first; every process then
+    The store is bound to the configuration (written, if new) on the main process first; every process then
     reads what is done, and none adds to the store before all have read it; each produces its share
     (``produce(done)``); the main process checks that the store is complete and returns what
     ``store.complete`` reads back (None on the other processes). A failure anywhere ends every process
     with its message, at the next of these steps.
     """
-    group.first_on_main(lambda: store.check_config(config, write=group.is_main))
+    group.first_on_main(lambda: store.bind(config, write=group.is_main))
     done = store.done()
     group.barrier()
     group.together(lambda: produce(done))

@@ -13,38 +13,38 @@ from ..config import RunConfig
 from ..data import short_name
 from ..defenses import DEFENSES, Defense, Gate, build_defense
 from ..distributed import ProcessGroup
-from ..evaluate import gate_scores
+from ..records import BatchRecord
 from ..errors import CounterattackError
 from ..plots import plot_score_histograms
 from ..store import write_json_atomically
 from .context import Evaluation, check_single_dataset, open_run, single_defense
 
 
-def scores_of(batches: Sequence[dict], defense: str, attack: str) -> tuple[list[float], list[float]]:
+def scores_of(batches: Sequence[BatchRecord], defense: str, attack: str) -> tuple[list[float], list[float]]:
     """Per image, the gate's score on the clean and on the adversarial images (one dataset)."""
     clean, adv = [], []
     for batch in batches:
-        result = batch["defenses"][defense]
-        clean += gate_scores(result["clean"])
-        adv += gate_scores(result["adv"][attack])
+        result = batch.defenses[defense]
+        clean += result.clean.gate_scores()
+        adv += result.adv[attack].gate_scores()
     return clean, adv
 
 
 def _entry(evaluation: Evaluation, attack: str, threshold: float, gate: Gate) -> dict:
     """At one threshold: the flagged fractions and the accuracies the defense gets."""
-    (defense,) = evaluation.batches[0]["defenses"]
+    (defense,) = evaluation.batches[0].defenses
     clean, adv = scores_of(evaluation.batches, defense, attack)
-    (record,) = [r for r in evaluation.records if r["attack"] == attack]
+    (record,) = [r for r in evaluation.records if r.attack == attack]
     return {"threshold": threshold, "flagged_clean": flagged_fraction(clean, threshold, gate.flags_above),
             "flagged_adv": flagged_fraction(adv, threshold, gate.flags_above),
-            **{k: record[k] for k in ("clean_acc", "robust_acc", "clean_ci95", "robust_ci95")}}
+            **{k: getattr(record, k) for k in ("clean_acc", "robust_acc", "clean_ci95", "robust_ci95")}}
 
 
 def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | None:
     name = single_defense(config)
     gate: Gate | None = build_defense(name, **config.defense.settings.get(name, {})).gate  # a gate may follow a setting
     if gate is None:
-        gated = [n for n, cls in DEFENSES.items() if cls().gate is not None]
+        gated = [n for n, cls in DEFENSES.items() if cls.gate is not None]  # a gate property (DOC's) counts too
         raise CounterattackError(f"{name} has no gate to calibrate; defenses with one: {', '.join(sorted(gated))}.")
     check_single_dataset(config, "a threshold is chosen per backbone and dataset")
     context = open_run(config, group, device)
@@ -66,9 +66,9 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
         return None
 
     dataset = context.selections[0].data.name
-    current_threshold = getattr(current, gate.threshold)
+    current_threshold = gate.threshold_of(current)
     entries, plots = [], []
-    images = sum(len(batch["ids"]) for batch in before.batches)
+    images = sum(len(batch.ids) for batch in before.batches)
     for attack in attacks:
         clean, adv = scores_of(before.batches, name, attack.name)  # MAC: one score per view
         oriented = (lambda xs: xs) if gate.flags_above else (lambda xs: [-x for x in xs])

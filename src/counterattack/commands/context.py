@@ -37,6 +37,7 @@ from ..models import load_vision_checkpoint
 from ..options import flag, options_of
 from ..precision import defense_precision
 from ..report import format_table, paper_tables, write_report
+from ..records import BatchRecord, Record, Results
 from ..results import ResultsStore
 from ..stats import duration
 from ..store import fill, write_json_atomically
@@ -57,8 +58,8 @@ def _versions() -> dict[str, str]:
 class Evaluation:
     """A finished evaluation: every batch's per-image results, and the summary records."""
 
-    batches: list[dict]
-    records: list[dict]
+    batches: list[BatchRecord]
+    records: list[Record]
 
 
 @dataclass
@@ -186,10 +187,9 @@ class RunContext:
             return attack
         return AdaptiveAttack(defense, attack, **self.config.attack.adaptive)
 
-    def results(self, config: Mapping[str, Any], records: list[dict]) -> dict[str, Any]:
+    def results(self, config: Mapping[str, Any], records: list[Record]) -> Results:
         """What results.json holds: the configuration, the records, their averages, the images left out."""
-        return {"config": config, "records": records, "average": average_records(records),
-                "unreadable": self.unreadable()}
+        return Results(dict(config), records, average_records(records), self.unreadable())
 
     def evaluation_config(self, defenses: Mapping[str, Defense], attacks: Sequence[Attack]) -> dict[str, Any]:
         """Everything a results folder's numbers depend on (its hash guards resumption), and what does not (``run``)."""
@@ -255,7 +255,7 @@ class RunContext:
                                               lambda a, d, attack_for=attack_for: attack_for[(a.name, id(d))],
                                               selection.chosen, self.adversarial):
                     store.append(batch)
-                    estimate.after(len(batch["ids"]))
+                    estimate.after(len(batch.ids))
 
         batches = fill(store, config, self.expected(), self.group, evaluate_my_share)
         if not self.group.is_main:
@@ -422,19 +422,19 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
     return context
 
 
-def write_results(out: Path, results: dict, also: str = "") -> None:
+def write_results(out: Path, results: Results, also: str = "") -> None:
     """results.json, the table on the terminal, and the report, in ``out``."""
-    write_json_atomically(out / "results.json", results)
-    records = results["records"]
+    write_json_atomically(out / "results.json", results.to_json())
+    records = results.records
     print(format_table(records))
-    if len({r["dataset"] for r in records}) > 1:
+    if len({r.dataset for r in records}) > 1:
         print("\n" + paper_tables(records))
     written = write_report(out)
     print(f"\nresults: {out / 'results.json'}; report: {written[0]}{also}")
 
 
-def over_seeds(context: RunContext, run: Callable[[RunContext], dict | None],
-               write: Callable[[Path, dict], None]) -> dict | None:
+def over_seeds(context: RunContext, run: Callable[[RunContext], Results | None],
+               write: Callable[[Path, Results], None]) -> Results | None:
     """``run(context)`` once, or with ``--seeds`` once per seed (each under ``out/seed-S``, the model and the data
     loaded once); then the mean and sample standard deviation of every accuracy, written by ``write(out, results)``.
     The results on the main process, None on the others of a torchrun group."""
@@ -444,10 +444,9 @@ def over_seeds(context: RunContext, run: Callable[[RunContext], dict | None],
     runs = [run(context.with_seed(seed)) for seed in seeds]
     if runs[0] is None:
         return None
-    records = combine_seeds([one["records"] for one in runs], seeds)
-    config = {**runs[0]["config"], "seed": None, "seeds": list(seeds)}
-    results = {"config": config, "records": records, "average": average_records(records),
-               "unreadable": runs[0]["unreadable"]}
+    records = combine_seeds([one.records for one in runs], seeds)
+    config = {**runs[0].config, "seed": None, "seeds": list(seeds)}
+    results = Results(config, records, average_records(records), runs[0].unreadable)
     print(f"\nmean over seeds {', '.join(map(str, seeds))} (± sample standard deviation):")
     write(context.config.out, results)
     return results

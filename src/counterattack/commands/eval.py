@@ -6,10 +6,11 @@ import torch
 
 from ..config import RunConfig
 from ..distributed import ProcessGroup
+from ..records import Results
 from .context import RunContext, open_run, over_seeds, write_results
 
 
-def evaluate(context: RunContext) -> dict | None:
+def evaluate(context: RunContext) -> Results | None:
     """One run into ``--out``, resuming what is there: the results on the main process, None on the others."""
     config = context.evaluation_config(context.defenses, context.attacks)
     evaluation = context.evaluate_into(context.config.out, context.defenses, context.attacks, config)
@@ -20,5 +21,5 @@ def evaluate(context: RunContext) -> dict | None:
     return results
 
 
-def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | None:
+def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> Results | None:
     return over_seeds(open_run(config, group, device), evaluate, write_results)

@@ -23,10 +23,10 @@ from ..config import RunConfig
 from ..data import short_name
 from ..defenses import TTC
 from ..distributed import ProcessGroup
-from ..evaluate import gate_scores
 from ..options import PIXEL
 from ..plots import plot_stability, safe_file_name
 from ..published import load_published
+from ..records import BatchRecord
 from ..store import write_atomically, write_json_atomically
 from .context import RunContext, open_run
 
@@ -43,18 +43,18 @@ def _summary(scores: Sequence[float]) -> dict:
             "quantiles": dict(zip(map(str, QUANTILES), np.quantile(values, QUANTILES).tolist(), strict=True))}
 
 
-def summarize_stability(batches: Sequence[dict], budgets: Sequence[float], attack: str) -> list[dict]:
+def summarize_stability(batches: Sequence[BatchRecord], budgets: Sequence[float], attack: str) -> list[dict]:
     """Per dataset and budget: tau's mean and quantiles on clean and adversarial images, and its ROC AUC as a
     detector (a lower tau is "more likely adversarial", the paper's falsely stable images)."""
     rows = []
-    for dataset in dict.fromkeys(batch["dataset"] for batch in batches):
+    for dataset in dict.fromkeys(batch.dataset for batch in batches):
         for budget in budgets:
             label = budget_label(budget)
             clean, adv = [], []
             for batch in batches:
-                if batch["dataset"] == dataset:
-                    clean += gate_scores(batch["defenses"][label]["clean"])
-                    adv += gate_scores(batch["defenses"][label]["adv"][attack])
+                if batch.dataset == dataset:
+                    clean += batch.defenses[label].clean.gate_scores()
+                    adv += batch.defenses[label].adv[attack].gate_scores()
             auc = roc_auc([-x for x in clean], [-x for x in adv])
             rows.append({"dataset": dataset, "attack": attack, "noise_eps": round(budget / PIXEL, 6), "n": len(clean),
                          "clean": _summary(clean), "adversarial": _summary(adv), "auc": auc})

@@ -20,6 +20,7 @@ from ..flags import cli_value, library_value, option_parser
 from ..manifest import option_spec
 from ..options import options_of
 from ..plots import plot_pareto, safe_file_name
+from ..records import Results
 from .context import RunContext, open_run, over_seeds, single_defense, write_results
 
 
@@ -61,23 +62,23 @@ def setting_label(defense: str, setting: Mapping[str, Any]) -> str:
                                 for k, v in cli_setting(defense, setting).items())])
 
 
-def write_sweep(out: Path, results: dict) -> None:
+def write_sweep(out: Path, results: Results) -> None:
     """A Pareto plot per dataset and attack, then what ``eval`` writes."""
-    records, name = results["records"], results["config"]["sweep"]["defense"]
+    records, name = results.records, results.config["sweep"]["defense"]
     plots = []
-    pairs = list(dict.fromkeys((r["dataset"], r["attack"]) for r in records))
+    pairs = list(dict.fromkeys((r.dataset, r.attack) for r in records))
     for dataset, attack in pairs:
-        these = [r for r in records if r["dataset"] == dataset and r["attack"] == attack]
-        points = [{**r, "label": r["defense"].removeprefix(f"{name} ")} for r in these if r["defense"] != "none"]
-        baseline = next(r for r in these if r["defense"] == "none")
+        these = [r for r in records if r.dataset == dataset and r.attack == attack]
+        points = [{**r.to_json(), "label": r.defense.removeprefix(f"{name} ")} for r in these if r.defense != "none"]
+        baseline = next(r for r in these if r.defense == "none")
         path = out / ("pareto.png" if len(pairs) == 1 else f"pareto-{safe_file_name(short_name(dataset))}-{attack}.png")
-        seeds = f", mean of {len(results['config']['seeds'])} seeds" if results["config"].get("seeds") else ""
-        plots.append(plot_pareto(points, path, baseline,
-                                 title=f"{name} on {short_name(dataset)}, {attack} ({baseline['n']} images{seeds})"))
+        seeds = f", mean of {len(results.config['seeds'])} seeds" if results.config.get("seeds") else ""
+        plots.append(plot_pareto(points, path, baseline.to_json(),
+                                 title=f"{name} on {short_name(dataset)}, {attack} ({baseline.n} images{seeds})"))
     write_results(out, results, also=f"; Pareto plot(s): {', '.join(map(str, plots))}")
 
 
-def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | None:
+def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> Results | None:
     name = single_defense(config)
     grid = parse_grid(config.study.grid, name)
     settings = {setting_label(name, setting): setting for setting in grid}
@@ -89,16 +90,14 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
                  for label, setting in settings.items()}}
     context = open_run(config, group, device, defenses=makers)
 
-    def sweep(context: RunContext) -> dict | None:
+    def sweep(context: RunContext) -> Results | None:
         context.adversarial_set()
         config_ = {**context.evaluation_config(context.defenses, context.attacks),
                    "sweep": {"defense": name, "grid": list(config.study.grid)}}
         evaluation = context.evaluate_into(context.config.out, context.defenses, context.attacks, config_)
         if evaluation is None:
             return None
-        records = evaluation.records
-        for record in records:
-            record["setting"] = cli_setting(name, settings.get(record["defense"], {}))
+        records = [replace(r, setting=cli_setting(name, settings.get(r.defense, {}))) for r in evaluation.records]
         results = context.results(config_, records)
         write_sweep(context.config.out, results)
         return results
