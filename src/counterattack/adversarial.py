@@ -21,7 +21,6 @@ import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CounterattackError
+from .records import ADVERSARIAL_SET, RecordError, RunDescription
 from .store import Piece, Store, config_hash, dataset_changes
 
 SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
@@ -69,9 +69,8 @@ class AdversarialSet(Store):
                                        "make one with `counterattack attack --out DIR`.")
         if adversarial.config_path.exists():
             try:
-                stored = json.loads(adversarial.config_path.read_text(encoding="utf-8"))
-                config = stored["config"]
-                if config["kind"] != cls.kind:
+                config = json.loads(adversarial.config_path.read_text(encoding="utf-8"))["config"]
+                if config["kind"] != ADVERSARIAL_SET:
                     raise ValueError(config["kind"])
             except (OSError, ValueError, KeyError, TypeError):
                 raise not_a_set from None
@@ -80,29 +79,34 @@ class AdversarialSet(Store):
             config = adversarial.described(next(iter(runs))) if len(runs) == 1 else None
             if config is None:
                 raise not_a_set
-        adversarial._config, adversarial.digest, adversarial.bound = config, config_hash(config), config
+        try:
+            adversarial._config = RunDescription.from_json(config)
+        except RecordError as exc:
+            raise CounterattackError(f"{adversarial.folder}'s configuration is not one this release reads ({exc}): "
+                                     "craft the set again with `counterattack attack` (into another folder).") from None
+        adversarial.digest, adversarial.bound = config_hash(config), config
         return adversarial
 
     @property
-    def config(self) -> dict:
+    def config(self) -> RunDescription:
         """The stored configuration: what the images were made with (model, attacks, datasets)."""
         if self._config is None:
             self._config = type(self).open(self.folder).config
         return self._config
 
-    def bind(self, config: Mapping[str, Any], write: bool) -> None:
-        super().bind(config, write)
+    def bind(self, described: RunDescription, write: bool) -> None:
+        super().bind(described, write)
         self._config = None
 
     @property
     def hash(self) -> str:
         """The stored configuration's hash: an evaluation records which set it read."""
-        return config_hash(self.config)
+        return config_hash(self.config.to_json())
 
     def check_identity(self, identity: dict) -> None:
         """Refuse to evaluate on images made for another model, prompt set, preprocessing or image subset:
         each key of ``identity`` must equal the stored one; the differing ones are named."""
-        stored = self.config
+        stored = self.config.to_json()
         changed = sorted(k for k in identity if stored.get(k) != identity[k])
         if changed:
             def shown(key: str, value: object) -> str:

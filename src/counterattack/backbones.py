@@ -7,14 +7,18 @@ classifier, every attack and every defense need nothing else. R-TPT's prompt tun
 tower opened in two (``PromptTunable``): the token embeddings of token ids, and the text features of
 given token embeddings, so that a learnable context can replace some of them.
 
-``SCHEMES`` maps a model name's prefix to the function that loads it into a ``LoadedCLIP``: open_clip's
-built-in names (no prefix), ``local-dir:``, ``hf-hub:`` and ``transformers:``. A new kind of backbone
-is one row: a prefix and a loader (``SchemeLoader``) whose model meets the protocol (or is open_clip's).
+``SCHEMES`` maps a model name's prefix to its row: the function that loads it into a ``LoadedCLIP`` and how its
+weights are identified in a run (``WeightsIdentity``; every row today by the tensors it loaded): open_clip's
+built-in names (no prefix), ``local-dir:``, ``hf-hub:`` and ``transformers:``. A new kind of backbone is one row:
+a prefix, a loader (``SchemeLoader``) whose model meets the protocol (or is open_clip's), and an identity.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import open_clip
 import torch
@@ -81,13 +85,51 @@ class SchemeLoader(Protocol):
                  cache_dir: str | None) -> LoadedCLIP: ...
 
 
-# One row per scheme: a model name's prefix -> its loader. The empty prefix holds open_clip's built-in names;
-# a name with a colon must start with one of the others.
-SCHEMES: dict[str, SchemeLoader] = {
-    "": load_builtin,
-    LOCAL_DIR_PREFIX: load_local_dir,
-    HF_HUB_PREFIX: load_hf_hub,
-    TRANSFORMERS_PREFIX: load_transformers_clip,
+class WeightsIdentity(Protocol):
+    """How a row's models are identified in a run's configuration: ``{"model": ..., "weights": ..., ...}`` from the
+    name as given (``prefix``, ``identifier``, ``pretrained``) and the model as loaded. Two runs whose identities
+    are equal computed on the same weights; weights of other content must give another identity."""
+
+    def __call__(self, prefix: str, identifier: str, pretrained: str | None, loaded: LoadedCLIP) -> dict[str, Any]: ...
+
+
+def tensors_fingerprint(module: torch.nn.Module) -> str:
+    """A module's weights by content: every tensor of its state, by name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}\n".encode())
+        digest.update(data.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def by_loaded_tensors(prefix: str, identifier: str, pretrained: str | None, loaded: LoadedCLIP) -> dict[str, Any]:
+    """The tensors actually loaded, whatever files they came from (an unrelated file beside them changes nothing, a
+    file edited in place is new weights); a local path is named by its scheme alone, so the same weights reached by
+    another path are the same run. The built-in names keep their pretrained tag ("file" for a weights file)."""
+    local = bool(prefix) and Path(identifier).expanduser().exists()
+    described: dict[str, Any] = {"model": f"{prefix}folder" if local else f"{prefix}{identifier}"}
+    if not prefix:
+        described["pretrained"] = "file" if pretrained and Path(pretrained).expanduser().is_file() else pretrained
+    described["weights"] = tensors_fingerprint(loaded.model)
+    return described
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A row of the scheme table: how its models load, and how their weights are identified in a run."""
+
+    load: SchemeLoader
+    identify: WeightsIdentity
+
+
+# One row per scheme: a model name's prefix -> its loader and identity. The empty prefix holds open_clip's built-in
+# names; a name with a colon must start with one of the others.
+SCHEMES: dict[str, Scheme] = {
+    "": Scheme(load_builtin, by_loaded_tensors),
+    LOCAL_DIR_PREFIX: Scheme(load_local_dir, by_loaded_tensors),
+    HF_HUB_PREFIX: Scheme(load_hf_hub, by_loaded_tensors),
+    TRANSFORMERS_PREFIX: Scheme(load_transformers_clip, by_loaded_tensors),
 }
 
 
@@ -123,10 +165,16 @@ def load_clip(
     """
     device = resolve_device(device)
     prefix, identifier = split_scheme(model)
-    loaded = SCHEMES[prefix](identifier, pretrained=pretrained, device=device, cache_dir=cache_dir)
+    loaded = SCHEMES[prefix].load(identifier, pretrained=pretrained, device=device, cache_dir=cache_dir)
     if not isinstance(loaded.model, Backbone):  # a new row's mistake, said here rather than deep in an attack
         lacking = [name for name in ("visual", "logit_scale", "logit_bias", "encode_text")
                    if not hasattr(loaded.model, name)]
         raise CounterattackError(f"{model}: the {prefix or 'open_clip'} loader gave a {type(loaded.model).__name__}, "
                                  f"which is not a backbone (it lacks {', '.join(lacking)}; see backbones.Backbone).")
     return loaded
+
+
+def weights_identity(model: str, pretrained: str | None, loaded: LoadedCLIP) -> dict[str, Any]:
+    """What a run records of the weights it loaded: its scheme row's identity of ``loaded``."""
+    prefix, identifier = split_scheme(model)
+    return SCHEMES[prefix].identify(prefix, identifier, pretrained if not prefix else None, loaded)

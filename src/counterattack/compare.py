@@ -20,7 +20,7 @@ from typing import Any
 from .errors import CounterattackError
 from .plots import plot_comparison
 from .published import AVERAGE_KEYS, Published, PublishedRecord, Source, load_published
-from .records import Record, RecordError, Results
+from .records import Record, RecordError, Results, RunDescription
 from .store import write_atomically
 
 EPS_TOLERANCE = 1e-6  # in 1/255: our eps * 255 against the published budget
@@ -116,25 +116,25 @@ class Comparison:
     sources: tuple[Source, ...]  # those cited by a row or an average, in the file's order
 
 
-def run_identity(config: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def run_identity(config: RunDescription) -> tuple[str | None, str | None]:
     """(model, backbone) of a run, as the published records name them.
 
     The backbone is the config's ``backbone`` label when a run recorded one; otherwise the pretrained tag
     when no vision checkpoint replaced the tower; otherwise unknown (None), since a checkpoint file's name
     does not say whether it is TeCoA at 1/255 or FARE at 4/255, and an unknown backbone has no twin.
     """
-    model = config.get("model")
-    if config.get("backbone"):
-        return model, config["backbone"]
-    if not config.get("vision_checkpoint"):
-        return model, config.get("pretrained") or None
+    model = config.model
+    if config.backbone:
+        return model, config.backbone
+    if not config.vision_checkpoint:
+        return model, config.pretrained or None
     return model, None
 
 
-def _budgets(config: Mapping[str, Any]) -> dict[str, tuple[float | None, int | None] | None]:
+def _budgets(config: RunDescription) -> dict[str, tuple[float | None, int | None] | None]:
     """Per attack name, (eps in 1/255, steps) from the config's attack list; None when listed twice."""
     budgets: dict[str, tuple[float | None, int | None] | None] = {}
-    for entry in config.get("attacks") or []:
+    for entry in config.attacks:
         if not isinstance(entry, dict) or not isinstance(entry.get("attack"), str):
             continue
         eps, steps = entry.get("eps"), entry.get("steps")
@@ -163,18 +163,18 @@ def _differences(given: Mapping[str, Any], defaults: Mapping[str, Any], skip: Se
     return notes
 
 
-def _setting_notes(config: Mapping[str, Any], defense: str, attack: str) -> tuple[str, ...]:
+def _setting_notes(config: RunDescription, defense: str, attack: str) -> tuple[str, ...]:
     """Our options that differ from the library's defaults (which follow the papers): not matched on, but said."""
     from .attacks import ATTACKS
     from .defenses import DEFENSES
     from .options import describe_options
 
     notes = []
-    for entry in config.get("defenses") or []:
+    for entry in config.defenses or []:
         if isinstance(entry, dict) and entry.get("name", entry.get("defense")) == defense and defense in DEFENSES:
             defaults = describe_options(DEFENSES[defense]())
             notes += [f"{defense} {d}" for d in _differences(entry, defaults, ("defense",))]
-    for entry in config.get("attacks") or []:
+    for entry in config.attacks:
         if isinstance(entry, dict) and entry.get("attack") == attack and attack in ATTACKS:
             defaults = ATTACKS[attack]().describe()
             notes += [f"{attack} {d}" for d in _differences(entry, defaults, ("attack", "eps", "steps"))]
@@ -207,7 +207,7 @@ def _hint(published: Published, model: str, backbone: str, defense: str, attack:
     return f"{NO_TWIN}: no paper printed {defense} against {attack} on {dataset}"
 
 
-def _ineligible(record: Record, config: Mapping[str, Any], model: str | None, backbone: str | None) -> str | None:
+def _ineligible(record: Record, config: RunDescription, model: str | None, backbone: str | None) -> str | None:
     """Why a record cannot have a twin whatever the papers printed, or None."""
     threat, defense, attack, dataset = record.threat, record.defense, record.attack, record.dataset
     if threat != "paper":
@@ -218,7 +218,7 @@ def _ineligible(record: Record, config: Mapping[str, Any], model: str | None, ba
         return f"{NO_TWIN}: the worst case over this run's attacks (no paper printed it)"
     if dataset.startswith("imagefolder:"):
         return f"{NO_TWIN}: an image folder (no paper ran it)"
-    if config.get("quantize_adversarial"):
+    if config.quantize_adversarial:
         return f"{NO_TWIN}: adversarial images rounded to 8 bits (the tables' attacks kept them in float)"
     if not model:
         return f"{NO_TWIN}: the config names no model"
@@ -490,7 +490,7 @@ def write_comparison(folder: Path, published: Published | None = None) -> list[P
     published = published if published is not None else load_published()
     comparison = compare_results(results, published)
     md, csv_path, json_path, png = (folder / name for name in OUTPUT_NAMES)
-    seeds = results.config.get("seeds")
+    seeds = results.config.seeds
     text = comparison_markdown(comparison, folder, seeds if isinstance(seeds, list) else None)
     write_atomically(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     table = comparison_csv(comparison)

@@ -257,7 +257,7 @@ def _stored(adversarial: AdversarialSet, dataset: str, ids: list, attack: Attack
     """A stored set's images of ``attack``, refused (naming the shard) unless each lies in the box and within the
     attack's recorded budget of its clean image: a damaged or foreign shard must not pass for that attack."""
     stored = adversarial.images(dataset, ids, attack.name, clean.device)
-    slack = 1e-6 + (0.5 / 255 if adversarial.config.get("quantize_adversarial") else 0.0)
+    slack = 1e-6 + (0.5 / 255 if adversarial.config.quantize_adversarial else 0.0)
     eps = getattr(attack, "eps", None)  # an attack without an L-inf budget: the box alone is checked
     beyond = (stored - clean).abs().flatten(1).amax(dim=1) - (eps if eps is not None else float("inf"))
     outside = ~torch.isfinite(stored).flatten(1).all(dim=1) | (stored.flatten(1).amin(dim=1) < -1e-6) \

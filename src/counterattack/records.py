@@ -305,22 +305,103 @@ class Average:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+ADVERSARIAL_SET = "adversarial set"  # the kind of an adversarial set's description: a results folder's is None
+UNITS = "eps and step sizes in [0, 1] pixel units"
+
+
+@dataclass
+class RunDescription:
+    """Everything a run's numbers depend on (hashed), and ``run``: what they do not depend on.
+
+    The weights and the images are identified by content (``weights``, each dataset's ``fingerprint``);
+    ``attacks`` and ``defenses`` are each instance's ``describe()``; budgets in [0, 1] pixel units.
+    """
+
+    model: str
+    datasets: list[dict]
+    attacks: list[dict]
+    threat: str = "paper"
+    kind: str | None = None
+    pretrained: str | None = None
+    weights: str | None = None
+    vision_checkpoint: str | None = None
+    backbone: str | None = None
+    prompts: str = "paper"
+    templates: list[str] | None = None
+    descriptions: dict[str, str] | None = None  # per dataset, the content digest of the class descriptions read
+    transform: str = "model"
+    limit: int | None = None
+    skip_unreadable: bool = False
+    tau_model: str | dict | None = None
+    adaptive: dict | None = None
+    defenses: list[dict] | None = None
+    defenses_per_dataset: dict[str, list[dict]] | None = None
+    units: str = UNITS
+    precision: dict[str, str] = field(default_factory=dict)
+    seed: int | None = None
+    seeds: list[int] | None = None
+    preset: str | None = None
+    quantize_adversarial: str | None = None
+    batch_composition: dict | None = None
+    adversarial: dict | None = None
+    sweep: dict | None = None
+    stability: dict | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+
+    # Written even when unset (None says "each dataset's own", "every image", "none"); the rest only when set.
+    ALWAYS = ("model", "datasets", "attacks", "threat", "prompts", "templates", "transform", "limit",
+              "skip_unreadable", "tau_model", "adaptive", "defenses", "units", "precision", "seed", "run")
+    _TYPES = {"model": str, "datasets": list, "attacks": list, "threat": str, "kind": str, "pretrained": str,
+              "weights": str, "vision_checkpoint": str, "backbone": str, "prompts": str, "templates": list,
+              "descriptions": dict, "transform": str, "limit": int, "skip_unreadable": bool, "tau_model": (str, dict),
+              "adaptive": dict, "defenses": list, "defenses_per_dataset": dict, "units": str, "precision": dict,
+              "seed": int, "seeds": list, "preset": str, "quantize_adversarial": str, "batch_composition": dict,
+              "adversarial": dict, "sweep": dict, "stability": dict, "run": dict}
+
+    def to_json(self) -> dict[str, Any]:
+        payload = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.name in self.ALWAYS:
+                payload[f.name] = value
+        return payload
+
+    @classmethod
+    def from_json(cls, payload: Any) -> RunDescription:
+        """A stored description, checked field by field (unknown fields are refused: another release wrote it)."""
+        if not isinstance(payload, Mapping):
+            raise RecordError(f"the run's description is a {type(payload).__name__}, not an object")
+        unknown = sorted(set(payload) - set(cls._TYPES))
+        if unknown:
+            raise RecordError(f"the run's description has fields this release does not know: {', '.join(unknown)}")
+        for key in ("model", "datasets", "attacks"):
+            if key not in payload:
+                raise RecordError(f"the run's description has no {key!r}")
+        for key, value in payload.items():
+            kind = cls._TYPES[key]
+            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise RecordError(f"the run's description's {key!r} is {value!r}")
+        return cls(**payload)
+
+
+
+
 @dataclass
 class Results:
     """What results.json holds: the run's description, its records, their averages, the images left out."""
 
-    config: dict[str, Any]
+    config: RunDescription
     records: list[Record]
     average: list[Average] = field(default_factory=list)
     unreadable: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "records": [r.to_json() for r in self.records],
+        return {"config": self.config.to_json(), "records": [r.to_json() for r in self.records],
                 "average": [a.to_json() for a in self.average], "unreadable": self.unreadable}
 
     @classmethod
     def from_json(cls, payload: Any) -> Results:
-        config = _require(payload, "config", dict, "results", optional=True) or {}
+        config = RunDescription.from_json(_require(payload, "config", dict, "results"))
         records = [Record.from_json(r) for r in _require(payload, "records", list, "results")]
         average = [Average(**a) for a in _require(payload, "average", list, "results", optional=True) or []
                    if isinstance(a, dict) and set(a) == {f.name for f in fields(Average)}]

@@ -17,7 +17,7 @@ from .data import PAPER_AVERAGE_DATASETS, short_name
 from .errors import CounterattackError
 from .evaluate import average_records
 from .plots import plot_accuracy, plot_gate_histograms
-from .records import Average, Record, Results
+from .records import Average, Record, Results, RunDescription
 from .results import ResultsStore
 from .store import write_atomically
 
@@ -124,30 +124,29 @@ def paper_tables(records: Sequence[Record]) -> str:
     return "\n\n".join(sections)
 
 
-def _what_was_run(config: dict, records: Sequence[Record]) -> str:
+def _what_was_run(config: RunDescription, records: Sequence[Record]) -> str:
     """The attacks, the prompts and how many images stand behind each number, in words."""
-    attacks = "; ".join(f"`{json.dumps(a)}`" for a in config.get("attacks", []))
+    attacks = "; ".join(f"`{json.dumps(a)}`" for a in config.attacks)
     images = ", ".join(f"{short_name(d)}: {n}" for d, n in dict.fromkeys((r.dataset, r.n) for r in records))
-    prompts = config.get("prompts", "paper")
-    prompt_words = ("the TTC code's per-dataset prompts" if prompts == "paper"
+    prompt_words = ("the TTC code's per-dataset prompts" if config.prompts == "paper"
                     else "curated class names with one template")
     prompt_words += " for benchmark datasets; image folders use their folder names"
-    if config.get("templates"):
-        prompt_words += f", templates overridden by {config['templates']}"
-    seeds = f"seed {config.get('seed')}"
-    if config.get("seeds"):
-        draws = ("the defenses' random draws; the adversarial images are one stored set" if config.get("adversarial")
+    if config.templates:
+        prompt_words += f", templates overridden by {config.templates}"
+    seeds = f"seed {config.seed}"
+    if config.seeds:
+        draws = ("the defenses' random draws; the adversarial images are one stored set" if config.adversarial
                  else "the random draws of the attacks and the defenses")
-        seeds = (f"seeds {', '.join(map(str, config['seeds']))}: each accuracy is the mean over them ± the sample "
+        seeds = (f"seeds {', '.join(map(str, config.seeds))}: each accuracy is the mean over them ± the sample "
                  f"standard deviation (the spread due to {draws}); its 95% interval is the image sample's")
     worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
         r.attack == "worst-case" for r in records) else ""
-    stored = " Adversarial images rounded to 8 bits before the defenses." if config.get("quantize_adversarial") else ""
-    if config.get("adversarial"):
-        stored += (f" Adversarial images read from a stored set (hash {config['adversarial']['hash']}, crafted with "
-                  f"seed {config['adversarial']['seed']}).")
-    return (f"Attacks ({config.get('threat', 'paper')} threat): {attacks}.{worst}{stored}\n\n"
-            f"Prompts: `{prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
+    stored = " Adversarial images rounded to 8 bits before the defenses." if config.quantize_adversarial else ""
+    if config.adversarial:
+        stored += (f" Adversarial images read from a stored set (hash {config.adversarial['hash']}, crafted with "
+                   f"seed {config.adversarial['seed']}).")
+    return (f"Attacks ({config.threat} threat): {attacks}.{worst}{stored}\n\n"
+            f"Prompts: `{config.prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
 
 
 def gate_thresholds(described: Sequence[dict]) -> dict[str, float]:
@@ -176,7 +175,7 @@ def write_report(out: Path) -> list[Path]:
                                  "it again, which rewrites it from the finished batches in parts/.") from None
     if not records:
         raise CounterattackError(f"{results_path} holds no records yet.")
-    thresholds = gate_thresholds(config.get("defenses", []))
+    thresholds = gate_thresholds(config.defenses or [])
 
     def write_csv(path: Path) -> None:
         with path.open("w", newline="", encoding="utf-8") as f:
@@ -187,8 +186,8 @@ def write_report(out: Path) -> list[Path]:
 
     write_atomically(out / "report.csv", write_csv)
     plots = [plot_accuracy(records, out), *plot_gate_histograms(ResultsStore(out).batches(), thresholds, out)]
-    settings = ", ".join(f"{k}: {config[k]}" for k in ("model", "pretrained", "prompts", "limit", "seed", "seeds")
-                         if config.get(k) is not None)
+    settings = ", ".join(f"{k}: {getattr(config, k)}" for k in ("model", "pretrained", "prompts", "limit", "seed",
+                                                                 "seeds") if getattr(config, k) is not None)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     text = (f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n"
             f"{paper_tables(records)}\n\n## Plots\n\n{images}\n")

@@ -26,6 +26,7 @@ from .errors import CounterattackError
 
 if TYPE_CHECKING:  # torch.distributed is heavy, and the command line's parser reads this module's cache helpers
     from .distributed import ProcessGroup
+    from .records import RunDescription
 
 # Settings that do not change any result: left out of the hash, so a resumed run may change them.
 RUN_ONLY_KEYS = ("run",)
@@ -129,14 +130,11 @@ class Store:
     def config_path(self) -> Path:
         return self.folder / "config.json"
 
-    def marked(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {"kind": self.kind, **config} if self.kind else dict(config)
-
-    def bind(self, config: Mapping[str, Any], write: bool) -> None:
+    def bind(self, described: RunDescription, write: bool) -> None:
         """Bind the store to one run: refuse a folder (its config.json, or any of its pieces) of another
         configuration, naming the settings that differ; write config.json when absent and ``write`` (rebuilt from
         the pieces only when they are this run's)."""
-        config = self.marked(config)
+        config = described.to_json()
         digest = config_hash(config)
         if self.config_path.exists():
             stored = self.read_config()
@@ -270,7 +268,7 @@ def hold(folder: Path) -> Iterator[None]:
             os.close(handle)
 
 
-def fill(store: Store, config: Mapping[str, Any], expected: Mapping[str, list], group: ProcessGroup,
+def fill(store: Store, described: RunDescription, expected: Mapping[str, list], group: ProcessGroup,
          produce: Callable[[dict[str, set]], None]) -> Any:
     """The one way a run adds to a store, on one process or under torchrun.
 
@@ -280,7 +278,7 @@ def fill(store: Store, config: Mapping[str, Any], expected: Mapping[str, list], 
     ``store.complete`` reads back (None on the other processes). A failure anywhere ends every process
     with its message, at the next of these steps.
     """
-    group.first_on_main(lambda: store.bind(config, write=group.is_main))
+    group.first_on_main(lambda: store.bind(described, write=group.is_main))
     done = store.done()
     group.barrier()
     group.together(lambda: produce(done))

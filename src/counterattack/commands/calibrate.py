@@ -13,7 +13,7 @@ from ..config import RunConfig
 from ..data import short_name
 from ..defenses import DEFENSES, Defense, Gate, build_defense
 from ..distributed import ProcessGroup
-from ..records import BatchRecord
+from ..records import BatchRecord, RunDescription
 from ..errors import CounterattackError
 from ..plots import plot_score_histograms
 from ..store import write_json_atomically
@@ -51,7 +51,7 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
     context.adversarial_set()
     attacks, current = context.attacks, context.defenses[name]
 
-    def evaluate(folder: str, defense: Defense) -> tuple[dict, Evaluation | None]:
+    def evaluate(folder: str, defense: Defense) -> tuple[RunDescription, Evaluation | None]:
         defenses = {name: defense}
         described = context.evaluation_config(defenses, attacks)
         return described, context.evaluate_into(config.out / folder, defenses, attacks, described)
@@ -83,7 +83,7 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
             clean, adv, current_threshold, chosen_threshold, gate.flags_above,
             f"{name}'s {gate.score} on {short_name(dataset)}, {attack.name} ({len(clean)} {entries[-1]['score_per']}s)",
             config.out / (f"calibration-{attack.name}.png" if len(attacks) > 1 else "calibration.png"), gate.score))
-    results = {"config": described, "calibration": entries}
+    results = {"config": described.to_json(), "calibration": entries}
     write_json_atomically(config.out / "calibration.json", results)
     side = ">" if gate.flags_above else "<"
     for e in entries:

@@ -13,45 +13,33 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import __version__
 from ..adaptive import AdaptiveAttack, check_adaptive
 from ..adversarial import AdversarialSet
 from ..attacks import ATTACKS, Attack, build_attacks
-from ..backbones import load_clip
+from ..backbones import load_clip, tensors_fingerprint, weights_identity
 from ..classifier import ImageEncoder, ZeroShotClassifier
 from ..config import RunConfig
 from ..data import EvalDataset, balanced_subset, check_manual_datasets, find_unreadable, load_dataset
 from ..defenses import DEFENSES, Defense, build_defenses
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
-from ..fingerprints import resolved_location, weights_identity
+from ..fingerprints import resolved_location
+from ..identity import described_defenses, per_dataset_settings, versions
 from ..evaluate import RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize
 from ..loading import LoadedCLIP
 from ..models import load_vision_checkpoint
 from ..options import flag, options_of
 from ..precision import defense_precision
 from ..report import format_table, paper_tables, write_report
-from ..records import BatchRecord, Record, Results
+from ..records import ADVERSARIAL_SET, UNITS, BatchRecord, Record, Results, RunDescription
 from ..results import ResultsStore
 from ..stats import duration
 from ..store import fill, write_json_atomically
-
-
-def _versions() -> dict[str, str]:
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return {"clip-counterattack": __version__,
-            **{pkg: installed(pkg) for pkg in ("torch", "torchvision", "open_clip_torch")}}
 
 
 @dataclass
@@ -77,7 +65,7 @@ class Selection:
 
 def stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
     """The attacks a stored set was made with, rebuilt from its configuration (their names and settings)."""
-    described = adversarial.config["attacks"]
+    described = adversarial.config.attacks
     unknown = [d["attack"] for d in described if d["attack"] not in ATTACKS]
     if unknown:
         raise CounterattackError(f"{adversarial.folder} holds images of {', '.join(unknown)}, which this installation "
@@ -111,18 +99,22 @@ class RunContext:
     """The loaded model, datasets, attacks and defenses of one run, and its settings."""
 
     def __init__(self, config: RunConfig, group: ProcessGroup, device: torch.device, clip: LoadedCLIP,
-                 tau_encoder: ImageEncoder | None, tau_model: str, selections: list[Selection], attacks: list[Attack],
-                 defenses: dict[str, Defense], adversarial: AdversarialSet | None):
+                 tau_encoder: ImageEncoder | None, tau_model: str, tau_identity: dict | None,
+                 selections: list[Selection], attacks: list[Attack], defenses: dict[str, Defense],
+                 adversarial: AdversarialSet | None):
         self.config, self.group, self.device, self.clip = config, group, device, clip
         self.tau_encoder, self.tau_model = tau_encoder, tau_model  # TTC's tau encoder (None: the defended one)
         self.selections, self.attacks, self.defenses, self.adversarial = selections, attacks, defenses, adversarial
         self._classifiers: dict[str, ZeroShotClassifier] = {}
         model = config.model
-        # By content, once per run: another path to the same weights is the same run, new weights behind a path are not.
-        self.weights = weights_identity(model.name, model.pretrained_tag, model.vision_checkpoint)
+        # By the tensors loaded, once per run: another path to the same weights is the same run, new weights behind a
+        # path are not, and a file beside them changes nothing.
+        self.weights = weights_identity(model.name, model.pretrained_tag, clip)
+        if model.vision_checkpoint is not None:
+            self.weights["vision_checkpoint"] = tensors_fingerprint(clip.model.visual)
         self.weights_location = resolved_location(model.name, model.pretrained_tag, model.vision_checkpoint)
         separate = model.tau_model not in (None, "defended")  # another model's weights: by content too
-        self.tau_identity = weights_identity(model.tau_model, model.tau_pretrained, None) if separate else tau_model
+        self.tau_identity = tau_identity if separate else tau_model
         self.tau_location = resolved_location(model.tau_model, model.tau_pretrained, None) if separate else None
         run = config.run
         workers = run.workers
@@ -167,7 +159,7 @@ class RunContext:
         return {"batch_size": self.config.run.batch_size, "device": str(self.device),
                 "processes": self.group.world_size, "data_root": str(self.config.data.root),
                 "weights_from": self.weights_location,
-                **({"tau_weights_from": self.tau_location} if self.tau_location else {}), "versions": _versions()}
+                **({"tau_weights_from": self.tau_location} if self.tau_location else {}), "versions": versions()}
 
     def expected(self) -> dict[str, list]:
         return {s.data.name: s.ids for s in self.selections}
@@ -175,11 +167,11 @@ class RunContext:
     def unreadable(self) -> list[dict]:
         return [entry for s in self.selections for entry in s.skipped]
 
-    def batch_composition(self, attacks: Sequence[Attack]) -> dict[str, Any]:
+    def batch_composition(self, attacks: Sequence[Attack]) -> dict[str, Any] | None:
         """Attacks seeded per batch make results depend on which images share one: record what did."""
         if any(getattr(a, "seeded_per_batch", False) for a in attacks):
-            return {"batch_composition": {"batch_size": self.config.run.batch_size, "processes": self.group.world_size}}
-        return {}
+            return {"batch_size": self.config.run.batch_size, "processes": self.group.world_size}
+        return None
 
     def attack_for(self, attack: Attack, defense: Defense) -> Attack:
         """The attack a defense faces: ``attack`` itself under the paper's protocol, else ``attack`` through it."""
@@ -187,11 +179,11 @@ class RunContext:
             return attack
         return AdaptiveAttack(defense, attack, **self.config.attack.adaptive)
 
-    def results(self, config: Mapping[str, Any], records: list[Record]) -> Results:
-        """What results.json holds: the configuration, the records, their averages, the images left out."""
-        return Results(dict(config), records, average_records(records), self.unreadable())
+    def results(self, described: RunDescription, records: list[Record]) -> Results:
+        """What results.json holds: the run's description, the records, their averages, the images left out."""
+        return Results(described, records, average_records(records), self.unreadable())
 
-    def evaluation_config(self, defenses: Mapping[str, Defense], attacks: Sequence[Attack]) -> dict[str, Any]:
+    def evaluation_config(self, defenses: Mapping[str, Defense], attacks: Sequence[Attack]) -> RunDescription:
         """Everything a results folder's numbers depend on (its hash guards resumption), and what does not (``run``)."""
         config = self.config
         adaptive = None
@@ -199,45 +191,34 @@ class RunContext:
             adaptive = {f.name: getattr(AdaptiveAttack(None, attacks[0], **config.attack.adaptive), f.name)
                         for f in options_of(AdaptiveAttack)}
         policy = config.precisions["defense"]
-
-        def described_defenses(dataset: str | None) -> list[dict]:
-            resolved = {name: d if dataset is None else d.for_dataset(dataset) for name, d in defenses.items()}
-            return [{**d.describe(), **({"name": name} if name != d.name else {}),
-                     # "paper" resolved per defense, so a defense's new paper precision is a new run
-                     **({"precision": defense_precision(policy, d)} if policy == "paper" else {})}
-                    for name, d in resolved.items()]
-
-        # Settings a defense resolves per dataset (R-TPT's augmentation), where they differ from the run's.
-        per_dataset = {s.data.name: described_defenses(s.data.name) for s in self.selections}
-        per_dataset = {name: settings for name, settings in per_dataset.items() if settings != described_defenses(None)}
-        described = {
+        described = RunDescription(
             **self.identity(),
-            "tau_model": self.tau_identity,
-            "attacks": [attack.describe() for attack in attacks],
-            "threat": config.attack.threat,
-            "adaptive": adaptive,
-            "defenses": described_defenses(None),
-            **({"defenses_per_dataset": per_dataset} if per_dataset else {}),
-            "units": "eps and step sizes in [0, 1] pixel units",
-            "precision": dict(config.precisions),
-            "seed": config.run.seed,
-            **({"preset": config.study.preset} if config.study.preset else {}),
-            **({"quantize_adversarial": "8 bits"} if config.attack.quantize else {}),
-            "run": self.run_record(),
-        }
+            tau_model=self.tau_identity,
+            attacks=[attack.describe() for attack in attacks],
+            threat=config.attack.threat,
+            adaptive=adaptive,
+            defenses=described_defenses(defenses, None, policy, defense_precision),
+            defenses_per_dataset=per_dataset_settings(defenses, [s.data.name for s in self.selections], policy,
+                                                      defense_precision),
+            precision=dict(config.precisions),
+            seed=config.run.seed,
+            preset=config.study.preset,
+            quantize_adversarial="8 bits" if config.attack.quantize else None,
+            run=self.run_record(),
+        )
         if self.adversarial is None:
-            described.update(self.batch_composition(attacks))
+            described.batch_composition = self.batch_composition(attacks)
         else:  # the attacks' own settings are the set's
             stored = self.adversarial.config
-            described["precision"]["attack"] = stored["precision"]["attack"]
-            described["adversarial"] = {"hash": self.adversarial.hash, "seed": stored["seed"]}
-            if stored.get("quantize_adversarial"):  # a set stored in 8 bits is evaluated in 8 bits, flag or not
-                described["quantize_adversarial"] = stored["quantize_adversarial"]
-            described["run"]["adversarial_folder"] = str(self.adversarial.folder)  # a moved set is the same set
+            described.precision["attack"] = stored.precision["attack"]
+            described.adversarial = {"hash": self.adversarial.hash, "seed": stored.seed}
+            if stored.quantize_adversarial:  # a set stored in 8 bits is evaluated in 8 bits, flag or not
+                described.quantize_adversarial = stored.quantize_adversarial
+            described.run["adversarial_folder"] = str(self.adversarial.folder)  # a moved set is the same set
         return described
 
     def evaluate_into(self, out: Path, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
-                      config: Mapping[str, Any]) -> Evaluation | None:
+                      described: RunDescription) -> Evaluation | None:
         """Evaluate ``defenses`` (the name records carry -> defense) into the results store ``out``, resuming what is
         there; on the main process, its per-batch results and summary records (None on the others)."""
         store = ResultsStore(out, self.group.rank)
@@ -257,12 +238,12 @@ class RunContext:
                     store.append(batch)
                     estimate.after(len(batch.ids))
 
-        batches = fill(store, config, self.expected(), self.group, evaluate_my_share)
+        batches = fill(store, described, self.expected(), self.group, evaluate_my_share)
         if not self.group.is_main:
             return None
         adaptive = None
         if threat == "adaptive":
-            settings = config["adaptive"]
+            settings = described.adaptive
             adaptive = (f"{settings['method']}, eot {settings['eot_samples']}, "
                         f"gate weight {settings['gate_weight']:g}, {settings['select']}-draw selection")
         records = summarize(batches, list(self.expected()), list(defenses), [a.name for a in attacks], threat, adaptive)
@@ -271,10 +252,11 @@ class RunContext:
     def craft_into(self, folder: Path, attacks: Sequence[Attack]) -> AdversarialSet:
         """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is
         there."""
-        config = {**self.identity(), "attacks": [a.describe() for a in attacks], "threat": "paper",
-                  "precision": {"attack": self.settings.attack_precision}, "seed": self.settings.seed,
-                  **({"quantize_adversarial": "8 bits"} if self.config.attack.quantize else {}),
-                  **self.batch_composition(attacks), "run": self.run_record()}
+        described = RunDescription(**self.identity(), kind=ADVERSARIAL_SET, attacks=[a.describe() for a in attacks],
+                                   precision={"attack": self.settings.attack_precision}, seed=self.settings.seed,
+                                   quantize_adversarial="8 bits" if self.config.attack.quantize else None,
+                                   batch_composition=self.batch_composition(attacks), units=UNITS,
+                                   run=self.run_record())
         adversarial = AdversarialSet(folder, self.group.rank)
 
         def craft_my_share(done: dict[str, set]) -> None:
@@ -286,7 +268,7 @@ class RunContext:
                     adversarial.append(data.name, ids, labels, images)
                     estimate.after(len(ids))
 
-        fill(adversarial, config, self.expected(), self.group, craft_my_share)
+        fill(adversarial, described, self.expected(), self.group, craft_my_share)
         return AdversarialSet.open(folder)
 
     def adversarial_set(self) -> AdversarialSet:
@@ -343,8 +325,10 @@ def _select(config: RunConfig, data: EvalDataset) -> Selection:
     return Selection(data, [i for i in chosen if i not in unreadable], skipped)
 
 
-def _tau_encoder(config: RunConfig, clip: LoadedCLIP, device: torch.device) -> tuple[ImageEncoder | None, str]:
-    """Swap in the vision checkpoint, if any; return TTC's tau encoder (None: the defended one) and its name."""
+def _tau_encoder(config: RunConfig, clip: LoadedCLIP,
+                 device: torch.device) -> tuple[ImageEncoder | None, str, dict | None]:
+    """Swap in the vision checkpoint, if any; return TTC's tau encoder (None: the defended one), its name and, for
+    another model, its weights' identity."""
     model = config.model
     base = None
     if model.vision_checkpoint:
@@ -352,12 +336,12 @@ def _tau_encoder(config: RunConfig, clip: LoadedCLIP, device: torch.device) -> t
         base.visual = copy.deepcopy(base.visual)  # the original weights, before the swap
         load_vision_checkpoint(clip, model.vision_checkpoint)
     if model.tau_model == "defended" or (model.tau_model is None and base is None):
-        return None, "defended"
+        return None, "defended", None
     if model.tau_model is None:
-        return base, f"base ({model.name})"
+        return base, f"base ({model.name})", None
     other = load_clip(model.tau_model, model.tau_pretrained, device=device)
     name = model.tau_model if ":" in model.tau_model else f"{model.tau_model} ({model.tau_pretrained})"
-    return ImageEncoder.from_clip(other), name
+    return ImageEncoder.from_clip(other), name, weights_identity(model.tau_model, model.tau_pretrained, other)
 
 
 def check_single_dataset(config: RunConfig, why: str) -> None:
@@ -402,7 +386,7 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
     check_manual_datasets(config.data.datasets, config.data.root)
 
     clip = load_clip(config.model.name, config.model.pretrained, device=device)
-    tau_encoder, tau_model = _tau_encoder(config, clip, device)
+    tau_encoder, tau_model, tau_identity = _tau_encoder(config, clip, device)
     if tau_encoder is not None:
         built = [d.with_score_encoder(tau_encoder) for d in built]
     by_name = {d.name: d for d in built}
@@ -415,7 +399,8 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
 
     loaded = group.first_on_main(load_all)  # downloads once; the others then read what it fetched
     selections = group.together(lambda: [_select(config, data) for data in loaded])
-    context = RunContext(config, group, device, clip, tau_encoder, tau_model, selections, attacks, named, adversarial)
+    context = RunContext(config, group, device, clip, tau_encoder, tau_model, tau_identity, selections, attacks, named,
+                         adversarial)
     if adversarial is not None:
         adversarial.check_identity(context.identity())
         adversarial.check_complete(context.expected())
@@ -445,8 +430,8 @@ def over_seeds(context: RunContext, run: Callable[[RunContext], Results | None],
     if runs[0] is None:
         return None
     records = combine_seeds([one.records for one in runs], seeds)
-    config = {**runs[0].config, "seed": None, "seeds": list(seeds)}
-    results = Results(config, records, average_records(records), runs[0].unreadable)
+    described = replace(runs[0].config, seed=None, seeds=list(seeds))
+    results = Results(described, records, average_records(records), runs[0].unreadable)
     print(f"\nmean over seeds {', '.join(map(str, seeds))} (± sample standard deviation):")
     write(context.config.out, results)
     return results

@@ -13,6 +13,7 @@ and ``--adversarial`` reuses a stored set.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..distributed import ProcessGroup
 from ..options import PIXEL
 from ..plots import plot_stability, safe_file_name
 from ..published import load_published
-from ..records import BatchRecord
+from ..records import BatchRecord, RunDescription
 from ..store import write_atomically, write_json_atomically
 from .context import RunContext, open_run
 
@@ -67,13 +68,13 @@ def _published_tau(dataset: str) -> dict[float, tuple[float, float]]:
             if entry.dataset == dataset}
 
 
-def _markdown(rows: Sequence[dict], config: dict) -> str:
-    tau_model = config["tau_model"]
+def _markdown(rows: Sequence[dict], config: RunDescription) -> str:
+    tau_model = config.tau_model
     if isinstance(tau_model, dict):  # another model, identified by its weights: name where they were read from
-        tau_model = config.get("run", {}).get("tau_weights_from", {}).get("model") or tau_model.get("model")
+        tau_model = config.run.get("tau_weights_from", {}).get("model") or tau_model.get("model")
     lines = ["# Stability of the image embedding under uniform noise (TTC's tau)", "",
-             f"Model {config['model']}, tau from the {tau_model} encoder; attack {rows[0]['attack']} "
-             f"({config['threat']} protocol); seed {config['seed']}. tau = ||f(x + delta0) - f(x)|| / ||f(x)|| with "
+             f"Model {config.model}, tau from the {tau_model} encoder; attack {rows[0]['attack']} "
+             f"({config.threat} protocol); seed {config.seed}. tau = ||f(x + delta0) - f(x)|| / ||f(x)|| with "
              "delta0 ~ U[-noise, noise]; AUC: tau as a detector of adversarial images, a low tau flagging "
              "(0.5: no better than chance).", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
@@ -96,8 +97,8 @@ def _markdown(rows: Sequence[dict], config: dict) -> str:
     return "\n".join(lines)
 
 
-def write_stability(out: Path, rows: list[dict], config: dict) -> list[Path]:
-    write_json_atomically(out / "stability.json", {"config": config, "stability": rows})
+def write_stability(out: Path, rows: list[dict], config: RunDescription) -> list[Path]:
+    write_json_atomically(out / "stability.json", {"config": config.to_json(), "stability": rows})
     text = _markdown(rows, config)
     write_atomically(out / "stability.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     plots = []
@@ -118,7 +119,7 @@ def measure(context: RunContext) -> list[dict] | None:
     load_published()  # the poster's values: a damaged package is found before the run, not after it
     budgets = config.study.noise
     probes = {budget_label(b): TTC(eps=b, tau_thres=0.0, tau_encoder=context.tau_encoder) for b in budgets}
-    described = {**context.evaluation_config(probes, context.attacks), "stability": {"noise": list(budgets)}}
+    described = replace(context.evaluation_config(probes, context.attacks), stability={"noise": list(budgets)})
     evaluation = context.evaluate_into(config.out, probes, context.attacks, described)
     if evaluation is None:
         return None

@@ -64,7 +64,7 @@ def setting_label(defense: str, setting: Mapping[str, Any]) -> str:
 
 def write_sweep(out: Path, results: Results) -> None:
     """A Pareto plot per dataset and attack, then what ``eval`` writes."""
-    records, name = results.records, results.config["sweep"]["defense"]
+    records, name = results.records, results.config.sweep["defense"]
     plots = []
     pairs = list(dict.fromkeys((r.dataset, r.attack) for r in records))
     for dataset, attack in pairs:
@@ -72,7 +72,7 @@ def write_sweep(out: Path, results: Results) -> None:
         points = [{**r.to_json(), "label": r.defense.removeprefix(f"{name} ")} for r in these if r.defense != "none"]
         baseline = next(r for r in these if r.defense == "none")
         path = out / ("pareto.png" if len(pairs) == 1 else f"pareto-{safe_file_name(short_name(dataset))}-{attack}.png")
-        seeds = f", mean of {len(results.config['seeds'])} seeds" if results.config.get("seeds") else ""
+        seeds = f", mean of {len(results.config.seeds)} seeds" if results.config.seeds else ""
         plots.append(plot_pareto(points, path, baseline.to_json(),
                                  title=f"{name} on {short_name(dataset)}, {attack} ({baseline.n} images{seeds})"))
     write_results(out, results, also=f"; Pareto plot(s): {', '.join(map(str, plots))}")
@@ -92,8 +92,8 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> Results
 
     def sweep(context: RunContext) -> Results | None:
         context.adversarial_set()
-        config_ = {**context.evaluation_config(context.defenses, context.attacks),
-                   "sweep": {"defense": name, "grid": list(config.study.grid)}}
+        config_ = replace(context.evaluation_config(context.defenses, context.attacks),
+                          sweep={"defense": name, "grid": list(config.study.grid)})
         evaluation = context.evaluate_into(context.config.out, context.defenses, context.attacks, config_)
         if evaluation is None:
             return None
