@@ -3,11 +3,17 @@ strategy): the loader finds the files, yields the right labels and the prompt se
 a copy whose own class list is not the shipped one, and a broken layout gives a clear error.
 
 The fakes use each dataset's real class list (``raw_classes``), laid out so that the stock torchvision
-class derives exactly that list from the files, as it would from the real download."""
+class (or, for R-TPT's datasets, CoOp's layout) derives exactly that list from the files, as it would from
+the real download."""
 
+import dataclasses
 import json
 import os
 import pickle
+import tarfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -17,18 +23,20 @@ import torchvision.datasets as tv
 
 from counterattack import CounterattackError, load_clip, load_dataset
 from counterattack.cli import main
-from counterattack.data import DATASETS, PAPER_AVERAGE_DATASETS
+from counterattack.data import DATASETS, PAPER_AVERAGE_DATASETS, find_unreadable
 from counterattack.data.prompts import (
     IMAGENET_DROPPED_WNID, OPENAI_TEMPLATE, class_prompts, imagenet_paper_name, raw_classes, tinyimagenet_paper_name,
 )
-from counterattack.data.registry import curated_class_names, readable
+from counterattack.data.registry import IMAGENET_A_URL, curated_class_names, readable
 
 from testkit import build_eurosat, jpeg, put
 
-PAPER_COUNTS = {
+CLASS_COUNTS = {
     "cifar10": 10, "cifar100": 100, "stl10": 10, "imagenet": 1000, "caltech101": 101, "caltech256": 257,
     "oxford_pets": 37, "flowers102": 102, "fgvc_aircraft": 100, "stanford_cars": 196, "sun397": 397,
     "country211": 211, "food101": 101, "eurosat": 10, "dtd": 47, "pcam": 2, "tinyimagenet": 200,
+    # R-TPT's protocol (CoOp's layouts), outside the TTC paper
+    "ucf101": 101, "imagenet_a": 200, "imagenet_v2": 1000, "imagenet_r": 200, "imagenet_sketch": 1000,
 }
 
 
@@ -242,22 +250,66 @@ def build_tinyimagenet(root, monkeypatch):
     return [7, 199]
 
 
+def build_ucf101(root, monkeypatch, test_rows=None):
+    """CoOp's UCF101: middle frames by class folder, and the split file whose rows are [path, label, class name].
+    Every class has a training row (that is where most names come from); the test rows are the evaluated ones."""
+    base = root / "ucf101"
+    classes = raw_classes("ucf101")
+    train = [[f"{c}/v_{c.replace('_', '')}_g08_c01.jpg", i, c] for i, c in enumerate(classes)]
+    test = test_rows or [[f"{classes[y]}/v_{classes[y].replace('_', '')}_g01_c0{k}.jpg", y, classes[y]]
+                         for k, y in enumerate([36, 0, 100, 36])]
+    for path, _, _ in test:
+        put(base / "UCF-101-midframes" / path)
+    (base / "split_zhou_UCF101.json").write_text(json.dumps({"train": train, "val": [], "test": test}))
+    return [y for _, y, _ in test]
+
+
+def wnid_folders(base, wnids, per_class: int = 1) -> list[int]:
+    """``base/<wnid>/*.JPEG``, ``per_class`` images each; the labels in ImageFolder's order (sorted wnids)."""
+    for wnid in wnids:
+        for k in range(per_class):
+            put(base / wnid / f"{wnid}_{k}.JPEG")
+    return [label for label in range(len(wnids)) for _ in range(per_class)]
+
+
+def build_imagenet_a(root, monkeypatch):
+    put(root / "imagenet-adversarial" / "imagenet-a" / "README.txt", b"not a class")  # shipped beside the classes
+    return wnid_folders(root / "imagenet-adversarial" / "imagenet-a", raw_classes("imagenet_a"))
+
+
+def build_imagenet_r(root, monkeypatch):
+    put(root / "imagenet-rendition" / "imagenet-r" / "README.txt", b"not a class")
+    return wnid_folders(root / "imagenet-rendition" / "imagenet-r", raw_classes("imagenet_r"))
+
+
+def build_imagenet_v2(root, monkeypatch):
+    # Folders 0..999 are ImageNet's class indices; they are walked in name order ("0", "1", "10", "100", ...).
+    base = root / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
+    for k in range(1000):
+        put(base / str(k) / f"{k}.jpeg")
+    return [int(name) for name in sorted(str(k) for k in range(1000))]
+
+
+def build_imagenet_sketch(root, monkeypatch):
+    return wnid_folders(root / "imagenet-sketch" / "images", raw_classes("imagenet_sketch"))
+
+
 # build_eurosat is shared with test_dataset_rows.py, so it lives in testkit.
 BUILDERS = {name[len("build_"):]: fn for name, fn in globals().items() if name.startswith("build_")}
 
 
 def test_every_registered_dataset_has_a_fake_layout_test():
-    assert set(BUILDERS) == set(DATASETS) == set(PAPER_COUNTS)
+    assert set(BUILDERS) == set(DATASETS) == set(CLASS_COUNTS)
 
 
 def test_class_name_lists_have_the_datasets_class_counts():
     curated = curated_class_names()
     for name, names_ in curated.items():
-        assert len(names_) == PAPER_COUNTS[name] == DATASETS[name].num_classes, name
+        assert len(names_) == CLASS_COUNTS[name] == DATASETS[name].num_classes, name
         assert all(isinstance(n, str) and n.strip() and "_" not in n for n in names_), name
     assert curated["country211"][:2] == ["Andorra", "United Arab Emirates"]  # names, not ISO codes
     assert curated["pcam"] == ["lymph node", "lymph node containing metastatic tumor tissue"]
-    for name, count in PAPER_COUNTS.items():
+    for name, count in CLASS_COUNTS.items():
         assert len(raw_classes(name)) == count, name
     assert "tinyimagenet" not in PAPER_AVERAGE_DATASETS and len(PAPER_AVERAGE_DATASETS) == 16
 
@@ -285,10 +337,20 @@ SPOT_NAMES = {
              "openai": {1: "lymph node containing metastatic tumor tissue"}},
     "tinyimagenet": {"paper": {0: "Egyptian cat", 7: tinyimagenet_paper_name(raw_classes("tinyimagenet")[7])},
                      "openai": {0: "Egyptian Mau"}},
+    # CoOp's names with spaces for '_'; OpenAI's own spelling of one of them
+    "ucf101": {"paper": {0: "Apply Eye Makeup", 36: "Handstand Pushups"},
+               "openai": {0: "Apply Eye Makeup", 36: "Hand Stand Pushups"}},
+    # ImageNet-A's first class is ImageNet's 7th (stingray); -R's first is ImageNet's 2nd (goldfish)
+    "imagenet_a": {"paper": {0: "stingray"}, "openai": {0: "stingray"}},
+    "imagenet_r": {"paper": {0: "goldfish", 2: "hammerhead"}, "openai": {0: "goldfish", 2: "hammerhead shark"}},
+    # the TTC code's ImageNet names, and OpenAI's for the one synset their table lacks: no class is dropped
+    "imagenet_v2": {"paper": {0: "tench", 637: "mailbox", 638: "tights", 639: "maillot", 999: "toilet tissue"},
+                    "openai": {0: "tench", 638: "tights", 999: "toilet paper"}},
+    "imagenet_sketch": {"paper": {638: "tights", 639: "maillot"}, "openai": {639: "one-piece bathing suit"}},
 }
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
+@pytest.mark.parametrize("name", sorted(CLASS_COUNTS))
 def test_fake_layout_loads_with_labels_and_class_names(tmp_path, monkeypatch, clip, name):
     expected = BUILDERS[name](tmp_path, monkeypatch)
     fingerprints = {}
@@ -305,7 +367,7 @@ def test_fake_layout_loads_with_labels_and_class_names(tmp_path, monkeypatch, cl
         if name == "imagenet" and prompts == "paper":
             assert len(data.class_names) == 999  # the rest: test_paper_imagenet_is_the_ttc_codes_999_classes
             continue
-        assert len(data.class_names) == PAPER_COUNTS[name]
+        assert len(data.class_names) == CLASS_COUNTS[name]
         targets = data.targets
         if name == "sun397":  # its order is the file system's
             targets = [y for _, y in sorted(zip(data.files, data.targets, strict=True))]
@@ -369,12 +431,13 @@ def test_a_copy_with_another_class_list_is_refused_naming_the_first_difference(t
         load_dataset("caltech256", clip, tmp_path / "other", download=False)
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
+@pytest.mark.parametrize("name", sorted(CLASS_COUNTS))
 def test_missing_or_broken_layout_gives_a_clear_error(tmp_path, monkeypatch, clip, name):
     with pytest.raises(CounterattackError) as missing:
         load_dataset(name, clip, tmp_path / "empty", download=False)
     assert name in str(missing.value)
-    if name in ("caltech101", "caltech256", "eurosat", "country211", "imagenet"):
+    if name in ("caltech101", "caltech256", "eurosat", "country211", "imagenet", "imagenet_a", "imagenet_r",
+                "imagenet_v2", "imagenet_sketch"):
         return  # folder layouts: nothing but the folders to break
     BUILDERS[name](tmp_path, monkeypatch)
     indexes = (".txt", ".json", ".mat", ".bin", ".h5", "")
@@ -393,8 +456,8 @@ def test_datasets_command_lists_every_dataset_and_what_is_present(tmp_path, monk
     build_eurosat(tmp_path, monkeypatch)
     assert main(["datasets", "--data-root", str(tmp_path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == list(PAPER_COUNTS)
-    assert {r["name"]: r["num_classes"] for r in rows} == PAPER_COUNTS
+    assert [r["name"] for r in rows] == list(CLASS_COUNTS)
+    assert {r["name"]: r["num_classes"] for r in rows} == CLASS_COUNTS
     assert [r["name"] for r in rows if r["present"]] == ["eurosat"]
     assert main(["datasets", "--data-root", str(tmp_path)]) == 0
     assert "imagefolder:DIR" in capsys.readouterr().out
@@ -448,4 +511,96 @@ def test_all_expands_to_every_dataset(tmp_path, random_clip_dir, capsys):
     assert main(["eval", "--model", f"local-dir:{random_clip_dir}", "--data-root", str(tmp_path / "none"),
                  "--dataset", "all", "--out", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err
-    assert "imagenet, stanford_cars, sun397, eurosat are not under" in error and "image-net.org" in error
+    assert "imagenet, stanford_cars, sun397, eurosat, ucf101, imagenet_sketch are not under" in error
+    assert "image-net.org" in error and "split_zhou_UCF101.json" in error
+
+
+# --- R-TPT's datasets: what their layouts add to the folders above --------------------------------------------------
+
+def test_imagenet_v2s_label_is_its_folders_number(tmp_path, monkeypatch, clip):
+    build_imagenet_v2(tmp_path, monkeypatch)
+    data = load_dataset("imagenet_v2", clip, tmp_path, download=False, prompts="openai")
+    curated = curated_class_names()["imagenet"]
+    for folder in ("0", "10", "100", "999"):  # ImageFolder's own numbering would give folder "10" label 2
+        (k,) = [k for k, f in enumerate(data.files) if f"/{folder}/" in f]
+        assert data.targets[k] == int(folder) and data.class_names[data.targets[k]] == curated[int(folder)]
+    base = tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
+    os.rename(base / "999", base / "n15075141")  # a folder renamed by hand: the numbers no longer say the class
+    with pytest.raises(CounterattackError, match=r"should hold the folders 0 to 999 .* found 1000 folders, "
+                       r"unexpected: n15075141, missing: 999"):
+        load_dataset("imagenet_v2", clip, tmp_path, download=False)
+
+
+def test_ucf101_evaluates_the_test_rows_named_by_the_split_file(tmp_path, monkeypatch, clip):
+    labels = build_ucf101(tmp_path, monkeypatch)
+    data = load_dataset("ucf101", clip, tmp_path, download=False)
+    assert data.targets == labels == [36, 0, 100, 36] and len(data.class_names) == 101
+    assert [f.split("UCF-101-midframes/")[1] for f in data.files] == [
+        "Handstand_Pushups/v_HandstandPushups_g01_c00.jpg", "Apply_Eye_Makeup/v_ApplyEyeMakeup_g01_c01.jpg",
+        "Yo_Yo/v_YoYo_g01_c02.jpg", "Handstand_Pushups/v_HandstandPushups_g01_c03.jpg"]
+    # A split file naming one label two ways cannot say which prompt its images belong to.
+    other = tmp_path / "other"
+    build_ucf101(other, monkeypatch, test_rows=[["Archery/a.jpg", 2, "Archery"], ["Archery/b.jpg", 2, "Arching"]])
+    with pytest.raises(CounterattackError, match=r"Could not load ucf101 .* names label 2 both 'Archery' and "
+                       r"'Arching'.*split_zhou_UCF101\.json"):
+        load_dataset("ucf101", clip, other, download=False)
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_imagenet_a_is_downloaded_and_unpacked_where_coop_keeps_it(tmp_path, monkeypatch, clip):
+    """The real download code against a local web server holding a tar laid out as Hendrycks' imagenet-a.tar."""
+    served = tmp_path / "served"
+    build_imagenet_a(served, monkeypatch)
+    with tarfile.open(tmp_path / "imagenet-a.tar", "w") as archive:
+        archive.add(served / "imagenet-adversarial" / "imagenet-a", arcname="imagenet-a")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        row = DATASETS["imagenet_a"]
+        url = f"http://127.0.0.1:{server.server_address[1]}/imagenet-a.tar"
+        assert row.loader.kwargs["url"] == IMAGENET_A_URL and IMAGENET_A_URL.endswith("/imagenet-a.tar")
+        loader = dataclasses.replace(row.loader, kwargs={**row.loader.kwargs, "url": url})
+        monkeypatch.setitem(DATASETS, "imagenet_a", dataclasses.replace(row, loader=loader))
+        root = tmp_path / "root"
+        data = load_dataset("imagenet_a", clip, root, download=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (root / "imagenet-adversarial" / "imagenet-a" / "README.txt").is_file()
+    assert data.targets == list(range(200)) and data.class_names[0] == "stingray"
+    assert data.fingerprint == load_dataset("imagenet_a", clip, served, download=False).fingerprint
+
+
+# --- identity: the bytes of the files that hold the images ------------------------------------------------------------
+
+def test_a_registered_dataset_is_identified_by_the_bytes_of_its_files(tmp_path, monkeypatch, clip):
+    build_eurosat(tmp_path, monkeypatch)  # one file per image
+    build_cifar10(tmp_path, monkeypatch)  # every image in one file
+    before = {name: load_dataset(name, clip, tmp_path, download=False) for name in ("eurosat", "cifar10")}
+
+    first, second = (tmp_path / "eurosat" / "2750" / c / f"{c}_1.jpg" for c in raw_classes("eurosat")[:2])
+    first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
+    first.write_bytes(second_bytes)
+    second.write_bytes(first_bytes)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    stored = pickle.load(open(batch, "rb"))
+    stored["data"] = stored["data"][::-1].copy()  # the same pixels, the images in another order: the same size
+    pickle.dump(stored, open(batch, "wb"))
+
+    for name, old in before.items():
+        new = load_dataset(name, clip, tmp_path, download=False)
+        assert new.targets == old.targets and new.randomness_key == old.randomness_key == name
+        assert new.fingerprint != old.fingerprint, name
+
+
+def test_a_listed_image_that_is_missing_leaves_the_decode_check_to_report_it(tmp_path, monkeypatch, clip):
+    build_dtd(tmp_path, monkeypatch)
+    missing = tmp_path / "dtd" / "dtd" / "images" / "banded" / "banded_0001.jpg"
+    missing.unlink()
+    data = load_dataset("dtd", clip, tmp_path, download=False)
+    (index,) = [k for k, f in enumerate(data.files) if f == str(missing)]
+    assert list(find_unreadable(data, range(len(data)), progress=False)) == [index]

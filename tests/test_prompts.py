@@ -9,6 +9,7 @@ from counterattack import CounterattackError
 from counterattack.data import DATASETS
 from counterattack.data.prompts import (
     IMAGENET_DROPPED_WNID,
+    OPENAI_TEMPLATE,
     PCAM_PAPER_PROMPTS,
     PROMPT_SETS,
     check_own_classes,
@@ -239,3 +240,54 @@ def test_image_folders_take_the_model_transform_or_the_papers(tmp_path, random_c
     paper = load_dataset(f"imagefolder:{folder}", clip, transform="paper")  # Resize 256, CenterCrop 224
     assert model.dataset[0][0].shape == (3, 32, 32) and paper.dataset[0][0].shape == (3, 224, 224)
     assert model.fingerprint == paper.fingerprint and paper.image_ids == ["cat/0000.png", "dog/0000.png"]
+
+
+# --- R-TPT's datasets (CoOp's layouts): UCF101 and the ImageNet variants ------------------------------------------
+
+def test_imagenet_a_and_r_classes_are_200_imagenet_synsets_each():
+    imagenet = raw_classes("imagenet")
+    for dataset in ("imagenet_a", "imagenet_r"):
+        wnids = raw_classes(dataset)
+        assert len(wnids) == len(set(wnids)) == 200 and set(wnids) <= set(imagenet), dataset
+        assert wnids == sorted(wnids)  # ImageFolder's order over <wnid>/ folders, as CoOp numbers them
+    # Spot checks against the datasets' own code: ImageNet-A's 200-class index 0 is ImageNet's class 6
+    # (thousand_k_to_200 = {..., 6: 0, ..., 11: 1, ...}); ImageNet-R's mask starts at ImageNet's class 1.
+    assert raw_classes("imagenet_a")[:2] == [imagenet[6], imagenet[11]]
+    assert raw_classes("imagenet_r")[:2] == [imagenet[1], imagenet[2]]
+    assert raw_classes("imagenet_a")[-1] == imagenet[988] and raw_classes("imagenet_r")[-1] == imagenet[988]
+    assert raw_classes("imagenet_a") != raw_classes("imagenet_r")
+
+
+def test_imagenet_v2_and_sketch_share_imagenets_class_list():
+    assert raw_classes("imagenet_v2") == raw_classes("imagenet_sketch") == raw_classes("imagenet")
+
+
+def test_ucf101_classes_are_coops_camel_case_split():
+    classes = raw_classes("ucf101")
+    assert len(classes) == len(set(classes)) == 101
+    assert classes[:3] == ["Apply_Eye_Makeup", "Apply_Lipstick", "Archery"] and classes[-1] == "Yo_Yo"
+    # UCF101's classInd.txt order (Hammering before HammerThrow), not a sort of the renamed names.
+    assert classes[34:36] == ["Hammering", "Hammer_Throw"] and classes[46:48] == ["Jumping_Jack", "Jump_Rope"]
+
+
+@pytest.mark.parametrize("dataset, raw_name, prompt", [
+    ("ucf101", "Apply_Eye_Makeup", "a photo of a person doing Apply Eye Makeup."),
+    ("ucf101", "Yo_Yo", "a photo of a person doing Yo Yo."),
+    ("imagenet_a", "n01498041", "a photo of a stingray."),
+    ("imagenet_r", "n01443537", "a photo of a goldfish."),
+    ("imagenet_v2", "n01440764", "a photo of a tench."),
+    ("imagenet_sketch", "n03710721", "a photo of a maillot."),
+    ("imagenet_sketch", IMAGENET_DROPPED_WNID, "a photo of a tights."),  # not in the TTC table: OpenAI's name
+])
+def test_r_tpt_datasets_paper_prompts(dataset, raw_name, prompt):
+    assert paper_prompt(dataset, raw_name) == prompt
+
+
+def test_imagenet_variants_paper_names_are_the_ttc_names_and_keep_every_class():
+    curated = dict(zip(raw_classes("imagenet"), curated_class_names()["imagenet"], strict=True))
+    for dataset in ("imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch"):
+        own = raw_classes(dataset)
+        names, templates = class_prompts(dataset, "paper")
+        assert templates == ["a photo of a {}."] and prompt_class_indices(dataset, "paper") == list(range(len(own)))
+        assert names == [imagenet_paper_name(w) if w != IMAGENET_DROPPED_WNID else curated[w] for w in own]
+        assert class_prompts(dataset, "openai") == ([curated[w] for w in own], [OPENAI_TEMPLATE])

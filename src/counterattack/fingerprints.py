@@ -2,8 +2,9 @@
 
 The same weights reached by another path (a relative spelling, a symlink, a copy) are the same run;
 other weights behind the same path are another run, refused on resume rather than merged. A file's
-fingerprint (its size and SHA-256) is computed once and cached with the file's size and modification
-time, so a multi-gigabyte checkpoint is hashed once per change, not once per command.
+fingerprint (its size and SHA-256) is computed once and cached with the file's size, modification and change
+times and inode, so a multi-gigabyte checkpoint is hashed once per change, not once per command. Datasets are
+identified the same way, by the bytes of the files that hold their images (:func:`files_content_digest`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from .store import write_json_atomically
 
@@ -35,27 +39,85 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return cached if isinstance(cached, dict) else {}
 
 
+def _stat_key(stat: os.stat_result) -> dict[str, int]:
+    """What a cached digest is kept by. A user can set mtime back (``touch -d``, ``cp -p``, an unpacked archive)
+    but not ctime, which any write or rename moves, nor the inode, which a file replaced by another changes."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+
+
+def _sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_cache(cache: Path, entries: dict[str, Any]) -> None:
+    try:
+        write_json_atomically(cache, entries)
+    except OSError:
+        pass  # a read-only home only costs hashing again next time
+
+
 def file_fingerprint(path: Path) -> str:
-    """``"<size>:<sha256, 16 hex digits>"`` of a file's content (cached by resolved path, size and mtime)."""
+    """``"<size>:<sha256, 16 hex digits>"`` of a file's content (cached by resolved path, size, mtime, ctime and
+    inode)."""
     path = Path(path).resolve()
     stat = path.stat()
     cache = cache_path()
     entries = _read_cache(cache)
     key = str(path)
     entry = entries.get(key)
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in _stat_key(stat).items()):
         return entry["fingerprint"]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    fingerprint = f"{stat.st_size}:{digest.hexdigest()[:16]}"
-    entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fingerprint": fingerprint}
-    try:
-        write_json_atomically(cache, entries)
-    except OSError:
-        pass  # a read-only home only costs hashing again next time
+    fingerprint = f"{stat.st_size}:{_sha256(path)[:16]}"
+    entries[key] = {**_stat_key(stat), "fingerprint": fingerprint}
+    _write_cache(cache, entries)
     return fingerprint
+
+
+CONTENT_PREFIX = "content:"
+CONTENT_ENTRIES_KEPT = 2048  # folders' entries beyond these, oldest first, are dropped: stale ones pile up otherwise
+PROGRESS_FROM_FILES = 1000  # fewer files hash in a blink: no bar
+
+
+def files_content_digest(paths: Sequence[Path | str], progress: bool = True, what: str = "files") -> str:
+    """One SHA-256 (16 hex digits) of the files' bytes, in the order given; names and paths play no part.
+
+    Computed once per state of the files: the cache entry is keyed by the digest of every file's absolute path,
+    size, mtime, ctime and inode, so a 50,000-file folder is one look-up, and a file rewritten in place, replaced,
+    or swapped with another of the same size is hashed again. A file that cannot be read (missing, a folder,
+    no permission) counts as unreadable, so that the decode check reports it rather than this one failing."""
+    states = []
+    for path in paths:
+        absolute = os.path.abspath(path)
+        try:
+            state = _stat_key(os.stat(absolute))
+        except OSError as exc:
+            state = {"unreadable": exc.errno or 0}
+        states.append(f"{absolute}\t{json.dumps(state, sort_keys=True)}")
+    key = CONTENT_PREFIX + hashlib.sha256("\n".join(states).encode("utf-8", "surrogateescape")).hexdigest()
+    cache = cache_path()
+    entries = _read_cache(cache)
+    entry = entries.get(key)
+    if isinstance(entry, dict) and entry.get("files") == len(states) and isinstance(entry.get("digest"), str):
+        return entry["digest"]
+    combined = hashlib.sha256()
+    bar = tqdm(paths, desc=f"hashing {what}", unit="file", leave=False,
+               disable=not progress or len(states) < PROGRESS_FROM_FILES)
+    for path in bar:
+        try:
+            combined.update(_sha256(path).encode() + b"\n")
+        except OSError as exc:
+            combined.update(f"unreadable {exc.errno}\n".encode())
+    digest = combined.hexdigest()[:16]
+    kept = [k for k in entries if k.startswith(CONTENT_PREFIX)]
+    for stale in kept[: max(0, len(kept) + 1 - CONTENT_ENTRIES_KEPT)]:  # JSON keeps insertion order: oldest first
+        del entries[stale]
+    entries[key] = {"files": len(states), "digest": digest}
+    _write_cache(cache, entries)
+    return digest
 
 
 def folder_fingerprint(folder: Path) -> str:

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 
 from ..classifier import DEFAULT_TEMPLATES
 from ..errors import CounterattackError
+from ..fingerprints import files_content_digest
 from ..loading import LoadedCLIP
+from .layouts import ClassFolders
 from .prompts import PROMPT_SETS, check_own_classes, class_prompts, prompt_class_indices, raw_classes
 from .registry import DATASETS, DatasetInfo, is_present
 
@@ -78,9 +80,9 @@ class EvalDataset:
 
     ``image_ids[i]`` is image i's stable key (results, resumption and its random streams use it):
     the torchvision dataset's own index, or for an image folder the file's path relative to the
-    folder, so adding a file does not renumber the others. ``fingerprint`` identifies the content
-    (the file list with sizes, or the labels); ``randomness_key`` names the dataset in random
-    streams, independent of where the data lies. ``files[i]`` is image i's file, where known.
+    folder, so adding a file does not renumber the others. ``fingerprint`` identifies the content: the
+    bytes of the files holding the images, with each image's id and label; ``randomness_key`` names the
+    dataset in random streams, independent of where the data lies. ``files[i]`` is image i's file, where known.
     """
 
     name: str
@@ -109,20 +111,37 @@ def _digest(lines: Iterable[str]) -> str:
     return hasher.hexdigest()[:16]
 
 
-def _labels_fingerprint(targets: Sequence[int]) -> str:
-    return _digest([str(len(targets)), *map(str, targets)])
+def _content_fingerprint(content: Sequence[str | Path], ids: Sequence[ImageId], targets: Sequence[int],
+                         progress: bool, what: str) -> str:
+    """A dataset's identity: the bytes of the files ``content`` that hold its images (hashed once per state of the
+    files, fingerprints.py), then each image's id and label. Paths play no part: the same files elsewhere are the
+    same dataset; other bytes behind the same names are another."""
+    digest = files_content_digest(content, progress=progress, what=what)
+    return _digest([f"content {digest} of {len(content)} files", *(f"{i}\t{y}" for i, y in zip(ids, targets,
+                                                                                                  strict=True))])
+
+
+def _names_and_sizes_digest(ids: Sequence[ImageId], files: Sequence[str], targets: Sequence[int]) -> str:
+    """An image folder's former identity, its files' names and sizes: now only its random streams' key, which
+    published numbers were drawn with (a same-size swap of two images does not change it, the identity does)."""
+    return _digest(f"{i}\t{os.path.getsize(f)}\t{y}" for i, f, y in zip(ids, files, targets, strict=True))
+
+
+def _prompt_key(name: str) -> str:
+    """A class name as the text encoder sees it: tokenizers lower-case it and collapse whitespace."""
+    return " ".join(name.replace("_", " ").split()).casefold()
 
 
 TRANSFORMS = ("model", "paper")
 
 
-def _imagefolder(directory: Path, clip: LoadedCLIP, transform: str) -> EvalDataset:
+def _imagefolder(directory: Path, clip: LoadedCLIP, transform: str, progress: bool) -> EvalDataset:
     directory = directory.resolve()
     if not directory.is_dir():
         raise CounterattackError(f"Image folder not found: {directory}")
     try:
-        ds = datasets.ImageFolder(str(directory),
-                                  transform=model_eval_transform(clip) if transform == "model" else paper_transform())
+        ds = ClassFolders(str(directory),
+                          transform=model_eval_transform(clip) if transform == "model" else paper_transform())
     except (FileNotFoundError, OSError) as exc:
         raise CounterattackError(
             f"{directory} is not an image folder: expected one sub-folder per class holding images ({exc})."
@@ -132,17 +151,18 @@ def _imagefolder(directory: Path, clip: LoadedCLIP, transform: str) -> EvalDatas
         raise CounterattackError(f"{directory} holds one class ({ds.classes[0]}): a zero-shot classifier needs at "
                                  "least two class folders to choose between.")
     seen: dict[str, str] = {}
-    for folder, name in zip(ds.classes, names, strict=True):
-        if name in seen:
-            raise CounterattackError(f"{directory}: the class folders {seen[name]!r} and {folder!r} both name the "
-                                     f"class {name!r} ('_' reads as a space): their images could never be told apart. "
-                                     "Rename one.")
-        seen[name] = folder
+    for folder in ds.classes:
+        key = _prompt_key(folder)
+        if key in seen:
+            raise CounterattackError(f"{directory}: the class folders {seen[key]!r} and {folder!r} give the same "
+                                     f"prompt once case, '_' and spaces are read as the text encoder reads them: one "
+                                     "of the two classes could never be predicted. Rename one.")
+        seen[key] = folder
     files = [path for path, _ in ds.samples]
     ids: list[ImageId] = [Path(path).relative_to(directory).as_posix() for path in files]
-    fingerprint = _digest(f"{i}\t{os.path.getsize(f)}\t{y}" for i, f, y in zip(ids, files, ds.targets, strict=True))
+    fingerprint = _content_fingerprint(files, ids, ds.targets, progress, f"images of {directory.name}")
     return EvalDataset(f"{IMAGEFOLDER_PREFIX}{directory}", ds, names, list(ds.targets), ids, fingerprint,
-                       f"{IMAGEFOLDER_PREFIX}{fingerprint}", files=files)
+                       f"{IMAGEFOLDER_PREFIX}{_names_and_sizes_digest(ids, files, ds.targets)}", files=files)
 
 
 def short_name(dataset: str) -> str:
@@ -189,14 +209,15 @@ class _Relabelled(Dataset):
 
 def _keep_classes(data: EvalDataset, kept: Sequence[int]) -> EvalDataset:
     """``data`` with only the classes ``kept`` (own labels, ascending) and their images; the labels are renumbered
-    in order, so each later label moves down by the number of classes dropped before it; ids stay."""
+    in order, so each later label moves down by the number of classes dropped before it; ids stay. Its identity is
+    the full dataset's and the classes kept (not a second hashing of the kept files)."""
     labels = {y: new for new, y in enumerate(kept)}
     keep = [i for i, y in enumerate(data.targets) if y in labels]
     targets = [labels[data.targets[i]] for i in keep]
     return EvalDataset(
         data.name, _Relabelled(data.dataset, keep, labels), data.class_names, targets,
         [data.image_ids[i] for i in keep],
-        _labels_fingerprint(targets), data.randomness_key, data.templates,
+        _digest([data.fingerprint, "classes kept", *map(str, kept)]), data.randomness_key, data.templates,
         None if data.files is None else [data.files[i] for i in keep],
     )
 
@@ -220,9 +241,19 @@ def _files_of(dataset: Dataset) -> list[str] | None:
     return None
 
 
+def _holding_the_images(info: DatasetInfo, root: Path, files: list[str] | None) -> list[Path | str]:
+    """The files a registered dataset's identity is read from: each image's own file where the loader lists them,
+    else the row's ``stored_in`` files (CIFAR's test batch, PCAM's HDF5), else every file under its folder."""
+    if files is not None:
+        return list(files)
+    if info.stored_in:
+        return [root / name for name in info.stored_in]
+    return sorted(path for path in (root / info.folder).rglob("*") if path.is_file())
+
+
 def load_dataset(
     spec: str, clip: LoadedCLIP, data_root: str | Path = "data", download: bool = True,
-    prompts: str = "paper", transform: str = "model",
+    prompts: str = "paper", transform: str = "model", progress: bool = True,
 ) -> EvalDataset:
     """A registered dataset's evaluation split by name, or ``imagefolder:DIR``.
 
@@ -230,14 +261,15 @@ def load_dataset(
     authors' code builds them (ImageNet then has their 999 classes), ``openai`` the curated names
     with ``"This is a photo of a {}."``. ``transform`` is an image folder's preprocessing: the
     model's own eval transform, or the paper's Resize 256 -> CenterCrop 224. A dataset whose row ships no class
-    list is named by the class list its data brings.
+    list is named by the class list its data brings. The first load of a dataset (or of changed files) reads
+    every file holding its images to identify it by content (``progress``: a bar when they are many).
     """
     if prompts not in PROMPT_SETS:
         raise CounterattackError(f"Unknown prompt set {prompts!r}. Available: {', '.join(PROMPT_SETS)}.")
     if transform not in TRANSFORMS:
         raise CounterattackError(f"Unknown transform {transform!r}. Available: {', '.join(TRANSFORMS)}.")
     if spec.startswith(IMAGEFOLDER_PREFIX):
-        return _imagefolder(Path(spec[len(IMAGEFOLDER_PREFIX) :]).expanduser(), clip, transform)
+        return _imagefolder(Path(spec[len(IMAGEFOLDER_PREFIX) :]).expanduser(), clip, transform, progress)
     if spec not in DATASETS:
         raise CounterattackError(
             f"Unknown dataset {spec!r}. Available: {', '.join(DATASETS)}, all, or imagefolder:DIR."
@@ -259,8 +291,9 @@ def load_dataset(
         )
     check_own_classes(spec, own_names)
     names, templates = class_prompts(spec, prompts, own_names)
-    data = EvalDataset(spec, ds, list(names), list(labels), list(range(len(labels))), _labels_fingerprint(labels), spec,
-                       tuple(templates), _files_of(ds))
+    files, ids = _files_of(ds), list(range(len(labels)))
+    fingerprint = _content_fingerprint(_holding_the_images(info, root, files), ids, labels, progress, spec)
+    data = EvalDataset(spec, ds, list(names), list(labels), ids, fingerprint, spec, tuple(templates), files)
     kept = prompt_class_indices(spec, prompts, own_names)
     return data if len(kept) == len(own_names) else _keep_classes(data, kept)
 

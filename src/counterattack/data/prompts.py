@@ -18,48 +18,31 @@ A dataset with no list there takes its class names from its loaded data (``own_c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from functools import cache
-from importlib.resources import files
-from typing import TYPE_CHECKING
 
 from ..errors import CounterattackError
-
-if TYPE_CHECKING:
-    from .registry import DatasetInfo
+from .names import (
+    COOP_TEMPLATE, IMAGENET_DROPPED_WNID, OPENAI_TEMPLATE, PAPER_TEMPLATE, PCAM_PAPER_PROMPTS, UCF101_TEMPLATE,
+    aircraft_name, as_is, caltech101_name, caltech256_name, clean, country211_name, curated_class_names,
+    imagenet_paper_name, imagenet_variant_paper_name, openai_imagenet_name, shipped_own_classes, stanford_cars_name,
+    tinyimagenet_paper_name, words,
+)
+from .registry import DATASETS, DatasetInfo
 
 PROMPT_SETS: tuple[str, ...] = ("paper", "openai")
 
-IMAGENET_DROPPED_WNID = "n03710637"
-"""The ILSVRC-2012 synset (maillot) missing from the TTC authors' refined ImageNet names: the paper's
-ImageNet has 999 classes, so this class is left out of the ``paper`` prompts."""
-
-OPENAI_TEMPLATE = "This is a photo of a {}."
-PAPER_TEMPLATE = "This is a photo of a {}."
-"""The TTC code's template where a dataset has none of its own."""
-PCAM_PAPER_PROMPTS = [
-    "This is a photo of a healthy lymph node tissue.",
-    "This is a photo of a lymph node tumor tissue.",
+# The naming rules and templates live in names.py (below the registry, which names them); they stay importable
+# from here, where the prompt sets are built.
+__all__ = [
+    "COOP_TEMPLATE", "IMAGENET_DROPPED_WNID", "OPENAI_TEMPLATE", "PAPER_TEMPLATE", "PCAM_PAPER_PROMPTS", "PROMPT_SETS",
+    "UCF101_TEMPLATE", "aircraft_name", "as_is", "caltech101_name", "caltech256_name", "check_own_classes",
+    "class_prompts", "clean", "country211_name", "curated_class_names", "imagenet_paper_name",
+    "imagenet_variant_paper_name", "openai_imagenet_name", "prompt_class_indices", "raw_classes",
+    "stanford_cars_name", "tinyimagenet_paper_name", "words",
 ]
 
 
-@cache
-def _shipped() -> dict:
-    text = files("counterattack.data").joinpath("raw_classes.json").read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-@cache
-def curated_class_names() -> dict[str, list[str]]:
-    """The ``openai`` names of ``classnames.json`` per dataset (its ``_`` keys are notes on their sources)."""
-    text = files("counterattack.data").joinpath("classnames.json").read_text(encoding="utf-8")
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
-
-
 def _row(dataset: str) -> DatasetInfo:
-    from .registry import DATASETS  # the rows name this module's rules, so the registry imports it first
-
     if dataset not in DATASETS:
         raise CounterattackError(f"Unknown dataset {dataset!r}. Choose one of: {', '.join(DATASETS)}.")
     return DATASETS[dataset]
@@ -72,7 +55,7 @@ def _known_prompt_set(prompt_set: str) -> str:
 
 
 def _ships_classes(dataset: str) -> bool:
-    return dataset in _shipped()["own_classes"]
+    return shipped_own_classes(dataset) is not None
 
 
 def raw_classes(dataset: str) -> list[str]:
@@ -80,10 +63,11 @@ def raw_classes(dataset: str) -> list[str]:
     torchvision class (or ``TinyImageNetVal``) exposes, so that label ``c`` of the loaded data is class ``c`` here.
     A dataset added without a shipped list has none to give before its data is loaded: an error says so."""
     _row(dataset)
-    if not _ships_classes(dataset):
+    own = shipped_own_classes(dataset)
+    if own is None:
         raise CounterattackError(f"No class list of {dataset} ships with the package (raw_classes.json): "
                                  "its classes are known once its data is loaded.")
-    return list(_shipped()["own_classes"][dataset])
+    return own
 
 
 def _own_classes(dataset: str, own_classes: Sequence[str] | None) -> list[str]:
@@ -92,62 +76,6 @@ def _own_classes(dataset: str, own_classes: Sequence[str] | None) -> list[str]:
     if _ships_classes(dataset) or own_classes is None:
         return raw_classes(dataset)
     return [str(c) for c in own_classes]
-
-
-# --- The paper's naming rules: one small function per rule, applied to raw names. ---------------------
-
-def as_is(name: str) -> str:
-    """CIFAR, STL-10 and SUN397 names go into the template untouched (underscores and slashes included)."""
-    return name
-
-
-def clean(name: str) -> str:
-    """The authors' usual tidying: lower-case, then ``_`` and ``-`` become spaces (nothing is stripped)."""
-    return name.lower().replace("_", " ").replace("-", " ")
-
-
-def caltech101_name(category: str) -> str:
-    """Caltech-101 folder names as they are, except both face classes (``Faces``, ``Faces_easy``) become "person"."""
-    return "person" if category in ("Faces", "Faces_easy") else category
-
-
-def caltech256_name(folder: str) -> str:
-    """Caltech-256 folders lose their ``NNN.`` prefix and a ``-101`` suffix, then are cleaned and stripped:
-    ``145.motorbikes-101`` -> ``motorbikes``."""
-    number, _, rest = folder.partition(".")
-    name = rest if number.isdigit() and rest else folder
-    return clean(name.removesuffix("-101")).strip()
-
-
-def aircraft_name(variant: str) -> str:
-    """FGVC-Aircraft variants: Boeing's bare numbers (``707-320``) get their maker in front; then lower-case
-    with ``_`` as spaces, hyphens kept: ``boeing 707-320``."""
-    if variant.startswith("7"):
-        variant = "Boeing " + variant
-    return variant.lower().replace("_", " ")
-
-
-def stanford_cars_name(name: str) -> str:
-    """Stanford Cars names lose their last 5 characters (" 2012", the year), then are cleaned; this merges
-    7 pairs of classes that differ only in the year."""
-    return clean(name[:-5])
-
-
-def country211_name(code: str) -> str:
-    """Country211's alpha-2 folder code as its ISO 3166 short name (pycountry's, shipped as data), with ``_`` and
-    ``-`` as spaces and the case kept: ``XK`` -> ``Kosovo``, ``TL`` -> ``Timor Leste``."""
-    name = _shipped()["country_names"][code]
-    return name.replace("_", " ").replace("-", " ")
-
-
-def imagenet_paper_name(wnid: str) -> str:
-    """The TTC authors' refined ImageNet name of a WordNet id (none for :data:`IMAGENET_DROPPED_WNID`)."""
-    return _shipped()["paper_names"]["imagenet"][wnid]
-
-
-def tinyimagenet_paper_name(wnid: str) -> str:
-    """The TTC authors' refined Tiny ImageNet name of a WordNet id."""
-    return _shipped()["paper_names"]["tinyimagenet"][wnid]
 
 
 def prompt_class_indices(dataset: str, prompt_set: str = "paper",

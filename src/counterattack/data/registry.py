@@ -1,4 +1,5 @@
-"""The zero-shot benchmark of the TTC paper: 16 datasets, plus Tiny ImageNet, on stock torchvision.
+"""The zero-shot benchmark of the TTC paper: 16 datasets, plus Tiny ImageNet, on stock torchvision; and R-TPT's
+(CoOp's) UCF101, ImageNet-A, -V2, -R and -Sketch, so that the fine-grained averages of MAC and DBD can be run.
 
 A dataset is one row, :class:`DatasetInfo`: how to load the split the paper evaluates on (the test
 split; the whole dataset where torchvision defines none) and read its labels without decoding images,
@@ -13,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,16 @@ from torchvision import datasets as tv
 from torchvision.datasets.utils import download_and_extract_archive
 
 from ..errors import CounterattackError
-from .prompts import (
-    IMAGENET_DROPPED_WNID, PAPER_TEMPLATE, PCAM_PAPER_PROMPTS, aircraft_name, as_is, caltech101_name, caltech256_name,
-    clean, country211_name, curated_class_names, imagenet_paper_name, raw_classes, stanford_cars_name,
-    tinyimagenet_paper_name,
+from .layouts import ImageNetV2Folders, UCF101Midframes, WnidFolders
+from .names import (
+    COOP_TEMPLATE, IMAGENET_DROPPED_WNID, PAPER_TEMPLATE, PCAM_PAPER_PROMPTS, UCF101_TEMPLATE, aircraft_name, as_is,
+    caltech101_name, caltech256_name, clean, country211_name, curated_class_names, imagenet_paper_name,
+    imagenet_variant_paper_name, openai_imagenet_name, readable, shipped_own_classes, stanford_cars_name,
+    tinyimagenet_paper_name, words,
 )
+
+__all__ = ["DATASETS", "SHIPPED", "DatasetInfo", "Loader", "TinyImageNetVal", "curated_class_names", "is_present",
+           "readable"]
 
 SHIPPED = "raw_classes.json"
 """A class source: the list shipped in ``raw_classes.json``, for datasets whose files name no class. Such a
@@ -55,7 +60,10 @@ class DatasetInfo:
     """One dataset, all the package knows of it. The paper's names of class ``c`` are ``paper_rule`` applied to
     its own (raw) name, or ``paper_prompts`` where the paper wrote whole sentences; ``openai`` takes the curated
     names of ``classnames.json`` or, without a list there, ``openai_name`` of the own names. ``in_paper_average``
-    has no default, so that no dataset joins the paper's Table 1 average by being added."""
+    has no default, so that no dataset joins the paper's Table 1 average by being added.
+
+    A dataset is identified by the content of the files holding its images: each image's file where the loader
+    lists them, else the ``stored_in`` files (CIFAR's batches, PCAM's HDF5), else every file under ``folder``."""
 
     name: str
     num_classes: int
@@ -72,6 +80,7 @@ class DatasetInfo:
     paper_prompts: tuple[str, ...] = ()  # one whole prompt per class, instead of rule and template (PCAM)
     paper_dropped: tuple[str, ...] = ()  # own class names without a paper prompt: left out, with their images
     openai_name: Callable[[str], str] = str
+    stored_in: tuple[str, ...] = ()  # under --data-root: the files holding the images, where no file is one image
 
     @property
     def names_its_classes(self) -> bool:
@@ -84,28 +93,8 @@ class DatasetInfo:
         ds = spec.factory(str(Path(root) / spec.subdir), transform=transform,
                           **({"download": download} if self.downloadable else {}), **spec.kwargs)
         labels = spec.labels(ds) if callable(spec.labels) else getattr(ds, spec.labels)
-        own = raw_classes(self.name) if spec.classes == SHIPPED else getattr(ds, spec.classes)
+        own = shipped_own_classes(self.name) if spec.classes == SHIPPED else getattr(ds, spec.classes)
         return ds, [int(y) for y in labels], list(own)
-
-
-@cache
-def _openai_imagenet_names() -> dict[str, str]:
-    return dict(zip(raw_classes("imagenet"), curated_class_names()["imagenet"], strict=True))
-
-
-def _openai_imagenet_name(wnid: str) -> str:
-    """Tiny ImageNet's WordNet ids named as OpenAI's curated ImageNet names (all 200 are ImageNet-1k synsets);
-    an unknown id stays as it is."""
-    return _openai_imagenet_names().get(wnid, wnid)
-
-
-def readable(name: str) -> str:
-    """Caltech-256's folder names as words: ``002.american-flag`` -> ``american flag``,
-    ``145.motorbikes-101`` -> ``motorbikes``."""
-    if "." in name and name.split(".", 1)[0].isdigit():
-        name = name.split(".", 1)[1]
-    name = name.removesuffix("-101")
-    return name.replace("_", " ").replace("-", " ").strip()
 
 
 # --- The few datasets a torchvision class does not describe by attributes alone. ---------------------------
@@ -171,17 +160,22 @@ def _manual(files_: str, layout: str) -> str:
 
 
 _TEST = {"split": "test"}
+IMAGENET_A_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar"
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+IMAGENET_V2_URL = "https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz"
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
     DatasetInfo("cifar10", 10, 10000, "test", "cifar-10-batches-py", Loader(tv.CIFAR10, {"train": False}),
                 "downloaded automatically from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                in_paper_average=True),
+                in_paper_average=True,
+                stored_in=("cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta")),
     DatasetInfo("cifar100", 100, 10000, "test", "cifar-100-python", Loader(tv.CIFAR100, {"train": False}),
                 "downloaded automatically from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                in_paper_average=True),
+                in_paper_average=True, stored_in=("cifar-100-python/test", "cifar-100-python/meta")),
     DatasetInfo("stl10", 10, 8000, "test", "stl10_binary", Loader(tv.STL10, _TEST, labels="labels"),
                 "downloaded automatically from http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
-                in_paper_average=True),
+                in_paper_average=True,
+                stored_in=("stl10_binary/test_X.bin", "stl10_binary/test_y.bin", "stl10_binary/class_names.txt")),
     DatasetInfo("imagenet", 1000, 50000, "val", "imagenet",
                 Loader(tv.ImageNet, {"split": "val"}, classes="wnids", subdir="imagenet"), _manual(
                     "ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz from https://image-net.org (free account)",
@@ -237,11 +231,47 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
     DatasetInfo("pcam", 2, 32768, "test", "pcam",
                 Loader(_pcam, _TEST, labels=_pcam_labels, classes=SHIPPED),  # torchvision names no PCAM class
                 "downloaded automatically (Google Drive; needs h5py: pip install 'clip-counterattack[pcam]')",
-                in_paper_average=True, paper_prompts=tuple(PCAM_PAPER_PROMPTS)),
+                in_paper_average=True, paper_prompts=tuple(PCAM_PAPER_PROMPTS),
+                stored_in=("pcam/camelyonpatch_level_2_split_test_x.h5", "pcam/camelyonpatch_level_2_split_test_y.h5")),
     DatasetInfo("tinyimagenet", 200, 10000, "val", "tiny-imagenet-200",
                 Loader(TinyImageNetVal, labels=_second_of("samples"), classes="wnids"),
                 f"downloaded automatically from {TinyImageNetVal.URL}",
-                in_paper_average=False, paper_rule=tinyimagenet_paper_name, openai_name=_openai_imagenet_name),
+                in_paper_average=False, paper_rule=tinyimagenet_paper_name, openai_name=openai_imagenet_name),
+    # R-TPT's protocol (CoOp's layouts): UCF101 and the ImageNet variants, outside the TTC paper. Their ``paper``
+    # prompts are CoOp's and R-TPT's templates; the variants take the TTC code's ImageNet names where it has them.
+    DatasetInfo("ucf101", 101, 3783, "test (CoOp's split)", "ucf101/UCF-101-midframes", Loader(UCF101Midframes),
+                _manual("UCF-101-midframes.zip (the middle frame of each clip) and split_zhou_UCF101.json from the "
+                        "Google Drive links of CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp)",
+                        "ucf101/UCF-101-midframes/<Class_Name>/*.jpg and ucf101/split_zhou_UCF101.json"),
+                in_paper_average=False, downloadable=False, paper_rule=words, paper_template=UCF101_TEMPLATE),
+    DatasetInfo("imagenet_a", 200, 7500, "all (no split)", "imagenet-adversarial/imagenet-a",
+                Loader(WnidFolders, {"folder": "imagenet-adversarial/imagenet-a", "url": IMAGENET_A_URL},
+                       classes="wnids"),
+                f"downloaded automatically from {IMAGENET_A_URL} (unpacked into "
+                "imagenet-adversarial/imagenet-a/<wnid>/)",
+                in_paper_average=False, paper_rule=imagenet_variant_paper_name, paper_template=COOP_TEMPLATE,
+                openai_name=openai_imagenet_name),
+    DatasetInfo("imagenet_v2", 1000, 10000, "all (matched frequency)",
+                "imagenetv2/imagenetv2-matched-frequency-format-val",
+                Loader(ImageNetV2Folders, {"folder": "imagenetv2/imagenetv2-matched-frequency-format-val",
+                                           "url": IMAGENET_V2_URL}, classes=SHIPPED),  # its folders are numbers
+                f"downloaded automatically from {IMAGENET_V2_URL} (unpacked into "
+                "imagenetv2/imagenetv2-matched-frequency-format-val/<0..999>/)",
+                in_paper_average=False, paper_rule=imagenet_variant_paper_name, paper_template=COOP_TEMPLATE,
+                openai_name=openai_imagenet_name),
+    DatasetInfo("imagenet_r", 200, 30000, "all (no split)", "imagenet-rendition/imagenet-r",
+                Loader(WnidFolders, {"folder": "imagenet-rendition/imagenet-r", "url": IMAGENET_R_URL},
+                       classes="wnids"),
+                f"downloaded automatically from {IMAGENET_R_URL} (unpacked into imagenet-rendition/imagenet-r/<wnid>/)",
+                in_paper_average=False, paper_rule=imagenet_variant_paper_name, paper_template=COOP_TEMPLATE,
+                openai_name=openai_imagenet_name),
+    DatasetInfo("imagenet_sketch", 1000, 50889, "all (no split)", "imagenet-sketch/images",
+                Loader(WnidFolders, {"folder": "imagenet-sketch/images"}, classes="wnids"), _manual(
+                    "ImageNet-Sketch.zip (github.com/HaohanWang/ImageNet-Sketch: Google Drive, or "
+                    "data/ImageNet-Sketch.zip of the Hugging Face dataset songweig/imagenet_sketch)",
+                    "imagenet-sketch/images/<wnid>/*.JPEG (the zip's folder sketch/ renamed images/, as CoOp expects)"),
+                in_paper_average=False, downloadable=False, paper_rule=imagenet_variant_paper_name,
+                paper_template=COOP_TEMPLATE, openai_name=openai_imagenet_name),
 ]}
 
 
