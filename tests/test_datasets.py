@@ -604,3 +604,13 @@ def test_a_listed_image_that_is_missing_leaves_the_decode_check_to_report_it(tmp
     data = load_dataset("dtd", clip, tmp_path, download=False)
     (index,) = [k for k, f in enumerate(data.files) if f == str(missing)]
     assert list(find_unreadable(data, range(len(data)), progress=False)) == [index]
+
+
+@pytest.mark.parametrize("name, class_folder", [
+    ("eurosat", "eurosat/2750/Forest"), ("imagenet_r", "imagenet-rendition/imagenet-r/n01443537"),
+])
+def test_a_link_loop_in_a_registered_folder_dataset_is_refused(tmp_path, monkeypatch, clip, name, class_folder):
+    BUILDERS[name](tmp_path, monkeypatch)
+    os.symlink("..", tmp_path / class_folder / "up")  # torchvision's ImageFolder would count its images again
+    with pytest.raises(CounterattackError, match=f"{tmp_path / class_folder / 'up'} leads back to"):
+        load_dataset(name, clip, tmp_path, download=False)

@@ -75,6 +75,13 @@ class ClassFolders(ImageFolder):
         return samples
 
 
+def walked_once(folder_dataset: type[ImageFolder]) -> type[ImageFolder]:
+    """A torchvision dataset built on ImageFolder (ImageNet, EuroSAT, Country211) walking its folders as
+    :class:`ClassFolders` does: everything else, its arguments included, stays torchvision's."""
+    return type(folder_dataset.__name__, (folder_dataset,), {
+        "make_dataset": staticmethod(ClassFolders.make_dataset), "__doc__": folder_dataset.__doc__})
+
+
 def _fetch(base: Path, url: str | None, download: bool) -> None:
     """Download and unpack ``url`` beside ``base`` when ``base`` is missing and downloading is allowed."""
     if download and url and not base.is_dir():

@@ -4,16 +4,22 @@ Two sets exist because published numbers depend on the exact text:
 
 * ``paper`` reproduces the prompts the TTC paper's code builds (Xing et al., CVPR 2025,
   github.com/Sxing2/CLIP-Test-time-Counterattacks): per-dataset templates, and names derived from each
-  dataset's *own* raw labels by small rules (one function per rule below; each dataset's row in the
+  dataset's *own* raw labels by small rules (one function per rule, in names.py; each dataset's row in the
   registry names its rule and template). Duplicate prompts are part of that protocol (Caltech-101's two
   face classes are both "person"; cutting the year off Stanford Cars leaves 7 identical pairs) and are
   kept as they are.
+  R-TPT's datasets (UCF101, ImageNet-A, -V2, -R, -Sketch) are not in the TTC paper: their ``paper`` set takes
+  CoOp's and R-TPT's templates ("a photo of a person doing {}." for UCF101, "a photo of a {}." for the ImageNet
+  variants), UCF101's CoOp names with spaces for ``_``, and for the variants the TTC code's ImageNet names, with
+  OpenAI's name for the one synset the TTC table lacks, so that no class and no image is left out.
 * ``openai`` is the curated names of ``classnames.json`` (or, for datasets without a curated list, the
   row's naming of their own labels) with the single template "This is a photo of a {}.".
 
 The raw lists live in ``raw_classes.json`` (sources inside), so the rules run on the same strings the
 datasets expose and :func:`check_own_classes` can prove a loaded dataset has the labels the prompts assume.
-A dataset with no list there takes its class names from its loaded data (``own_classes``).
+A dataset with no list there takes its class names from its loaded data (``own_classes``). The rules themselves
+live in ``names.py``, below the registry whose rows name them: this module reads the rows, the registry never
+reads this module.
 """
 
 from __future__ import annotations

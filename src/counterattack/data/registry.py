@@ -22,7 +22,7 @@ from torchvision import datasets as tv
 from torchvision.datasets.utils import download_and_extract_archive
 
 from ..errors import CounterattackError
-from .layouts import ImageNetV2Folders, UCF101Midframes, WnidFolders
+from .layouts import ImageNetV2Folders, UCF101Midframes, WnidFolders, walked_once
 from .names import (
     COOP_TEMPLATE, IMAGENET_DROPPED_WNID, PAPER_TEMPLATE, PCAM_PAPER_PROMPTS, UCF101_TEMPLATE, aircraft_name, as_is,
     caltech101_name, caltech256_name, clean, country211_name, curated_class_names, imagenet_paper_name,
@@ -177,7 +177,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
                 in_paper_average=True,
                 stored_in=("stl10_binary/test_X.bin", "stl10_binary/test_y.bin", "stl10_binary/class_names.txt")),
     DatasetInfo("imagenet", 1000, 50000, "val", "imagenet",
-                Loader(tv.ImageNet, {"split": "val"}, classes="wnids", subdir="imagenet"), _manual(
+                Loader(walked_once(tv.ImageNet), {"split": "val"}, classes="wnids", subdir="imagenet"), _manual(
                     "ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz from https://image-net.org (free account)",
                     "imagenet/ILSVRC2012_img_val.tar and imagenet/ILSVRC2012_devkit_t12.tar.gz (torchvision unpacks "
                     "them into imagenet/val/<wnid>/ and imagenet/meta.bin on first use)"),
@@ -214,13 +214,13 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
     DatasetInfo("sun397", 397, 108754, "all (no split)", "SUN397", Loader(_sun397, labels="_labels"), _manual(
         "SUN397.tar.gz (the original URL is dead; mirrors exist, e.g. on the Hugging Face Hub)",
         "SUN397/ClassName.txt and SUN397/<letter>/<class>/sun_*.jpg"), in_paper_average=True, downloadable=False),
-    DatasetInfo("country211", 211, 21100, "test", "country211", Loader(tv.Country211, _TEST),
+    DatasetInfo("country211", 211, 21100, "test", "country211", Loader(walked_once(tv.Country211), _TEST),
                 "downloaded automatically from https://openaipublic.azureedge.net/clip/data/country211.tgz",
                 in_paper_average=True, paper_rule=country211_name, paper_template="A photo I took in {}."),
     DatasetInfo("food101", 101, 25250, "test", "food-101", Loader(tv.Food101, _TEST, labels="_labels"),
                 "downloaded automatically from https://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
                 in_paper_average=True, paper_rule=clean, paper_template="A photo of {}, a type of food."),
-    DatasetInfo("eurosat", 10, 27000, "all (no split)", "eurosat/2750", Loader(tv.EuroSAT), _manual(
+    DatasetInfo("eurosat", 10, 27000, "all (no split)", "eurosat/2750", Loader(walked_once(tv.EuroSAT)), _manual(
         "EuroSAT_RGB.zip (from the Hugging Face Hub or https://github.com/phelber/EuroSAT)",
         "eurosat/2750/<ClassName>/*.jpg"), in_paper_average=True, downloadable=False, paper_rule=clean,
         paper_template="A centered satellite photo of {}."),
@@ -251,8 +251,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
                 "imagenet-adversarial/imagenet-a/<wnid>/)",
                 in_paper_average=False, paper_rule=imagenet_variant_paper_name, paper_template=COOP_TEMPLATE,
                 openai_name=openai_imagenet_name),
-    DatasetInfo("imagenet_v2", 1000, 10000, "all (matched frequency)",
-                "imagenetv2/imagenetv2-matched-frequency-format-val",
+    DatasetInfo("imagenet_v2", 1000, 10000, "all (no split)", "imagenetv2/imagenetv2-matched-frequency-format-val",
                 Loader(ImageNetV2Folders, {"folder": "imagenetv2/imagenetv2-matched-frequency-format-val",
                                            "url": IMAGENET_V2_URL}, classes=SHIPPED),  # its folders are numbers
                 f"downloaded automatically from {IMAGENET_V2_URL} (unpacked into "
