@@ -69,10 +69,28 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random
         f.write(b'{"dataset": "imagefolder:')
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")) == 0
     assert comparable_records(tmp_path) == reference
-    batches = [json.loads(line) for line in parts.read_text().splitlines()]
+    batches = [json.loads(line)["batch"] for line in parts.read_text().splitlines() if "batch" in json.loads(line)]
     ids = [i for b in batches for i in b["ids"]]
     files = [f"{c}/{i:04d}.png" for c in ("cat", "dog", "sea_lion") for i in range(6)]
     assert sorted(ids) == files  # nothing lost, nothing twice
+
+
+def test_kill_9_of_a_run_with_loading_workers_then_an_immediate_restart_resumes(tmp_path, random_clip_dir, folder,
+                                                                               reference):
+    """Forked data-loading workers outlive a killed run for a few seconds: they must not keep its folder locked."""
+    args = eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "2")
+    args[args.index("--workers") + 1] = "2"
+    parts = tmp_path / "parts" / "rank-0.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "counterattack", *args],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and (not parts.exists() or len(parts.read_bytes().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "results.json").exists(), "the run was killed mid-way"
+    assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")) == 0
+    assert comparable_records(tmp_path) == reference
 
 
 def test_changed_configuration_in_the_same_out_is_refused(tmp_path, random_clip_dir, folder, capsys):

@@ -224,13 +224,26 @@ class Store:
 
 
 LOCK_NAME = ".counterattack.lock"
+_HELD_LOCKS: set[int] = set()  # file descriptors of the folders this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loading worker): close the copies of the held folders' lock files. A ``flock`` lives
+    as long as any process keeps its file open, so workers outliving a killed run would otherwise hold its folder."""
+    for handle in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(handle)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 @contextlib.contextmanager
 def hold(folder: Path) -> Iterator[None]:
     """Hold ``folder`` for the block: a second run on it is refused at once, naming the holder, instead of both
     computing everything and clashing at the merge. The operating system releases the lock when the process ends,
-    however it ends."""
+    however it ends (forked children, such as data-loading workers, do not keep it: ``_drop_inherited_locks``)."""
     import fcntl
 
     folder = Path(folder)
@@ -252,6 +265,7 @@ def hold(folder: Path) -> Iterator[None]:
             raise CounterattackError(f"{folder} is in use by another run ({holder}): wait for it to finish, or use "
                                      "another --out.") from None
         locked = True
+        _HELD_LOCKS.add(handle)
         os.ftruncate(handle, 0)
         os.write(handle, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                          f"{' '.join(sys.argv)[:300]}".encode())
@@ -265,6 +279,7 @@ def hold(folder: Path) -> Iterator[None]:
                         (folder / LOCK_NAME).unlink()
                         folder.rmdir()
         finally:
+            _HELD_LOCKS.discard(handle)
             os.close(handle)
 
 
