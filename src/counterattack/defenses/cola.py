@@ -48,6 +48,17 @@ Per image:
     projected cosines, so the argmax is Eq. 9's argmin_y <T_y, C_y>: the plan's mass is exactly 1 after
     the last column update). No gate: clean and attacked images go the same way.
 
+Where the paper is silent or disagrees with AWT, and what is taken here (uncertain, each):
+
+- M: the paper's 50 prompts in all, where AWT's code has 51 (``prompts`` sets it).
+- The SVD of the normalised, uncentred prompt embeddings (the paper gives neither).
+- Pi in the cost only; a and b from the unprojected features (AWT has no Pi).
+- The logits summed under the plan are the projected cosines times the logit scale (Eq. 9's ranking);
+  AWT sums its unprojected logits, which would rank by a cost the plan was not computed for.
+- Eq. 6's sign (softmax(-h), the text's and AWT's); temperatures, epsilon and Sinkhorn's stopping (AWT).
+- Views cropped from the image given, at its side (AWT: from the full-resolution picture at 224 px).
+- The run's template and the prompts' text embeddings in float32 (AWT: its own template, fp16).
+
 Cost per image: ``views`` (5) image-encoder forwards, no backward; the text encoder runs over the K*M
 prompts once per classifier, not per image.
 
@@ -97,10 +108,10 @@ def class_prompts(template: str, name: str, descriptions: list[str]) -> list[str
 
 def subspace_basis(embeddings: torch.Tensor, dimension: int) -> torch.Tensor:
     """``(d, C')``: the first C' = min(dimension, d, P) left singular vectors of the d x P matrix whose columns are
-    ``embeddings`` (P, d), uncentred; ``U @ U.T`` projects onto their top subspace. Float64 for the SVD, returned
-    in the embeddings' dtype."""
-    left, _, _ = torch.linalg.svd(embeddings.double().T, full_matrices=False)
-    return left[:, :dimension].to(embeddings.dtype)
+    ``embeddings`` (P, d), uncentred; ``U @ U.T`` projects onto their top subspace. The SVD runs on the CPU in
+    float64, so the basis is the same on every device (once per dataset: seconds for ImageNet's 50,000 prompts)."""
+    left, _, _ = torch.linalg.svd(embeddings.detach().double().cpu().T, full_matrices=False)
+    return left[:, :dimension].to(embeddings.device, embeddings.dtype)
 
 
 @dataclass(frozen=True)
