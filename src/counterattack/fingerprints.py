@@ -93,10 +93,10 @@ def files_content_digest(paths: Sequence[Path | str], progress: bool = True, wha
     for path in paths:
         absolute = os.path.abspath(path)
         try:
-            state = _stat_key(os.stat(absolute))
+            state = "\t".join(map(str, _stat_key(os.stat(absolute)).values()))
         except OSError as exc:
-            state = {"unreadable": exc.errno or 0}
-        states.append(f"{absolute}\t{json.dumps(state, sort_keys=True)}")
+            state = f"unreadable {exc.errno}"
+        states.append(f"{absolute}\t{state}")
     key = CONTENT_PREFIX + hashlib.sha256("\n".join(states).encode("utf-8", "surrogateescape")).hexdigest()
     cache = cache_path()
     entries = _read_cache(cache)
