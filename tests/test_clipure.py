@@ -21,19 +21,21 @@ def rng(n: int, seed: int = 0) -> ImageRandomness:
 
 
 def code_purify_zi(z: np.ndarray, t: np.ndarray, steps: int = STEPS, step_size: float = STEP,
-                   batch_norm: bool = True) -> np.ndarray:
-    """The authors' ``purify_zi`` (L2 mode, momentum 0) in NumPy, its gradient written out by hand:
+                   batch_norm: bool = True, gamma: float = 0.0) -> np.ndarray:
+    """The authors' ``purify_zi`` (L2 mode) in NumPy, its gradient written out by hand:
     ``d/dz [-cos(z, t)] = -(t / (|z| |t|) - cos(z, t) z / |z|^2)``. ``batch_norm``: the code's step normalised by
     the Frobenius norm of the whole batch's gradients; else by each row's own norm."""
     z = z.astype(np.float64).copy()
     t_norm = np.linalg.norm(t)
+    momentum = np.zeros_like(z)
     for _ in range(steps):
         r = np.linalg.norm(z, axis=1, keepdims=True)
         u = z / r
         cosine = (z @ t)[:, None] / (r * t_norm)
         grad_u = r * -(t[None] / (r * t_norm) - cosine * z / r**2)
         scale = np.linalg.norm(grad_u) if batch_norm else np.linalg.norm(grad_u, axis=1, keepdims=True)
-        u = u - step_size * grad_u / scale
+        momentum = gamma * momentum - (1 - gamma) * grad_u / scale
+        u = u + step_size * momentum
         z = r * u / np.linalg.norm(u, axis=1, keepdims=True)
     return z
 
@@ -82,6 +84,10 @@ def test_purification_is_the_codes_per_image_and_differs_from_it_at_batch_size_t
     assert np.abs(coupled - ours).max() > 1e-3
     assert (cos(coupled, z0) < 1 - 1e-5).all()
     assert (cos(ours, z0) > 1 - 1e-12).all()  # the round trip, at any batch size here
+    # The code's momentum (its runs use 0), per image as well.
+    with_momentum = purify(torch.from_numpy(z0), torch.from_numpy(t), STEPS, STEP, momentum=0.9).detach().numpy()
+    assert np.allclose(with_momentum, code_purify_zi(z0, t, batch_norm=False, gamma=0.9), atol=1e-12)
+    assert np.abs(with_momentum - ours).max() > 1e-3
 
 
 def test_ten_steps_come_back_and_nine_sit_near_the_blank_prompt():
@@ -114,14 +120,15 @@ def test_predicts_as_plain_clip_within_one_turn_of_the_blank_prompt(tiny_classif
         with torch.no_grad():
             plain = classifier.logits(x)
             start = F.normalize(classifier.encode_image(x), dim=-1)
-        near = F.cosine_similarity(start, blank_prompt_embedding(classifier)[None], dim=1) > ROUND_TRIP_COSINE
+        cosine = F.cosine_similarity(start, blank_prompt_embedding(classifier)[None], dim=1)
+        near, beyond = cosine > ROUND_TRIP_COSINE + 0.01, cosine < ROUND_TRIP_COSINE
         assert torch.allclose(defended[near], plain[near], atol=1e-4 * classifier.logit_scale)
         assert torch.equal(defended[near].argmax(-1), plain[near].argmax(-1))
-        # Measured: all 6 random images (cosines 0.19-0.24 on the random CLIP); 19 of the 20 CIFAR-10 images on the
-        # trained tiny CLIP, whose last (cosine -0.14) lands 176 degrees from where it started.
+        # Measured: the random CLIP's 6 images at cosines 0.20-0.23; 18 of the 20 CIFAR-10 images on the trained
+        # tiny CLIP, whose two trucks (cosines -0.01 and -0.07) land 176 degrees from where they started.
         if classifier is tiny_classifier:
-            assert 0 < int((~near).sum()) < len(x) // 4
-            assert not torch.allclose(defended[~near], plain[~near], atol=0.1 * classifier.logit_scale)
+            assert 0 < int(beyond.sum()) < len(x) // 4 and int(near.sum()) >= len(x) - 3
+            assert not torch.allclose(defended[beyond], plain[beyond], atol=0.1 * classifier.logit_scale)
         else:
             assert near.all()
 

@@ -20,21 +20,22 @@ As shipped, the method is (almost) the identity, and this reproduces it rather t
 
 - The forward pass returns to its start. A step's direction is orthogonal to z inside the plane of z and t,
   and of length step_size, so it turns z towards t by ``arctan(30)`` = 88.09 degrees: past t, then back. An
-  embedding within that angle of t, ``cos(z, t) > 1 / sqrt(1 + 30^2)`` = 0.0333 (CLIP's images sit at 0.15-0.35
-  from the blank prompt), alternates between two points, and after 10 (even) steps ``z_10 = z_0``: CLIPure-Cos
-  classifies as plain CLIP (after 9 steps z lies 88 degrees from its start, near t). Farther from t it walks
-  towards t by 88.09-degree turns first and then alternates, so z_10 is not z_0; the tests show both regimes.
+  embedding within that angle of t, ``cos(z, t) > 1 / sqrt(1 + 30^2)`` = 0.0333 (the spec puts CLIP's images
+  at 0.15-0.35; the tiny test CLIP's CIFAR-10 images lie at -0.14 to 0.47), alternates between two points, and
+  after 10 (even) steps ``z_10 = z_0``: CLIPure-Cos classifies as plain CLIP (after 9 steps z lies 88 degrees
+  from its start, near t). An embedding farther from t first walks towards it by 88.09-degree turns and then
+  alternates, so z_10 is not z_0 (176 degrees away from it, for the tiny CLIP's two such trucks of 20 images).
 - The input gradient vanishes. With g held constant a step's Jacobian is that of ``u -> normalise(u + s m)``,
   of norm ``1 / sqrt(1 + s^2)`` across the plane's directions, so 10 steps scale the gradient along z's tangent
   space by ``(1 + 30^2)^-5`` = 1.7e-15. The code also differentiates ``r = ||z||``, and its head does not
   normalise again, so the head gradient's component along z crosses the 10 steps undamped and is cancelled only
   by the Jacobian of the first normalisation: exactly in exact arithmetic, up to float32 rounding in practice.
-  On the tiny CLIP the input gradient through ``exact`` is thereby about 5e-9 of CLIP's, and its direction is
-  that rounding residue. Under fp16 (the code's encoder runs in fp16), the float32 gradient reaching the
-  encoder's fp16 output is cast to fp16 and flushes to exactly zero, so gradient attacks stand still and
-  "robust accuracy" equals clean accuracy. (Under fp16 autocast this holds at unit loss scale, as AutoAttack
-  back-propagates; the project's signed-gradient loop scales its loss by 2^12 under fp16, which lifts part of
-  the residue back above fp16's range: signs of rounding noise, no more informative.)
+  On the tiny CLIP the input gradient through ``exact`` in float32 is thereby 2e-10 to 7e-8 of CLIP's, and its
+  direction is that residue's (mostly +-grad ||f(x)||, not CLIP's loss gradient). Under fp16 (the code's
+  encoder runs in fp16) the gradient reaching the encoder's fp16 output is cast to fp16 and flushes to exactly
+  zero, so gradient attacks stand still and "robust accuracy" equals clean accuracy. (Under fp16 autocast on a
+  CPU this holds at unit loss scale, as AutoAttack back-propagates; the project's signed-gradient loop scales its
+  loss by 2^12 under fp16, which lifts part of the residue back into fp16's range: signs of rounding residue.)
 - ``bpda`` takes the purification as the identity (``z_10`` forward, ``z_0``'s gradient backward), which
   hands an attack CLIP's own gradient: the attack CLIPure-Cos has to be measured with.
 
@@ -54,6 +55,7 @@ the encoder); the text encoder runs once per classifier for the 80 blank prompts
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,10 @@ class CLIPure:
         clipure = CLIPure()
         output = clipure(classifier, images, ImageRandomness.from_seed(0, len(images), "clipure"))
     """
+
+    # The code casts the encoder's weights to fp16; fp16 autocast is the project's nearest precision, and it
+    # reproduces what matters here, the float32 gradient flushed to zero where it is cast to fp16.
+    paper_precision: ClassVar[str] = "fp16"
 
     steps: int = option(10, "latent purification steps")
     step_size: float = option(30.0, "step size of each latent step, on the unit sphere")
