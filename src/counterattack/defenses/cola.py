@@ -18,8 +18,8 @@ Once per classifier (the text side, ``classifier.text_side``):
    precision policy, so the cached text side does not depend on which run built it first (AWT: fp16).
 3. Subspace (Eqs. 3-4): U_C, the first C = ``subspace`` left singular vectors of the d x KM matrix of the
    normalised, uncentred prompt embeddings (the paper does not say; a plain SVD as written), and
-   Pi(v) = U_C U_C^T v. C is clamped to min(d, KM): for an embedding of d <= C dimensions (the tiny
-   test CLIPs, d = 128 or 32) Pi is the identity, and a warning says so.
+   Pi(v) = U_C U_C^T v. C is clamped to min(d, KM), with a warning: where d <= C and KM >= d (the tiny
+   test CLIPs, d = 128 or 32, with 50 prompts per class) Pi is the identity.
 
 Per image:
 
@@ -70,8 +70,8 @@ weights and the plan constant for this draw and differentiates the logits s * <T
 crops, the encoder and the projection: AWT's own gradient (its code computes the weights and the plan
 under ``no_grad`` and trains through the sum of the plan times the logits). COLA moves no pixel and no
 embedding, so a straight-through on the pixels is the identity; holding its aggregation constant is the
-part of it an attacker may skip (a constant-plan logit has the gradient of the entropic OT value in the
-cost, by the envelope theorem), while a logit-space straight-through around the undefended logits
+part of it an attacker may skip (with the plan constant, the logit's gradient in the cost is that of the
+entropic OT value, by the envelope theorem), while a logit-space straight-through around the undefended logits
 would give the transfer attack's own gradient and never see the views.
 """
 
@@ -269,10 +269,10 @@ class COLA:
         scale = classifier.logit_scale
         weighing = features.detach() if hold_plan else features
         # The weights read the unprojected features (AWT): the paper puts the projection only in the cost.
-        a = view_weights(scale * weighing @ text.class_means.T, self.view_temperature)
-        base = scale * weighing[:, 0] @ text.class_means.T
+        mean_logits = scale * weighing @ text.class_means.T  # (n, V, K): each view's logits averaged over prompts
+        a = view_weights(mean_logits, self.view_temperature)
         replaced = scale * torch.einsum("nd,kmd->nkm", weighing[:, 0], text.prompts)
-        b = description_weights(base, replaced, self.description_temperature)
+        b = description_weights(mean_logits[:, 0], replaced, self.description_temperature)
 
         projected = F.normalize(features @ text.basis @ text.basis.T, dim=-1)
         cosines = torch.einsum("nvd,kmd->nkvm", projected, text.prompts)  # 1 - cost, per class
