@@ -47,7 +47,9 @@ def at_cosines(cosines: list[float], t: np.ndarray, seed: int) -> np.ndarray:
     other -= (other @ t_hat)[:, None] * t_hat[None]
     other /= np.linalg.norm(other, axis=1, keepdims=True)
     c = np.array(cosines)[:, None]
-    return c * t_hat[None] + np.sqrt(1 - c**2) * other
+    z = c * t_hat[None] + np.sqrt(1 - c**2) * other
+    assert np.allclose(cos(z, t), cosines)  # a draw parallel to t (the same seed as t's) would miss them
+    return z
 
 
 def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
