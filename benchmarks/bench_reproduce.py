@@ -1,7 +1,7 @@
 """How good is `counterattack reproduce --list`'s estimate? Against a measured run of the same preset.
 
-In one process: the estimate ``--list`` prints (a warm-up batch of the real pipeline on random
-images, scaled to the preset's images, plus loading the model and the prompts' text embeddings),
+In one process: the estimate ``--list`` prints (each attack step's and defense's cost measured on random
+images, composed per image and scaled to the preset's images, plus loading the model and the prompts' text embeddings),
 then the measured wall time of ``counterattack reproduce PRESET --limit N`` on the same machine,
 model and datasets. The datasets are fake EuroSAT and DTD layouts of random JPEGs (the pipeline's
 cost does not depend on what the pixels show), so nothing is downloaded. Ends with one line:
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from counterattack.cli import config_from_args, build_parser, main  # noqa: E402
-from counterattack.commands.reproduce import _timing_model, estimate  # noqa: E402
+from counterattack.commands.reproduce import _Timer, _timing_model, estimate  # noqa: E402
 from counterattack.data.prompts import raw_classes  # noqa: E402
 from counterattack.models import resolve_device  # noqa: E402
 from counterattack.presets import PRESETS  # noqa: E402
@@ -80,7 +80,7 @@ def main_(argv: list[str] | None = None) -> None:
         device = resolve_device("auto")
         start = time.perf_counter()
         clip = _timing_model(config, device)
-        found = estimate(preset, config, clip, time.perf_counter() - start, device)
+        found = estimate(preset, config, _Timer(clip, config, device), time.perf_counter() - start)
         print(f"estimate: {found.seconds:.1f} s for {found.images} images of {', '.join(present)} "
               f"({found.seconds_per_image:.3f} s per image, {found.setup_seconds:.1f} s setup)")
         start = time.perf_counter()

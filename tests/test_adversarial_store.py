@@ -1,15 +1,25 @@
 """Stored adversarial images: bit-exact round trips, resume after a kill, several ranks, refused mixes."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from counterattack.adversarial import AdversarialSet
 from counterattack.errors import CounterattackError
+from counterattack.records import ADVERSARIAL_SET, RunDescription
 
-CONFIG = {"model": "tiny", "attacks": [{"attack": "pgd", "eps": 1 / 255}, {"attack": "apgd", "eps": 4 / 255}],
-          "datasets": [{"name": "cifar10", "images": 6, "fingerprint": "abc"}], "run": {"workers": 0}}
+CONFIG = RunDescription(model="tiny", attacks=[{"attack": "pgd", "eps": 1 / 255}, {"attack": "apgd", "eps": 4 / 255}],
+                        datasets=[{"name": "cifar10", "images": 6, "fingerprint": "abc"}], kind=ADVERSARIAL_SET,
+                        run={"workers": 0})
+
+
+def bound(folder, rank: int = 0) -> AdversarialSet:
+    """A set bound to CONFIG's run, as a command's store is before it writes."""
+    store = AdversarialSet(folder, rank)
+    store.bind(CONFIG, write=rank == 0)
+    return store
 
 
 def batch(seed: int, n: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -21,7 +31,7 @@ def batch(seed: int, n: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 def test_round_trip_is_bit_exact_in_any_order(tmp_path):
     store = AdversarialSet(tmp_path)
-    store.check_config(CONFIG, write=True)
+    store.bind(CONFIG, write=True)
     written = {}
     for dataset, ids, seed in (("cifar10", [0, 1, 2], 1), ("folder", ["b/x.png", "a/y.png", "c.png"], 2)):
         labels, images = batch(seed)
@@ -30,7 +40,7 @@ def test_round_trip_is_bit_exact_in_any_order(tmp_path):
             written[(dataset, image_id)] = (int(labels[row]), {k: v[row] for k, v in images.items()})
 
     opened = AdversarialSet.open(tmp_path)
-    assert opened.config == {"kind": "adversarial set", **CONFIG}
+    assert opened.config == CONFIG
     assert opened.done() == {"cifar10": {0, 1, 2}, "folder": {"b/x.png", "a/y.png", "c.png"}}
     for dataset in ("cifar10", "folder"):
         ids = [i for d, i in written if d == dataset]
@@ -44,14 +54,14 @@ def test_round_trip_is_bit_exact_in_any_order(tmp_path):
 
 def test_resume_continues_numbering_and_ignores_a_leftover_temp_file(tmp_path):
     first = AdversarialSet(tmp_path)
-    first.check_config(CONFIG, write=True)
+    first.bind(CONFIG, write=True)
     labels, images = batch(4)
     first.append("cifar10", [0, 1, 2], labels, images)
     # A run killed while writing its next shard leaves a temporary file, never a shard.
     (tmp_path / "shards" / ".rank-0-000001.safetensors.999.tmp").write_bytes(b"half a shard")
 
     second = AdversarialSet(tmp_path)
-    second.check_config(CONFIG, write=True)
+    second.bind(CONFIG, write=True)
     assert second.done() == {"cifar10": {0, 1, 2}}
     more_labels, more_images = batch(5)
     second.append("cifar10", [3, 4, 5], more_labels, more_images)
@@ -66,18 +76,18 @@ def test_resume_continues_numbering_and_ignores_a_leftover_temp_file(tmp_path):
 def test_a_second_rank_is_found(tmp_path):
     labels0, images0 = batch(6)
     labels1, images1 = batch(7)
-    AdversarialSet(tmp_path, rank=0).append("cifar10", [0, 2, 4], labels0, images0)
-    AdversarialSet(tmp_path, rank=1).append("cifar10", [1, 3, 5], labels1, images1)
+    bound(tmp_path, rank=0).append("cifar10", [0, 2, 4], labels0, images0)
+    bound(tmp_path, rank=1).append("cifar10", [1, 3, 5], labels1, images1)
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
         "rank-0-000000.safetensors", "rank-1-000000.safetensors"]
-    store = AdversarialSet(tmp_path)
+    store = AdversarialSet.open(tmp_path)
     assert store.done() == {"cifar10": {0, 1, 2, 3, 4, 5}}
     assert torch.equal(store.images("cifar10", [3, 2], "pgd"), torch.stack([images1["pgd"][1], images0["pgd"][1]]))
     assert store.labels("cifar10", [5, 4]) == [int(labels1[2]), int(labels0[2])]
 
 
 def test_complete_names_missing_doubled_and_foreign(tmp_path):
-    store = AdversarialSet(tmp_path)
+    store = bound(tmp_path)
     labels, images = batch(8)
     store.append("cifar10", [0, 1, 2], labels, images)
     store.append("cifar10", [2, 3, 9], labels, images)
@@ -91,14 +101,14 @@ def test_complete_names_missing_doubled_and_foreign(tmp_path):
     assert "counterattack attack" in message
 
 
-def test_check_config_refuses_another_configuration(tmp_path):
+def test_bind_refuses_another_configuration(tmp_path):
     store = AdversarialSet(tmp_path)
-    store.check_config(CONFIG, write=True)
-    store.check_config(CONFIG, write=False)
-    store.check_config({**CONFIG, "run": {"workers": 8}}, write=True)  # run-only settings may change
-    with pytest.raises(CounterattackError, match=r"differing: model\b.*another --out.*delete the folder"):
-        AdversarialSet(tmp_path).check_config({**CONFIG, "model": "other"}, write=True)
-    assert AdversarialSet.open(tmp_path).config == {"kind": "adversarial set", **CONFIG}
+    store.bind(CONFIG, write=True)
+    store.bind(CONFIG, write=False)
+    store.bind(replace(CONFIG, run={"workers": 8}), write=True)  # run-only settings may change
+    with pytest.raises(CounterattackError, match=r"differing: model\b.*another --out.*kept"):
+        AdversarialSet(tmp_path).bind(replace(CONFIG, model="other"), write=True)
+    assert AdversarialSet.open(tmp_path).config == CONFIG
 
 
 def test_open_refuses_a_folder_that_is_not_a_set(tmp_path):
@@ -111,7 +121,7 @@ def test_open_refuses_a_folder_that_is_not_a_set(tmp_path):
 
 def test_missing_id_or_attack_is_named(tmp_path):
     store = AdversarialSet(tmp_path)
-    store.check_config(CONFIG, write=True)
+    store.bind(CONFIG, write=True)
     labels, images = batch(9)
     store.append("cifar10", [0, 1, 2], labels, images)
     with pytest.raises(CounterattackError, match=r"image 7 of cifar10 is not in .*another subset"):
@@ -123,10 +133,14 @@ def test_missing_id_or_attack_is_named(tmp_path):
 
 
 def test_images_on_another_device_come_back_there(tmp_path):
-    store = AdversarialSet(tmp_path)
+    """Stored from the device they were crafted on, read onto the one asked for: "meta" is a device without
+    memory that every machine has; CUDA too where there is one."""
+    store = bound(tmp_path)
     labels, images = batch(10)
     gpu = torch.cuda.is_available()
     store.append("cifar10", [0, 1, 2], labels, {k: v.cuda() if gpu else v for k, v in images.items()})
+    on_meta = store.images("cifar10", [2, 1], "pgd", device="meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 3, 8, 8) and on_meta.dtype == torch.float32
     got = store.images("cifar10", [2, 1], "pgd", device="cuda" if gpu else "cpu")
     assert got.device.type == ("cuda" if gpu else "cpu")
     assert torch.equal(got.cpu(), images["pgd"][[2, 1]])

@@ -38,7 +38,7 @@ def test_cw_margin_is_the_papers_formula():
 
 def test_attack_registry_builds_what_it_names():
     assert build_attack("cw", eps=1 / 255).describe() == {"attack": "cw", "eps": 1 / 255, "steps": 10,
-                                                           "step_size": 1 / 255, "kappa": 50.0}
+                                                           "step_size": 1 / 255, "kappa": 50.0, "norm": "linf"}
     assert build_attack("autoattack-paper", eps=4 / 255).attacks_for(10) == ["apgd-ce", "apgd-dlr"]
     assert build_attack("autoattack-paper", eps=4 / 255).attacks_for(2) == ["apgd-ce"]
     assert build_attack("autoattack", eps=4 / 255).attacks_for(10) == ["apgd-ce", "apgd-t", "fab-t", "square"]

@@ -28,7 +28,7 @@ def test_eval_writes_one_record_per_dataset_and_defense(tmp_path, random_clip_di
     assert none["mean_score_clean"] is None and none["counterattacked_adv"] is None
     assert ttc["mean_score_clean"] > 0 and 0 <= ttc["counterattacked_clean"] <= 1
     config = results["config"]
-    assert config["attacks"] == [{"attack": "pgd", "eps": 1 / 255, "steps": 2, "step_size": 1 / 255}]
+    assert config["attacks"] == [{"attack": "pgd", "eps": 1 / 255, "steps": 2, "step_size": 1 / 255, "norm": "linf"}]
     assert config["prompts"] == "paper" and config["templates"] is None and config["transform"] == "model"
     assert [d["images"] for d in config["datasets"]] == [6, 6]
     assert all(len(d["fingerprint"]) == 16 for d in config["datasets"])

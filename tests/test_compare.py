@@ -11,11 +11,12 @@ import matplotlib
 import pytest
 
 from counterattack.attacks import ATTACKS
-from counterattack.compare import compare_results, run_identity, write_comparison
+from counterattack.compare import Comparison, compare_results, run_identity, write_comparison
 from counterattack.data import DATASETS
 from counterattack.defenses import DEFENSES
 from counterattack.errors import CounterattackError
 from counterattack.published import AVERAGE_KEYS, FINE_GRAINED10, load_published
+from counterattack.records import Results, RunDescription
 
 from testkit import IN_CI, SHARED
 
@@ -45,12 +46,17 @@ def record(dataset: str, defense: str, attack: str, clean: int, robust: int, n: 
 
 def config(eps: float = 1, steps: int = 10, attack: str = "pgd", **identity) -> dict:
     """A run's config: ViT-B-32/openai unless ``identity`` says otherwise; ``eps`` in 1/255."""
-    return {"model": "ViT-B-32", "pretrained": "openai", "vision_checkpoint": None, "threat": "paper",
+    return {"model": "ViT-B-32", "pretrained": "openai", "vision_checkpoint": None, "threat": "paper", "datasets": [],
             "attacks": [{"attack": attack, "eps": eps / 255, "steps": steps, "step_size": 1 / 255}], **identity}
 
 
 def results(records: list[dict], **cfg) -> dict:
     return {"config": config(**cfg), "records": records}
+
+
+def compare(payload: dict, published) -> Comparison:
+    """The comparison of a results.json's content, read as the library reads it."""
+    return compare_results(Results.from_json(payload), published)
 
 
 def write_results(folder: Path, payload: dict) -> Path:
@@ -77,7 +83,7 @@ def test_every_published_name_is_ours(published):
         assert r.attack in ATTACKS, r
         assert r.source in published.sources, r
     assert {t.source for t in published.tau} <= set(published.sources)
-    assert set(FINE_GRAINED10) - set(DATASETS) == {"ucf101"}
+    assert set(FINE_GRAINED10) <= set(DATASETS)
 
 
 def test_the_package_copy_is_the_transcribed_file():
@@ -137,16 +143,19 @@ def test_loader_names_a_malformed_record(tmp_path):
 
 
 def test_run_identity():
-    assert run_identity(config()) == ("ViT-B-32", "openai")
-    assert run_identity(config(vision_checkpoint="/ckpt/tecoa.pt")) == ("ViT-B-32", None)
-    assert run_identity(config(vision_checkpoint="/ckpt/tecoa.pt", backbone="tecoa-eps1")) == ("ViT-B-32", "tecoa-eps1")
-    assert run_identity(config(model="local-dir:/m", pretrained=None)) == ("local-dir:/m", None)
+    def identity(**given):
+        return run_identity(RunDescription.from_json(config(**given)))
+
+    assert identity() == ("ViT-B-32", "openai")
+    assert identity(vision_checkpoint="/ckpt/tecoa.pt") == ("ViT-B-32", None)
+    assert identity(vision_checkpoint="/ckpt/tecoa.pt", backbone="tecoa-eps1") == ("ViT-B-32", "tecoa-eps1")
+    assert identity(model="local-dir:/m", pretrained=None) == ("local-dir:/m", None)
 
 
 def test_a_poster_number_is_matched_exactly(published):
     """The poster's TTC on CIFAR-10 (81.18 / 28.75): the difference and the inside-interval flags from our counts."""
     ours = [record("cifar10", "ttc", "pgd", 812, 290), record("cifar10", "none", "pgd", 851, 50)]
-    comparison = compare_results(results(ours), published)
+    comparison = compare(results(ours), published)
     assert not comparison.unmatched
     rows = {r.defense: r for r in comparison.rows}
     assert set(rows) == {"ttc", "none"} and all(r.source == "ttc-poster" for r in rows.values())
@@ -162,7 +171,7 @@ def test_a_poster_number_is_matched_exactly(published):
 
 
 def test_a_record_matched_by_two_sources_gives_two_rows(published):
-    comparison = compare_results(results([record("stanford_cars", "ttc", "pgd", 481, 330)]), published)
+    comparison = compare(results([record("stanford_cars", "ttc", "pgd", 481, 330)]), published)
     rows = {r.source: r for r in comparison.rows}
     assert set(rows) == {"ttc-poster", "cola-neurips25"}
     assert (rows["ttc-poster"].published_clean, rows["ttc-poster"].published_robust) == (48.16, 33.01)
@@ -173,7 +182,7 @@ def test_a_record_matched_by_two_sources_gives_two_rows(published):
 def test_a_printed_robust_without_clean_compares_robust_only(published):
     """The poster's Tab. 2 prints AFT + TTC robust only: the clean columns stay empty, not zero."""
     ours = [record("cifar10", "ttc", "pgd", 650, 340)]
-    comparison = compare_results(results(ours, vision_checkpoint="/ckpt/tecoa.pt", backbone="tecoa"), published)
+    comparison = compare(results(ours, vision_checkpoint="/ckpt/tecoa.pt", backbone="tecoa"), published)
     (row,) = comparison.rows
     assert row.published_clean is None and row.clean_diff is None and row.clean_inside is None
     assert row.published_robust == 34.68 and row.robust_diff == pytest.approx(34.0 - 34.68)
@@ -189,9 +198,9 @@ def test_a_printed_robust_without_clean_compares_robust_only(published):
 def test_one_key_off_has_no_twin(published, changed, key):
     threat = changed.pop("threat", "paper")
     ours = [record("cifar10", "rn", "pgd", 812, 20, threat=threat)]
-    baseline = compare_results(results([record("cifar10", "rn", "pgd", 812, 20)]), published)
+    baseline = compare(results([record("cifar10", "rn", "pgd", 812, 20)]), published)
     assert [r.published_robust for r in baseline.rows] == [2.01]  # the same record, unchanged, has its twin
-    comparison = compare_results(results(ours, **changed), published)
+    comparison = compare(results(ours, **changed), published)
     assert not comparison.rows and not comparison.averages
     (missing,) = comparison.unmatched
     assert (missing.dataset, missing.defense, missing.attack) == ("cifar10", "rn", "pgd")
@@ -208,7 +217,7 @@ def test_worst_case_sweeps_and_image_folders_have_no_twin(published):
     sweep = {**record("cifar10", "ttc tau_thres=0.1", "pgd", 812, 290), "setting": {"tau_thres": 0.1}}
     ours = [record("cifar10", "ttc", "worst-case", 812, 280), sweep,
             record("imagefolder:/data/mine", "ttc", "pgd", 9, 3, n=10)]
-    comparison = compare_results(results(ours), published)
+    comparison = compare(results(ours), published)
     assert not comparison.rows and len(comparison.unmatched) == 3
     reasons = [u.reason for u in comparison.unmatched]
     assert "worst case" in reasons[0] and "sweep setting" in reasons[1] and "image folder" in reasons[2]
@@ -216,16 +225,16 @@ def test_worst_case_sweeps_and_image_folders_have_no_twin(published):
 
 def test_8_bit_adversarial_images_have_no_twin(published):
     ours = [record("cifar10", "ttc", "pgd", 812, 290)]
-    assert compare_results(results(ours), published).rows  # the same record, in float: matched
-    comparison = compare_results(results(ours, quantize_adversarial="8 bits"), published)
-    assert not comparison.rows and "8 bits" in comparison.unmatched[0].reason
+    assert compare(results(ours), published).rows  # the same record, in float: matched
+    comparison = compare(results(ours, quantize_adversarial="round"), published)
+    assert not comparison.rows and "rounded to 8 bits here (ttc-poster in float" in comparison.unmatched[0].reason
 
 
 def test_options_off_the_defaults_are_named_not_matched_on(published):
     payload = results([record("cifar10", "ttc", "pgd", 812, 290)])
     payload["config"]["defenses"] = [{"defense": "ttc", "eps": 4 / 255, "steps": 2, "step_size": 1 / 255,
                                       "tau_thres": 0.3, "beta": 2.0}]
-    (row,) = compare_results(payload, published).rows
+    (row,) = compare(payload, published).rows
     assert row.notes == ("ttc tau_thres=0.3 (default 0.2)",)
 
 
@@ -235,7 +244,7 @@ def test_options_off_the_defaults_are_named_not_matched_on(published):
 def test_an_average_over_fewer_datasets_is_named(published):
     ours = [record("cifar10", "none", "pgd", 850, 0), record("cifar100", "none", "pgd", 570, 1),
             record("stl10", "none", "pgd", 964, 0)]
-    comparison = compare_results(results(ours, eps=4), published)
+    comparison = compare(results(ours, eps=4), published)
     assert [r.source for r in comparison.rows] == ["doc-aaai26"] * 3
     (average,) = [a for a in comparison.averages if a.source == "doc-aaai26"]
     assert (average.scope, average.datasets, average.scope_size) == ("average16", ("cifar10", "cifar100", "stl10"), 16)
@@ -252,20 +261,22 @@ def test_an_average_over_fewer_datasets_is_named(published):
 def test_a_full_average_carries_no_scope_note(published):
     draw = random.Random(0)
     ours = [record(d, "ttc", "pgd", draw.randrange(300, 900), draw.randrange(50, 300)) for d in published.datasets16]
-    comparison = compare_results(results(ours, eps=4), published)
+    comparison = compare(results(ours, eps=4), published)
     (average,) = comparison.averages
     assert (average.source, len(average.datasets), average.note) == ("doc-aaai26", 16, "")
     assert average.ours_robust == pytest.approx(sum(r["robust_acc"] for r in ours) / 16)
     assert average.published_robust == 21.22 and len(comparison.rows) == 16
 
 
-def test_mac_fine_grained_average_misses_ucf101(published):
-    ours = [record(d, "mac", "pgd", 600, 450) for d in FINE_GRAINED10 if d in DATASETS]
-    comparison = compare_results(results(ours, eps=4, steps=100), published)
+def test_mac_fine_grained_average_over_all_ten_and_over_nine(published):
+    ours = [record(d, "mac", "pgd", 600, 450) for d in FINE_GRAINED10]
+    (average,) = compare(results(ours, eps=4, steps=100), published).averages
+    assert (average.source, average.scope, len(average.datasets), average.scope_size, average.note) == \
+        ("mac-cvpr26", "average10-fine-grained", 10, 10, "")
+    assert average.robust_diff == pytest.approx(45.0 - 45.2)
+    comparison = compare(results([r for r in ours if r["dataset"] != "ucf101"], eps=4, steps=100), published)
     (average,) = comparison.averages
-    assert (average.source, average.scope, len(average.datasets), average.scope_size) == \
-        ("mac-cvpr26", "average10-fine-grained", 9, 10)
-    assert "9 of 10 datasets (missing ucf101)" in average.note
+    assert len(average.datasets) == 9 and "9 of 10 datasets (missing ucf101)" in average.note
     assert average.robust_diff == pytest.approx(45.0 - 45.2) and average.published_same_robust is None
     assert not comparison.rows and len(comparison.unmatched) == 9  # MAC printed averages only
     assert all("printed only inside average10-fine-grained (mac-cvpr26)" in u.reason for u in comparison.unmatched)

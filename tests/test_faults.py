@@ -18,6 +18,7 @@ from counterattack import (
     PGD, TTC, DtypeError, ImageRandomness, LabelError, PixelRangeError, RandomnessError, ShapeError, ZeroShotClassifier,
     defended, load_clip,
 )
+from counterattack.adversarial import tensor_checksum
 from counterattack.cli import main
 from counterattack.errors import CounterattackError
 from counterattack.store import hold
@@ -226,16 +227,16 @@ def write_lines(out, lines):
 @pytest.mark.parametrize("damage", ["garbage", "empty object", "non-utf-8", "edited prediction"])
 def test_a_damaged_part_line_is_named_and_deleting_it_recovers(finished, random_clip_dir, folder, capsys, damage):
     out, lone = finished
-    lines = [line.encode() for line in lines_of(out)]
+    lines = [line.encode() for line in lines_of(out)]  # the run's header, then one line per batch
     edited = json.loads(lines[1])
-    edited["defenses"]["none"]["clean"]["pred"][0] += 1
+    edited["batch"]["defenses"]["none"]["clean"]["pred"][0] += 1
     damaged = {"garbage": b"{not json\n", "empty object": b"{}\n", "non-utf-8": b"\xff\xfe{\n",
                "edited prediction": json.dumps(edited).encode() + b"\n"}[damage]
     part = out / "parts" / "rank-0.jsonl"
     part.write_bytes(b"".join([lines[0], damaged, *lines[2:]]))
     capsys.readouterr()
     assert main(eval_argv(random_clip_dir, folder, out)) == 2
-    one_line_error(capsys, "rank-0.jsonl, line 2", "Delete that line")
+    one_line_error(capsys, "rank-0.jsonl, line 2", "Drop that line")
     part.write_bytes(b"".join([lines[0], *lines[2:]]))  # the fix the message names: its images are evaluated again
     assert main(eval_argv(random_clip_dir, folder, out)) == 0
     assert comparable_records(out) == lone
@@ -253,7 +254,7 @@ def test_a_damaged_config_is_named_and_deleting_it_recovers(finished, random_cli
     parts = lines_of(out)
     capsys.readouterr()
     assert main(eval_argv(random_clip_dir, folder, out)) == 2
-    one_line_error(capsys, "config.json is damaged", "Delete it")
+    one_line_error(capsys, "config.json is damaged", "Move it aside")
     shutil.rmtree(config) if config.is_dir() else config.unlink()
     assert main(eval_argv(random_clip_dir, folder, out)) == 0
     assert lines_of(out) == parts and comparable_records(out) == lone  # the finished batches were kept, not recomputed
@@ -274,18 +275,20 @@ def test_a_doubled_batch_with_identical_results_is_kept_once(finished, random_cl
     assert comparable_records(out) == lone
 
 
-def test_doubled_images_with_different_results_are_refused_naming_the_file(finished, random_clip_dir, folder, capsys):
+def test_doubled_images_with_different_results_are_refused_naming_both_lines(finished, random_clip_dir, folder,
+                                                                             capsys):
     out, _ = finished
-    lines = lines_of(out)
-    other = json.loads(lines[0])
-    other.pop("checksum")
+    other = json.loads(lines_of(out)[1])["batch"]
     other["defenses"]["none"]["clean"]["pred"][0] += 1  # another run's different result for the same image
+    from counterattack.records import BatchRecord
     from counterattack.results import ResultsStore
 
-    ResultsStore(out, rank=1).append(other)
+    store = ResultsStore(out, rank=1)
+    store.read_bound()
+    store.append(BatchRecord.from_json(other))
     capsys.readouterr()
     assert main(eval_argv(random_clip_dir, folder, out)) == 2
-    one_line_error(capsys, "two different results", "rank-1.jsonl")
+    one_line_error(capsys, "two different results", "rank-0.jsonl, line 2", "rank-1.jsonl, line 2")
 
 
 @pytest.mark.parametrize("damage", ["cut", "a record without its defense", "an accuracy as text"])
@@ -332,6 +335,8 @@ def test_a_stored_image_beyond_its_budget_is_refused_naming_the_shard(tmp_path, 
     with safe_open(str(shard), framework="pt") as f:
         metadata = f.metadata()
     tensors["adv/pgd"] = (tensors["adv/pgd"] + 8 / 255).clamp(0, 1)  # 8/255 away: not a 1/255 image
+    # Whole and checksummed (a foreign shard, not a damaged one): the budget check is what must refuse it.
+    metadata["checksums"] = json.dumps({key: tensor_checksum(tensor) for key, tensor in tensors.items()})
     save_file(tensors, str(shard), metadata=metadata)
     capsys.readouterr()
     assert main(["eval", *common, "--adversarial", str(adv), "--out", str(tmp_path / "e")]) == 2

@@ -18,7 +18,7 @@ from counterattack.evaluate import to_8_bits
 from counterattack.precision import defense_precision
 from counterattack.store import config_hash
 
-from testkit import CIFAR10_CLASSES, RANDOM_CLIP_CFG, write_image_folder, write_local_dir
+from testkit import CIFAR10_CLASSES, RANDOM_CLIP_CFG, part_batches, write_image_folder, write_local_dir
 
 
 def rng(n: int, seed: int = 0, purpose: str = "p") -> ImageRandomness:
@@ -167,7 +167,7 @@ def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random
     from counterattack.adversarial import AdversarialSet
 
     stored = AdversarialSet.open(tmp_path / "adv")
-    assert stored.config["quantize_adversarial"] == "8 bits"
+    assert stored.config.quantize_adversarial == "round"
     (dataset,) = stored.done()
     ids = sorted(stored.done()[dataset])
     images = stored.images(dataset, ids, "pgd")
@@ -175,8 +175,8 @@ def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random
     # Evaluated directly with --quantize-adversarial: the undefended accuracy recomputed by hand on the same images.
     assert main(["eval", *common, "--quantize-adversarial", "--defense", "none", "--out", str(tmp_path / "e")]) == 0
     results = json.loads((tmp_path / "e" / "results.json").read_text())
-    assert results["config"]["quantize_adversarial"] == "8 bits"
-    batches = [json.loads(line) for line in (tmp_path / "e" / "parts" / "rank-0.jsonl").read_text().splitlines()]
+    assert results["config"]["quantize_adversarial"] == "round"
+    batches = part_batches(tmp_path / "e")
     preds = {i: p for b in batches for i, p in zip(b["ids"], b["defenses"]["none"]["adv"]["pgd"]["pred"], strict=True)}
     from counterattack import ZeroShotClassifier, load_clip
 
@@ -188,7 +188,7 @@ def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random
     assert main(["eval", *common[:-4], "--adversarial", str(tmp_path / "adv"), "--defense", "none",
                  "--out", str(tmp_path / "on-set")]) == 0
     on_set = json.loads((tmp_path / "on-set" / "results.json").read_text())
-    assert on_set["config"]["quantize_adversarial"] == "8 bits"
+    assert on_set["config"]["quantize_adversarial"] == "round"
 
 
 def test_to_8_bits_rounds_to_the_nearest_level():

@@ -6,8 +6,9 @@ import pytest
 
 from counterattack.cli import main
 from counterattack.commands.stability import summarize_stability
+from counterattack.records import BatchRecord
 
-from testkit import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared, write_image_folder
+from testkit import CIFAR10_TEST_DIR, TINY_CLIP_DIR, needs_shared, part_batches, write_image_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -44,9 +45,8 @@ def test_tau_is_zero_without_noise_and_grows_with_the_budget(tmp_path, random_cl
 
 def test_the_summary_is_the_per_image_scores_the_records_hold(tmp_path, random_clip_dir, folder):
     found = stability(random_clip_dir, folder, tmp_path / "s")
-    batches = [json.loads(line) for path in sorted((tmp_path / "s" / "parts").glob("*.jsonl")) for line in
-               path.read_text().splitlines()]
-    rows = summarize_stability(batches, [b / 255 for b in (0, 1, 4, 16)], "pgd")
+    batches = part_batches(tmp_path / "s")
+    rows = summarize_stability([BatchRecord.from_json(b) for b in batches], [b / 255 for b in (0, 1, 4, 16)], "pgd")
     assert [r["clean"]["mean"] for r in rows] == [r["clean"]["mean"] for r in found["stability"]]
     clean_4 = [t for b in batches for t in b["defenses"]["noise 4/255"]["clean"]["score"]]
     assert rows[2]["clean"]["mean"] == pytest.approx(sum(clean_4) / len(clean_4))

@@ -12,10 +12,9 @@ import torch
 
 from counterattack.adversarial import AdversarialSet
 from counterattack.cli import main
-from counterattack.evaluate import gate_scores
 from counterattack.results import ResultsStore
 
-from testkit import comparable_records, free_port, write_image_folder
+from testkit import comparable_records, free_port, part_batches, write_image_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +40,7 @@ def run(*argv) -> int:
 def per_image(out: Path) -> dict:
     """(image id, defense) -> that image's clean and adversarial results, from a run folder's batches."""
     found = {}
-    for batch in ResultsStore(out).batches():
+    for batch in part_batches(out):
         for i, image_id in enumerate(batch["ids"]):
             for defense, result in batch["defenses"].items():
                 found[(image_id, defense)] = {
@@ -251,8 +250,8 @@ def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path
     # The AUC is the share of (clean, adversarial) pairs the score orders right, ties half.
     clean, adv = [], []
     for batch in ResultsStore(out / "current").batches():  # MAC gates every view: its rates are of views
-        clean += gate_scores(batch["defenses"][defense]["clean"])
-        adv += gate_scores(batch["defenses"][defense]["adv"][entry["attack"]])
+        clean += batch.defenses[defense].clean.gate_scores()
+        adv += batch.defenses[defense].adv[entry["attack"]].gate_scores()
     assert entry["scores"] == len(clean) == 12 * (2 if defense == "mac" else 1)
     sign = 1 if flagged == "above" else -1
     pairs = [(sign * a > sign * c) + 0.5 * (a == c) for a in adv for c in clean]
@@ -264,7 +263,7 @@ def records_of(out: Path, attack: str) -> list[dict]:
     from counterattack.evaluate import summarize
 
     batches = ResultsStore(out).batches()
-    return [r for r in summarize(batches, [batches[0]["dataset"]], list(batches[0]["defenses"]), [attack])]
+    return [r.to_json() for r in summarize(batches, [batches[0].dataset], list(batches[0].defenses), [attack])]
 
 
 def test_calibrate_refuses_a_defense_without_a_gate_and_several_datasets(tmp_path, common, folder, capsys):

@@ -19,7 +19,7 @@ from counterattack.attacks import run_steps
 from counterattack.cli import main
 from counterattack.results import ResultsStore
 
-from testkit import free_port, write_image_folder
+from testkit import free_port, part_batches, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_worst_case_counts_an_image_only_if_it_survives_every_attack(tmp_path, r
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--attack", "pgd,cw", "--eps", "8")) == 0
     records = results(tmp_path)["records"]
     assert [r["attack"] for r in records] == ["pgd", "pgd", "cw", "cw", "worst-case", "worst-case"]
-    batches = [json.loads(line) for line in (tmp_path / "parts" / "rank-0.jsonl").read_text().splitlines()]
+    batches = part_batches(tmp_path)
     for defense in ("none", "ttc"):
         by_attack = {r["attack"]: r for r in records if r["defense"] == defense}
         survivors = sum(
@@ -134,8 +134,7 @@ def test_two_spellings_of_one_folder_give_identical_records(tmp_path, random_cli
 
 def test_image_ids_are_file_paths_so_a_new_file_does_not_renumber_the_others(tmp_path, random_clip_dir, folder):
     def ids(out: Path) -> list:
-        lines = (out / "parts" / "rank-0.jsonl").read_text().splitlines()
-        return [i for line in lines for i in json.loads(line)["ids"]]
+        return [i for batch in part_batches(out) for i in batch["ids"]]
 
     assert main(eval_args(random_clip_dir, folder, tmp_path / "a", "--defense", "none")) == 0
     files = sorted(f"{c}/{i:04d}.png" for c in ("cat", "dog", "sea_lion") for i in range(3))
@@ -161,17 +160,17 @@ def test_a_merge_with_a_missing_image_is_refused_and_an_identical_repeat_is_kept
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "3")) == 0
     store = ResultsStore(tmp_path)
     name = results(tmp_path)["records"][0]["dataset"]
-    ids = [i for b in store.batches() for i in b["ids"]]
+    ids = [i for b in store.batches() for i in b.ids]
     assert len(store.complete({name: ids})) == 3
     with pytest.raises(CounterattackError, match="1 of 10 images of .* are missing"):
         store.complete({name: [*ids, "cat/9999.png"]})
     parts = tmp_path / "parts" / "rank-0.jsonl"
     lines = parts.read_text().splitlines()
-    (tmp_path / "parts" / "rank-1.jsonl").write_text(lines[0] + "\n")  # a second process's copy of one batch
+    (tmp_path / "parts" / "rank-1.jsonl").write_text(lines[1] + "\n")  # a second process's copy of one batch
     merged = store.complete({name: ids})
-    assert sorted(i for b in merged for i in b["ids"]) == sorted(ids)  # the same results twice: kept once
+    assert sorted(i for b in merged for i in b.ids) == sorted(ids)  # the same results twice: kept once
     (tmp_path / "parts" / "rank-1.jsonl").unlink()
-    parts.write_text("\n".join(lines[1:]) + "\n")  # a lost batch: the summary is refused, not shrunk
+    parts.write_text("\n".join([lines[0], *lines[2:]]) + "\n")  # a lost batch: the summary is refused, not shrunk
     with pytest.raises(CounterattackError, match="3 of 9 images"):
         store.complete({name: ids})
 

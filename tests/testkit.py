@@ -159,6 +159,13 @@ class Records(list):
         )
 
 
+def part_batches(out: Path) -> list[dict]:
+    """The batches a run folder's parts files hold, as their JSON (each file's first line names the run instead)."""
+    lines = [json.loads(line) for path in sorted((out / "parts").glob("rank-*.jsonl"))
+             for line in path.read_text().splitlines()]
+    return [line["batch"] for line in lines if "batch" in line]
+
+
 def comparable_records(out: Path) -> Records:
     """A run folder's records, comparable across batch sizes and process counts."""
     records = json.loads((out / "results.json").read_text())["records"]

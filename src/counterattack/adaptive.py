@@ -11,11 +11,10 @@ defense of the library can be attacked through its ``attack_view``:
   a margin, since the defense draws its own noise at test time) so the image is judged clean and
   left to ``delta0`` alone; for a gate that flags high scores (MAC), ``-w * max(tau, tau_thres / 1.5)``.
 
-The PGD loop and its projection are the paper's; ``base`` gives the budget, the steps and the loss
-on the defended logits: any attack with ``eps``, ``steps``, ``step_size`` and ``loss(logits, labels)``
-(``PGD``, ``CW``) can be run through a defense (``GRADIENT_ATTACK``). The attack starts from ``base``'s
-adversarial image against the undefended model (the paper's protocol, from its random start) and goes on
-through the defense.
+``base`` gives the budget, the steps, the loss on the defended logits and its own update rule and projection: any
+attack that declares them (``attacks.base.StepAttack``: ``PGD``, ``CW``) runs through a defense in its own threat
+model; any other is refused in one line. The attack starts from ``base``'s adversarial image against the undefended
+model (the paper's protocol, from its random start) and goes on through the defense.
 It returns, per image, the iterate whose objective (the loss plus the gate term, averaged over
 the EOT draws) was highest, as AutoAttack keeps its best point, rather than the last iterate.
 """
@@ -28,8 +27,9 @@ from typing import Any
 
 import torch
 
-from .attacks import PGD, Attack
-from .attacks.loop import project, run_steps
+from .attacks import ATTACKS, PGD, Attack
+from .attacks.base import StepAttack
+from .attacks.loop import gradient_steps, last_of
 from .classifier import ZeroShotClassifier
 from .inputs import check_pixels
 from .defenses.base import ADAPTIVE_METHODS, Defense
@@ -51,18 +51,24 @@ def gate_evasion(defense: Defense, score: torch.Tensor) -> torch.Tensor:
     return term.flatten(1).sum(dim=1) if term.ndim > 1 else term  # a gate per view (MAC): every view's
 
 
-# What an attack needs to be run through a defense: its budget, its steps and the loss it ascends.
-GRADIENT_ATTACK = ("eps", "steps", "step_size", "loss")
+STEP_ATTACK = ("eps", "steps", "loss", "step", "project")  # what attacks.base.StepAttack declares
+
+
+def _lacks(attack: Attack | type) -> list[str]:
+    return [name for name in STEP_ATTACK if not hasattr(attack, name)]
+
+
+def _runs_through_a_defense(attack: Attack) -> None:
+    """Refuse, in one line, an attack that does not declare how it steps (it would be run as another attack)."""
+    if _lacks(attack):
+        runnable = [name for name, cls in ATTACKS.items() if not _lacks(cls)]
+        raise CounterattackError(
+            f"--threat adaptive runs an attack's own loss and update rule through each defense; {attack.name} has no "
+            f"{', '.join(_lacks(attack))} (it is for the paper's protocol). Attacks it can run: {', '.join(runnable)}.")
 
 
 def check_adaptive(attack: Attack, settings: Mapping[str, Any] | None = None) -> None:
     """Refuse an attack that cannot run through a defense, or adaptive settings out of bounds, with one line."""
-    missing = [name for name in GRADIENT_ATTACK if not hasattr(attack, name)]
-    if missing:
-        raise CounterattackError(
-            f"--threat adaptive runs an attack's own loss through each defense; {attack.name} has no "
-            f"{', '.join(missing)} (it is for the paper's protocol). Attacks it can run: those with "
-            f"{', '.join(GRADIENT_ATTACK)}, such as pgd and cw.")
     AdaptiveAttack(None, attack, **(settings or {}))
 
 
@@ -73,7 +79,7 @@ class AdaptiveAttack:
     # Its options' flags: --adaptive-method, --adaptive-eot-samples (--eot-samples),
     # --adaptive-gate-weight (--gate-weight).
     defense: Defense = runtime()
-    base: Attack = runtime()  # an attack with GRADIENT_ATTACK's fields (default: PGD's paper settings)
+    base: StepAttack = runtime()  # an attack that declares how it steps (default: PGD's paper settings)
     method: str = option("exact", "exact: differentiate the unrolled defense; bpda: straight-through",
                          choices=ADAPTIVE_METHODS)
     eot_samples: int = option(1, "draws of the defense's randomness averaged per step (EOT)", low=1,
@@ -88,10 +94,12 @@ class AdaptiveAttack:
     def __post_init__(self) -> None:
         if self.base is None:
             object.__setattr__(self, "base", PGD())
-        missing = [name for name in GRADIENT_ATTACK if not hasattr(self.base, name)]
-        if missing:
-            raise CounterattackError(f"{self.base.name} cannot run through a defense: it has no {', '.join(missing)}.")
+        _runs_through_a_defense(self.base)
         check_options(self)
+
+    @property
+    def norm(self) -> str:
+        return self.base.norm
 
     @property
     def name(self) -> str:
@@ -106,14 +114,14 @@ class AdaptiveAttack:
         images = check_pixels(images).detach().float()
         base = self.base
         transfer = base(classifier, images, labels, rng) if start is None else check_pixels(start).detach().float()
-        best_delta = project(images, transfer - images, base.eps)
+        best_delta = base.project(images, transfer - images)
         best_loss = torch.full((len(images),), float("-inf"), device=images.device)
         held_out = rng.fork("selection")  # draws the attack never ascends: an iterate is not chosen for its own noise
 
         def keep_best(adv: torch.Tensor, losses: torch.Tensor) -> None:
             improved = losses > best_loss
             best_loss[improved] = losses[improved]
-            best_delta[improved] = project(images, adv.detach() - images, base.eps)[improved]
+            best_delta[improved] = base.project(images, adv.detach() - images)[improved]
 
         def per_image_objective(adv: torch.Tensor, draws: ImageRandomness, samples: int) -> torch.Tensor:
             per_image = adv.new_zeros(len(adv))
@@ -133,7 +141,8 @@ class AdaptiveAttack:
                 keep_best(adv, per_image.detach())
             return per_image.sum()
 
-        final = run_steps(objective, images, best_delta.clone(), base.eps, base.step_size, base.steps)
+        start_delta = best_delta.clone()
+        final = last_of(gradient_steps(objective, images, start_delta, base.steps, base.step), start_delta)
         objective(images + final)  # the last iterate is a candidate too
         return images + best_delta
 

@@ -36,7 +36,7 @@ SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
 CACHED_TENSORS = 4  # shard tensors kept in memory while reading: a large set is never loaded whole
 
 
-def _digest(tensor: torch.Tensor) -> str:
+def tensor_checksum(tensor: torch.Tensor) -> str:
     """A tensor's checksum: its dtype, shape and bytes."""
     data = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
@@ -173,7 +173,7 @@ class AdversarialSet(Store):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.shards.mkdir(parents=True, exist_ok=True)
         # The run's identity and settings travel with every shard, and each tensor's checksum with it.
-        checksums = {key: _digest(tensor) for key, tensor in tensors.items()}
+        checksums = {key: tensor_checksum(tensor) for key, tensor in tensors.items()}
         metadata = {"dataset": dataset, "ids": json.dumps(list(ids)), "run": self.digest,
                     "config": json.dumps(self.bound), "checksums": json.dumps(checksums)}
         try:
@@ -236,7 +236,7 @@ class AdversarialSet(Store):
                 # A copy, not a view of the mapped file: a shard cut short later must not crash the process.
                 tensor = f.get_tensor(key).clone()
                 expected = json.loads(f.metadata().get("checksums", "{}")).get(key)
-            if expected != _digest(tensor):
+            if expected != tensor_checksum(tensor):
                 raise ValueError(f"the checksum of {key} does not match its content")
         except CounterattackError:
             raise

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, build_config, default
+from .config import QUANTIZE_MODES, RunConfig, build_config, default
 from .errors import CounterattackError
 from .flags import (
     COUNT, PIXELS, POSITIVE, add_registered_options, cli_value, entries, given_flags, names_of, number,
@@ -25,6 +25,7 @@ from .flags import (
 from .options import PIXEL, flag
 
 SEED = number(int, 0, 2**63 - 1)
+BATCH = number(int, 1, sys.maxsize)  # beyond the machine's integers no loader can count
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -42,7 +43,16 @@ def _noise(text: str) -> tuple[float, ...]:
     budgets = tuple(PIXELS(part) for part in _names(text))
     if not budgets:
         raise argparse.ArgumentTypeError(f"expected noise budgets in 1/255 like 1,4,8,16, got {text!r}")
-    return budgets
+    if len(set(budgets)) != len(budgets):
+        logging.getLogger("counterattack").warning("--noise %s gives a budget twice: each is measured once", text)
+    return tuple(dict.fromkeys(budgets))
+
+
+def _out(text: str) -> Path:
+    """An output folder: an empty name would write into the working folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty --out would write into the working folder: give a folder name")
+    return Path(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +93,10 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
                                    "them) or openai (curated names, 'This is a photo of a {}.')", "model.prompts"))
     model.add_argument("--templates", nargs="+",
                        help="prompt templates, '{}' is the class name (overrides --prompts' templates)")
+    model.add_argument("--descriptions", type=Path, metavar="PATH",
+                       help="class descriptions for the defenses that read them (DBD, COLA): a JSON file mapping class "
+                       "names to lists of sentences (CuPL's or AWT's layout), or a folder of one such file per dataset "
+                       "(DATASET.json); not shipped: see the README")
     data = command.add_argument_group("data")
     data.add_argument("--dataset", action="append",
                       help=helped("a name from `counterattack datasets`, all, or imagefolder:DIR (repeatable)",
@@ -110,10 +124,10 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     attack.add_argument("--threat", choices=("paper", "adaptive"),
                         help=helped("paper: crafted against the undefended model; adaptive: through each defense",
                                     "attack.threat"))
-    attack.add_argument("--quantize-adversarial", action="store_true", default=None,
-                        help="round adversarial images to 8 bits (k/255) before any defense sees them, as CSR's and "
-                        "R-TPT's published robust numbers did (their images went through PNG or PIL); TTC's, DOC's and "
-                        "MAC's did not")
+    attack.add_argument("--quantize-adversarial", nargs="?", const="round", choices=QUANTIZE_MODES, metavar="MODE",
+                        help="adversarial images to 8 bits before any defense sees them: round (k/255, the default "
+                        "MODE: CSR's and R-TPT's published robust numbers went through PIL) or floor (a PNG written by "
+                        "truncation, as DBD's and AGC's code saves them); TTC's, DOC's and MAC's stayed in float")
     add_registered_options(command, "adaptive")
     add_registered_options(command, "attack")
     if defenses:
@@ -129,7 +143,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
                                  "and the logit head stay fp32", "run.precision"))
     run.add_argument("--attack-precision", choices=precisions, help="the attacks' precision (default: --precision)")
     run.add_argument("--defense-precision", choices=precisions, help="the defenses' precision (default: --precision)")
-    run.add_argument("--batch-size", type=POSITIVE, help=helped("images per batch", "run.batch_size"))
+    run.add_argument("--batch-size", type=BATCH, help=helped("images per batch", "run.batch_size"))
     run.add_argument("--seed", type=SEED, help=helped("of every random draw", "run.seed"))
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), help=helped("where to compute", "run.device"))
     run.add_argument("--workers", type=COUNT,
@@ -159,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "Craft adversarial images (against the undefended CLIP under --threat paper, through each defense "
                   "under --threat adaptive), then apply every defense to the same clean and adversarial images. "
                   "Budgets and step sizes are in units of 1/255.")
-    ev.add_argument("--out", type=Path,
+    ev.add_argument("--out", type=_out,
                     help="folder for the results; running the same command again resumes there (default: runs/latest)")
     ev.add_argument("--adversarial", type=Path, metavar="ADV",
                     help="evaluate on the adversarial images stored by `counterattack attack --out ADV` instead of "
@@ -170,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "--adversarial", "Craft the paper protocol's adversarial images (against the undefended CLIP) "
                       "and store them losslessly (float32 safetensors shards with image ids, labels and the full "
                       "configuration). Running the same command again resumes.", defenses=False)
-    attack.add_argument("--out", type=Path, required=True, metavar="ADV", help="folder for the adversarial set")
+    attack.add_argument("--out", type=_out, required=True, metavar="ADV", help="folder for the adversarial set")
     sweep = _running(commands, "sweep", "evaluate a grid of one defense's settings on one adversarial set, with a "
                      "Pareto plot", "Every combination of --grid values (any option of the defense; budgets in 1/255) "
                      "is evaluated on the same adversarial images: --adversarial ADV, or crafted once into "
@@ -184,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     for study in (sweep, calibrate):
         study.add_argument("--adversarial", type=Path, metavar="ADV",
                            help="a set from `counterattack attack` (default: craft one)")
-        study.add_argument("--out", type=Path, required=True,
+        study.add_argument("--out", type=_out, required=True,
                            help="folder for the results; the same command again resumes")
     _add_seeds(sweep)
     sweep.add_argument("--grid", action="append", required=True, metavar="OPTION=V1,V2,...",
@@ -202,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{','.join(f'{b * 255:g}' for b in default('stability', 'study.noise'))})")
     stability.add_argument("--adversarial", type=Path, metavar="ADV",
                            help="a set from `counterattack attack` (default: attack)")
-    stability.add_argument("--out", type=Path, required=True,
+    stability.add_argument("--out", type=_out, required=True,
                            help="folder for the results; the same command again resumes")
     reproduce = _running(commands, "reproduce", "run a published table (a preset of eval) and compare it with the "
                          "published numbers", "Runs one published table through eval's own code (resumable, torchrun) "
@@ -215,14 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "an estimated time on this machine (a short warm-up of the real pipeline)")
     reproduce.add_argument("--skip-missing", action="store_true", default=None,
                            help="run the preset's datasets that are under --data-root, skip the others")
-    reproduce.add_argument("--out", type=Path, help="folder for the results (default: runs/NAME)")
+    reproduce.add_argument("--out", type=_out, help="folder for the results (default: runs/NAME)")
     for backbone in ("tecoa", "fare"):
         reproduce.add_argument(f"--{backbone}-checkpoint", type=Path, metavar="FILE",
                                help=f"the {backbone} ViT-B/32 vision weights, for presets on fine-tuned backbones")
     sanity = _running(commands, "sanity", "check an evaluation for gradient masking",
                       "Robust accuracy against eps and against attack steps, and AutoAttack's checks, for one model, "
                       "dataset, attack and defense. Exits with 1 when a check fails.")
-    sanity.add_argument("--out", type=Path, help="also write sanity.json here")
+    sanity.add_argument("--out", type=_out, help="also write sanity.json here")
     listing = commands.add_parser("datasets",
                                   help="list the benchmark's datasets and whether they are under --data-root")
     listing.add_argument("--data-root", type=Path, default=Path("data"),
@@ -271,6 +285,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "model.vision_checkpoint": args.vision_checkpoint, "model.backbone": args.backbone,
         "model.tau_model": args.tau_model, "model.tau_pretrained": args.tau_pretrained, "model.prompts": args.prompts,
         "model.templates": tuple(args.templates) if args.templates else None,
+        "model.descriptions": args.descriptions,
         "data.root": args.data_root, "data.limit": args.limit, "data.transform": args.transform,
         "data.skip_unreadable": args.skip_unreadable,
         "attack.names": tuple(args.attack) if args.attack else None, "attack.given": args.attack is not None,
@@ -367,8 +382,11 @@ def run_command(config: RunConfig) -> Any:
 
     from . import distributed
     from .commands import command
+    from .commands.checks import check_out
     from .models import resolve_device
     from .store import hold
+
+    check_out(config)
 
     group, device = distributed.start(resolve_device(config.run.device),
                                       timedelta(minutes=config.run.dist_timeout_minutes))

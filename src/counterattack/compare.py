@@ -25,7 +25,8 @@ from .store import write_atomically
 
 EPS_TOLERANCE = 1e-6  # in 1/255: our eps * 255 against the published budget
 MATCHING_RULE = ("exact on model, backbone, defense, attack, budget (our eps x 255 equal to the published one within "
-                 "1e-6), steps and dataset, for paper-protocol records only; nothing is matched loosely")
+                 "1e-6), steps, dataset and how the adversarial images were stored (float, or 8 bits rounded or "
+                 "truncated), for paper-protocol records only; nothing is matched loosely")
 NO_TWIN = "no published twin"
 OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
 
@@ -207,6 +208,15 @@ def _hint(published: Published, model: str, backbone: str, defense: str, attack:
     return f"{NO_TWIN}: no paper printed {defense} against {attack} on {dataset}"
 
 
+# How each source's attacks stored their adversarial images before its defenses saw them (absent: in float). A run
+# matches a source only with the same images: 8-bit rounding or truncation moves robust accuracy by points.
+SOURCE_QUANTIZATION = {"dbd-iclr26": "floor"}
+
+
+def _images(quantization: str | None) -> str:
+    return {"round": "rounded to 8 bits", "floor": "truncated to 8 bits (a PNG)"}.get(quantization or "", "in float")
+
+
 def _ineligible(record: Record, config: RunDescription, model: str | None, backbone: str | None) -> str | None:
     """Why a record cannot have a twin whatever the papers printed, or None."""
     threat, defense, attack, dataset = record.threat, record.defense, record.attack, record.dataset
@@ -218,8 +228,6 @@ def _ineligible(record: Record, config: RunDescription, model: str | None, backb
         return f"{NO_TWIN}: the worst case over this run's attacks (no paper printed it)"
     if dataset.startswith("imagefolder:"):
         return f"{NO_TWIN}: an image folder (no paper ran it)"
-    if config.quantize_adversarial:
-        return f"{NO_TWIN}: adversarial images rounded to 8 bits (the tables' attacks kept them in float)"
     if not model:
         return f"{NO_TWIN}: the config names no model"
     if backbone is None:
@@ -274,8 +282,13 @@ def compare_results(results: Results, published: Published) -> Comparison:
             eligible.setdefault((defense, attack, eps, steps), {}).setdefault(dataset, record)
             twins = [p for p in index.get((model, backbone, defense, attack, dataset), [])
                      if abs(eps - p.eps) <= EPS_TOLERANCE and steps == p.steps]
-            if not twins:
+            same_images = [p for p in twins if SOURCE_QUANTIZATION.get(p.source) == config.quantize_adversarial]
+            if twins and not same_images:
+                theirs = "; ".join(f"{p.source} {_images(SOURCE_QUANTIZATION.get(p.source))}" for p in twins)
+                reason = f"{NO_TWIN}: adversarial images {_images(config.quantize_adversarial)} here ({theirs})"
+            elif not twins:
                 reason = _hint(published, model, backbone, defense, attack, dataset, eps, steps)
+            twins = same_images
         if reason is not None:
             unmatched.append(UnmatchedRecord(dataset=record.dataset, defense=record.defense, attack=record.attack,
                                              threat=record.threat, eps=eps, steps=steps, reason=reason))

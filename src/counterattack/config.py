@@ -19,6 +19,7 @@ from typing import Any
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
+QUANTIZE_MODES = ("round", "floor")  # how adversarial images are put on the 8-bit grid (--quantize-adversarial)
 
 Settings = Mapping[str, Mapping[str, Any]]  # per registered name, its options (library units)
 
@@ -41,6 +42,7 @@ class ModelConfig:
     tau_pretrained: str = DEFAULT_PRETRAINED
     prompts: str = "paper"  # class names and templates of the benchmark datasets
     templates: tuple[str, ...] | None = None  # None: each dataset's own
+    descriptions: Path | None = None  # class descriptions (a JSON file, or a folder of one per dataset): DBD, COLA
 
     @property
     def pretrained_tag(self) -> str | None:
@@ -68,7 +70,8 @@ class AttackConfig:
     threat: str = "paper"  # paper: crafted against the undefended model; adaptive: through each defense
     adaptive: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # AdaptiveAttack's options
     precision: str | None = None  # None: RunOptions.precision
-    quantize: bool = False  # round adversarial images to 8 bits before any defense sees them (CSR's, R-TPT's papers)
+    quantize: str | None = None  # adversarial images to 8 bits before any defense sees them: "round" (CSR's, R-TPT's
+    # papers: PIL) or "floor" (DBD's and AGC's code: a PNG written by truncation); None keeps them in float
 
     @property
     def shared(self) -> dict[str, Any]:

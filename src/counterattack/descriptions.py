@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CounterattackError
 
@@ -21,6 +24,7 @@ WHERE_TO_GET = ("CuPL's files (github.com/sarahpratt/CuPL, e.g. CuPL_prompts_ima
                 "class name to a list of sentences")
 
 Descriptions = dict[str, list[str]]
+log = logging.getLogger(__name__)
 
 
 def _key(name: str) -> str:
@@ -84,3 +88,41 @@ def for_classes(descriptions: Mapping[str, Sequence[str]], class_names: Sequence
         raise CounterattackError(f"{who} needs at least {needed} descriptions per class; {source} gives fewer for "
                                  f"{shown}{' and more' if len(short) > 8 else ''}.")
     return {name: by_key[_key(name)] for name in class_names}
+
+
+@dataclass(frozen=True)
+class RunDescriptions:
+    """The class descriptions a run reads, per dataset: the sentences and the content digest of the file."""
+
+    by_dataset: Mapping[str, Descriptions]
+    digests: Mapping[str, str]
+
+
+def for_run(path: Path | None, datasets: Sequence[str], defenses: Sequence[Any]) -> RunDescriptions | None:
+    """Check, before anything loads, that every defense that needs descriptions has them, and read the files (one
+    line for a missing or malformed one); None where no defense of the run reads them (a file then given is said to
+    be unused)."""
+    readers = [d for d in defenses if d.reads_descriptions != "no"]
+    required = [d.name for d in readers if d.reads_descriptions == "required"]
+    if path is None:
+        if required:
+            raise CounterattackError(f"{', '.join(required)} {'needs' if len(required) == 1 else 'need'} class "
+                                     f"descriptions: give --descriptions PATH, {WHERE_TO_GET}.")
+        return None
+    if not readers:
+        log.warning("--descriptions %s is not used: none of the defenses reads class descriptions", path)
+        return None
+    files = {dataset: descriptions_file(path, dataset) for dataset in datasets}
+    return RunDescriptions({d: read_descriptions(f) for d, f in files.items()},
+                           {d: file_digest(f) for d, f in files.items()})
+
+
+def check_coverage(descriptions: RunDescriptions | None, dataset: str, class_names: Sequence[str],
+                   defenses: Sequence[Any]) -> None:
+    """Refuse, naming them, classes a reading defense finds no descriptions for, or too few."""
+    if descriptions is None:
+        return
+    for defense in defenses:
+        if defense.reads_descriptions != "no":
+            for_classes(descriptions.by_dataset[dataset], class_names, defense.descriptions_needed, defense.name,
+                        f"--descriptions (for {dataset})")

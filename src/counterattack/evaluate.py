@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .adaptive import AdaptiveAttack
 from .adversarial import AdversarialSet
 from .attacks import Attack
+from .attacks.base import distance, takes_start
 from .classifier import ZeroShotClassifier, count_encoder_passes
 from .data import PAPER_AVERAGE_DATASETS, EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
@@ -41,14 +41,24 @@ class RunSettings:
     world_size: int = 1
     attack_precision: str = "fp32"  # see precision.py: the policy of the attacks' and the defenses' passes
     defense_precision: str = "fp32"
-    quantize_adversarial: bool = False  # round adversarial images to 8 bits before any defense sees them
+    quantize_adversarial: str | None = None  # "round" or "floor": adversarial images to 8 bits before any defense
+    probe: int = 0  # images in this process's first batch: a long run's estimate comes within seconds
 
 
-def to_8_bits(images: torch.Tensor) -> torch.Tensor:
-    """Images on the 8-bit grid k/255, as a PNG file or a PIL image holds them (CSR's and R-TPT's published robust
-    numbers defended images saved so). Where the clean image's pixels lie on the grid and the budget is a multiple of
-    1/255, the result stays within the budget; elsewhere it may pass it by up to half a level."""
-    return torch.round(images * 255) / 255
+PROBE_IMAGES = 2
+
+
+def to_8_bits(images: torch.Tensor, mode: str = "round") -> torch.Tensor:
+    """Images on the 8-bit grid k/255, as an image file holds them: ``round`` as PIL rounds (CSR's and R-TPT's
+    published robust numbers defended images saved so), ``floor`` as torchvision's ``ToPILImage`` truncates
+    ``x * 255`` before a PNG is written (DBD's and AGC's code). Where the clean image's pixels lie on the grid and the
+    budget is a multiple of 1/255, rounding stays within the budget and may pass it by half a level elsewhere;
+    truncation may pass it by up to one level."""
+    scaled = images * 255
+    return (torch.round(scaled) if mode == "round" else torch.floor(scaled)) / 255
+
+
+QUANTIZATION_SLACK = {"round": 0.5 / 255, "floor": 1 / 255}  # how far 8 bits may move an image past its budget
 
 
 class _Stopwatch:
@@ -123,9 +133,13 @@ def _batches(data: EvalDataset, settings: RunSettings, skip: Collection[ImageId]
     mine = todo[settings.rank :: settings.world_size]
     if not mine:
         return
+    # A probe first (a few images), then full batches: which images share a batch changes no result.
+    first = settings.probe if 0 < settings.probe < min(len(mine), settings.batch_size) else settings.batch_size
+    positions = range(len(mine))
     loader = DataLoader(
         WithIndex(data.dataset, mine),
-        batch_size=settings.batch_size,
+        batch_sampler=[list(positions[:first])] + [list(positions[i:i + settings.batch_size])
+                                                   for i in range(first, len(mine), settings.batch_size)],
         num_workers=settings.workers,
         pin_memory=settings.device.type == "cuda",
     )
@@ -167,7 +181,8 @@ def craft_dataset(
 
 
 def _as_defenses_see(adversarial: torch.Tensor, settings: RunSettings) -> torch.Tensor:
-    return to_8_bits(adversarial.float()) if settings.quantize_adversarial else adversarial.float()
+    mode = settings.quantize_adversarial
+    return adversarial.float() if mode is None else to_8_bits(adversarial.float(), mode)
 
 
 def evaluate_dataset(
@@ -218,7 +233,9 @@ def evaluate_dataset(
             transfer = {attack.name: (_as_defenses_see(_stored(adversarial, data.name, ids, attack, images), settings),
                                       0.0)
                         for attack in attacks}
-        for name, defense in named.items():
+        # Many defenses (a sweep's settings) take long per batch: a bar over them says where the batch is.
+        shown = settings.progress and settings.rank == 0 and len(named) > 8
+        for name, defense in tqdm(named.items(), desc="settings", unit="setting", leave=False, disable=not shown):
             inputs: dict[str, dict[str, tuple[torch.Tensor, float]]] = {}  # attack -> component -> (images, seconds)
             for attack in attacks:
                 if attack.name not in transfer:  # the paper's protocol crafts once for all defenses
@@ -226,7 +243,7 @@ def evaluate_dataset(
                 inputs[attack.name] = {"transfer": transfer[attack.name]}
                 through = attack_for(attack, defense)
                 if through is not attack:
-                    start = {"start": transfer[attack.name][0]} if isinstance(through, AdaptiveAttack) else {}
+                    start = {"start": transfer[attack.name][0]} if takes_start(through) else {}
                     inputs[attack.name]["adaptive"] = timed(through, batch, images, "adaptive", **start)
             with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes, checked_inputs(),
                   precision_context(settings.device, defense_precision(settings.defense_precision, defense))):
@@ -257,9 +274,9 @@ def _stored(adversarial: AdversarialSet, dataset: str, ids: list, attack: Attack
     """A stored set's images of ``attack``, refused (naming the shard) unless each lies in the box and within the
     attack's recorded budget of its clean image: a damaged or foreign shard must not pass for that attack."""
     stored = adversarial.images(dataset, ids, attack.name, clean.device)
-    slack = 1e-6 + (0.5 / 255 if adversarial.config.quantize_adversarial else 0.0)
-    eps = getattr(attack, "eps", None)  # an attack without an L-inf budget: the box alone is checked
-    beyond = (stored - clean).abs().flatten(1).amax(dim=1) - (eps if eps is not None else float("inf"))
+    slack = 1e-6 + QUANTIZATION_SLACK.get(adversarial.config.quantize_adversarial, 0.0)
+    eps = getattr(attack, "eps", None)  # an attack without a budget: the box alone is checked
+    beyond = distance(attack.norm, stored - clean) - (eps if eps is not None else float("inf"))
     outside = ~torch.isfinite(stored).flatten(1).all(dim=1) | (stored.flatten(1).amin(dim=1) < -1e-6) \
         | (stored.flatten(1).amax(dim=1) > 1 + 1e-6) | (beyond > slack)
     if outside.any():

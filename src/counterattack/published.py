@@ -20,7 +20,7 @@ from .errors import CounterattackError
 
 DEFAULT_PATH = Path(__file__).with_name("data") / "published.json"
 
-# MAC's 10 fine-grained datasets (its averages are over these); we have no UCF101, so at most 9 can be run.
+# MAC's and DBD's 10 fine-grained datasets (their averages are over these).
 FINE_GRAINED10: tuple[str, ...] = ("caltech101", "dtd", "flowers102", "oxford_pets", "ucf101", "fgvc_aircraft",
                                    "eurosat", "stanford_cars", "sun397", "food101")
 AVERAGE16 = "average16"

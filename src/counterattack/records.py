@@ -341,7 +341,7 @@ class RunDescription:
     seed: int | None = None
     seeds: list[int] | None = None
     preset: str | None = None
-    quantize_adversarial: str | None = None
+    quantize_adversarial: str | None = None  # "round" or "floor": adversarial images put on the 8-bit grid
     batch_composition: dict | None = None
     adversarial: dict | None = None
     sweep: dict | None = None

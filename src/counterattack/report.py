@@ -141,7 +141,8 @@ def _what_was_run(config: RunDescription, records: Sequence[Record]) -> str:
                  f"standard deviation (the spread due to {draws}); its 95% interval is the image sample's")
     worst = " `worst-case`: an image counts as robust only if it survives every attack." if any(
         r.attack == "worst-case" for r in records) else ""
-    stored = " Adversarial images rounded to 8 bits before the defenses." if config.quantize_adversarial else ""
+    quantized = {"round": "rounded", "floor": "truncated"}.get(config.quantize_adversarial or "")
+    stored = f" Adversarial images {quantized} to 8 bits before the defenses." if quantized else ""
     if config.adversarial:
         stored += (f" Adversarial images read from a stored set (hash {config.adversarial['hash']}, crafted with "
                    f"seed {config.adversarial['seed']}).")

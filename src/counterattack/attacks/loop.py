@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -21,16 +21,19 @@ def sign_step(images: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, ste
     return project(images, delta.detach() + step_size * grad.sign(), eps)
 
 
-def sign_gradient_steps(
+Update = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (images, delta, gradient) -> delta
+
+
+def gradient_steps(
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     delta: torch.Tensor,
-    eps: float,
-    step_size: float,
     steps: int,
+    update: Update,
     signs: list[torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Ascend ``loss_fn(images + delta)`` by signed gradient steps, projecting after each.
+    """Ascend ``loss_fn(images + delta)`` by ``steps`` updates ``update(images, delta, gradient)`` (which also
+    projects: an attack's own rule, or a sign step in an L-inf ball).
 
     ``loss_fn`` returns a scalar, summed over the batch, so each image's gradient is its own.
     Yields the perturbation after every step (detached); the caller keeps what it needs. The
@@ -46,8 +49,29 @@ def sign_gradient_steps(
             (grad,) = torch.autograd.grad(loss, delta)
         if signs is not None:
             signs.append(grad.sign())
-        delta = sign_step(images, delta, grad, step_size, eps)
+        delta = update(images, delta.detach(), grad).detach()
         yield delta
+
+
+def sign_gradient_steps(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    signs: list[torch.Tensor] | None = None,
+) -> Iterator[torch.Tensor]:
+    """``gradient_steps`` with L-inf sign steps of ``step_size`` projected onto the ``eps`` ball and the box."""
+    return gradient_steps(loss_fn, images, delta, steps,
+                          lambda x, d, g: sign_step(x, d, g, step_size, eps), signs)
+
+
+def last_of(deltas: Iterable[torch.Tensor], start: torch.Tensor) -> torch.Tensor:
+    """The last perturbation of a run of steps (``start``, detached, for none); the earlier ones are freed as the
+    steps go on."""
+    last = deque(deltas, maxlen=1)
+    return last[0] if last else start.detach()
 
 
 def run_steps(
@@ -60,9 +84,7 @@ def run_steps(
     signs: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The perturbation after all ``steps`` of ``sign_gradient_steps`` (``delta`` itself for none)."""
-    # Only the last step is kept: the earlier ones are freed as the loop goes on.
-    last = deque(sign_gradient_steps(loss_fn, images, delta, eps, step_size, steps, signs), maxlen=1)
-    return last[0] if last else delta.detach()
+    return last_of(sign_gradient_steps(loss_fn, images, delta, eps, step_size, steps, signs), delta)
 
 
 def replay_steps(

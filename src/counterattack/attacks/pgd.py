@@ -11,7 +11,7 @@ from ..inputs import check_pixels
 from ..options import PIXEL_UNIT, option
 from ..randomness import ImageRandomness
 from .base import register_attack
-from .loop import project, run_steps
+from .loop import gradient_steps, last_of, project, sign_step
 from .losses import cross_entropy
 
 
@@ -37,13 +37,24 @@ class PGD:
         """Per image, what the attack ascends."""
         return cross_entropy(logits, labels)
 
+    def step(self, images: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """A signed-gradient step of ``step_size``, projected onto the L-inf ball and the box."""
+        return sign_step(images, delta, grad, self.step_size, self.eps)
+
+    def project(self, images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return project(images, delta, self.eps)
+
     def __call__(
-        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness
+        self, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, rng: ImageRandomness,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Adversarial images, from a uniform random start in the ball, or from ``start`` (adversarial images of
+        these images: an earlier attack's, to go on from)."""
         images = check_pixels(images).detach().float()
-        delta = project(images, rng.uniform_like(images, -self.eps, self.eps), self.eps)
+        initial = rng.uniform_like(images, -self.eps, self.eps) if start is None else start.detach().float() - images
+        delta = self.project(images, initial)
 
         def loss(adv: torch.Tensor) -> torch.Tensor:
             return self.loss(classifier.logits(adv), labels).sum()
 
-        return images + run_steps(loss, images, delta, self.eps, self.step_size, self.steps)
+        return images + last_of(gradient_steps(loss, images, delta, self.steps, self.step), delta)

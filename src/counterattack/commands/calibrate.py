@@ -17,7 +17,8 @@ from ..records import BatchRecord, RunDescription
 from ..errors import CounterattackError
 from ..plots import plot_score_histograms
 from ..store import write_json_atomically
-from .context import Evaluation, check_single_dataset, open_run, single_defense
+from .checks import check_single_dataset, single_defense
+from .context import Evaluation, open_run
 
 
 def scores_of(batches: Sequence[BatchRecord], defense: str, attack: str) -> tuple[list[float], list[float]]:

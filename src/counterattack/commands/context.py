@@ -9,10 +9,8 @@ the model and the data have loaded.
 from __future__ import annotations
 
 import copy
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,31 @@ import torch
 
 from ..adaptive import AdaptiveAttack, check_adaptive
 from ..adversarial import AdversarialSet
-from ..attacks import ATTACKS, Attack, build_attacks
+from ..attacks import Attack, build_attacks
 from ..backbones import load_clip, tensors_fingerprint, weights_identity
 from ..classifier import ImageEncoder, ZeroShotClassifier
 from ..config import RunConfig
-from ..data import EvalDataset, balanced_subset, check_manual_datasets, find_unreadable, load_dataset
+from ..data import (
+    EvalDataset, balanced_subset, check_manual_datasets, find_unreadable, load_dataset,
+)
 from ..defenses import DEFENSES, Defense, build_defenses
+from ..descriptions import RunDescriptions, check_coverage, for_run
+from .checks import check_stored_attacks, stored_attacks
+from .estimate import Estimate
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
 from ..fingerprints import resolved_location
 from ..identity import described_defenses, per_dataset_settings, versions
-from ..evaluate import RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize
+from ..evaluate import (
+    PROBE_IMAGES, RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize,
+)
 from ..loading import LoadedCLIP
 from ..models import load_vision_checkpoint
-from ..options import flag, options_of
+from ..options import options_of
 from ..precision import defense_precision
 from ..report import format_table, paper_tables, write_report
 from ..records import ADVERSARIAL_SET, UNITS, BatchRecord, Record, Results, RunDescription
 from ..results import ResultsStore
-from ..stats import duration
 from ..store import fill, write_json_atomically
 
 
@@ -63,38 +67,6 @@ class Selection:
         return [self.data.image_ids[i] for i in self.chosen]
 
 
-def stored_attacks(adversarial: AdversarialSet) -> list[Attack]:
-    """The attacks a stored set was made with, rebuilt from its configuration (their names and settings)."""
-    described = adversarial.config.attacks
-    unknown = [d["attack"] for d in described if d["attack"] not in ATTACKS]
-    if unknown:
-        raise CounterattackError(f"{adversarial.folder} holds images of {', '.join(unknown)}, which this installation "
-                                 f"does not have (attacks: {', '.join(ATTACKS)}).")
-    built = []
-    for entry in described:
-        own = {f.name for f in fields(ATTACKS[entry["attack"]])}
-        built += build_attacks([entry["attack"]], {entry["attack"]: {k: v for k, v in entry.items() if k in own}})
-    return built
-
-
-def _check_stored_attacks(config: RunConfig, adversarial: AdversarialSet, attacks: Sequence[Attack]) -> None:
-    """No flag may ask for what a stored set's attacks cannot be."""
-    if config.attack.threat != "paper":
-        raise CounterattackError("--adversarial holds images crafted against the undefended model (the paper's "
-                                 "protocol); adaptive attacks are crafted through each defense and cannot be stored "
-                                 "once for all.")
-    shared = {"--eps": config.attack.eps, "--attack-steps": config.attack.steps,
-              "--attack-step-size": config.attack.step_size, "--attack-precision": config.attack.precision}
-    given = [name for name, value in shared.items() if value is not None]
-    given += [flag(name, setting) for name, settings in config.attack.settings.items() for setting in settings]
-    if config.attack.given and sorted(config.attack.names) != sorted(a.name for a in attacks):
-        given.insert(0, f"--attack {','.join(config.attack.names)}")
-    if given:
-        raise CounterattackError(f"{adversarial.folder} holds {', '.join(a.name for a in attacks)} with their own "
-                                 f"settings (see its config.json); {', '.join(given)} cannot apply to it: drop them, "
-                                 "or craft another set with `counterattack attack`.")
-
-
 class RunContext:
     """The loaded model, datasets, attacks and defenses of one run, and its settings."""
 
@@ -106,6 +78,7 @@ class RunContext:
         self.tau_encoder, self.tau_model = tau_encoder, tau_model  # TTC's tau encoder (None: the defended one)
         self.selections, self.attacks, self.defenses, self.adversarial = selections, attacks, defenses, adversarial
         self._classifiers: dict[str, ZeroShotClassifier] = {}
+        self.descriptions: RunDescriptions | None = None  # the class descriptions read, per dataset
         model = config.model
         # By the tensors loaded, once per run: another path to the same weights is the same run, new weights behind a
         # path are not, and a file beside them changes nothing.
@@ -136,8 +109,9 @@ class RunContext:
     def classifier(self, data: EvalDataset) -> ZeroShotClassifier:
         """The zero-shot classifier of a dataset's classes (built once per dataset)."""
         if data.name not in self._classifiers:
+            descriptions = None if self.descriptions is None else self.descriptions.by_dataset[data.name]
             self._classifiers[data.name] = ZeroShotClassifier.from_clip(
-                self.clip, data.class_names, self.config.model.templates or data.templates)
+                self.clip, data.class_names, self.config.model.templates or data.templates, descriptions=descriptions)
         return self._classifiers[data.name]
 
     def identity(self) -> dict[str, Any]:
@@ -173,6 +147,12 @@ class RunContext:
             return {"batch_size": self.config.run.batch_size, "processes": self.group.world_size}
         return None
 
+    def probing(self, attacks: Sequence[Attack]) -> RunSettings:
+        """The run settings with a small first batch, for an estimate within seconds, where batching changes no
+        result (an attack seeded per batch makes it matter)."""
+        seeded = any(getattr(a, "seeded_per_batch", False) for a in attacks)
+        return replace(self.settings, probe=0 if seeded else PROBE_IMAGES)
+
     def attack_for(self, attack: Attack, defense: Defense) -> Attack:
         """The attack a defense faces: ``attack`` itself under the paper's protocol, else ``attack`` through it."""
         if self.config.attack.threat == "paper":
@@ -202,8 +182,9 @@ class RunContext:
                                                       defense_precision),
             precision=dict(config.precisions),
             seed=config.run.seed,
+            descriptions=None if self.descriptions is None else dict(self.descriptions.digests),
             preset=config.study.preset,
-            quantize_adversarial="8 bits" if config.attack.quantize else None,
+            quantize_adversarial=config.attack.quantize,
             run=self.run_record(),
         )
         if self.adversarial is None:
@@ -212,7 +193,7 @@ class RunContext:
             stored = self.adversarial.config
             described.precision["attack"] = stored.precision["attack"]
             described.adversarial = {"hash": self.adversarial.hash, "seed": stored.seed}
-            if stored.quantize_adversarial:  # a set stored in 8 bits is evaluated in 8 bits, flag or not
+            if stored.quantize_adversarial:  # a set stored in 8 bits is evaluated in 8 bits (its mode), flag or not
                 described.quantize_adversarial = stored.quantize_adversarial
             described.run["adversarial_folder"] = str(self.adversarial.folder)  # a moved set is the same set
         return described
@@ -225,18 +206,20 @@ class RunContext:
         threat = self.config.attack.threat
 
         def evaluate_my_share(done: dict[str, set]) -> None:
-            estimate = Estimate(self, done)
+            settings = self.probing(attacks)
+            estimate = Estimate(self, done, settings.probe)
             for selection in self.selections:
                 data = selection.data
                 on_data = {name: defense.for_dataset(data.name) for name, defense in defenses.items()}
                 attack_for = {(a.name, id(d)): self.attack_for(a, d) for a in attacks for d in on_data.values()}
                 # The batches are consumed here, within this selection's iteration: binding its table is exact.
-                for batch in evaluate_dataset(self.classifier(data), data, attacks, on_data, self.settings,
+                for batch in evaluate_dataset(self.classifier(data), data, attacks, on_data, settings,
                                               done.get(data.name, ()),
                                               lambda a, d, attack_for=attack_for: attack_for[(a.name, id(d))],
                                               selection.chosen, self.adversarial):
                     store.append(batch)
                     estimate.after(len(batch.ids))
+                settings = replace(settings, probe=0)  # one probe per run
 
         batches = fill(store, described, self.expected(), self.group, evaluate_my_share)
         if not self.group.is_main:
@@ -254,19 +237,21 @@ class RunContext:
         there."""
         described = RunDescription(**self.identity(), kind=ADVERSARIAL_SET, attacks=[a.describe() for a in attacks],
                                    precision={"attack": self.settings.attack_precision}, seed=self.settings.seed,
-                                   quantize_adversarial="8 bits" if self.config.attack.quantize else None,
+                                   quantize_adversarial=self.config.attack.quantize,
                                    batch_composition=self.batch_composition(attacks), units=UNITS,
                                    run=self.run_record())
         adversarial = AdversarialSet(folder, self.group.rank)
 
         def craft_my_share(done: dict[str, set]) -> None:
-            estimate = Estimate(self, done)
+            settings = self.probing(attacks)
+            estimate = Estimate(self, done, settings.probe)
             for selection in self.selections:
                 data = selection.data
-                for ids, labels, images in craft_dataset(self.classifier(data), data, attacks, self.settings,
+                for ids, labels, images in craft_dataset(self.classifier(data), data, attacks, settings,
                                                          done.get(data.name, ()), selection.chosen):
                     adversarial.append(data.name, ids, labels, images)
                     estimate.after(len(ids))
+                settings = replace(settings, probe=0)
 
         fill(adversarial, described, self.expected(), self.group, craft_my_share)
         return AdversarialSet.open(folder)
@@ -278,31 +263,6 @@ class RunContext:
             self.adversarial = self.craft_into(self.config.out / "adversarial", self.attacks)
             self.attacks = stored_attacks(self.adversarial)
         return self.adversarial
-
-
-class Estimate:
-    """After the first batch of a long run (a minute or more), the time it projects for the rest (main process)."""
-
-    WORTH_SAYING = 60.0  # seconds
-
-    def __init__(self, context: RunContext, done: Mapping[str, set]):
-        expected = context.expected()
-        self.remaining = sum(len(ids) - len(done.get(name, set()) & set(ids)) for name, ids in expected.items())
-        self.context, self.start, self.told = context, time.perf_counter(), not context.group.is_main
-
-    def after(self, images: int) -> None:
-        if self.told:
-            return
-        self.told = True
-        left = self.remaining / self.context.group.world_size - images  # this process's share, less the first batch
-        if left <= 0:
-            return
-        per_image = (time.perf_counter() - self.start) / images
-        if per_image * left < self.WORTH_SAYING:
-            return
-        print(f"estimate from the first batch: {per_image:.3g} s per image on {self.context.device}, about "
-              f"{duration(per_image * left)} for the "
-              f"{self.remaining - images} images left (the same command again resumes where it stops)", file=sys.stderr)
 
 
 def _select(config: RunConfig, data: EvalDataset) -> Selection:
@@ -344,23 +304,6 @@ def _tau_encoder(config: RunConfig, clip: LoadedCLIP,
     return ImageEncoder.from_clip(other), name, weights_identity(model.tau_model, model.tau_pretrained, other)
 
 
-def check_single_dataset(config: RunConfig, why: str) -> None:
-    if len(config.data.datasets) != 1:
-        raise CounterattackError(f"{config.command} works on one --dataset: {why}.")
-
-
-def single_defense(config: RunConfig) -> str:
-    """The one defense a study (sweep, calibration) judges on one stored set, checked before anything loads."""
-    names = config.defense.names
-    DEFENSES.check_names(names)
-    if len(names) != 1:
-        raise CounterattackError(f"{config.command} studies one defense; got {', '.join(names)}.")
-    if config.attack.threat != "paper":
-        raise CounterattackError(f"{config.command} judges every setting on one stored adversarial set (the paper's "
-                                 "protocol); use `counterattack eval --threat adaptive` for adaptive attacks.")
-    return names[0]
-
-
 def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
              defenses: Mapping[str, Callable[[Defense], Defense]] | None = None) -> RunContext:
     """Check, then load: the model, the datasets (downloads on the main process first), the chosen images.
@@ -373,7 +316,7 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
     adversarial = AdversarialSet.open(config.adversarial) if config.adversarial else None
     if adversarial is not None:
         attacks = stored_attacks(adversarial)
-        _check_stored_attacks(config, adversarial, attacks)
+        check_stored_attacks(config, adversarial, attacks)
     else:
         attacks = build_attacks(config.attack.names, config.attack.settings, **config.attack.shared)
     if config.attack.threat == "adaptive":
@@ -384,6 +327,7 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
             raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")
     # Every dataset is found before any work starts, so a missing one fails in seconds, not hours in.
     check_manual_datasets(config.data.datasets, config.data.root)
+    descriptions = for_run(config.model.descriptions, config.data.datasets, built)
 
     clip = load_clip(config.model.name, config.model.pretrained, device=device)
     tau_encoder, tau_model, tau_identity = _tau_encoder(config, clip, device)
@@ -394,13 +338,20 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
 
     def load_all() -> list[EvalDataset]:
         return [load_dataset(spec, clip, config.data.root, prompts=config.model.prompts,
-                             transform=config.data.transform)
+                             transform=config.data.transform, progress=config.run.progress)
                 for spec in config.data.datasets]
 
     loaded = group.first_on_main(load_all)  # downloads once; the others then read what it fetched
+    if descriptions is not None:  # keyed by the names given: a dataset's loaded name may be its resolved folder
+        descriptions = RunDescriptions(*({data.name: mapping[spec] for spec, data in zip(config.data.datasets, loaded,
+                                                                                            strict=True)}
+                                         for mapping in (descriptions.by_dataset, descriptions.digests)))
+        for data in loaded:
+            check_coverage(descriptions, data.name, data.class_names, built)
     selections = group.together(lambda: [_select(config, data) for data in loaded])
     context = RunContext(config, group, device, clip, tau_encoder, tau_model, tau_identity, selections, attacks, named,
                          adversarial)
+    context.descriptions = descriptions
     if adversarial is not None:
         adversarial.check_identity(context.identity())
         adversarial.check_complete(context.expected())

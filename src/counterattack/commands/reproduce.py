@@ -4,11 +4,12 @@ A preset (``presets.PRESETS``) fixes the table's datasets, defenses, attacks and
 through ``eval``'s own code path (the same resume, the same torchrun), once per backbone, and ends
 with ``comparison.md/.csv/.json/.png`` beside the results. ``--list`` shows every preset with what it
 costs: its images, the encoder passes an image takes and an estimated time on this machine and
-device, measured from a short warm-up of the real pipeline on random images.
+device, composed from each attack step's and defense's cost measured once on random images.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,23 +17,28 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..attacks import build_attacks
+from tqdm.auto import tqdm
+
+from ..attacks import PGD, Attack, build_attacks
 from ..backbones import load_clip
 from ..classifier import ImageEncoder, ZeroShotClassifier, count_encoder_passes
 from ..compare import compare_results, write_comparison
 from ..config import AttackConfig, DefenseConfig, RunConfig
-from ..data import DATASETS, EvalDataset, class_prompts, is_present
-from ..defenses import build_defenses
+from ..data import DATASETS, class_prompts, is_present
+from ..defenses import DEFENSES, Defense, build_defenses
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
-from ..evaluate import RunSettings, evaluate_dataset
+from ..inputs import checked_inputs
 from ..loading import LoadedCLIP
+from ..precision import defense_precision, precision_context
+from ..randomness import ImageRandomness
 from ..presets import PRESETS, Preset
 from ..published import load_published
 from ..stats import duration
 from . import eval as eval_command
 from .context import open_run
 
+log = logging.getLogger(__name__)
 WARM_UP_IMAGES = 2  # per timed batch on a CPU (a GPU times a whole batch): enough to time, cheap to run
 WARM_UP_SIDE = 224  # the registry datasets' images: the paper's Resize 256 + CenterCrop 224
 
@@ -47,6 +53,9 @@ def preset_of(name: str) -> Preset:
 def _checkpoints(preset: Preset, config: RunConfig) -> dict[str, Path | None]:
     """Each backbone's vision weights (None: the model's own), refusing a fine-tuned one that was not given."""
     given = dict(config.study.checkpoints)
+    for unused in sorted(set(given) - set(preset.backbones)):
+        log.warning("--%s-checkpoint is not used: %s runs the %s backbone(s)", unused, preset.name,
+                    ", ".join(preset.backbones))
     for backbone, flag in preset.checkpoint_flags.items():
         if backbone not in given:
             raise CounterattackError(f"{preset.name} runs TTC on the {backbone} vision tower: give its weights with "
@@ -165,45 +174,76 @@ class Estimate:
         return self.setup_seconds + self.images * self.seconds_per_image
 
 
-def estimate(preset: Preset, config: RunConfig, clip: LoadedCLIP, load_seconds: float,
-             device: torch.device) -> Estimate:
-    """Time one batch of the real evaluation (the preset's attacks, then every defense on clean and adversarial
-    images) after a warm-up batch, on random images labelled as the model classifies them (so that every image is
-    attacked in full, as a correctly classified one is); scale to the preset's images, and add the model's loading
-    and each dataset's text embeddings at the measured time per prompt."""
-    batch = config.run.batch_size if device.type == "cuda" else min(config.run.batch_size, WARM_UP_IMAGES)
-    classes = [f"class {i}" for i in range(10)]
-    start = time.perf_counter()
-    classifier = ZeroShotClassifier.from_clip(clip, classes)
-    per_prompt = (time.perf_counter() - start) / len(classes)
-    images = _RandomImages(2 * batch, len(classes))
-    with torch.no_grad():
-        images.labels = classifier.logits(images.images.to(device)).argmax(-1).tolist()
-    data = EvalDataset("warm-up", images, classes, images.labels, list(range(2 * batch)), "random", "warm-up")
-    # A fine-tuned backbone's TTC measures tau on the original encoder: two more forwards per image.
+class _Timer:
+    """Seconds and encoder passes per image of each piece of the presets' pipeline, each measured once on the timing
+    model (a batch of ``WARM_UP_IMAGES`` random images on a CPU, labelled as the model classifies them, so every image
+    is attacked in full), after a warm-up pass: an attack step (forward and backward), and each defense. A preset's
+    cost is then composed of its pieces, so listing every preset takes about a minute, not one full pipeline each."""
+
+    def __init__(self, clip: LoadedCLIP, config: RunConfig, device: torch.device):
+        batch = config.run.batch_size if device.type == "cuda" else min(config.run.batch_size, WARM_UP_IMAGES)
+        classes = [f"class {i}" for i in range(10)]
+        start = time.perf_counter()
+        self.classifier = ZeroShotClassifier.from_clip(clip, classes)
+        self.per_prompt = (time.perf_counter() - start) / len(classes)
+        # Defenses that read class descriptions (COLA, DBD) are timed with sentences of the size they need.
+        needed = max(cls.descriptions_needed for cls in DEFENSES.values())
+        self.classifier.descriptions = {c: [f"{c}, seen in photograph number {i}." for i in range(needed)]
+                                        for c in classes}
+        self.images = _RandomImages(batch, len(classes)).images.to(device)
+        self.clip, self.config, self.device = clip, config, device
+        with torch.no_grad():
+            self.labels = self.classifier.logits(self.images).argmax(-1)
+        self.rng = ImageRandomness.from_seed(config.run.seed, batch, "timing")
+        self._defenses: dict[tuple, tuple[float, float]] = {}
+        self.step = self._timed(lambda: PGD(steps=1)(self.classifier, self.images, self.labels, self.rng),
+                                config.precisions["attack"])  # the warm-up: lazy initialisation and caches
+        self.step = self._timed(lambda: PGD(steps=1)(self.classifier, self.images, self.labels, self.rng),
+                                config.precisions["attack"])
+
+    def _timed(self, work, precision: str) -> tuple[float, float]:
+        """``(seconds, encoder passes)`` per image of ``work()`` on the batch."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        with count_encoder_passes() as passes, precision_context(self.device, precision), checked_inputs():
+            work()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        n = len(self.images)
+        return (time.perf_counter() - start) / n, (passes.forwards + passes.backwards) / n
+
+    def attack(self, attack: Attack) -> tuple[float, float]:
+        """An attack's steps at the measured cost of one PGD step: an APGD iteration is one forward and one backward
+        too, and AutoAttack runs one APGD per sub-attack (its early stops make this an upper bound)."""
+        runs = len(attack.attacks_for(10)) if hasattr(attack, "attacks_for") else 1
+        return tuple(runs * attack.steps * value for value in self.step)
+
+    def defense(self, defense: Defense) -> tuple[float, float]:
+        key = (defense.name, repr(defense.describe()))
+        if key not in self._defenses:
+            precision = defense_precision(self.config.precisions["defense"], defense)
+            self._defenses[key] = self._timed(lambda: defense(self.classifier, self.images, self.rng), precision)
+        return self._defenses[key]
+
+
+def estimate(preset: Preset, config: RunConfig, timer: _Timer, load_seconds: float) -> Estimate:
+    """A preset's cost from its pieces' measured costs: per image, each attack's, and each defense's on the clean and
+    on every attack's images; scaled to the preset's images, plus loading the model and each dataset's text
+    embeddings at the measured time per prompt."""
     defenses = build_defenses(preset.defenses)
-    if preset.checkpoint_flags:
-        defenses = [d.with_score_encoder(ImageEncoder.from_clip(clip)) for d in defenses]
+    if preset.checkpoint_flags:  # a fine-tuned backbone's TTC measures tau on the original encoder
+        defenses = [d.with_score_encoder(ImageEncoder.from_clip(timer.clip)) for d in defenses]
     attacks = build_attacks(preset.attacks, preset.attack_settings)
-    settings = RunSettings(config.run.seed, None, batch, 0, device, False, attack_precision=config.precisions["attack"],
-                           defense_precision=config.precisions["defense"])
-    evaluation = evaluate_dataset(classifier, data, attacks, defenses, settings)
-    next(evaluation)  # the warm-up batch: lazy initialisation and caches
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    with count_encoder_passes() as passes:
-        next(evaluation)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / batch
+    pieces = [timer.attack(a) for a in attacks] + [timer.defense(d) for d in defenses for _ in range(1 + len(attacks))]
+    seconds, passes = (sum(piece[i] for piece in pieces) for i in (0, 1))
     limit = config.data.limit
     count = len(preset.backbones) * sum(min(limit or DATASETS[d].test_size, DATASETS[d].test_size)
                                         for d in preset.datasets)
     prompts = sum(len(names) * len(templates) for names, templates in (class_prompts(d, config.model.prompts)
                                                                        for d in preset.datasets))
-    setup = len(preset.backbones) * (load_seconds + per_prompt * prompts)
-    return Estimate(count, (passes.forwards + passes.backwards) / batch, seconds, setup)
+    setup = len(preset.backbones) * (load_seconds + timer.per_prompt * prompts)
+    return Estimate(count, passes, seconds, setup)
 
 
 def list_presets(config: RunConfig, device: torch.device) -> dict[str, Estimate]:
@@ -213,11 +253,13 @@ def list_presets(config: RunConfig, device: torch.device) -> dict[str, Estimate]
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     limited = "" if config.data.limit is None else f" (--limit {config.data.limit} per dataset)"
     print(f"Presets of `counterattack reproduce`; times are ESTIMATES for {clip.description} on this machine's "
-          f"{where}, precision {config.run.precision}, measured from one warm-up batch of the real pipeline on random "
-          f"images and scaled to every image{limited}.")
+          f"{where}, precision {config.run.precision}, composed from each attack step's and defense's measured cost on "
+          f"random images, scaled to every image{limited}.")
+    timer = _Timer(clip, config, device)
     estimates = {}
-    for name, preset in PRESETS.items():
-        found = estimates[name] = estimate(preset, config, clip, load_seconds, device)
+    for name, preset in tqdm(PRESETS.items(), desc="timing the presets' pieces", unit="preset", leave=False,
+                             disable=not config.run.progress):
+        found = estimates[name] = estimate(preset, config, timer, load_seconds)
         checkpoints = f"; needs {', '.join(f'{f} FILE' for f in preset.checkpoint_flags.values())}" \
             if preset.checkpoint_flags else ""
         print(f"\n{name}: {preset.title}\n"

@@ -15,7 +15,8 @@ from ..distributed import ProcessGroup
 from ..errors import CounterattackError
 from ..sanity import format_report, run_sanity
 from ..store import write_json_atomically
-from .context import check_single_dataset, open_run
+from .checks import check_single_dataset
+from .context import open_run
 
 SWEPT = ("eps", "steps")  # what the sanity sweeps change; a step size, where the attack has one, follows them
 

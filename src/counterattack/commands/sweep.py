@@ -21,7 +21,8 @@ from ..manifest import option_spec
 from ..options import options_of
 from ..plots import plot_pareto, safe_file_name
 from ..records import Results
-from .context import RunContext, open_run, over_seeds, single_defense, write_results
+from .checks import single_defense
+from .context import RunContext, open_run, over_seeds, write_results
 
 
 def parse_grid(texts: Sequence[str], defense: str) -> list[dict[str, Any]]:

@@ -77,7 +77,7 @@ from .base import (
 
 AUGMENTATIONS = ("augmix", "crop-flip")
 # The datasets whose views the authors' code makes by crop and flip alone (``augmentation="auto"``).
-IMAGENET_FAMILY = frozenset({"imagenet", "imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch", "tinyimagenet"})
+IMAGENET_FAMILY = frozenset({"imagenet", "imagenet_v2", "imagenet_a", "imagenet_r", "imagenet_sketch", "tinyimagenet"})
 SELF_MASKS = ("diagonal", "authors")
 
 # AugMix's operations as the R-TPT code lists them (augmix_ops.augmentations), in that order.
