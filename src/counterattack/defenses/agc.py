@@ -23,7 +23,10 @@ For each image x, with f the image encoder; no gradient, no parameter update, no
    ``build_tangent_filtered_feature``'s own default 2.4 is overridden there).
 5. Geodesic push: ``theta = arccos <a_0, m>`` (the cosine clamped to 1 -+ 1e-8, a no-op in float32),
    ``u`` the unit tangent at a_0 towards m, ``g = normalise(cos(beta theta) a_0 + sin(beta theta) u)``;
-   beta = 1 lands on m, beta > 1 goes past it along the great circle; ``theta < 1e-6`` keeps a_0.
+   beta = 1 lands on m, beta > 1 goes past it along the great circle; ``theta < 1e-6`` keeps a_0. In
+   float32 that test holds only where the cosine rounds to 1: the next cosine down gives theta = 3.5e-4,
+   and a feature whose anchor equals it to rounding moves by beta times that along a rounding-noise
+   tangent (the code's behaviour, kept; at most 8e-4 rad).
 6. Logits ``logit_scale * <g, t_c>`` with the run's class embeddings.
 
 The perspective warp is the code's, PIL's ``Image.transform(PERSPECTIVE, BICUBIC)`` on the 8-bit
@@ -35,7 +38,7 @@ resize's -0.5 nor grid_sample's -0.75) over the 4x4 neighbours, indices clamped 
 tests check this against PIL on float images to 1e-5. The code's PIL image is 8-bit, so its result
 is clipped to [0, 255] and truncated: the clip is kept (a clamp to [0, 1]), the truncation is not
 (float pixels, as for every defense here). ``interpolation="bilinear"`` takes torchvision's tensor
-``perspective`` instead (``grid_sample``, coverage-mask fill), equal to it to 1e-6.
+``perspective`` instead (``grid_sample``, coverage-mask fill), equal to it to 1e-5 (tested).
 
 Where this differs from the code: the code warps a PIL image at its stored resolution, which is the
 original dataset image on the clean path but the 224-px PNG on the adversarial path, then resizes to
@@ -53,7 +56,9 @@ views come from one encoder batch; A and R are not reported as a gate score (AGC
 ``DefenseOutput.score`` is read as one by records, plots and ``calibrate``): ``correction`` returns
 them with beta and theta for diagnostics.
 
-Cost per image, as counted: ``views + 1`` forwards (33), no backward; one batch.
+Cost per image, as counted: ``views + 1`` forwards (33), no backward, in one encoder batch. Through the
+defense (``attack_view``): exact 33 forwards and 33 backwards, whose graphs are held together (memory of 33
+images per image); bpda 33 forwards, 1 backward.
 """
 
 from __future__ import annotations
@@ -240,8 +245,10 @@ def geodesic_correction(original: torch.Tensor, augmented: torch.Tensor, beta_cl
 @register_defense
 @dataclass(frozen=True)
 class AGC:
-    """Adaptive Geodesic Correction, arXiv 2605.15584: the feature moved along the sphere towards (and past) the
-    mean of 32 random-perspective views, by a step set by how far they sit from it (33 fwd / 0 bwd per image).
+    """Li et al., arXiv 2605.15584: the feature pushed along the sphere past 32 perspective views' mean (33 fwd).
+
+    The step, between beta_clean and beta_adv in units of the angle to the views' mean, grows with how far the
+    views sit from the image and how much they agree with one another. No gate, no gradient.
 
     Example::
 
@@ -303,8 +310,9 @@ class AGC:
 
         ``exact`` differentiates everything: the warps, the 33 features, the anchor, beta through A and R, and the
         push (the theta < 1e-6 test held). ``bpda`` holds the feature's move constant, ``g = a_0 + (g - a_0)``
-        with the bracket detached: the gradient is the undefended one at a_0, the views are encoded without a
-        graph (33 forwards, 1 backward per image). No gate: ``with_score`` gives no score.
+        with the bracket detached: the gradient reaches the image through a_0 = f(x) alone (the head's gradient
+        taken at g), and the views are encoded without a graph (33 forwards, 1 backward per image). No gate:
+        ``with_score`` gives no score.
         """
         x = check_pixels(images)
         if method == "exact":
