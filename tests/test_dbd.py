@@ -234,10 +234,9 @@ def test_batch_size_invariance(random_classifier, images):
     whole = dbd(random_classifier, x, ImageRandomness.for_images(0, "d", ids, "p"))
     whole_result = dbd.directional_bias(random_classifier, x, ImageRandomness.for_images(0, "d", ids, "p"))
     for i, image_id in enumerate(ids):
-        streams = ImageRandomness.for_images(0, "d", [image_id], "p")
-        alone = dbd(random_classifier, x[i : i + 1], streams)
-        result = dbd.directional_bias(random_classifier, x[i : i + 1], ImageRandomness.for_images(0, "d", [image_id],
-                                                                                                  "p"))
+        alone = dbd(random_classifier, x[i : i + 1], ImageRandomness.for_images(0, "d", [image_id], "p"))
+        result = dbd.directional_bias(random_classifier, x[i : i + 1],
+                                      ImageRandomness.for_images(0, "d", [image_id], "p"))
         assert torch.equal(result.selected[0], whole_result.selected[i])
         assert torch.allclose(alone.logits[0], whole.logits[i], atol=1e-4)
         assert torch.allclose(alone.score[0], whole.score[i], atol=1e-5)

@@ -40,10 +40,12 @@ kernel (1, 4, 6, 4, 1)/16, not a sampled Gaussian of sigma 1.1.
 
 Values the code did not fix, chosen here: the crop, flip and noise draws come from each image's stream
 (``ImageRandomness``; the code's global torch and numpy generators with seed 0, shuffled batch-1 loading); the
-crops are resized to the model's input side (the code's 224) and the 15 other views are resized by the encoder
-(bicubic, antialiased, in float; the code's PIL bicubic on uint8); ties in the entropy ranking are broken by
-``torch.topk``. Pixel units: the 5x5 filters, the JPEG blocks and sigma act on the input's own pixels, as the
-code applies them before its resize (on 224-px adversarial images; on clean images at their full resolution).
+crops are resized to the model's input side (the code's 224; bilinear as PIL's when enlarging, which every crop
+of an input no larger than the model's side is; a larger crop is not antialiased) and the 15 other views are
+resized by the encoder (bicubic, antialiased, in float; the code's PIL bicubic on uint8); ties in the entropy
+ranking are broken by ``torch.topk``. Pixel units: the 5x5 filters, the JPEG blocks and sigma act on the input's
+own pixels, as the code applies them before its resize. The code gives its adversarial images at 224 px but its
+clean ones at full resolution (milder filters and crops there); here both take the input as given.
 
 Precision: the 32 forwards run under the caller's policy (``paper_precision`` fp16: the code's CUDA model stays
 fp16); the views and everything after the encoder (normalisation, entropies, S, the shift, the head) in float32.
@@ -132,8 +134,8 @@ class DirectionalBias:
     defended: torch.Tensor  # (n, dim): f* = e_0 + lambda d, not normalised
 
 
-def directional_bias(features: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: float, selected: int,
-                     db_thres: float, shift: float) -> DirectionalBias:
+def directional_bias_of_features(features: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: float,
+                                 selected: int, db_thres: float, shift: float) -> DirectionalBias:
     """DBD's steps 2-5 on the views' normalised features ``(n, 32, dim)``. The selection and lambda are read off
     detached values: an adaptive attack holds them for its draw; S and f* stay differentiable."""
     entropies = entropy(logit_scale * features @ class_embeddings.T)
@@ -228,8 +230,8 @@ class DBD:
         features = torch.cat((original, self._encode(classifier, crops, views_tracked),
                               self._encode(classifier, pixels, views_tracked)), dim=1)
         with full_precision(images.device):
-            return directional_bias(features, self.class_embeddings(classifier), classifier.logit_scale,
-                                    self.selected, self.db_thres, self.shift)
+            return directional_bias_of_features(features, self.class_embeddings(classifier), classifier.logit_scale,
+                                                self.selected, self.db_thres, self.shift)
 
     def _logits(self, classifier: ZeroShotClassifier, feature: torch.Tensor) -> torch.Tensor:
         with full_precision(feature.device):
