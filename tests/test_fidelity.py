@@ -200,8 +200,9 @@ def test_to_8_bits_rounds_to_the_nearest_level():
 
 def test_paper_precision_follows_each_defenses_authors(capsys):
     assert {name: defense_precision("paper", cls()) for name, cls in DEFENSES.items()} == {
-        "none": "fp16", "anti-adversary": "fp16", "csr": "fp32", "doc": "fp16", "hd": "fp16", "mac": "fp16",
-        "rn": "fp16", "rtpt": "fp32", "ttc": "fp16", "tte": "fp16"}
+        "none": "fp16", "agc": "fp16", "anti-adversary": "fp16", "clipure": "fp16", "cola": "fp16", "csr": "fp32",
+        "dbd": "fp16", "doc": "fp16", "et3": "fp32", "hd": "fp16", "mac": "fp16", "rn": "fp16", "rtpt": "fp32",
+        "ttc": "fp16", "tte": "fp16"}
     assert defense_precision("bf16", RTPT()) == "bf16"
     assert main(["defenses", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)

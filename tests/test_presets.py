@@ -9,9 +9,12 @@ from counterattack.cli import main
 from counterattack.data import DATASETS
 from counterattack.defenses import DEFENSES
 from counterattack.presets import PRESETS
-from counterattack.published import AVERAGE16, load_published
+from counterattack.compare import SOURCE_QUANTIZATION
+from counterattack.published import AVERAGE_KEYS, load_published
 
-from testkit import TINY_CLIP_DIR, build_eurosat, needs_shared
+from counterattack.data import class_prompts
+
+from testkit import TINY_CLIP_DIR, build_eurosat, needs_shared, write_descriptions
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -28,12 +31,14 @@ def test_each_preset_runs_exactly_what_its_table_printed(name):
     assert {r.attack for r in records} == set(preset.attacks)
     assert {r.backbone for r in records} == set(preset.backbones)
     printed = {r.dataset for r in records}
-    per_dataset = printed - {AVERAGE16}
+    per_dataset = printed - set(AVERAGE_KEYS)
     assert per_dataset <= set(preset.datasets)
-    if AVERAGE16 in printed:  # an average over the 16 datasets needs all 16
-        assert set(preset.datasets) == set(published.datasets16)
+    averages = printed & set(AVERAGE_KEYS)
+    if averages:  # an average needs every dataset of its scope
+        assert {d for key in averages for d in published.average_scope(key)} == set(preset.datasets)
     else:
         assert per_dataset == set(preset.datasets)
+    assert preset.quantize == SOURCE_QUANTIZATION.get(preset.source)  # the table's images, stored as it stored them
     assert set(preset.datasets) <= set(DATASETS) and set(preset.defenses) <= set(DEFENSES)
     assert set(preset.attacks) <= set(ATTACKS)
 
@@ -49,10 +54,18 @@ def data_root(tmp_path, monkeypatch):
     return tmp_path / "data"
 
 
-def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root, random_clip_dir, capsys):
+@pytest.fixture
+def descriptions(tmp_path):
+    """Descriptions of EuroSAT's classes as the paper's prompts name them: COLA reads them."""
+    return write_descriptions(tmp_path / "descriptions" / "eurosat.json", class_prompts("eurosat", "paper")[0])
+
+
+def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root, descriptions, random_clip_dir,
+                                                             capsys):
     out = tmp_path / "cola"
     argv = ["reproduce", "cola-table1", "--skip-missing", "--data-root", data_root, "--model",
-            f"local-dir:{random_clip_dir}", "--limit", "4", "--workers", "0", "--no-progress", "--out", out]
+            f"local-dir:{random_clip_dir}", "--limit", "4", "--workers", "0", "--no-progress", "--out", out,
+            "--descriptions", descriptions.parent]
     assert run(*argv) == 0
     printed = capsys.readouterr().out
     assert "skipping 8 dataset(s)" in printed and "dtd" in printed
@@ -61,7 +74,8 @@ def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root
     assert config["preset"] == "cola-table1"
     attacks = [(a["attack"], round(a["eps"] * 255, 6), a["steps"]) for a in config["attacks"]]
     assert attacks == [("pgd", 1, 10), ("cw", 1, 10)]
-    assert [d["defense"] for d in config["defenses"]] == ["none", "rn", "hd", "tte", "ttc"]
+    assert [d["defense"] for d in config["defenses"]] == ["none", "rn", "hd", "tte", "ttc", "cola"]
+    assert list(config["descriptions"]) == ["eurosat"]  # by the content digest of the file read
     assert {(r["dataset"], r["attack"]) for r in results["records"]} == {
         ("eurosat", a) for a in ("pgd", "cw", "worst-case")}
     assert all(r["n"] == 4 for r in results["records"])
@@ -78,13 +92,14 @@ def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root
 
 
 @needs_shared
-def test_reproduce_runs_on_the_tiny_clip_with_a_limit(tmp_path, data_root):
+def test_reproduce_runs_on_the_tiny_clip_with_a_limit(tmp_path, data_root, descriptions):
     out = tmp_path / "cola-tiny"
     assert run("reproduce", "cola-table1", "--skip-missing", "--data-root", data_root, "--model",
-               f"local-dir:{TINY_CLIP_DIR}", "--limit", "4", "--workers", "0", "--no-progress", "--out", out) == 0
+               f"local-dir:{TINY_CLIP_DIR}", "--limit", "4", "--workers", "0", "--no-progress", "--out", out,
+               "--descriptions", descriptions) == 0
     results = json.loads((out / "results.json").read_text())
     assert {(r["dataset"], r["defense"]) for r in results["records"]} == {
-        ("eurosat", d) for d in ("none", "rn", "hd", "tte", "ttc")}
+        ("eurosat", d) for d in ("none", "rn", "hd", "tte", "ttc", "cola")}
     assert all(r["n"] == 4 for r in results["records"])
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["rows"] == [] and len(comparison["unmatched"]) == len(results["records"])
@@ -98,7 +113,8 @@ def test_reproduce_runs_on_the_tiny_clip_with_a_limit(tmp_path, data_root):
     (["reproduce", "cola-table1", "--eps", "4"], "cola-table1 fixes what its table measured; --eps cannot change it"),
     (["reproduce", "doc-table1", "--ttc-tau-thres", "0.1"], "--ttc-tau-thres cannot change it"),
     (["reproduce", "doc-table1", "--quantize-adversarial"], "--quantize-adversarial cannot change it"),
-    (["reproduce", "cola-table1"], "--skip-missing"),
+    (["reproduce", "cola-table1", "--descriptions", "/no/file.json"], "--skip-missing"),
+    (["reproduce", "cola-table1", "--skip-missing"], "cola needs class descriptions: give --descriptions PATH"),
     (["reproduce", "cola-table1", "--list"], "not both"),
     (["reproduce"], "name a preset"),
 ])
@@ -115,8 +131,8 @@ def test_damaged_published_numbers_stop_reproduce_and_stability_before_they_run(
 
     monkeypatch.setattr(published, "DEFAULT_PATH", tmp_path / "gone.json")
     common = ["--model", f"local-dir:{random_clip_dir}", "--limit", "2", "--workers", "0", "--no-progress"]
-    assert run("reproduce", "cola-table1", "--skip-missing", "--data-root", data_root, *common,
-               "--out", tmp_path / "cola") == 2
+    assert run("reproduce", "dbd-table1", "--skip-missing", "--data-root", data_root, *common,
+               "--out", tmp_path / "dbd") == 2
     assert run("stability", "--dataset", f"imagefolder:{data_root / 'eurosat' / '2750'}", *common,
                "--out", tmp_path / "stability") == 2
     errors = capsys.readouterr().err.strip().splitlines()

@@ -89,6 +89,15 @@ def write_image_folder(root: Path, classes: dict[str, int], size=(32, 32), seed:
     return root
 
 
+def write_descriptions(path: Path, class_names: list[str], per_class: int = 50) -> Path:
+    """A class-descriptions file in CuPL's and AWT's layout, written by the test (no LLM text ships with the project):
+    plain sentences naming each class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: [f"A photo of a {name}, picture number {i}." for i in range(per_class)]
+                                for name in class_names}))
+    return path
+
+
 def jpeg(seed: int, mode: str = "RGB") -> bytes:
     """A small seeded random JPEG, in ``mode``."""
     pixels = np.random.default_rng(seed).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)

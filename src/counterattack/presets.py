@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .data import PAPER_AVERAGE_DATASETS as TTC16
 from .options import PIXEL
+from .published import FINE_GRAINED10
 
 COLA9 = ("oxford_pets", "flowers102", "fgvc_aircraft", "dtd", "eurosat", "stanford_cars", "food101", "sun397",
          "caltech101")
@@ -30,6 +31,7 @@ class Preset:
     eps: int  # the attacks' budget, in 1/255
     steps: int
     backbones: tuple[str, ...] = ("openai",)  # anything else is a fine-tuned vision tower given by --NAME-checkpoint
+    quantize: str | None = None  # how the table's attacks saved their images (QUANTIZE_MODES); None: in float
 
     @property
     def attack_settings(self) -> dict[str, dict[str, float | int]]:
@@ -58,6 +60,11 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in [
            10),
     Preset("doc-fig4", "doc-aaai26", "DOC, Figure 4: AutoAttack's APGD-CE + APGD-DLR at 4/255, 100 iterations",
            TTC16, ("none", "anti-adversary", "hd", "ttc", "doc"), ("autoattack-paper",), 4, 100),
-    Preset("cola-table1", "cola-neurips25", "COLA, Table 1 (TTC and the baselines re-run by COLA's authors): PGD-10 "
-           "and CW at 1/255 on nine datasets", COLA9, ("none", "rn", "hd", "tte", "ttc"), ("pgd", "cw"), 1, 10),
+    Preset("cola-table1", "cola-neurips25", "COLA, Table 1 (COLA, and TTC and the baselines re-run by its authors): "
+           "PGD-10 and CW at 1/255 on nine datasets (COLA needs --descriptions)", COLA9,
+           ("none", "rn", "hd", "tte", "ttc", "cola"), ("pgd", "cw"), 1, 10),
+    Preset("dbd-table1", "dbd-iclr26", "DBD, main table (averages as a summary quotes them): PGD-100 at 4/255 on the "
+           "ten fine-grained datasets, adversarial images saved as PNGs by truncation as DBD's code does (DBD reads "
+           "--descriptions when given)", FINE_GRAINED10, ("none", "ttc", "rtpt", "dbd"), ("pgd",), 4, 100,
+           quantize="floor"),
 ]}

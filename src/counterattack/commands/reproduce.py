@@ -25,7 +25,8 @@ from ..classifier import ImageEncoder, ZeroShotClassifier, count_encoder_passes
 from ..compare import compare_results, write_comparison
 from ..config import AttackConfig, DefenseConfig, RunConfig
 from ..data import DATASETS, class_prompts, is_present
-from ..defenses import DEFENSES, Defense, build_defenses
+from ..defenses import Defense, build_defenses
+from ..descriptions import for_run
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
 from ..inputs import checked_inputs
@@ -101,7 +102,7 @@ def preset_config(config: RunConfig, preset: Preset, backbone: str, checkpoint: 
         model=replace(config.model, vision_checkpoint=checkpoint, backbone=backbone if fine_tuned else None),
         data=replace(config.data, datasets=datasets),
         attack=AttackConfig(names=preset.attacks, given=True, settings=preset.attack_settings,
-                            precision=config.attack.precision),
+                            precision=config.attack.precision, quantize=preset.quantize),
         defense=DefenseConfig(names=preset.defenses, precision=config.defense.precision),
         out=config.out / backbone if len(preset.backbones) > 1 else config.out,
     )
@@ -117,6 +118,8 @@ def _summarize_comparison(results: dict, folder: Path) -> str:
 def reproduce(config: RunConfig, group: ProcessGroup, device: torch.device) -> list[dict]:
     preset = preset_of(config.study.preset)
     checkpoints = _checkpoints(preset, config)
+    if config.model.descriptions is None:  # a defense that needs them is refused before any dataset is looked at
+        for_run(None, (), build_defenses(preset.defenses))
     load_published()  # a damaged package is found before the run, not after it
     datasets = _datasets(preset, config, group.is_main)
     results = []
@@ -186,10 +189,6 @@ class _Timer:
         start = time.perf_counter()
         self.classifier = ZeroShotClassifier.from_clip(clip, classes)
         self.per_prompt = (time.perf_counter() - start) / len(classes)
-        # Defenses that read class descriptions (COLA, DBD) are timed with sentences of the size they need.
-        needed = max(cls.descriptions_needed for cls in DEFENSES.values())
-        self.classifier.descriptions = {c: [f"{c}, seen in photograph number {i}." for i in range(needed)]
-                                        for c in classes}
         self.images = _RandomImages(batch, len(classes)).images.to(device)
         self.clip, self.config, self.device = clip, config, device
         with torch.no_grad():
@@ -222,6 +221,10 @@ class _Timer:
     def defense(self, defense: Defense) -> tuple[float, float]:
         key = (defense.name, repr(defense.describe()))
         if key not in self._defenses:
+            if defense.reads_descriptions != "no":  # as many sentences as it reads, of a class description's size
+                self.classifier.descriptions = {c: [f"{c}, seen in photograph number {i}." for i in
+                                                    range(defense.descriptions_needed)]
+                                                for c in self.classifier.class_names}
             precision = defense_precision(self.config.precisions["defense"], defense)
             self._defenses[key] = self._timed(lambda: defense(self.classifier, self.images, self.rng), precision)
         return self._defenses[key]

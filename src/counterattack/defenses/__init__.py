@@ -19,9 +19,14 @@ def discover_defenses() -> None:
 
 discover_defenses()
 
+from .agc import AGC  # noqa: E402
 from .anti_adversary import AntiAdversary  # noqa: E402
+from .clipure import CLIPure  # noqa: E402
+from .cola import COLA  # noqa: E402
 from .csr import CSR  # noqa: E402
+from .dbd import DBD  # noqa: E402
 from .doc import DOC  # noqa: E402
+from .et3 import ET3  # noqa: E402
 from .hd import HedgeDefense  # noqa: E402
 from .mac import MAC  # noqa: E402
 from .none import NoDefense  # noqa: E402
@@ -37,7 +42,8 @@ build_defenses = DEFENSES.build_many  # build_defenses(names, {name: settings}, 
 
 
 __all__ = [
-    "ADAPTIVE_METHODS", "AttackView", "CSR", "DEFENSES", "DOC", "AntiAdversary", "Defense", "DefenseOutput", "Gate",
+    "ADAPTIVE_METHODS", "AGC", "AttackView", "CLIPure", "COLA", "CSR", "DBD", "DEFENSES", "DOC", "ET3", "AntiAdversary",
+    "Defense", "DefenseOutput", "Gate",
     "HedgeDefense", "MAC", "NoDefense", "PIXEL_UNIT", "RTPT", "RandomNoise", "TTC", "TTCResult", "TTC_EPS", "TTC_STEPS",
     "TTC_STEP_SIZE", "TransformEnsemble",
     "build_defense", "build_defenses", "check_defense_names", "discover_defenses", "option", "options_of",

@@ -202,7 +202,6 @@ class COLA:
     """Zhu et al., NeurIPS 2025: optimal transport of 5 views onto class descriptions, top-256 text subspace (5 fwd)."""
 
     reads_descriptions: ClassVar[str] = "required"
-    descriptions_needed: ClassVar[int] = 49  # prompts - 1 at the default; an instance checks its own count
     views: int = option(5, "views per image N: the image and N-1 random resized crops with flips", low=1)
     prompts: int = option(50, "prompts per class M: the template's and M-1 descriptions appended to it (the paper's "
                               "50; AWT's code: 51)", low=1)
@@ -306,6 +305,11 @@ class COLA:
         if method not in ADAPTIVE_METHODS:
             raise ValueError(f"unknown adaptive method {method!r}; one of {ADAPTIVE_METHODS}")
         return AttackView(self._logits(classifier, check_pixels(images), rng, hold_plan=method == "bpda"))
+
+    @property
+    def descriptions_needed(self) -> int:
+        """The template's prompt and M - 1 descriptions make a class's M prompts."""
+        return self.prompts - 1
 
     def describe(self) -> dict:
         return {**describe_options(self), "descriptions_per_class": self.prompts - 1,
