@@ -19,7 +19,7 @@ from torch import nn
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from .errors import CounterattackError
-from .inputs import check_pixels, inputs_checked
+from .inputs import ArgumentKindError, check_pixels, inputs_checked, kind_of
 from .loading import LoadedCLIP
 from .precision import full_precision
 
@@ -68,6 +68,9 @@ class ImageEncoder(nn.Module):
 
     Images whose size differs from the model's input size are resized with bicubic interpolation
     (antialiased, so downsampling matches PIL); images of the right size are left untouched.
+
+    The first batch it encodes (after each cast) is checked for finite embedding norms: weights that overflow give
+    NaN logits and chance-level accuracy without a word, and one check per encoder costs nothing afterwards.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class ImageEncoder(nn.Module):
         self.image_size = tuple(image_size)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.checked_finite = False
 
     @classmethod
     def from_clip(cls, clip: LoadedCLIP) -> "ImageEncoder":
@@ -106,9 +110,24 @@ class ImageEncoder(nn.Module):
             embeddings = self.visual(self.preprocess(pixels))
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+        if not self.checked_finite:
+            self._check_finite(embeddings)
         if _ACTIVE_COUNTERS:
             _count(len(pixels), embeddings)
         return embeddings
+
+    def _check_finite(self, embeddings: torch.Tensor) -> None:
+        # The norm, not the values: finite values whose squares overflow make every logit 0 (the command line's check).
+        if not torch.isfinite(embeddings.detach().float().norm(dim=-1)).all():
+            raise CounterattackError(
+                "non-finite image embedding norms (NaN or infinity) on the first images this model encoded: its "
+                "weights likely overflow (values too large for its precision, or a float16 cast of weights that need "
+                "float32); every logit would be NaN or 0")
+        self.checked_finite = True
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "ImageEncoder":
+        self.checked_finite = False  # weights fine in float32 may overflow in float16: check the next batch again
+        return super()._apply(fn, *args, **kwargs)
 
 
 class ZeroShotClassifier(nn.Module):
@@ -147,6 +166,10 @@ class ZeroShotClassifier(nn.Module):
         chunk_size: int = 256,
         descriptions: Mapping[str, Sequence[str]] | None = None,
     ) -> "ZeroShotClassifier":
+        for what, value, example in (("class_names", class_names, '["cat", "dog"]'),
+                                     ("templates", templates, '["a photo of a {}."]')):
+            if isinstance(value, (str, bytes)):  # a string is a sequence of characters: "cat" would be 3 classes
+                raise ArgumentKindError(f"{what} must be a list of strings (such as {example}), got {kind_of(value)}")
         if not class_names:
             raise CounterattackError("A zero-shot classifier needs at least one class name.")
         repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
@@ -199,7 +222,8 @@ class ZeroShotClassifier(nn.Module):
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The zero-shot head, always in float32 (even inside an autocast region)."""
         with full_precision(embeddings.device):
-            logits = self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.T
+            # .float() on the text side too: a classifier cast to float64 keeps a float32 head
+            logits = self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.text_embeddings.float().T
         return logits + self.logit_bias if self.logit_bias else logits
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ that differentiate it go *through* the defense, along the defense's own adaptive
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from .classifier import ZeroShotClassifier
 from .defenses import Defense, build_defense
 from .defenses.base import ADAPTIVE_METHODS
 from .errors import CounterattackError
+from .inputs import ArgumentKindError, check_classifier, kind_of
 from .randomness import ImageRandomness
 
 # The "dataset" part of every random stream a DefendedModel draws from (unless given another key).
@@ -26,6 +29,32 @@ RANDOMNESS_KEY = "defended-model"
 def call_purpose(call: int) -> str:
     """The random streams' purpose for the ``call``-th forward (counting from 0) of a DefendedModel."""
     return f"call-{call}"
+
+
+def check_defense(defense: Any) -> Any:
+    """``defense`` itself if it is a defense instance (callable, with an ``attack_view``)."""
+    if isinstance(defense, type) or not callable(defense) or not callable(getattr(defense, "attack_view", None)):
+        raise ArgumentKindError(f"expected a defense as the defense (an instance such as TTC(), or a registered name "
+                                f"such as 'ttc'), got {kind_of(defense)}")
+    return defense
+
+
+def _changes(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module) -> bool:
+    """Whether a cast changes any of ``module``'s tensors (``Tensor.to`` and its kin return the tensor itself when
+    nothing changes; at most one converted tensor is made and dropped)."""
+    return any(fn(t) is not t for t in (*module.parameters(), *module.buffers()))
+
+
+def _own_copy(classifier: ZeroShotClassifier) -> ZeroShotClassifier:
+    """A copy of ``classifier`` to cast: its model (image and text towers, so both follow the cast) and text
+    embeddings are copied; its tokenizer and descriptions (no tensors) are shared, its text-side cache starts empty
+    (rebuilt on the new device and dtype)."""
+    memo: dict[int, Any] = {id(classifier._text_side): {}}
+    if classifier.descriptions is not None:
+        memo[id(classifier.descriptions)] = classifier.descriptions
+    if classifier.clip is not None:
+        memo[id(classifier.clip.tokenizer)] = classifier.clip.tokenizer  # a Rust tokenizer may refuse a deep copy
+    return copy.deepcopy(classifier, memo)
 
 
 class DefendedModel(nn.Module):
@@ -47,8 +76,10 @@ class DefendedModel(nn.Module):
     the images it judges clean from an embedding it already has). Both give the same logits for the
     same draw, up to float rounding.
 
-    The defense's own modules (a separate ``tau_encoder``) are not submodules: put them on the
-    device yourself.
+    **Casts.** The classifier is shared with the caller until the module is cast: the first ``.to(...)``,
+    ``.double()``, ``.half()``, ``.cuda()`` that changes a tensor casts a copy of it (its model with both towers),
+    never the caller's classifier, which keeps its dtype and device. The defense's own modules (a separate
+    ``tau_encoder``) are not submodules: put them on the device yourself.
     """
 
     def __init__(self, classifier: ZeroShotClassifier, defense: Defense, seed: int = 0, method: str = "exact",
@@ -56,8 +87,9 @@ class DefendedModel(nn.Module):
         super().__init__()
         if method not in ADAPTIVE_METHODS:
             raise CounterattackError(f"Unknown adaptive method {method!r}: one of {', '.join(ADAPTIVE_METHODS)}.")
-        self.classifier = classifier
-        self.defense = defense
+        self.classifier = check_classifier(classifier)
+        self.defense = check_defense(defense)
+        self.owns_classifier = False  # True once a cast made the copy this module casts
         self.seed = int(seed)
         self.method = method
         self.key = key
@@ -80,6 +112,15 @@ class DefendedModel(nn.Module):
         if torch.is_grad_enabled() and pixels.requires_grad:
             return self.defense.attack_view(self.classifier, pixels, rng, self.method).logits
         return self.defense(self.classifier, pixels, rng).logits
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DefendedModel":
+        if not self.owns_classifier and _changes(fn, self.classifier):
+            self.classifier = _own_copy(self.classifier)
+            self.owns_classifier = True
+        if self.owns_classifier and self.classifier.clip is not None:
+            # The text tower is no submodule: cast it with the image tower, so text-side defenses (R-TPT) still run.
+            self.classifier.clip.model._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"defense={getattr(self.defense, 'name', type(self.defense).__name__)}, seed={self.seed}, "

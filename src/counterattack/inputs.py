@@ -1,11 +1,16 @@
 """The one check of what a caller hands the library: images, labels and randomness.
 
 Every public entry point runs it: ``ZeroShotClassifier.logits`` and ``encode_image``, every registered
-attack and defense (the registries wrap their ``__call__`` and ``attack_view`` at registration, so an
-extension is checked too), ``defended``. An image in 0-255, a normalised image, a NaN pixel, a bool
-tensor, an empty batch, a label out of range or missing randomness would otherwise give numbers that
-look plausible and mean nothing, or a raw torch error. Each kind of mistake has its own error class,
-all ``InputError`` (a ``ValueError`` and a ``CounterattackError``, so the command line prints one line).
+attack and defense (the registries wrap their ``__call__``, ``attack_view`` and ``counterattack`` at
+registration, so an extension is checked too), ``defended``. An image in 0-255, a normalised image, a NaN
+pixel, a bool tensor, an empty batch, a label out of range, missing randomness or a model where a
+classifier belongs would otherwise give numbers that look plausible and mean nothing, or a raw torch
+error. Each kind of mistake has its own error class, all ``InputError`` (a ``ValueError`` and a
+``CounterattackError``, so the command line prints one line).
+
+The same wrapper makes two caller habits work rather than fail: labels of any integer dtype (cross-entropy
+wants int64: they are converted), and a call under ``torch.inference_mode()`` (attacks and counterattacks
+differentiate, so the entry point runs with inference mode off, on normal copies of inference tensors).
 
 Inside the library's own loops, whose images come from a dataset loader and stay in the box by
 construction, ``checked_inputs()`` marks the inputs as checked so that an attack's every step does
@@ -53,6 +58,40 @@ class RandomnessError(InputError):
     """No per-image randomness where a randomised attack or defense needs it."""
 
 
+class ArgumentKindError(InputError, TypeError):
+    """An object of the wrong kind: a model or a name where a ``ZeroShotClassifier`` belongs, a non-defense where a
+    defense belongs, a string where a list of names belongs."""
+
+
+def kind_of(value: Any) -> str:
+    """How an error message names what it was given: ``the string 'cat'``, ``the class TTC``, ``a CLIP (open_clip)``,
+    ``an int``."""
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, type):
+        return f"the class {value.__name__} (an instance is needed: {value.__name__}(...))"
+    cls = type(value)
+    package = cls.__module__.split(".")[0]
+    article = "an" if cls.__qualname__[0].lower() in "aeiou" else "a"
+    return f"{article} {cls.__qualname__}" + ("" if package in ("builtins", "counterattack") else f" ({package})")
+
+
+def check_classifier(classifier: Any) -> Any:
+    """``classifier`` itself if it is a ``ZeroShotClassifier``; anything else would fail deep inside an attack."""
+    from .classifier import ZeroShotClassifier  # classifier.py imports this module
+
+    if isinstance(classifier, ZeroShotClassifier):
+        return classifier
+    hint = ""
+    if type(classifier).__name__ == "DefendedModel":
+        hint = ("; to attack through a defense use AdaptiveAttack(defense, attack), or hand the DefendedModel to "
+                "torchattacks")
+    elif type(classifier).__name__ == "LoadedCLIP":
+        hint = "; build one from it with ZeroShotClassifier.from_clip(clip, class_names)"
+    raise ArgumentKindError(f"expected a ZeroShotClassifier as the classifier (ZeroShotClassifier.from_clip("
+                            f"load_clip(name), class_names)), got {kind_of(classifier)}{hint}")
+
+
 _CHECKED: ContextVar[bool] = ContextVar("counterattack_inputs_checked", default=False)
 
 
@@ -93,13 +132,15 @@ def check_pixels(images: Any) -> torch.Tensor:
 
 
 def check_labels(labels: Any, count: int, num_classes: int) -> torch.Tensor:
-    """``labels`` itself if it holds ``count`` integer class indices below ``num_classes``."""
+    """``labels`` as int64 (itself if it is already) if it holds ``count`` integer class indices below
+    ``num_classes``: int32 or uint8 labels are labels too, and cross-entropy takes only int64."""
     if not isinstance(labels, torch.Tensor):
         raise LabelError(f"expected labels as an integer tensor, got {type(labels).__name__}")
     if labels.dtype in (torch.bool, *IMAGE_DTYPES) or labels.is_complex():
         raise DtypeError(f"expected integer class labels, got a {labels.dtype} tensor")
     if labels.ndim != 1 or len(labels) != count:
         raise ShapeError(f"expected one label per image ({count}), got labels of shape {tuple(labels.shape)}")
+    labels = labels.long()  # before the range check: uint64 labels past int64's range turn negative and are refused
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise LabelError(f"labels must lie in [0, {num_classes - 1}] (the classifier's classes), found [{low}, {high}]")
@@ -118,17 +159,35 @@ def check_randomness(rng: Any, count: int) -> Any:
     return rng
 
 
+def _normal(value: Any) -> Any:
+    """A tensor made under inference mode, cloned into a normal one (with inference mode off): autograd may not
+    save an inference tensor for backward."""
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
+
+
 def _guarded(method: Callable, labelled: bool) -> Callable:
-    """``method(self, classifier, images, [labels,] rng, ...)`` with its inputs checked first (unless trusted)."""
+    """``method(self, classifier, images, [labels,] rng, ...)`` with its inputs checked first (unless trusted), labels
+    as int64, and inference mode off inside."""
     if getattr(method, "_checks_inputs", False):
         return method
 
     @functools.wraps(method)
     def checked(self, classifier, images, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            # Attacks and counterattacks take gradients, which inference mode forbids; off, the computation is the
+            # same, and its outputs are normal tensors the caller can use inside inference mode too.
+            with torch.inference_mode(False):
+                return checked(self, classifier, _normal(images), *map(_normal, args),
+                               **{k: _normal(v) for k, v in kwargs.items()})
         if not inputs_checked():
+            check_classifier(classifier)
             check_pixels(images)
             if labelled:
-                check_labels(args[0] if args else kwargs.get("labels"), len(images), classifier.num_classes)
+                labels = check_labels(args[0] if args else kwargs.get("labels"), len(images), classifier.num_classes)
+                if args:
+                    args = (labels, *args[1:])
+                else:
+                    kwargs["labels"] = labels
             rng = args[1 if labelled else 0] if len(args) > (1 if labelled else 0) else kwargs.get("rng")
             check_randomness(rng, len(images))
         with checked_inputs():
@@ -138,10 +197,16 @@ def _guarded(method: Callable, labelled: bool) -> Callable:
     return checked
 
 
+# A defense's entry points; ``counterattack`` (TTC's, DOC's, MAC's: the defended images and the gate's diagnostics) is
+# public too, and called by users directly (TTC's example).
+DEFENSE_ENTRY_POINTS = ("__call__", "attack_view", "counterattack")
+
+
 def guard_defense(cls: type) -> None:
-    """Check the inputs of a registered defense's entry points: ``__call__`` and ``attack_view``."""
-    for name in ("__call__", "attack_view"):
-        setattr(cls, name, _guarded(getattr(cls, name), labelled=False))
+    """Check the inputs of a registered defense's entry points (``DEFENSE_ENTRY_POINTS``, those it has)."""
+    for name in DEFENSE_ENTRY_POINTS:
+        if callable(getattr(cls, name, None)):
+            setattr(cls, name, _guarded(getattr(cls, name), labelled=False))
 
 
 def guard_attack(cls: type) -> None:
