@@ -27,10 +27,12 @@ Where the sources leave a choice or disagree:
   alpha 2.5, eps 10/255, 5 steps; ``VLMs`` argparse alpha 0.5, L2 eps 2, 5 steps; ``classifier/`` alpha 5 or 2.5,
   L2 eps 10 or 5, 1 or 5 steps.
 - Units: alpha and ``l2_radius`` are L2 lengths of the whole image tensor in [0, 1] pixels, so they depend on the
-  image side (a step of 2.5 is about 11.5/255 RMS per pixel at 32 px, 1.6/255 at 224 px). Images stay at their
-  native side and the encoder resizes them inside, as the authors' zero-shot code does for CIFAR-10/100 and STL-10
-  (``Resize(224)`` inside its wrapper, after the transform); the other datasets they crop to 224 beforehand, and so
-  do our loaders. eps is in 1/255 on the command line like every L-inf budget of the toolkit.
+  side of the images ET3 is given (a step of 2.5 is about 11.5/255 RMS per pixel at 32 px, 1.6/255 at 224 px).
+  ET3 steps on the images as given and the encoder resizes inside, as the authors' zero-shot code does for
+  CIFAR-10/100 and STL-10 (kept at 32/96 px, ``Resize(224)`` inside its wrapper). The toolkit's registered datasets,
+  though, all arrive through TTC's transform (Resize 256, CenterCrop 224), CIFAR included: there the same alpha is a
+  7 times smaller step per pixel than the authors' CIFAR runs took. Their other datasets were cropped to 224 first,
+  as ours are. eps is in 1/255 on the command line like every L-inf budget of the toolkit.
 - The energy's label set: the paper prefers ~21k ImageNet-21k lemmas for zero-shot CLIP; the shipped script uses the
   dataset's classes, which is what is implemented. The 21k label set is not.
 - ``VLMs/CLIP_benchmark`` stops once *every* image of a batch has reached the L2 radius: a condition on the batch,
@@ -43,13 +45,15 @@ Cost per image: ``steps`` forwards and backwards plus the final forward, 3 forwa
 (the zero-shot code's extra forward of an unused ``aux_logits`` on clean images is not reproduced). No text-side
 work beyond the run's class embeddings.
 
-Adaptive attacks (``attack_view``): ``bpda`` holds the purification z_T - x constant, which is how the authors'
+Adaptive attacks (``attack_view``): ``bpda`` holds the transformation z_T - x constant, which is how the authors'
 own defence-aware attack sees it (their update goes through ``.data``). ``exact`` differentiates the unrolled
 steps *including* the normalised gradient's own dependence on the image (second order, ``create_graph=True``):
-unlike TTC's signs, whose derivative is zero, g / ||g|| moves with x, and on the tiny CLIP that term turns the
-gradient around (cosine with the BPDA gradient about -0.4 at 32 px). PyTorch's fused attention kernels have no
-double backward, so the exact view runs attention through the plain ("math") kernel: its logits equal
-``__call__``'s up to float rounding. Each exact attack step costs about 3-4 times a BPDA step.
+unlike TTC's signs, whose derivative is zero, g / ||g|| moves with x, and the term is not small: on the trained
+tiny CLIP (10 CIFAR-10 images) the cosine between the exact and the BPDA input gradients of the cross-entropy
+ranges from -0.7 to 0.7. PyTorch's fused attention kernels have no double backward, so the exact view runs
+attention through the plain ("math") kernel: its logits equal ``__call__``'s up to float rounding. Counted per
+image and attack step: exact 3 forwards and 5 backwards (two of them through the steps' backward graphs, which stay
+in memory), bpda 3 and 3.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from .base import PIXEL_UNIT, AttackView, DefenseOutput, option, register_defens
 ENERGY_SCALE = 100.0
 NORMS = ("linf", "l2")
 GRADIENT_FLOOR = 1e-8  # the zero-shot code's floor on ||g||: a zero gradient moves nothing
-RADIUS_FLOOR = 1e-8  # the L2 projection's: eps / (||delta|| + 1e-8)
+RADIUS_FLOOR = 1e-8  # the L2 projection's: radius / (||delta|| + 1e-8)
 
 
 def energy(classifier: ZeroShotClassifier, images: torch.Tensor) -> torch.Tensor:
