@@ -137,9 +137,9 @@ def test_sanity_command_passes_for_the_undefended_model(tmp_path, capsys):
 
 
 def test_adaptive_threat_refuses_autoattack(random_clip_dir, tmp_path, capsys):
-    code = main(["eval", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{tmp_path}",
+    code = main(["eval", "--model", f"local-dir:{random_clip_dir}", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
                  "--attack", "autoattack", "--threat", "adaptive", "--out", str(tmp_path / "o")])
-    assert code == 2 and "autoattack has no step_size, loss" in capsys.readouterr().err
+    assert code == 2 and "autoattack has no loss, step, project" in capsys.readouterr().err
 
 
 def test_adaptive_eval_records_say_what_ran(random_clip_dir, tmp_path):
@@ -147,8 +147,9 @@ def test_adaptive_eval_records_say_what_ran(random_clip_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}",
                  "--dataset", f"imagefolder:{folder}", "--attack", "cw", "--attack-steps", "2", "--threat", "adaptive",
-                 "--adaptive-method", "bpda", "--eot-samples", "2", "--defense", "none,ttc", "--out", str(out)]) == 0
+                 "--eot-samples", "2", "--defense", "none,ttc", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["adaptive"] == {"method": "bpda", "eot_samples": 2, "gate_weight": 0.0, "select": "fresh"}
+    assert results["config"]["adaptive"] == {"methods": ["bpda", "exact"], "eot_samples": 2, "gate_weight": 0.0,
+                                             "select": "fresh"}
     ran = {(r["attack"], r["threat"], r["adaptive"]) for r in results["records"]}
-    assert ran == {("cw", "adaptive", "bpda, eot 2, gate weight 0, fresh-draw selection")}
+    assert ran == {("cw", "adaptive", "exact and bpda, eot 2, gate weight 0, fresh-draw selection")}

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from counterattack import CounterattackError, load_clip, load_vision_checkpoint
-from counterattack.fingerprints import file_fingerprint
+from counterattack.backbones import tensors_fingerprint
 from counterattack.cli import main
 
 from testkit import RANDOM_CLIP_CFG, RunsCode, write_image_folder, write_local_dir
@@ -81,8 +81,11 @@ def test_eval_with_a_vision_checkpoint_measures_tau_with_the_base_model(tmp_path
     _, (none_whole, ttc_own) = run("own-tau", "--model", f"local-dir:{finetuned_dir}")
     _, (_, ttc_base) = run("base-as-tau", "--model", f"local-dir:{finetuned_dir}",
                            "--tau-model", f"local-dir:{random_clip_dir}")
-    # The checkpoint is identified by its content (size and hash); where it was read from is recorded beside.
-    assert config["tau_model"].startswith("base") and config["vision_checkpoint"] == file_fingerprint(checkpoint)
+    # The checkpoint is identified by the tensors it put in the vision tower; where it was read from is recorded
+    # beside; the whole model's weights are those of the fine-tuned folder, whatever files they came from.
+    assert config["tau_model"].startswith("base")
+    assert config["vision_checkpoint"] == tensors_fingerprint(clip.model.visual)
+    assert config["weights"] == tensors_fingerprint(clip.model)
     assert config["run"]["weights_from"]["vision_checkpoint"] == str(checkpoint.resolve())
     assert (none["clean_acc"], none["robust_acc"]) == (none_whole["clean_acc"], none_whole["robust_acc"])
     assert ttc["mean_score_clean"] == pytest.approx(ttc_base["mean_score_clean"], rel=1e-5)

@@ -61,7 +61,7 @@ def test_a_parts_file_copied_from_another_run_is_refused_naming_it(tmp_path, ran
     shutil.copy(tmp_path / "a" / "parts" / "rank-0.jsonl", tmp_path / "b" / "parts" / "rank-1.jsonl")
     capsys.readouterr()
     assert main(eval_argv(random_clip_dir, folder, tmp_path / "b", "--eps", "2", "--limit", "3")) == 2
-    one_line_error(capsys, "rank-1.jsonl", "another run", "differing: attacks, datasets, limit")
+    one_line_error(capsys, "rank-1.jsonl", "another run", "differing: attacks, limit")
     assert main(["report", str(tmp_path / "b")]) == 2  # reading the folder refuses it too
     one_line_error(capsys, "rank-1.jsonl", "another run")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from counterattack import SCHEMES, CounterattackError, LoadedCLIP, load_clip
+from counterattack.backbones import Scheme, by_loaded_tensors, tensors_fingerprint
 
 from testkit import (
     RANDOM_CLIP_CFG, RunsCode, api_clean_accuracy, eval_none_and_ttc, fake_hub_cache, write_image_folder,
@@ -136,11 +137,13 @@ def test_a_backbone_scheme_is_one_row_of_the_table(tmp_path, monkeypatch):
 
     with pytest.raises(CounterattackError, match="one of local-dir:, hf-hub:, transformers:"):
         load_clip(f"toy:{folder}")
-    monkeypatch.setitem(SCHEMES, "toy:", load_toy)
+    monkeypatch.setitem(SCHEMES, "toy:", Scheme(load_toy, by_loaded_tensors))
 
     images = write_image_folder(tmp_path / "images", {"cat": 3, "dog": 3}, seed=4)
     results, none, _ = eval_none_and_ttc(f"toy:{folder}", images, tmp_path / "out")
-    assert results["config"]["model"] == f"toy:{folder}"
+    # A local folder is named by its scheme alone, its weights by the tensors loaded.
+    assert results["config"]["model"] == "toy:folder"
+    assert results["config"]["weights"] == tensors_fingerprint(load_clip(f"toy:{folder}").model)
     # The run classified with the toy model: its clean accuracy is the API's on the same images.
     clip = load_clip(f"toy:{folder}")
     assert clip.description == f"toy:{folder}" and clip.image_size == (32, 32)

@@ -68,7 +68,7 @@ def test_reproduce_runs_the_preset_through_eval_and_compares(tmp_path, data_root
             "--descriptions", descriptions.parent]
     assert run(*argv) == 0
     printed = capsys.readouterr().out
-    assert "skipping 8 dataset(s)" in printed and "dtd" in printed
+    assert "skipping 9 dataset(s)" in printed and "dtd" in printed
     results = json.loads((out / "results.json").read_text())
     config = results["config"]
     assert config["preset"] == "cola-table1"
@@ -142,7 +142,8 @@ def test_damaged_published_numbers_stop_reproduce_and_stability_before_they_run(
 
 
 def test_a_missing_manual_dataset_is_named_with_where_to_get_it(tmp_path, capsys):
-    assert run("reproduce", "cola-table1", "--data-root", tmp_path, "--out", tmp_path / "out") == 2
+    assert run("reproduce", "cola-table1", "--data-root", tmp_path, "--out", tmp_path / "out", "--descriptions",
+               tmp_path / "descriptions") == 2
     err = capsys.readouterr().err
     assert "stanford_cars" in err and "sun397" in err and "eurosat" in err and "Download" in err
 
@@ -154,7 +155,7 @@ def test_list_shows_every_preset_with_an_estimate_from_a_warm_up(random_clip_dir
     for name, preset in PRESETS.items():
         assert f"{name}: {preset.title}" in printed
     # Per preset: its images (2 per dataset per backbone here), passes and time.
-    assert "32 images" in printed and "64 images" in printed and "18 images" in printed
+    assert "32 images" in printed and "64 images" in printed and "20 images" in printed
     assert printed.count("encoder passes each") == len(PRESETS)
 
 

@@ -12,7 +12,7 @@ from counterattack import ATTACKS, DEFENSES, TTC, CounterattackError, build_defe
 from counterattack.attacks import build_attacks
 from counterattack.cli import build_parser, config_from_args, main
 
-from testkit import write_image_folder
+from testkit import one_more_file, write_image_folder
 
 TOY_DEFENSE = '''
 """A toy defense for the registry test: each image mixed with its horizontal mirror."""
@@ -69,27 +69,14 @@ class CornerNoise:
 '''
 
 
-def _one_more_file(tmp_path, monkeypatch, package, registry, module: str, source: str):
-    """Put ``module`` (source text) in a folder on ``package``'s path, discover it, and remove it afterwards."""
-    folder = tmp_path / f"more-{package.__name__}"
-    folder.mkdir()
-    (folder / f"{module}.py").write_text(source)
-    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
-    registry.discover(package.__name__, package.__path__)
-    name = module.replace("_", "-")
-    yield registry[name]
-    registry.pop(name)
-    sys.modules.pop(f"{package.__name__}.{module}")
-
-
 @pytest.fixture
 def toy_defense(tmp_path, monkeypatch):
-    yield from _one_more_file(tmp_path, monkeypatch, defenses, DEFENSES, "toy_mirror", TOY_DEFENSE)
+    yield from one_more_file(tmp_path, monkeypatch, defenses, DEFENSES, "toy_mirror", TOY_DEFENSE)
 
 
 @pytest.fixture
 def toy_attack(tmp_path, monkeypatch):
-    yield from _one_more_file(tmp_path, monkeypatch, attacks, ATTACKS, "toy_corners", TOY_ATTACK)
+    yield from one_more_file(tmp_path, monkeypatch, attacks, ATTACKS, "toy_corners", TOY_ATTACK)
 
 
 def test_a_new_file_is_all_a_defense_needs(toy_defense, tmp_path, random_clip_dir, capsys):
@@ -154,7 +141,7 @@ def test_a_new_file_is_all_an_attack_needs(toy_attack, tmp_path, random_clip_dir
                  "--dataset", f"imagefolder:{folder}", "--attack", "pgd,toy-corners", "--attack-steps", "1",
                  "--defense", "none", "--toy-corners-eps", "3", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["attacks"][1] == {"attack": "toy-corners", "eps": 3 / 255}
+    assert results["config"]["attacks"][1] == {"attack": "toy-corners", "eps": 3 / 255, "norm": "linf"}
     assert [r["attack"] for r in results["records"]] == ["pgd", "toy-corners", "worst-case"]
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import socket
+import sys
 import zlib
 from pathlib import Path
 
@@ -274,3 +275,19 @@ def eval_none_and_ttc(model: str, images: Path, out: Path) -> tuple[dict, dict, 
     none, ttc = results["records"]
     assert (none["defense"], ttc["defense"]) == ("none", "ttc") and none["n"] == ttc["n"] == 4
     return results, none, ttc
+
+
+# --- extensions written by a test --------------------------------------------------------------------------------
+
+
+def one_more_file(tmp_path, monkeypatch, package, registry, module: str, source: str):
+    """Put ``module`` (source text) in a folder on ``package``'s path, discover it, and remove it afterwards."""
+    folder = tmp_path / f"more-{package.__name__}"
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(source)
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    registry.discover(package.__name__, package.__path__)
+    name = module.replace("_", "-")
+    yield registry[name]
+    registry.pop(name)
+    sys.modules.pop(f"{package.__name__}.{module}")

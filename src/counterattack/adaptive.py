@@ -76,12 +76,13 @@ def check_adaptive(attack: Attack, settings: Mapping[str, Any] | None = None) ->
 class AdaptiveAttack:
     """An attack run through a defense: exact or straight-through gradients, EOT, gate evasion."""
 
-    # Its options' flags: --adaptive-method, --adaptive-eot-samples (--eot-samples),
-    # --adaptive-gate-weight (--gate-weight).
+    # Its options' flags: --adaptive-eot-samples (--eot-samples), --adaptive-gate-weight (--gate-weight),
+    # --adaptive-select.
     defense: Defense = runtime()
     base: StepAttack = runtime()  # an attack that declares how it steps (default: PGD's paper settings)
-    method: str = option("exact", "exact: differentiate the unrolled defense; bpda: straight-through",
-                         choices=ADAPTIVE_METHODS)
+    # exact: differentiate the unrolled defense; bpda: straight-through. `eval --threat adaptive` runs both (the masking
+    # check compares them), so the method is set by code, not by a flag.
+    method: str = runtime("exact")
     eot_samples: int = option(1, "draws of the defense's randomness averaged per step (EOT)", low=1,
                               aliases=("--eot-samples",))
     gate_weight: float = option(0.0, "weight of the term pushing a gated defense's score to its unflagged side",
@@ -95,6 +96,8 @@ class AdaptiveAttack:
         if self.base is None:
             object.__setattr__(self, "base", PGD())
         _runs_through_a_defense(self.base)
+        if self.method not in ADAPTIVE_METHODS:
+            raise CounterattackError(f"Unknown adaptive method {self.method!r}: one of {', '.join(ADAPTIVE_METHODS)}.")
         check_options(self)
 
     @property
@@ -147,7 +150,7 @@ class AdaptiveAttack:
         return images + best_delta
 
     def describe(self) -> dict:
-        return {**self.base.describe(), "threat": "adaptive",
+        return {**self.base.describe(), "threat": "adaptive", "method": self.method,
                 **{f.name: getattr(self, f.name) for f in options_of(type(self))}, "defense": self.defense.name}
 
 

@@ -160,10 +160,14 @@ class AdversarialSet(Store):
                                   "the same `counterattack attack` again: its images are crafted anew, the other "
                                   "shards are kept.")
 
-    def append(self, dataset: str, ids: list, labels: torch.Tensor, images: dict[str, torch.Tensor]) -> None:
-        """Store one batch as one shard, all at once: a killed run leaves no half shard."""
+    def append(self, dataset: str, ids: list, labels: torch.Tensor, images: dict[str, torch.Tensor],
+               targets: torch.Tensor | None = None) -> None:
+        """Store one batch as one shard, all at once: a killed run leaves no half shard. ``targets``: the labels the
+        attacks were crafted against, where they are not the true ones."""
         labels = torch.as_tensor(labels).detach().to("cpu", torch.int64).contiguous()
         tensors = {"labels": labels}
+        if targets is not None:
+            tensors["targets"] = torch.as_tensor(targets).detach().to("cpu", torch.int64).contiguous()
         for attack, adv in images.items():
             tensors[f"adv/{attack}"] = adv.detach().to("cpu", torch.float32).contiguous()
         if any(t.shape[0] != len(ids) for t in tensors.values()):
@@ -230,7 +234,7 @@ class AdversarialSet(Store):
                 if key not in stored:
                     raise CounterattackError(
                         f"attack {key.removeprefix('adv/')!r} is not in {self.folder} (it holds: "
-                        f"{', '.join(k.removeprefix('adv/') for k in stored if k != 'labels')}); "
+                        f"{', '.join(k.removeprefix('adv/') for k in stored if k.startswith('adv/'))}); "
                         "choose one of those, or attack again with it."
                     )
                 # A copy, not a view of the mapped file: a shard cut short later must not crash the process.
@@ -269,3 +273,8 @@ class AdversarialSet(Store):
     def labels(self, dataset: str, ids: list) -> list[int]:
         """The stored labels of those ids, in that order."""
         return self._gather(dataset, ids, "labels").tolist()
+
+    def targets(self, dataset: str, ids: list, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The labels the attacks were crafted against for those ids: the true ones, or the stored predictions."""
+        key = "labels" if self.config.attack_labels == "true" else "targets"
+        return self._gather(dataset, ids, key).to(device)

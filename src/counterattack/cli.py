@@ -22,7 +22,7 @@ from .flags import (
     COUNT, PIXELS, POSITIVE, add_registered_options, cli_value, entries, given_flags, names_of, number,
     registered_settings,
 )
-from .options import PIXEL, flag
+from .options import PIXEL, flag, large_budgets_meant
 
 SEED = number(int, 0, 2**63 - 1)
 BATCH = number(int, 1, sys.maxsize)  # beyond the machine's integers no loader can count
@@ -124,6 +124,15 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     attack.add_argument("--threat", choices=("paper", "adaptive"),
                         help=helped("paper: crafted against the undefended model; adaptive: through each defense",
                                     "attack.threat"))
+    attack.add_argument("--attack-labels", choices=("true", "predicted"),
+                        help="what every attack is crafted against: true (the papers' protocol) or predicted (the "
+                        "undefended model's clean prediction: a defense that walks the image back along the attack "
+                        "then gains nothing it was not given); accuracy is always against the true labels (default: "
+                        "true, or a stored set's)")
+    attack.add_argument("--convergence-images", type=COUNT, metavar="N",
+                        help=helped("--threat adaptive: images on which the adaptive attacks run again with twice the "
+                                    "steps and EOT draws, to check that the reported number has converged (0: skip)",
+                                    "attack.convergence_images"))
     attack.add_argument("--quantize-adversarial", nargs="?", const="round", choices=QUANTIZE_MODES, metavar="MODE",
                         help="adversarial images to 8 bits before any defense sees them: round (k/255, the default "
                         "MODE: CSR's and R-TPT's published robust numbers went through PIL) or floor (a PNG written by "
@@ -239,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sanity.add_argument("--out", type=_out, help="also write sanity.json here")
     listing = commands.add_parser("datasets",
                                   help="list the benchmark's datasets and whether they are under --data-root")
-    listing.add_argument("--data-root", type=Path, default=Path("data"),
+    listing.add_argument("--data-root", type=Path, default=default("datasets", "data.root"),
                          help="where datasets live or are downloaded to")
     listing.add_argument("--json", action="store_true", help="print JSON: [{name, num_classes, present, ...}]")
     for kind in ("defense", "attack"):
@@ -248,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="print JSON: {name: {summary, options: {flag: default}}}")
     prompts = commands.add_parser("prompts", help="print a benchmark dataset's zero-shot prompts, one a line")
     prompts.add_argument("dataset", help="a name from `counterattack datasets`")
-    prompts.add_argument("--prompts", default="paper", choices=("paper", "openai"), help="the prompt set")
+    prompts.add_argument("--prompts", default=default("prompts", "model.prompts"), choices=("paper", "openai"),
+                         help="the prompt set")
     report = commands.add_parser("report", help="write Markdown/CSV tables and PNG plots of a run folder")
     report.add_argument("folder", type=Path, help="an --out folder of counterattack eval")
     report.add_argument("--compare", choices=("published",),
@@ -292,6 +302,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "attack.eps": pixels(args.eps), "attack.steps": args.attack_steps,
         "attack.step_size": pixels(args.attack_step_size), "attack.threat": args.threat,
         "attack.precision": args.attack_precision, "attack.quantize": args.quantize_adversarial,
+        "attack.labels": args.attack_labels, "attack.convergence_images": args.convergence_images,
         "attack.adaptive": registered_settings(args, "adaptive", "adaptive"),
         "attack.settings": {name: registered_settings(args, "attack", name) for name in entries("attack")},
         "run.precision": args.precision, "run.batch_size": args.batch_size, "run.seed": args.seed,
@@ -399,6 +410,31 @@ def run_command(config: RunConfig) -> Any:
         group.close()
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; its exit status."""
+    if args.command == "datasets":
+        list_datasets(args)
+    elif args.command == "prompts":
+        print_prompts(args)
+    elif args.command in ("defenses", "attacks"):
+        list_registered(args, args.command[:-1])
+    elif args.command == "report":
+        from .report import write_report
+
+        written = write_report(args.folder)
+        if args.compare == "published":
+            from .compare import write_comparison
+
+            written += write_comparison(args.folder)
+        for path in written:
+            print(path)
+    else:
+        outcome = run_command(config_from_args(args))
+        if args.command == "sanity":
+            return 0 if outcome else 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -412,26 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "seeds", None) and args.seed is not None:
         parser.exit(2, f"counterattack {args.command}: error: --seed and --seeds together: give one\n")
     try:
-        if args.command == "datasets":
-            list_datasets(args)
-        elif args.command == "prompts":
-            print_prompts(args)
-        elif args.command in ("defenses", "attacks"):
-            list_registered(args, args.command[:-1])
-        elif args.command == "report":
-            from .report import write_report
-
-            written = write_report(args.folder)
-            if args.compare == "published":
-                from .compare import write_comparison
-
-                written += write_comparison(args.folder)
-            for path in written:
-                print(path)
-        else:
-            outcome = run_command(config_from_args(args))
-            if args.command == "sanity":
-                return 0 if outcome else 1
+        with large_budgets_meant():  # budgets given in 1/255 are never a slip of the API's [0, 1] units
+            return _dispatch(args)
     except CounterattackError as exc:
         print(f"counterattack: error: {exc}", file=sys.stderr)
         return 2
@@ -443,7 +461,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"counterattack: error: {exc.strerror or exc}{where}. Finished work is kept (every file is written "
               "whole): fix this and run the same command again to go on.", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ class AttackConfig:
     step_size: float | None = None
     settings: Settings = field(default_factory=_frozen)  # each attack's own flags
     threat: str = "paper"  # paper: crafted against the undefended model; adaptive: through each defense
+    labels: str | None = None  # true or predicted (the clean predictions); None: true, or a stored set's
+    convergence_images: int = 100  # adaptive: images the masking verdict's doubled attack runs on (0: none)
     adaptive: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # AdaptiveAttack's options
     precision: str | None = None  # None: RunOptions.precision
     quantize: str | None = None  # adversarial images to 8 bits before any defense sees them: "round" (CSR's, R-TPT's

@@ -43,6 +43,7 @@ class RunSettings:
     defense_precision: str = "fp32"
     quantize_adversarial: str | None = None  # "round" or "floor": adversarial images to 8 bits before any defense
     probe: int = 0  # images in this process's first batch: a long run's estimate comes within seconds
+    attack_labels: str = "true"  # what the attacks are crafted against: the true labels, or the clean predictions
 
 
 PROBE_IMAGES = 2
@@ -119,9 +120,10 @@ class _Batch:
 
 
 PURPOSES = ("attack", "adaptive", "defense-clean", "defense-adv")
+ATTACK_LABELS = ("true", "predicted")  # the true labels (the papers' protocol), or the undefended model's predictions
 
 
-def _batches(data: EvalDataset, settings: RunSettings, skip: Collection[ImageId], indices: Sequence[int] | None,
+def image_batches(data: EvalDataset, settings: RunSettings, skip: Collection[ImageId], indices: Sequence[int] | None,
              desc: str | None = None) -> Iterator[_Batch]:
     """This process's share of the chosen images not in ``skip``, batch by batch, with a progress bar.
 
@@ -157,6 +159,15 @@ def _batches(data: EvalDataset, settings: RunSettings, skip: Collection[ImageId]
             bar.update(len(positions))
 
 
+def attack_targets(classifier: ZeroShotClassifier, batch: _Batch, settings: RunSettings) -> torch.Tensor:
+    """The labels the attacks are crafted against: the true ones, or (pseudo-label attacks, DBD's ``--disable_gt``)
+    the undefended model's clean predictions, so a defense cannot read the answer off the perturbation."""
+    if settings.attack_labels == "true":
+        return batch.labels
+    with torch.no_grad(), precision_context(settings.device, settings.attack_precision), checked_inputs():
+        return classifier.logits(batch.images).argmax(-1)
+
+
 def craft_dataset(
     classifier: ZeroShotClassifier,
     data: EvalDataset,
@@ -164,20 +175,22 @@ def craft_dataset(
     settings: RunSettings,
     skip: Collection[ImageId] = (),
     indices: Sequence[int] | None = None,
-) -> Iterator[tuple[list, torch.Tensor, dict[str, torch.Tensor]]]:
-    """Yield ``(ids, labels, {attack: adversarial images})`` per batch: the paper protocol's attacks,
+) -> Iterator[tuple[list, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Yield ``(ids, labels, attack targets, {attack: adversarial images})`` per batch: the paper protocol's attacks,
     crafted against the undefended classifier with the same random streams ``evaluate_dataset`` uses,
     so an evaluation of the stored images equals a direct one."""
-    for number, batch in enumerate(_batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}")):
+    batches = image_batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}")
+    for number, batch in enumerate(batches):
+        if number == 0:
+            _check_embeddings(classifier, batch.images)
+        targets = attack_targets(classifier, batch, settings)
         with precision_context(settings.device, settings.attack_precision), checked_inputs():
-            if number == 0:
-                _check_embeddings(classifier, batch.images)
-            crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, batch.labels,
-                                                            batch.streams("attack")), settings)
+            crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, targets, batch.streams("attack")),
+                                                     settings)
                        for attack in attacks}
         for name, images in crafted.items():
             _check_finite(f"{name} images", images)
-        yield batch.ids, batch.labels, crafted
+        yield batch.ids, batch.labels, targets, crafted
 
 
 def _as_defenses_see(adversarial: torch.Tensor, settings: RunSettings) -> torch.Tensor:
@@ -192,59 +205,63 @@ def evaluate_dataset(
     defenses: Sequence[Defense] | Mapping[str, Defense],
     settings: RunSettings,
     skip: Collection[ImageId] = (),
-    attack_for_defense: Callable[[Attack, Defense], Attack] | None = None,
+    adaptive_attacks: Callable[[Attack, Defense], Mapping[str, Attack]] | None = None,
     indices: Sequence[int] | None = None,
     adversarial: AdversarialSet | None = None,
-) -> Iterator[dict]:
+) -> Iterator[BatchRecord]:
     """Yield one result per batch: per-image predictions and gate scores of every defense under every attack, and
     costs.
 
     Under the paper's protocol each attack is crafted once, against the undefended model, for all
-    defenses; ``attack_for_defense(attack, defense)`` gives each defense its own attack instead
-    (adaptive attacks). Then the defense is judged on both images, with the same draws, and an image
-    counts as robust only if it survives both: an adaptive attack starts from the transfer attack's
+    defenses; ``adaptive_attacks(attack, defense)`` gives each defense its own attacks besides (adaptive attacks,
+    by component name: exact, bpda). Then the defense is judged on every component's images, with the same draws,
+    and an image counts as robust only if it survives them all: an adaptive attack starts from the transfer attack's
     images, and keeping its own best iterate under its own draws must never make it look weaker than
-    the transfer attack (the record keeps both components). With ``adversarial``, the attacks'
+    the transfer attack (the record keeps every component). The attacks are crafted against
+    ``settings.attack_labels``; accuracy is always the true labels'. With ``adversarial``, the attacks'
     images are read from that stored set instead of crafted. ``defenses`` may be a mapping from the
     name results are recorded under to the defense (a sweep's settings of one defense). ``indices``
-    and ``skip`` choose the images as in ``_batches``.
+    and ``skip`` choose the images as in ``image_batches``.
     """
-    attack_for = attack_for_defense or (lambda attack, defense: attack)
+    components = adaptive_attacks or (lambda attack, defense: {})
     named = defenses if isinstance(defenses, Mapping) else {d.name: d for d in defenses}
 
-    def timed(attack: Attack, batch: _Batch, images: torch.Tensor, purpose: str,
+    def timed(attack: Attack, batch: _Batch, images: torch.Tensor, targets: torch.Tensor, purpose: str,
               **start: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``attack``'s images of ``batch`` and the seconds it took (``images``: the batch's, already checked)."""
         with (_Stopwatch(settings.device) as watch, precision_context(settings.device, settings.attack_precision),
               checked_inputs()):
-            adversarial_images = attack(classifier, images, batch.labels, batch.streams(purpose), **start)
+            adversarial_images = attack(classifier, images, targets, batch.streams(purpose), **start)
         return _as_defenses_see(adversarial_images, settings), watch.seconds
 
-    for number, batch in enumerate(_batches(data, settings, skip, indices)):
-        images, labels, ids = check_pixels(batch.images), batch.labels, batch.ids
+    for number, batch in enumerate(image_batches(data, settings, skip, indices)):
+        images, ids = check_pixels(batch.images), batch.ids
         if number == 0:
             _check_embeddings(classifier, images)
-        record = BatchRecord(data.name, ids, labels.tolist(), {})
         transfer: dict[str, tuple[torch.Tensor, float]] = {}  # each attack's images against the undefended model
-        if adversarial is not None:
-            if adversarial.labels(data.name, ids) != record.labels:
+        if adversarial is None:
+            targets = attack_targets(classifier, batch, settings)
+        else:
+            if adversarial.labels(data.name, ids) != batch.labels.tolist():
                 raise CounterattackError(f"{adversarial.folder} stores other labels for images of {data.name} than the "
                                          "dataset has now: the set was made from other files.")
+            targets = adversarial.targets(data.name, ids, images.device)
             transfer = {attack.name: (_as_defenses_see(_stored(adversarial, data.name, ids, attack, images), settings),
                                       0.0)
                         for attack in attacks}
+        record = BatchRecord(data.name, ids, batch.labels.tolist(), {},
+                             None if settings.attack_labels == "true" else targets.tolist())
         # Many defenses (a sweep's settings) take long per batch: a bar over them says where the batch is.
         shown = settings.progress and settings.rank == 0 and len(named) > 8
         for name, defense in tqdm(named.items(), desc="settings", unit="setting", leave=False, disable=not shown):
             inputs: dict[str, dict[str, tuple[torch.Tensor, float]]] = {}  # attack -> component -> (images, seconds)
             for attack in attacks:
                 if attack.name not in transfer:  # the paper's protocol crafts once for all defenses
-                    transfer[attack.name] = timed(attack, batch, images, "attack")
+                    transfer[attack.name] = timed(attack, batch, images, targets, "attack")
                 inputs[attack.name] = {"transfer": transfer[attack.name]}
-                through = attack_for(attack, defense)
-                if through is not attack:
+                for part, through in components(attack, defense).items():
                     start = {"start": transfer[attack.name][0]} if takes_start(through) else {}
-                    inputs[attack.name]["adaptive"] = timed(through, batch, images, "adaptive", **start)
+                    inputs[attack.name][part] = timed(through, batch, images, targets, "adaptive", **start)
             with (_Stopwatch(settings.device) as cost, count_encoder_passes() as passes, checked_inputs(),
                   precision_context(settings.device, defense_precision(settings.defense_precision, defense))):
                 # Every defense draws the same noise for an image, so their results (and an attack's components)
@@ -314,6 +331,7 @@ class _Sums:
     correct_clean: int = 0
     gate_score: str | None = None
     correct_adv: dict[str, int] = field(default_factory=dict)
+    fixed: dict[str, int] = field(default_factory=dict)  # images wrong when clean, right when attacked
     parts: dict[str, dict[str, int]] = field(default_factory=dict)  # attack -> component -> correct
     # The gate, per input kind ("clean" and each attack): its scores' sum, how many images (or views) it flagged,
     # and how many scores there were.
@@ -329,17 +347,24 @@ class _Sums:
             return [p == y for p, y in zip(results.pred, labels, strict=True)]
 
         self.n += len(labels)
-        self.correct_clean += sum(right(result.clean))
+        clean = right(result.clean)
+        self.correct_clean += sum(clean)
+
+        def add(attack: str, correct: list[bool]) -> None:
+            self.correct_adv[attack] = self.correct_adv.get(attack, 0) + sum(correct)
+            fixed = sum(a and not c for a, c in zip(correct, clean, strict=True))
+            self.fixed[attack] = self.fixed.get(attack, 0) + fixed
+
         robust_to_all = [True] * len(labels)
         for attack in self.attacks:
             correct = right(result.adv[attack])
-            self.correct_adv[attack] = self.correct_adv.get(attack, 0) + sum(correct)
+            add(attack, correct)
             for part, results in (result.adv[attack].components or {}).items():  # an adaptive attack's components
                 parts = self.parts.setdefault(attack, {})
                 parts[part] = parts.get(part, 0) + sum(right(results))
             robust_to_all = [a and b for a, b in zip(robust_to_all, correct, strict=True)]
         if len(self.attacks) > 1:
-            self.correct_adv[WORST_CASE] = self.correct_adv.get(WORST_CASE, 0) + sum(robust_to_all)
+            add(WORST_CASE, robust_to_all)
         for kind, results in (("clean", result.clean), *result.adv.items()):
             scores = results.gate_scores()
             if scores is not None:
@@ -364,7 +389,7 @@ class _Sums:
 
 def summarize(
     batches: Iterable[BatchRecord], datasets: Sequence[str], defenses: Sequence[str], attacks: Sequence[str],
-    threat: str = "paper", adaptive: str | None = None,
+    threat: str = "paper", adaptive: str | None = None, attack_labels: str = "true",
 ) -> list[Record]:
     """One record per dataset, attack and defense, in the given orders, from per-batch results.
 
@@ -388,6 +413,7 @@ def summarize(
                 records.append(Record(
                     dataset=dataset, attack=attack, threat=threat, adaptive=adaptive, defense=name, n=n,
                     clean_acc=100.0 * s.correct_clean / n, robust_acc=100.0 * s.correct_adv[attack] / n,
+                    attack_labels=attack_labels, fixed_by_attack=100.0 * s.fixed[attack] / n,
                     clean_ci95=wilson_interval(s.correct_clean, n),
                     robust_ci95=wilson_interval(s.correct_adv[attack], n),
                     # Under an adaptive attack, the worst case above and each component's own robust accuracy.

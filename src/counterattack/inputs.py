@@ -76,11 +76,15 @@ def kind_of(value: Any) -> str:
     return f"{article} {cls.__qualname__}" + ("" if package in ("builtins", "counterattack") else f" ({package})")
 
 
-def check_classifier(classifier: Any) -> Any:
-    """``classifier`` itself if it is a ``ZeroShotClassifier``; anything else would fail deep inside an attack."""
-    from .classifier import ZeroShotClassifier  # classifier.py imports this module
+# What attacks and defenses use of a classifier: ``ZeroShotClassifier`` has it (classifier.py imports this module, so
+# the check is by what an object offers, not by its class).
+CLASSIFIER_INTERFACE = ("encoder", "encode_image", "logits", "logits_from_embeddings", "num_classes", "class_names")
 
-    if isinstance(classifier, ZeroShotClassifier):
+
+def check_classifier(classifier: Any) -> Any:
+    """``classifier`` itself if it is a ``ZeroShotClassifier`` (or offers all it does); anything else would fail deep
+    inside an attack."""
+    if all(hasattr(classifier, name) for name in CLASSIFIER_INTERFACE):
         return classifier
     hint = ""
     if type(classifier).__name__ == "DefendedModel":

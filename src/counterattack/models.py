@@ -18,14 +18,13 @@ import open_clip
 import torch
 from open_clip.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .errors import CounterattackError
 from .loading import (
     LoadedCLIP, check_finite, go_offline_if_hub_unreachable, hub_download_hint, missing_download_message,
     read_json_config, refusal, token_embeddings_replaced,
 )
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "openai"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # Without the hub, an open_clip model is a folder: what to put in it.
 _LOCAL_DIR_INSTEAD = "put open_clip_config.json and the weights in a folder and pass --model local-dir:FOLDER"

@@ -219,7 +219,8 @@ class Registry(dict):
             return None
         own = {f.name for f in options_of(cls)}
         try:
-            return cls(**{k: v for k, v in described.items() if k in own})
+            with large_budgets_meant():  # what a run recorded was meant
+                return cls(**{k: v for k, v in described.items() if k in own})
         except (CounterattackError, TypeError, ValueError):
             return None
 

@@ -61,7 +61,8 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in [
     Preset("doc-fig4", "doc-aaai26", "DOC, Figure 4: AutoAttack's APGD-CE + APGD-DLR at 4/255, 100 iterations",
            TTC16, ("none", "anti-adversary", "hd", "ttc", "doc"), ("autoattack-paper",), 4, 100),
     Preset("cola-table1", "cola-neurips25", "COLA, Table 1 (COLA, and TTC and the baselines re-run by its authors): "
-           "PGD-10 and CW at 1/255 on nine datasets (COLA needs --descriptions)", COLA9,
+           "PGD-10 and CW at 1/255 on nine datasets, and its ImageNet numbers (COLA needs --descriptions)",
+           (*COLA9, "imagenet"),
            ("none", "rn", "hd", "tte", "ttc", "cola"), ("pgd", "cw"), 1, 10),
     Preset("dbd-table1", "dbd-iclr26", "DBD, main table (averages as a summary quotes them): PGD-100 at 4/255 on the "
            "ten fine-grained datasets, adversarial images saved as PNGs by truncation as DBD's code does (DBD reads "

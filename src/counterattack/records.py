@@ -159,26 +159,33 @@ class DefenseBatch:
 
 @dataclass
 class BatchRecord:
-    """One evaluated batch: its images (dataset, ids, labels) and every defense's results on them."""
+    """One evaluated batch: its images (dataset, ids, labels) and every defense's results on them. ``targets``: the
+    labels the attacks were crafted against where they were not the true ones (the clean predictions)."""
 
     dataset: str
     ids: list[ImageId]
     labels: list[int]
     defenses: dict[str, DefenseBatch]
+    targets: list[int] | None = None
 
     def only(self, keep: Sequence[int]) -> BatchRecord:
         """The batch with only the images at ``keep`` (in that order); costs scaled to their share."""
         return BatchRecord(self.dataset, [self.ids[i] for i in keep], [self.labels[i] for i in keep],
-                           {n: d.only(keep, len(self.ids)) for n, d in self.defenses.items()})
+                           {n: d.only(keep, len(self.ids)) for n, d in self.defenses.items()},
+                           None if self.targets is None else [self.targets[i] for i in keep])
 
     def of_image(self, i: int) -> tuple:
-        """One image's results (its label and every defense's), without the batch's costs."""
-        return (self.labels[i], tuple((n, d.clean.of_image(i), tuple((a, r.of_image(i)) for a, r in d.adv.items()))
-                                      for n, d in self.defenses.items()))
+        """One image's results (its labels and every defense's), without the batch's costs."""
+        return (self.labels[i], None if self.targets is None else self.targets[i],
+                tuple((n, d.clean.of_image(i), tuple((a, r.of_image(i)) for a, r in d.adv.items()))
+                      for n, d in self.defenses.items()))
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "ids": self.ids, "labels": self.labels,
-                "defenses": {n: d.to_json() for n, d in self.defenses.items()}}
+        payload = {"dataset": self.dataset, "ids": self.ids, "labels": self.labels,
+                   "defenses": {n: d.to_json() for n, d in self.defenses.items()}}
+        if self.targets is not None:
+            payload["targets"] = self.targets
+        return payload
 
     @classmethod
     def from_json(cls, payload: Any) -> BatchRecord:
@@ -191,9 +198,12 @@ class BatchRecord:
             raise RecordError("its image ids are not indices or file names")
         if not all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
             raise RecordError("its labels are not class indices")
+        targets = _require(payload, "targets", list, "the batch", optional=True)
+        if targets is not None and (len(targets) != len(ids) or not all(isinstance(y, int) for y in targets)):
+            raise RecordError("its attack targets are not one class index per image")
         defenses = _require(payload, "defenses", dict, "the batch")
         return cls(dataset, ids, labels,
-                   {n: DefenseBatch.from_json(d, len(ids), f"defense {n}") for n, d in defenses.items()})
+                   {n: DefenseBatch.from_json(d, len(ids), f"defense {n}") for n, d in defenses.items()}, targets)
 
 
 # --- the summary --------------------------------------------------------------------------------------------
@@ -204,10 +214,15 @@ class Record:
     """One dataset, attack and defense of a run, summarised: what results.json lists and every table shows.
 
     Accuracies in percent with 95% Wilson intervals over the ``n`` images; under an adaptive attack,
-    ``robust_acc`` is the per-image worst case of the transfer attack and the adaptive one, each also given
-    (``robust_acc_transfer``, ``robust_acc_adaptive``). The gate's mean score and flagged fraction are over
-    images (or views); costs are the defense's own per defended image. A run over several seeds gives the mean
-    of each accuracy with its sample standard deviation and per-seed values; a sweep names its ``setting``.
+    ``robust_acc`` is the per-image worst case of the transfer attack and the adaptive ones (exact and
+    straight-through), each also given (``robust_acc_transfer``, ``robust_acc_exact``, ``robust_acc_bpda``). The
+    attacks were crafted against ``attack_labels`` (the true labels, or the clean predictions); accuracy is always
+    the true labels'. ``fixed_by_attack``: the percentage of images the defense gets wrong when clean but right when
+    attacked (label leakage shows there). ``masking``: under adaptive attacks, "none" or why the defense's gradient
+    looks masked; ``warnings``: what a reader must know before trusting the numbers. The gate's mean score and
+    flagged fraction are over images (or views); costs are the defense's own per defended image. A run over several
+    seeds gives the mean of each accuracy with its sample standard deviation and per-seed values; a sweep names its
+    ``setting``.
     """
 
     dataset: str
@@ -220,8 +235,13 @@ class Record:
     adaptive: str | None = None
     clean_ci95: tuple[float, float] | None = None
     robust_ci95: tuple[float, float] | None = None
+    attack_labels: str = "true"
+    fixed_by_attack: float | None = None
     robust_acc_transfer: float | None = None
-    robust_acc_adaptive: float | None = None
+    robust_acc_exact: float | None = None
+    robust_acc_bpda: float | None = None
+    masking: str | None = None
+    warnings: list[str] | None = None
     gate_score: str | None = None
     mean_score_clean: float | None = None
     mean_score_adv: float | None = None
@@ -239,9 +259,10 @@ class Record:
     setting: dict[str, Any] | None = None
 
     # Left out of the JSON while unset: they exist only for some runs.
-    OPTIONAL = ("robust_acc_transfer", "robust_acc_adaptive", "seeds", "clean_acc_std", "robust_acc_std",
-                "clean_acc_per_seed", "robust_acc_per_seed", "setting")
-    NUMBERS = ("clean_acc", "robust_acc", "robust_acc_transfer", "robust_acc_adaptive", "mean_score_clean",
+    OPTIONAL = ("robust_acc_transfer", "robust_acc_exact", "robust_acc_bpda", "masking", "warnings", "seeds",
+                "clean_acc_std", "robust_acc_std", "clean_acc_per_seed", "robust_acc_per_seed", "setting")
+    NUMBERS = ("clean_acc", "robust_acc", "fixed_by_attack", "robust_acc_transfer", "robust_acc_exact",
+               "robust_acc_bpda", "mean_score_clean",
                "mean_score_adv", "counterattacked_clean", "counterattacked_adv", "forwards_per_image",
                "backwards_per_image", "ms_per_image", "peak_memory_mb", "clean_acc_std", "robust_acc_std")
 
@@ -261,7 +282,7 @@ class Record:
         for key in ("dataset", "attack", "defense"):
             values[key] = _require(payload, key, str, what)
         values["n"] = _require(payload, "n", int, what)
-        for key in ("threat", "adaptive", "gate_score"):
+        for key in ("threat", "adaptive", "gate_score", "attack_labels", "masking"):
             values[key] = _require(payload, key, str, what, optional=True)
         for key in cls.NUMBERS:
             values[key] = _require(payload, key, "number", what, optional=key not in ("clean_acc", "robust_acc"))
@@ -272,11 +293,12 @@ class Record:
             if interval is not None and (len(interval) != 2 or not all(_number(v) for v in interval)):
                 raise RecordError(f"{what}'s {key!r} is {interval!r}")
             values[key] = None if interval is None else (float(interval[0]), float(interval[1]))
-        for key in ("seeds", "clean_acc_per_seed", "robust_acc_per_seed"):
+        for key in ("seeds", "clean_acc_per_seed", "robust_acc_per_seed", "warnings"):
             values[key] = _require(payload, key, list, what, optional=True)
         values["setting"] = _require(payload, "setting", dict, what, optional=True)
-        if values["threat"] is None:
-            values["threat"] = "paper"
+        for key, unset in (("threat", "paper"), ("attack_labels", "true")):
+            if values[key] is None:
+                values[key] = unset
         return cls(**values)
 
 
@@ -321,6 +343,7 @@ class RunDescription:
     datasets: list[dict]
     attacks: list[dict]
     threat: str = "paper"
+    attack_labels: str = "true"
     kind: str | None = None
     pretrained: str | None = None
     weights: str | None = None
@@ -349,10 +372,11 @@ class RunDescription:
     run: dict[str, Any] = field(default_factory=dict)
 
     # Written even when unset (None says "each dataset's own", "every image", "none"); the rest only when set.
-    ALWAYS = ("model", "datasets", "attacks", "threat", "prompts", "templates", "transform", "limit",
-              "skip_unreadable", "tau_model", "adaptive", "defenses", "units", "precision", "seed", "run")
-    _TYPES = {"model": str, "datasets": list, "attacks": list, "threat": str, "kind": str, "pretrained": str,
-              "weights": str, "vision_checkpoint": str, "backbone": str, "prompts": str, "templates": list,
+    ALWAYS = ("model", "datasets", "attacks", "threat", "attack_labels", "prompts", "templates", "transform",
+              "limit", "skip_unreadable", "tau_model", "adaptive", "defenses", "units", "precision", "seed", "run")
+    _TYPES = {"model": str, "datasets": list, "attacks": list, "threat": str, "attack_labels": str, "kind": str,
+              "pretrained": str, "weights": str, "vision_checkpoint": str, "backbone": str, "prompts": str,
+              "templates": list,
               "descriptions": dict, "transform": str, "limit": int, "skip_unreadable": bool, "tau_model": (str, dict),
               "adaptive": dict, "defenses": list, "defenses_per_dataset": dict, "units": str, "precision": dict,
               "seed": int, "seeds": list, "preset": str, "quantize_adversarial": str, "batch_composition": dict,

@@ -32,6 +32,8 @@ _COLUMNS = (
     ("robust_acc", "robust %", "{:.2f}"),
     ("robust_acc_std", "± robust", "{:.2f}"),
     ("robust_ci95", "robust 95%", "{0[0]:.1f}-{0[1]:.1f}"),
+    ("fixed_by_attack", "fixed %", "{:.1f}"),
+    ("masking", "masking", "{}"),
     ("gate_score", "gate score", "{}"),
     ("mean_score_clean", "score clean", "{:.4f}"),
     ("mean_score_adv", "score adv", "{:.4f}"),
@@ -41,7 +43,7 @@ _COLUMNS = (
     ("backwards_per_image", "bwd/img", "{:.2f}"),
     ("ms_per_image", "ms/img", "{:.2f}"),
 )
-_ONLY_IF_GIVEN = ("clean_acc_std", "robust_acc_std")  # runs over several seeds
+_ONLY_IF_GIVEN = ("clean_acc_std", "robust_acc_std", "masking")  # runs over several seeds; adaptive runs
 
 
 def _cell(record: Record, key: str, fmt: str) -> str:
@@ -59,6 +61,11 @@ def format_table(records: Sequence[Record]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def warnings_of(records: Sequence[Record]) -> list[str]:
+    """Every warning of the records, once each, in their order."""
+    return list(dict.fromkeys(w for r in records for w in (r.warnings or [])))
 
 
 def _ordered(values) -> list:
@@ -122,6 +129,16 @@ def paper_tables(records: Sequence[Record]) -> str:
     sections.append("### Cost per image of each defense\n\n" + _markdown(
         ["defense", "forwards", "backwards", "ms", "peak GPU memory (MB)"], cost_rows))
     return "\n\n".join(sections)
+
+
+READING = ("How to read the checks: `fixed %` is the share of images a defense gets wrong when clean but right when "
+           "attacked. An attack crafted with the true label pushes an image away from it; a defense that walks the "
+           "image back along the perturbation then reaches the true class, even for images it gets wrong when clean "
+           "(label leakage): robust accuracy above clean, or a large `fixed %`, calls for the same run with "
+           "`--attack-labels predicted`. Under `--threat adaptive`, `masking` says whether the defense's gradient "
+           "vanishes (zero or tiny input gradient), misleads (bpda or the transfer attack clearly stronger than the "
+           "exact attack) or was not followed far enough (twice the steps and EOT draws take more than a point more): "
+           "a robust accuracy that rests on any of these is an upper bound, not a measurement.")
 
 
 def _what_was_run(config: RunDescription, records: Sequence[Record]) -> str:
@@ -190,7 +207,9 @@ def write_report(out: Path) -> list[Path]:
     settings = ", ".join(f"{k}: {getattr(config, k)}" for k in ("model", "pretrained", "prompts", "limit", "seed",
                                                                  "seeds") if getattr(config, k) is not None)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
-    text = (f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n"
-            f"{paper_tables(records)}\n\n## Plots\n\n{images}\n")
+    warnings = warnings_of(records)
+    warned = ("## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n\n") if warnings else ""
+    text = (f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n{warned}"
+            f"{paper_tables(records)}\n\n{READING}\n\n## Plots\n\n{images}\n")
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return [out / "report.md", out / "report.csv", *plots]

@@ -146,7 +146,10 @@ class ResultsStore(Store):
         return batches
 
     def batches(self) -> list[BatchRecord]:
-        """Every finished batch of every process of the run config.json names; an image met twice counts once."""
+        """Every finished batch of every process of the run config.json names (none in a folder of no batches, such
+        as the summary folder of a run over several seeds); an image met twice counts once."""
+        if not self.parts.is_dir():
+            return []
         if self.digest is None:
             self.read_bound()
         seen: set[tuple[str, object]] = set()

@@ -14,7 +14,7 @@ Sweeps use the step size 2.5 * eps / steps (Madry et al.'s rule), so every point
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import pairwise
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ from .data import EvalDataset, WithIndex, balanced_subset
 from .defended_model import defended
 from .defenses import Defense
 from .evaluate import RunSettings, evaluate_dataset, summarize
+from .options import large_budgets_meant
 
 UNBOUNDED_EPS = 255.0  # in 1/255: the whole [0, 1] box
 
@@ -51,9 +52,9 @@ class SanityReport:
         return all(check.passed for check in self.checks)
 
 
-def _robust_accuracy(classifier, data, defense, attack, settings, indices, attack_for_defense) -> float:
+def _robust_accuracy(classifier, data, defense, attack, settings, indices, adaptive_attacks) -> float:
     batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices,
-                                    attack_for_defense=attack_for_defense))
+                                    adaptive_attacks=adaptive_attacks))
     return summarize(batches, [data.name], [defense.name], [attack.name])[0].robust_acc
 
 
@@ -94,10 +95,10 @@ def run_sanity(
     base_steps: int,
     settings: RunSettings,
     indices: Sequence[int] | None = None,
-    attack_for_defense: Callable[[Attack, Defense], Attack] | None = None,
+    adaptive_attacks: Callable[[Attack, Defense], Mapping[str, Attack]] | None = None,
 ) -> SanityReport:
     """``make_attack(eps, steps, step_size)`` (pixel units) builds the attack under test; ``indices``
-    are the images (default: the class-balanced subset of ``settings.limit``). ``attack_for_defense``: the
+    are the images (default: the class-balanced subset of ``settings.limit``). ``adaptive_attacks``: the
     adaptive attack through the defense, judged as ``eval`` judges it (an image is robust only if it survives
     the transfer attack too)."""
     report = SanityReport()
@@ -107,8 +108,9 @@ def run_sanity(
 
     def accuracy(eps: float, steps: int) -> float:
         # Madry's 2.5 eps / steps, at most the whole pixel range (an unbounded eps in one or two steps)
-        attack = make_attack(eps * PIXEL, steps, min(1.0, 2.5 * eps * PIXEL / max(steps, 1)))
-        return _robust_accuracy(classifier, data, defense, attack, settings, indices, attack_for_defense)
+        with large_budgets_meant():  # the sweep's unbounded eps is deliberate
+            attack = make_attack(eps * PIXEL, steps, min(1.0, 2.5 * eps * PIXEL / max(steps, 1)))
+        return _robust_accuracy(classifier, data, defense, attack, settings, indices, adaptive_attacks)
 
     for eps in sorted({base_eps / 2, base_eps, 2 * base_eps, 4 * base_eps, 8 * base_eps, UNBOUNDED_EPS}):
         report.eps_sweep.append((eps, accuracy(eps, base_steps)))

@@ -45,6 +45,12 @@ def check_stored_attacks(config: RunConfig, adversarial: AdversarialSet, attacks
     given += [flag(name, setting) for name, settings in config.attack.settings.items() for setting in settings]
     if config.attack.given and sorted(config.attack.names) != sorted(a.name for a in attacks):
         given.insert(0, f"--attack {','.join(config.attack.names)}")
+    stored_labels = adversarial.config.attack_labels
+    if config.attack.labels is not None and config.attack.labels != stored_labels:
+        raise CounterattackError(f"{adversarial.folder} holds images crafted against the {stored_labels} labels; "
+                                 f"--attack-labels {config.attack.labels} needs images crafted against the "
+                                 f"{config.attack.labels} ones: `counterattack attack --attack-labels "
+                                 f"{config.attack.labels}` makes such a set.")
     if given:
         raise CounterattackError(f"{adversarial.folder} holds {', '.join(a.name for a in attacks)} with their own "
                                  f"settings (see its config.json); {', '.join(given)} cannot apply to it: drop them, "

@@ -9,6 +9,7 @@ the model and the data have loaded.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from ..adaptive import AdaptiveAttack, check_adaptive
+from ..claims import apply_verdict, check_masking, leakage_warnings
+from ..defenses.base import ADAPTIVE_METHODS
 from ..adversarial import AdversarialSet
 from ..attacks import Attack, build_attacks
 from ..backbones import load_clip, tensors_fingerprint, weights_identity
@@ -40,7 +43,7 @@ from ..loading import LoadedCLIP
 from ..models import load_vision_checkpoint
 from ..options import options_of
 from ..precision import defense_precision
-from ..report import format_table, paper_tables, write_report
+from ..report import format_table, paper_tables, warnings_of, write_report
 from ..records import ADVERSARIAL_SET, UNITS, BatchRecord, Record, Results, RunDescription
 from ..results import ResultsStore
 from ..store import fill, write_json_atomically
@@ -95,9 +98,11 @@ class RunContext:
             import os
 
             workers = min(8 if device.type == "cuda" else 4, os.cpu_count() or 1)
+        stored = None if adversarial is None else adversarial.config
         self.settings = RunSettings(run.seed, config.data.limit, run.batch_size, workers, device, run.progress,
                                     group.rank, group.world_size, config.precisions["attack"],
-                                    config.precisions["defense"], config.attack.quantize)
+                                    config.precisions["defense"], config.attack.quantize,
+                                    attack_labels=config.attack.labels or (stored.attack_labels if stored else "true"))
 
     def with_seed(self, seed: int) -> RunContext:
         """The same loaded run under another seed (``--seeds``), writing under ``out/seed-S``."""
@@ -153,11 +158,14 @@ class RunContext:
         seeded = any(getattr(a, "seeded_per_batch", False) for a in attacks)
         return replace(self.settings, probe=0 if seeded else PROBE_IMAGES)
 
-    def attack_for(self, attack: Attack, defense: Defense) -> Attack:
-        """The attack a defense faces: ``attack`` itself under the paper's protocol, else ``attack`` through it."""
+    def adaptive_attacks(self, attack: Attack, defense: Defense) -> dict[str, Attack]:
+        """The attacks a defense faces besides ``attack`` itself (crafted against the undefended model): none under the
+        paper's protocol, else ``attack`` through the defense, exact and straight-through (both, so that a masked
+        gradient shows as the straight-through attack being the stronger)."""
         if self.config.attack.threat == "paper":
-            return attack
-        return AdaptiveAttack(defense, attack, **self.config.attack.adaptive)
+            return {}
+        return {method: AdaptiveAttack(defense, attack, method=method, **self.config.attack.adaptive)
+                for method in ADAPTIVE_METHODS}
 
     def results(self, described: RunDescription, records: list[Record]) -> Results:
         """What results.json holds: the run's description, the records, their averages, the images left out."""
@@ -168,14 +176,16 @@ class RunContext:
         config = self.config
         adaptive = None
         if config.attack.threat == "adaptive":
-            adaptive = {f.name: getattr(AdaptiveAttack(None, attacks[0], **config.attack.adaptive), f.name)
-                        for f in options_of(AdaptiveAttack)}
+            adaptive = {"methods": list(ADAPTIVE_METHODS),
+                        **{f.name: getattr(AdaptiveAttack(None, attacks[0], **config.attack.adaptive), f.name)
+                           for f in options_of(AdaptiveAttack)}}
         policy = config.precisions["defense"]
         described = RunDescription(
             **self.identity(),
             tau_model=self.tau_identity,
             attacks=[attack.describe() for attack in attacks],
             threat=config.attack.threat,
+            attack_labels=self.settings.attack_labels,
             adaptive=adaptive,
             defenses=described_defenses(defenses, None, policy, defense_precision),
             defenses_per_dataset=per_dataset_settings(defenses, [s.data.name for s in self.selections], policy,
@@ -211,12 +221,9 @@ class RunContext:
             for selection in self.selections:
                 data = selection.data
                 on_data = {name: defense.for_dataset(data.name) for name, defense in defenses.items()}
-                attack_for = {(a.name, id(d)): self.attack_for(a, d) for a in attacks for d in on_data.values()}
-                # The batches are consumed here, within this selection's iteration: binding its table is exact.
                 for batch in evaluate_dataset(self.classifier(data), data, attacks, on_data, settings,
-                                              done.get(data.name, ()),
-                                              lambda a, d, attack_for=attack_for: attack_for[(a.name, id(d))],
-                                              selection.chosen, self.adversarial):
+                                              done.get(data.name, ()), self.adaptive_attacks, selection.chosen,
+                                              self.adversarial):
                     store.append(batch)
                     estimate.after(len(batch.ids))
                 settings = replace(settings, probe=0)  # one probe per run
@@ -227,15 +234,33 @@ class RunContext:
         adaptive = None
         if threat == "adaptive":
             settings = described.adaptive
-            adaptive = (f"{settings['method']}, eot {settings['eot_samples']}, "
+            adaptive = (f"exact and bpda, eot {settings['eot_samples']}, "
                         f"gate weight {settings['gate_weight']:g}, {settings['select']}-draw selection")
-        records = summarize(batches, list(self.expected()), list(defenses), [a.name for a in attacks], threat, adaptive)
+        records = summarize(batches, list(self.expected()), list(defenses), [a.name for a in attacks], threat, adaptive,
+                            described.attack_labels)
+        if threat == "adaptive":
+            self._judge_masking(defenses, attacks, batches, records)
+        leakage_warnings(records)
         return Evaluation(batches, records)
+
+    def _judge_masking(self, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
+                       batches: list[BatchRecord], records: list[Record]) -> None:
+        """Each dataset and defense's gradient-masking verdict, into its records (on the main process)."""
+        for selection in self.selections:
+            data = selection.data
+            for name, defense in defenses.items():
+                verdict = check_masking(self.classifier(data), data, selection.chosen, name,
+                                        defense.for_dataset(data.name), attacks, self.config.attack.adaptive,
+                                        self.settings, batches, records, self.config.attack.convergence_images)
+                apply_verdict(records, data.name, name, verdict,
+                              f"`counterattack sanity --threat adaptive --defense {name}` with this run's model, "
+                              "data and attack flags")
 
     def craft_into(self, folder: Path, attacks: Sequence[Attack]) -> AdversarialSet:
         """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is
         there."""
         described = RunDescription(**self.identity(), kind=ADVERSARIAL_SET, attacks=[a.describe() for a in attacks],
+                                   attack_labels=self.settings.attack_labels,
                                    precision={"attack": self.settings.attack_precision}, seed=self.settings.seed,
                                    quantize_adversarial=self.config.attack.quantize,
                                    batch_composition=self.batch_composition(attacks), units=UNITS,
@@ -247,9 +272,10 @@ class RunContext:
             estimate = Estimate(self, done, settings.probe)
             for selection in self.selections:
                 data = selection.data
-                for ids, labels, images in craft_dataset(self.classifier(data), data, attacks, settings,
-                                                         done.get(data.name, ()), selection.chosen):
-                    adversarial.append(data.name, ids, labels, images)
+                for ids, labels, targets, images in craft_dataset(self.classifier(data), data, attacks, settings,
+                                                                  done.get(data.name, ()), selection.chosen):
+                    adversarial.append(data.name, ids, labels, images,
+                                       None if settings.attack_labels == "true" else targets)
                     estimate.after(len(ids))
                 settings = replace(settings, probe=0)
 
@@ -365,6 +391,8 @@ def write_results(out: Path, results: Results, also: str = "") -> None:
     print(format_table(records))
     if len({r.dataset for r in records}) > 1:
         print("\n" + paper_tables(records))
+    for warning in warnings_of(records):
+        print(f"WARNING: {warning}", file=sys.stderr)
     written = write_report(out)
     print(f"\nresults: {out / 'results.json'}; report: {written[0]}{also}")
 

@@ -40,7 +40,7 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> bool:
         return replace(attack, **changed)
 
     report = run_sanity(context.classifier(selection.data), selection.data, defense, attack_at, attack.eps / PIXEL,
-                        attack.steps, context.settings, selection.chosen, attack_for_defense=context.attack_for)
+                        attack.steps, context.settings, selection.chosen, adaptive_attacks=context.adaptive_attacks)
     threat = config.attack.threat
     if threat == "adaptive":
         threat = f"adaptive ({dict(config.attack.adaptive).get('method', 'exact')})"
