@@ -72,9 +72,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - start
-    images = sum(len(b["ids"]) for b in batches)
-    attack_seconds = sum(b["defenses"]["none"]["attack_seconds"]["pgd"] for b in batches)
-    defense_seconds = sum(b["defenses"][d.name]["seconds"] for b in batches for d in defenses)
+    images = sum(len(b.ids) for b in batches)
+    attack_seconds = sum(b.defenses["none"].attack_seconds["pgd"] for b in batches)
+    defense_seconds = sum(b.defenses[d.name].seconds for b in batches for d in defenses)
     other = total - attack_seconds - defense_seconds
 
     pixels = torch.stack([data.dataset[i][0] for i in range(images)]).to(device)
