@@ -13,7 +13,7 @@ from PIL import Image
 
 from counterattack.cli import main
 
-from testkit import comparable_records, free_port, write_image_folder
+from testkit import comparable_gallery, comparable_records, free_port, write_image_folder
 
 def eval_args(model_dir: Path, folder: Path, out: Path, *extra: str) -> list[str]:
     return ["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{model_dir}",
@@ -27,10 +27,15 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, random_clip_dir, folder) -> list[dict]:
+def reference_run(tmp_path_factory, random_clip_dir, folder) -> Path:
     out = tmp_path_factory.mktemp("reference")
     assert main(eval_args(random_clip_dir, folder, out, "--batch-size", "64")) == 0
-    return comparable_records(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list[dict]:
+    return comparable_records(reference_run)
 
 
 def test_reference_run_mixes_gate_decisions(reference):
@@ -38,9 +43,12 @@ def test_reference_run_mixes_gate_decisions(reference):
     assert 0 < ttc["counterattacked_clean"] < 1 or 0 < ttc["counterattacked_adv"] < 1
 
 
-def test_batch_size_one_gives_identical_records(tmp_path, random_clip_dir, folder, reference):
+def test_batch_size_one_gives_identical_records_and_gallery(tmp_path, random_clip_dir, folder, reference,
+                                                           reference_run):
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "1")) == 0
     assert comparable_records(tmp_path) == reference
+    assert comparable_gallery(tmp_path) == comparable_gallery(reference_run)
+    assert len(comparable_gallery(tmp_path)) == 8  # the default sample: 8 images, class-balanced
 
 
 def test_rerun_resumes_without_recomputing(tmp_path, random_clip_dir, folder, reference):
@@ -51,7 +59,8 @@ def test_rerun_resumes_without_recomputing(tmp_path, random_clip_dir, folder, re
     assert comparable_records(tmp_path) == reference
 
 
-def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_clip_dir, folder, reference):
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_clip_dir, folder, reference,
+                                                                reference_run):
     args = eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "1")
     command = [sys.executable, "-m", "counterattack", *args]
     parts = tmp_path / "parts" / "rank-0.jsonl"
@@ -69,6 +78,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random
         f.write(b'{"dataset": "imagefolder:')
     assert main(eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")) == 0
     assert comparable_records(tmp_path) == reference
+    assert comparable_gallery(tmp_path) == comparable_gallery(reference_run)  # shards of the killed run kept once
     batches = [json.loads(line)["batch"] for line in parts.read_text().splitlines() if "batch" in json.loads(line)]
     ids = [i for b in batches for i in b["ids"]]
     files = [f"{c}/{i:04d}.png" for c in ("cat", "dog", "sea_lion") for i in range(6)]
@@ -100,7 +110,7 @@ def test_changed_configuration_in_the_same_out_is_refused(tmp_path, random_clip_
     assert "another configuration" in error and "attack" in error
 
 
-def test_torchrun_with_two_processes_equals_one(tmp_path, random_clip_dir, folder, reference):
+def test_torchrun_with_two_processes_equals_one(tmp_path, random_clip_dir, folder, reference, reference_run):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
                "-m", "counterattack", *eval_args(random_clip_dir, folder, tmp_path, "--batch-size", "4")]
     done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
@@ -108,6 +118,7 @@ def test_torchrun_with_two_processes_equals_one(tmp_path, random_clip_dir, folde
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
     assert comparable_records(tmp_path) == reference
+    assert comparable_gallery(tmp_path) == comparable_gallery(reference_run)  # merged from both processes
 
 
 def test_report_writes_tables_and_valid_pictures(tmp_path, random_clip_dir, folder, capsys):

@@ -260,7 +260,7 @@ def test_the_chosen_threshold_flags_the_target_fraction_of_clean_images(tmp_path
 
 
 def records_of(out: Path, attack: str) -> list[dict]:
-    from counterattack.evaluate import summarize
+    from counterattack.summary import summarize
 
     batches = ResultsStore(out).batches()
     return [r.to_json() for r in summarize(batches, [batches[0].dataset], list(batches[0].defenses), [attack])]

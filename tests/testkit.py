@@ -169,6 +169,17 @@ class Records(list):
         )
 
 
+def comparable_gallery(out: Path) -> list[tuple]:
+    """A run folder's gallery, comparable across batch sizes and process counts: each kept image's id, label and
+    clean pixels, and every view's decisions (probabilities to float noise; defended pixels up to sign flips)."""
+    from counterattack.gallery import read_gallery
+
+    _, items = read_gallery(out)
+    return [(item.dataset, item.image_id, item.label, item.clean.tolist(),
+             [(v.defense, v.input, v.pred, v.bare_pred, pytest.approx(v.prob, abs=1e-4), v.flagged, v.component)
+              for v in item.views]) for item in items]
+
+
 def part_batches(out: Path) -> list[dict]:
     """The batches a run folder's parts files hold, as their JSON (each file's first line names the run instead)."""
     lines = [json.loads(line) for path in sorted((out / "parts").glob("rank-*.jsonl"))

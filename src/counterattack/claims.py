@@ -30,10 +30,11 @@ from .attacks import Attack
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, balanced_subset, short_name
 from .defenses import Defense
-from .evaluate import WORST_CASE, RunSettings, attack_targets, evaluate_dataset, image_batches
+from .evaluate import RunSettings, attack_targets, evaluate_dataset, image_batches
 from .inputs import checked_inputs
 from .precision import precision_context
 from .records import BatchRecord, Record
+from .summary import WORST_CASE
 
 VANISHING = 1e-3  # an input gradient below this share of the undefended model's (median over images) is masked
 CLEARLY = 2.0  # points by which one attack must beat another to say so (and at least MIN_IMAGES images)

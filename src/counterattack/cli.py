@@ -169,6 +169,13 @@ def _add_seeds(command: argparse.ArgumentParser) -> None:
                          "report mean and sample standard deviation (instead of --seed)")
 
 
+def _add_gallery(command: argparse.ArgumentParser, name: str) -> None:
+    command.add_argument("--gallery", type=COUNT, metavar="N",
+                         help="images per dataset whose pictures (clean, adversarial, defended) and predictions the "
+                         "run keeps for `counterattack report DIR --html`; 0: none (default: "
+                         f"{default(name, 'run.gallery')})")
+
+
 def _running(commands, name: str, help: str, description: str, defenses: bool = True) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help, description=description)
     _add_common_arguments(parser, name, defenses)
@@ -189,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "attacking (its attacks and their settings are the set's; model, data and prompt flags must "
                     "match it)")
     _add_seeds(ev)
+    _add_gallery(ev, "eval")
     attack = _running(commands, "attack", "craft adversarial images once and store them, for eval/sweep/calibrate "
                       "--adversarial", "Craft the paper protocol's adversarial images (against the undefended CLIP) "
                       "and store them losslessly (float32 safetensors shards with image ids, labels and the full "
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--skip-missing", action="store_true", default=None,
                            help="run the preset's datasets that are under --data-root, skip the others")
     reproduce.add_argument("--out", type=_out, help="folder for the results (default: runs/NAME)")
+    _add_gallery(reproduce, "reproduce")
     for backbone in ("tecoa", "fare"):
         reproduce.add_argument(f"--{backbone}-checkpoint", type=Path, metavar="FILE",
                                help=f"the {backbone} ViT-B/32 vision weights, for presets on fine-tuned backbones")
@@ -308,6 +317,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "run.precision": args.precision, "run.batch_size": args.batch_size, "run.seed": args.seed,
         "run.seeds": getattr(args, "seeds", None), "run.device": args.device, "run.workers": args.workers,
         "run.progress": not args.no_progress, "run.dist_timeout_minutes": args.dist_timeout,
+        "run.gallery": getattr(args, "gallery", None),
         "study.grid": tuple(getattr(args, "grid", None) or ()) or None,
         "study.target_fpr": getattr(args, "target_fpr", None),
         "study.noise": tuple(b * PIXEL for b in args.noise) if getattr(args, "noise", None) else None,

@@ -97,6 +97,7 @@ class RunOptions:
     workers: int | None = None  # None: 4, or 8 with a GPU, at most the CPU count
     progress: bool = True
     dist_timeout_minutes: float = 60.0
+    gallery: int = 8  # images per dataset whose pictures a run keeps for `report --html` (0: none)
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,11 @@ class RunConfig:
 
 # The defaults that differ between commands ("section.field": value).
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sanity": {"data.limit": 200, "defense.names": ("none",)},
-    "attack": {"defense.names": ()},
-    "sweep": {"defense.names": ("ttc",)},
-    "calibrate": {"defense.names": ("ttc",)},
-    "stability": {"defense.names": ()},
+    "sanity": {"data.limit": 200, "defense.names": ("none",), "run.gallery": 0},
+    "attack": {"defense.names": (), "run.gallery": 0},
+    "sweep": {"defense.names": ("ttc",), "run.gallery": 0},
+    "calibrate": {"defense.names": ("ttc",), "run.gallery": 0},
+    "stability": {"defense.names": (), "run.gallery": 0},
     "reproduce": {"defense.names": ()},
 }
 

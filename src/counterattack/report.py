@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .data import PAPER_AVERAGE_DATASETS, short_name
 from .errors import CounterattackError
-from .evaluate import average_records
+from .summary import average_records
 from .plots import plot_accuracy, plot_gate_histograms
 from .records import Average, Record, Results, RunDescription
 from .results import ResultsStore

@@ -27,7 +27,8 @@ from .classifier import ZeroShotClassifier
 from .data import EvalDataset, WithIndex, balanced_subset
 from .defended_model import defended
 from .defenses import Defense
-from .evaluate import RunSettings, evaluate_dataset, summarize
+from .evaluate import RunSettings, evaluate_dataset
+from .summary import summarize
 from .options import large_budgets_meant
 
 UNBOUNDED_EPS = 255.0  # in 1/255: the whole [0, 1] box

@@ -34,11 +34,12 @@ from .checks import check_stored_attacks, stored_attacks
 from .estimate import Estimate
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
+from ..gallery import write_batch as write_gallery_batch
+from ..gallery import write_index as write_gallery_index
 from ..fingerprints import resolved_location
 from ..identity import described_defenses, per_dataset_settings, versions
-from ..evaluate import (
-    PROBE_IMAGES, RunSettings, average_records, combine_seeds, craft_dataset, evaluate_dataset, summarize,
-)
+from ..evaluate import PROBE_IMAGES, RunSettings, craft_dataset, evaluate_dataset
+from ..summary import average_records, combine_seeds, summarize
 from ..loading import LoadedCLIP
 from ..models import load_vision_checkpoint
 from ..options import options_of
@@ -152,6 +153,15 @@ class RunContext:
             return {"batch_size": self.config.run.batch_size, "processes": self.group.world_size}
         return None
 
+    def gallery_sample(self, selection: Selection) -> set:
+        """The ids of the images a run keeps for its gallery: a class-balanced sample of ``--gallery`` of the chosen
+        images (none for 0), the same whatever the batching."""
+        wanted = self.config.run.gallery
+        if not wanted:
+            return set()
+        data, chosen = selection.data, selection.chosen
+        return {data.image_ids[chosen[i]] for i in balanced_subset([data.targets[j] for j in chosen], wanted)}
+
     def probing(self, attacks: Sequence[Attack]) -> RunSettings:
         """The run settings with a small first batch, for an estimate within seconds, where batching changes no
         result (an attack seeded per batch makes it matter)."""
@@ -215,6 +225,11 @@ class RunContext:
         store = ResultsStore(out, self.group.rank)
         threat = self.config.attack.threat
 
+        gallery = {s.data.name: self.gallery_sample(s) for s in self.selections}
+
+        def keep(dataset: str, items: list) -> None:  # written before the batch's line: a rerun writes them again
+            write_gallery_batch(out, self.group.rank, store.digest, dataset, items)
+
         def evaluate_my_share(done: dict[str, set]) -> None:
             settings = self.probing(attacks)
             estimate = Estimate(self, done, settings.probe)
@@ -223,7 +238,7 @@ class RunContext:
                 on_data = {name: defense.for_dataset(data.name) for name, defense in defenses.items()}
                 for batch in evaluate_dataset(self.classifier(data), data, attacks, on_data, settings,
                                               done.get(data.name, ()), self.adaptive_attacks, selection.chosen,
-                                              self.adversarial):
+                                              self.adversarial, gallery[data.name], keep):
                     store.append(batch)
                     estimate.after(len(batch.ids))
                 settings = replace(settings, probe=0)  # one probe per run
@@ -231,6 +246,9 @@ class RunContext:
         batches = fill(store, described, self.expected(), self.group, evaluate_my_share)
         if not self.group.is_main:
             return None
+        if any(gallery.values()):
+            write_gallery_index(out, store.digest, {s.data.name: s.data.class_names for s in self.selections},
+                                {(name, image_id) for name, ids in gallery.items() for image_id in ids})
         adaptive = None
         if threat == "adaptive":
             settings = described.adaptive
