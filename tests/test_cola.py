@@ -16,7 +16,7 @@ from counterattack.defenses import DEFENSES
 from counterattack.defenses.cola import (
     COLA, class_prompts, description_weights, sinkhorn, subspace_basis, view_weights,
 )
-from counterattack.defenses.rtpt import crop_boxes
+from counterattack.augment import crop_boxes
 from counterattack.descriptions import WHERE_TO_GET, read_descriptions
 from counterattack.errors import CounterattackError
 

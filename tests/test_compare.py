@@ -11,7 +11,8 @@ import matplotlib
 import pytest
 
 from counterattack.attacks import ATTACKS
-from counterattack.compare import Comparison, compare_results, run_identity, write_comparison
+from counterattack.compare import Comparison, compare_results, run_identity
+from counterattack.compare_files import write_comparison
 from counterattack.data import DATASETS
 from counterattack.defenses import DEFENSES
 from counterattack.errors import CounterattackError

@@ -9,11 +9,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, count_encoder_passes
-from counterattack.augment import crop_and_resize, warp
-from counterattack.defenses.rtpt import (
-    AUGMIX_OPS, RTPT, crop_boxes, draw_views, encode_prompts, prompt_context, reliability_weights, render_views,
-    view_entropy,
-)
+from counterattack.augment import crop_and_resize, crop_boxes, warp
+from counterattack.augmix import AUGMIX_OPS, draw_views, render_views
+from counterattack.defenses.rtpt import RTPT, encode_prompts, prompt_context, reliability_weights, view_entropy
 from counterattack.models import LoadedCLIP
 
 from testkit import CIFAR10_CLASSES, RANDOM_CLIP_CFG, transfer_and_adaptive
@@ -64,7 +62,7 @@ def test_rtpt_leaves_the_image_alone(random_classifier, images):
 
 def test_augmix_views_by_hand(images):
     """Each view: crop and flip, three chains of 1-3 operations, Dirichlet(1,1,1) mix, Beta(1,1) blend."""
-    from counterattack.defenses.rtpt import PIXEL_OPS, _op_theta
+    from counterattack.augmix import PIXEL_OPS, _op_theta
 
     x = images[:2]
     draws = draw_views(rng(2), 4, 1.0, x.device)
@@ -123,7 +121,7 @@ def test_crop_and_resize_equals_cropping_then_resizing(images):
     ("autocontrast", ImageOps.autocontrast, 0.5, False),  # ours is PIL's without its 8-bit truncation
 ])
 def test_colour_operations_match_pil(name, pil_op, level, exact):
-    from counterattack.defenses.rtpt import PIXEL_OPS
+    from counterattack.augmix import PIXEL_OPS
 
     x = eight_bit_images()
     ours = PIXEL_OPS[name](x, torch.full((len(x),), level))
@@ -133,7 +131,7 @@ def test_colour_operations_match_pil(name, pil_op, level, exact):
 
 
 def test_geometric_operations_match_pil():
-    from counterattack.defenses.rtpt import _op_theta
+    from counterattack.augmix import _op_theta
 
     x = eight_bit_images()[:1].expand(5, -1, -1, -1)
     names = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")

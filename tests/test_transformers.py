@@ -24,9 +24,8 @@ transformers = pytest.importorskip("transformers")
 from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
 from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, load_clip  # noqa: E402
-from counterattack.defenses.rtpt import (  # noqa: E402
-    RTPT, draw_views, encode_prompts, prompt_context, reliability_weights, render_views,
-)
+from counterattack.augmix import draw_views, render_views  # noqa: E402
+from counterattack.defenses.rtpt import RTPT, encode_prompts, prompt_context, reliability_weights  # noqa: E402
 
 from testkit import RunsCode, api_clean_accuracy, eval_none_and_ttc, fake_hub_cache, write_image_folder  # noqa: E402
 

@@ -10,10 +10,15 @@ and the order in which they apply the operations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+# The input side the successors' pixel-unit settings were chosen at (CSR's radius, MAC's blur, R-TPT's crops and
+# AugMix amounts): on another side they scale with side / REFERENCE_SIDE.
+REFERENCE_SIDE = 224
 
 # torchvision's rgb_to_grayscale weights, which its contrast and saturation adjustments blend towards.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -117,6 +122,43 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tenso
     high = torch.stack([2 * (left + w - 0.5) / width, 2 * (top + h - 0.5) / height], dim=-1) - 1
     grid = torch.max(torch.min(grid, high[:, None, None].to(grid.dtype)), low[:, None, None].to(grid.dtype))
     return sample_bilinear(images, grid, "border")
+
+
+# torchvision's RandomResizedCrop defaults (R-TPT's and COLA's views).
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
+
+
+
+def crop_boxes(crop: torch.Tensor, height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
+               ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop.get_params``, vectorised: ``(top, left, h, w)`` per row of
+    ``crop`` (``(..., attempts, 4)`` uniforms: area, log aspect ratio, top, left), the first valid attempt or,
+    failing all, the centre. ``scale`` and ``ratio`` are the transform's (torchvision's defaults by default)."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * crop[..., 0])
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(low + (high - low) * crop[..., 1])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(crop[..., 2] * (height - h + 1))
+    left = torch.floor(crop[..., 3] * (width - w + 1))
+    first = valid.to(torch.int8).argmax(dim=-1, keepdim=True)  # the first valid attempt, 0 if none
+    found = valid.any(dim=-1)
+    # torchvision's fallback: the central crop, its aspect ratio clamped to ``ratio``.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = round(height * ratio[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    fallback = torch.tensor([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w],
+                            dtype=crop.dtype, device=crop.device)
+    boxes = torch.stack([t.gather(-1, first).squeeze(-1) for t in (top, left, h, w)], dim=-1)
+    return torch.where(found[..., None], boxes, fallback)
 
 
 # --- colour, as torchvision's ColorJitter ------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -19,10 +18,11 @@ from typing import Any
 from .config import QUANTIZE_MODES, RunConfig, build_config, default
 from .errors import CounterattackError
 from .flags import (
-    COUNT, PIXELS, POSITIVE, add_registered_options, cli_value, entries, given_flags, names_of, number,
+    COUNT, PIXELS, POSITIVE, add_registered_options, entries, given_flags, names_of, number,
     registered_settings,
 )
-from .options import PIXEL, flag, large_budgets_meant
+from .listings import list_datasets, list_registered, print_prompts
+from .options import PIXEL, large_budgets_meant
 
 SEED = number(int, 0, 2**63 - 1)
 BATCH = number(int, 1, sys.maxsize)  # beyond the machine's integers no loader can count
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", choices=("published",),
                         help="also compare the records with every number the TTC paper and its re-runs printed "
                         "(comparison.md/.csv/.json/.png in the folder)")
+    report.add_argument("--html", action="store_true",
+                        help="also write report.html: one offline page with the tables, the figures, the warnings and "
+                        "the gallery the run kept (--gallery), with filters")
     return parser
 
 
@@ -342,56 +345,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         adversarial=getattr(args, "adversarial", None))
 
 
-def list_datasets(args: argparse.Namespace) -> None:
-    from .data import DATASETS, is_present
-
-    rows = [
-        {"name": info.name, "num_classes": info.num_classes, "test_size": info.test_size, "split": info.split,
-         "present": is_present(info, Path(args.data_root)), "downloadable": info.downloadable}
-        for info in DATASETS.values()
-    ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    print(f"{'dataset':15} {'classes':>7} {'images':>7}  {'split':20} {'present':8} download")
-    for r in rows:
-        print(f"{r['name']:15} {r['num_classes']:>7} {r['test_size']:>7}  {r['split']:20} "
-              f"{'yes' if r['present'] else 'no':8} {'automatic' if r['downloadable'] else 'manual (see README)'}")
-    print(f"{'imagefolder:DIR':15} {'folders':>7} {'files':>7}  {'all':20} {'-':8} yours")
-    print(f"\n(under --data-root {args.data_root})")
-
-
-def list_registered(args: argparse.Namespace, kind: str) -> None:
-    """``counterattack defenses`` and ``counterattack attacks``: every one with its flags and defaults."""
-    listing = {
-        name: {"summary": entry.summary,
-               "options": {flag(name, spec.name): cli_value(spec.default, spec.unit) for spec in entry.options},
-               **({"paper_precision": entry.paper_precision} if kind == "defense" else {})}
-        for name, entry in entries(kind).items()
-    }
-    if args.json:
-        print(json.dumps(listing, indent=2))
-        return
-    for name, entry in listing.items():
-        print(f"{name}: {entry['summary']}")
-        if "paper_precision" in entry:
-            print(f"    (--precision paper: {entry['paper_precision']}, as its authors' code)")
-        for flag_name, value in entry["options"].items():
-            print(f"    {flag_name} {value}")
-    print(f"\nBudgets and step sizes are in 1/255. Use --{kind} NAME,NAME,... with eval.")
-
-
-def print_prompts(args: argparse.Namespace) -> None:
-    from .data import DATASETS
-    from .data.prompts import class_prompts
-
-    if args.dataset not in DATASETS:
-        raise CounterattackError(f"Unknown dataset {args.dataset!r}. Available: {', '.join(DATASETS)}.")
-    names, templates = class_prompts(args.dataset, args.prompts)
-    for name in names:
-        print(" | ".join(template.format(name) for template in templates))
-
-
 def _not_from_open_clip(record: logging.LogRecord) -> bool:
     """open_clip logs download failures on the root logger; our own error message says more."""
     return not (record.levelno >= logging.ERROR and f"{os.sep}open_clip{os.sep}" in record.pathname)
@@ -433,9 +386,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         written = write_report(args.folder)
         if args.compare == "published":
-            from .compare import write_comparison
+            from .compare_files import write_comparison
 
             written += write_comparison(args.folder)
+        if args.html:  # after the figures and the comparison, which the page shows
+            from .report_html import write_html_report
+
+            written.append(write_html_report(args.folder))
         for path in written:
             print(path)
     else:

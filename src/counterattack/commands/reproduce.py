@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..attacks import PGD, Attack, build_attacks
 from ..backbones import load_clip
 from ..classifier import ImageEncoder, ZeroShotClassifier, count_encoder_passes
-from ..compare import compare_results, write_comparison
+from ..compare import compare_results
+from ..compare_files import write_comparison
 from ..config import AttackConfig, DefenseConfig, RunConfig
 from ..data import DATASETS, class_prompts, is_present
 from ..defenses import Defense, build_defenses

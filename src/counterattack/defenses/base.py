@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from ..augment import REFERENCE_SIDE
 from ..classifier import ImageEncoder, ZeroShotClassifier
 from ..inputs import guard_defense
 from ..options import PIXEL_UNIT, Registry, check_options, describe_options, option, options_of, runtime
@@ -85,9 +86,6 @@ def through_defense(images: torch.Tensor, delta: torch.Tensor, method: str) -> t
     return images + (delta.detach() if method == "bpda" else delta)
 
 
-# The input side the successors' pixel-unit settings were chosen at (CSR's radius, MAC's blur, R-TPT's crops):
-# on another side they scale with side / REFERENCE_SIDE.
-REFERENCE_SIDE = 224
 
 # TTC's budget (Xing et al. 2025), which the paper also gives the baseline defenses: 4/255, 2 steps of 1/255.
 TTC_EPS = 4 / 255

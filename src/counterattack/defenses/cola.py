@@ -84,7 +84,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..augment import crop_and_resize
+from ..augment import CROP_ATTEMPTS, crop_and_resize, crop_boxes
 from ..classifier import ZeroShotClassifier
 from ..descriptions import WHERE_TO_GET, for_classes
 from ..errors import CounterattackError
@@ -92,7 +92,6 @@ from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, describe_options, option, register_defense
-from .rtpt import CROP_ATTEMPTS, crop_boxes
 
 log = logging.getLogger(__name__)
 
