@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +78,14 @@ def test_tiny_clip_on_cifar10_matches_its_reference_numbers(tmp_path):
     assert ttc["mean_score_adv"] == pytest.approx(0.035, abs=0.005)
     # This model's tau is far below the paper's threshold: every image is counterattacked.
     assert ttc["counterattacked_clean"] == ttc["counterattacked_adv"] == 1.0
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    # `counterattack prompts imagenet | head -2`: the pipe's reader is gone before the listing is written
+    reader, writer = os.pipe()
+    os.close(reader)
+    done = subprocess.run([sys.executable, "-m", "counterattack", "prompts", "imagenet"], stdout=writer,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    os.close(writer)
+    assert done.stderr == ""
+    assert done.returncode == 141

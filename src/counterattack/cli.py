@@ -423,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("counterattack: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (`| head`): nothing went wrong, say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141  # what a tool stopped by SIGPIPE returns
     except OSError as exc:  # a full disk, a folder gone read-only: what is written stays whole
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"counterattack: error: {exc.strerror or exc}{where}. Finished work is kept (every file is written "
