@@ -12,8 +12,9 @@ from torchvision.transforms import InterpolationMode
 
 from counterattack import CounterattackError, ImageRandomness, ZeroShotClassifier, count_encoder_passes
 from counterattack.defenses.dbd import DBD, DEFAULT_TEMPLATE
+from counterattack.augment import crop_boxes
 from counterattack.defenses._dbd_views import (
-    CROP_ATTEMPTS, CROPS, NOISE_VIEWS, bit_depth_levels, box_filter, crop_boxes, crop_views, draw_views,
+    CROP_ATTEMPTS, CROP_SCALE, CROPS, NOISE_VIEWS, bit_depth_levels, box_filter, crop_views, draw_views,
     gaussian_filter, median_filter, pixel_views,
 )
 
@@ -145,7 +146,7 @@ def test_crop_boxes_follow_torchvisions_get_params(height, width):
     attempts = streams.uniform(CROPS, CROP_ATTEMPTS, 2)
     attempts[0, 0] = 0.9999  # every attempt too large for the image: torchvision's fallback
     positions = streams.uniform(CROPS, 2)
-    boxes = crop_boxes(attempts, positions, height, width)
+    boxes = crop_boxes(attempts.double(), height, width, CROP_SCALE, positions=positions.double())
     for i in range(3):
         for k in range(CROPS):
             expected = reference_box(attempts[i, k].double().tolist(), positions[i, k].double().tolist(), height,

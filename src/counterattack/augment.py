@@ -124,18 +124,20 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tenso
     return sample_bilinear(images, grid, "border")
 
 
-# torchvision's RandomResizedCrop defaults (R-TPT's and COLA's views).
+# torchvision's RandomResizedCrop defaults (R-TPT's and COLA's views; DBD narrows the scale).
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
-CROP_ATTEMPTS = 10
-
+CROP_ATTEMPTS = 10  # get_params tries 10 boxes before its fallback
 
 
 def crop_boxes(crop: torch.Tensor, height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
-               ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
-    """torchvision's ``RandomResizedCrop.get_params``, vectorised: ``(top, left, h, w)`` per row of
-    ``crop`` (``(..., attempts, 4)`` uniforms: area, log aspect ratio, top, left), the first valid attempt or,
-    failing all, the centre. ``scale`` and ``ratio`` are the transform's (torchvision's defaults by default)."""
+               ratio: tuple[float, float] = CROP_RATIO, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop.get_params``, vectorised: ``(top, left, h, w)`` per row of ``crop``
+    (``(..., attempts, 4)`` uniforms: area, log aspect ratio, top, left), the first valid attempt or, failing all,
+    the centre. ``scale`` and ``ratio`` are the transform's (torchvision's defaults by default). Given
+    ``positions`` (``(..., 2)``: top, left), ``crop`` holds only the first two uniforms of each attempt and the
+    chosen box is placed by ``positions``, one draw after the attempts as ``get_params`` makes it. Computed in
+    ``crop``'s dtype (float64 is Python's floats, as torchvision computes)."""
     area = height * width
     target = area * (scale[0] + (scale[1] - scale[0]) * crop[..., 0])
     low, high = math.log(ratio[0]), math.log(ratio[1])
@@ -143,10 +145,13 @@ def crop_boxes(crop: torch.Tensor, height: int, width: int, scale: tuple[float, 
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    top = torch.floor(crop[..., 2] * (height - h + 1))
-    left = torch.floor(crop[..., 3] * (width - w + 1))
     first = valid.to(torch.int8).argmax(dim=-1, keepdim=True)  # the first valid attempt, 0 if none
     found = valid.any(dim=-1)
+    h, w = (t.gather(-1, first).squeeze(-1) for t in (h, w))
+    if positions is None:
+        positions = crop[..., 2:4].gather(-2, first[..., None].expand(*first.shape, 2)).squeeze(-2)
+    top = torch.minimum(torch.floor(positions[..., 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(positions[..., 1] * (width - w + 1)), width - w)
     # torchvision's fallback: the central crop, its aspect ratio clamped to ``ratio``.
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -157,8 +162,7 @@ def crop_boxes(crop: torch.Tensor, height: int, width: int, scale: tuple[float, 
         fallback_w, fallback_h = width, height
     fallback = torch.tensor([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w],
                             dtype=crop.dtype, device=crop.device)
-    boxes = torch.stack([t.gather(-1, first).squeeze(-1) for t in (top, left, h, w)], dim=-1)
-    return torch.where(found[..., None], boxes, fallback)
+    return torch.where(found[..., None], torch.stack((top, left, h, w), dim=-1), fallback)
 
 
 # --- colour, as torchvision's ColorJitter ------------------------------------------------------------------

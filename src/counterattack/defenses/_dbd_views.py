@@ -18,7 +18,6 @@ adaptive attack's gradient passes those operations as the identity.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,14 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..augment import sample_bilinear, straight_through
+from ..augment import CROP_ATTEMPTS, crop_boxes, sample_bilinear, straight_through
 from ..randomness import ImageRandomness
 
 # The Augmenter's fixed settings (transform_lib.py).
 CROPS = 16  # random_crop_resize_flip: RandomResizedCrop + RandomHorizontalFlip, 16 independent draws
-CROP_SCALE = (0.5, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes before its fallback
+CROP_SCALE = (0.5, 1.0)  # torchvision's ratio range and its 10 attempts (augment.py)
 FLIP_PROBABILITY = 0.5
 BIT_DEPTH = 3
 BIT_DEPTH_ROUNDINGS = ("floor", "round", "ceil")
@@ -132,43 +129,6 @@ def gaussian_filter(images: torch.Tensor) -> torch.Tensor:
 # --- RandomResizedCrop + RandomHorizontalFlip ---------------------------------------------------------------
 
 
-def crop_boxes(attempts: torch.Tensor, positions: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``RandomResizedCrop.get_params`` from given uniforms: boxes ``(..., 4)`` as (top, left, h, w).
-
-    ``attempts`` ``(..., CROP_ATTEMPTS, 2)``: per attempt, the uniforms behind the area fraction (in
-    ``CROP_SCALE``) and the log aspect ratio (in ``log CROP_RATIO``); the first attempt whose box fits is taken,
-    else torchvision's fallback, the whole image clamped to the ratio range, centred. ``positions`` ``(..., 2)``:
-    the uniforms behind ``randint(0, H - h + 1)`` and ``randint(0, W - w + 1)``. Python's ``round`` (half to
-    even) as ``torch.round``; in float64, as torchvision computes with Python floats.
-    """
-    u = attempts.double()
-    area = height * width * (CROP_SCALE[0] + u[..., 0] * (CROP_SCALE[1] - CROP_SCALE[0]))
-    low, high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    aspect = torch.exp(low + u[..., 1] * (high - low))
-    w = torch.round(torch.sqrt(area * aspect))
-    h = torch.round(torch.sqrt(area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.uint8).argmax(dim=-1, keepdim=True)  # argmax: the first maximum
-    found = fits.any(dim=-1)
-    w, h = w.gather(-1, first).squeeze(-1), h.gather(-1, first).squeeze(-1)
-
-    in_ratio = width / height
-    if in_ratio < CROP_RATIO[0]:
-        fallback_w, fallback_h = width, round(width / CROP_RATIO[0])
-    elif in_ratio > CROP_RATIO[1]:
-        fallback_w, fallback_h = round(height * CROP_RATIO[1]), height
-    else:
-        fallback_w, fallback_h = width, height
-    w = torch.where(found, w, torch.full_like(w, fallback_w))
-    h = torch.where(found, h, torch.full_like(h, fallback_h))
-    p = positions.double()
-    top = torch.where(found, torch.minimum(torch.floor(p[..., 0] * (height - h + 1)), height - h),
-                      torch.floor((height - h) / 2))
-    left = torch.where(found, torch.minimum(torch.floor(p[..., 1] * (width - w + 1)), width - w),
-                       torch.floor((width - w) / 2))
-    return torch.stack((top, left, h, w), dim=-1)
-
-
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, side: tuple[int, int]
                   ) -> torch.Tensor:
     """Each image's box ``(top, left, h, w)`` resized bilinearly to ``side`` (the code's ``size=224``, the model's
@@ -210,7 +170,8 @@ def draw_views(rng: ImageRandomness, images: torch.Tensor) -> ViewDraw:
     positions = rng.uniform(CROPS, 2, device=images.device)
     flips = rng.uniform(CROPS, device=images.device) < FLIP_PROBABILITY
     noise = rng.normal_like(images.new_empty(n, NOISE_VIEWS, *images.shape[1:]))
-    return ViewDraw(crop_boxes(attempts, positions, height, width), flips, noise)
+    boxes = crop_boxes(attempts.double(), height, width, CROP_SCALE, positions=positions.double())
+    return ViewDraw(boxes, flips, noise)
 
 
 def crop_views(images: torch.Tensor, draw: ViewDraw, side: tuple[int, int]) -> torch.Tensor:
