@@ -24,19 +24,14 @@ from counterattack.errors import CounterattackError
 from counterattack.store import hold
 
 from testkit import (
-    CIFAR10_CLASSES, RANDOM_CLIP_CFG, comparable_records, part_batches, write_image_folder, write_local_dir,
+    CIFAR10_CLASSES, RANDOM_CLIP_CFG, comparable_records, part_batches, small_eval_argv, write_image_folder,
+    write_local_dir,
 )
 
 
 @pytest.fixture
 def folder(tmp_path):
     return write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3, "owl": 3}, seed=4)
-
-
-def eval_argv(model_dir, folder, out, *extra) -> list[str]:
-    return ["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{model_dir}", "--dataset",
-            f"imagefolder:{folder}", "--attack-steps", "1", "--defense", "none,ttc", "--batch-size", "4",
-            "--out", str(out), *map(str, extra)]
 
 
 def one_line_error(capsys, *fragments: str) -> str:
@@ -96,31 +91,31 @@ def test_new_weights_behind_the_same_path_are_refused_and_another_path_to_the_sa
         tmp_path, folder, capsys):
     model = write_local_dir(tmp_path / "model", RANDOM_CLIP_CFG, seed=0)
     out = tmp_path / "out"
-    assert main(eval_argv(model, folder, out)) == 0
+    assert main(small_eval_argv(model, folder, out)) == 0
     lone = comparable_records(out)
     # The same weights by another path (a symlink, and a relative spelling): the same run, nothing recomputed.
     (tmp_path / "link").symlink_to(model)
     parts = (out / "parts" / "rank-0.jsonl").read_text()
-    assert main(eval_argv(tmp_path / "link", folder, out)) == 0
+    assert main(small_eval_argv(tmp_path / "link", folder, out)) == 0
     assert (out / "parts" / "rank-0.jsonl").read_text() == parts and comparable_records(out) == lone
     # Other weights written behind the same path: refused, naming what differs.
     write_local_dir(model, RANDOM_CLIP_CFG, seed=1)
     capsys.readouterr()
-    assert main(eval_argv(model, folder, out)) == 2
+    assert main(small_eval_argv(model, folder, out)) == 2
     one_line_error(capsys, "another configuration", "weights")
 
 
 def test_ttcs_tau_model_is_part_of_the_run_by_its_weights_not_its_path(tmp_path, random_clip_dir, folder, capsys):
     tau_model = write_local_dir(tmp_path / "tau", RANDOM_CLIP_CFG, seed=3)
     out = tmp_path / "out"
-    assert main(eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tau_model}")) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tau_model}")) == 0
     parts = (out / "parts" / "rank-0.jsonl").read_text()
     (tmp_path / "link").symlink_to(tau_model)
-    assert main(eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tmp_path / 'link'}")) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tmp_path / 'link'}")) == 0
     assert (out / "parts" / "rank-0.jsonl").read_text() == parts  # the same weights: nothing recomputed
     write_local_dir(tau_model, RANDOM_CLIP_CFG, seed=4)
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tau_model}")) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--tau-model", f"local-dir:{tau_model}")) == 2
     one_line_error(capsys, "another configuration", "tau_model")
 
 
@@ -129,7 +124,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, folder, caps
     weights = load_file(str(model / "open_clip_model.safetensors"))
     weights["visual.proj"][0, 0] = float("nan")
     save_file(weights, str(model / "open_clip_model.safetensors"))
-    assert main(eval_argv(model, folder, tmp_path / "out")) == 2
+    assert main(small_eval_argv(model, folder, tmp_path / "out")) == 2
     one_line_error(capsys, "visual.proj", "NaN or infinite")
     assert not (tmp_path / "out" / "results.json").exists()
 
@@ -139,11 +134,11 @@ def test_weights_that_overflow_to_non_finite_outputs_stop_the_run(tmp_path, fold
     weights = load_file(str(model / "open_clip_model.safetensors"))
     weights["visual.proj"] = weights["visual.proj"] * 1e38  # finite, until a product overflows
     save_file(weights, str(model / "open_clip_model.safetensors"))
-    assert main([*eval_argv(model, folder, tmp_path / "out"), "--defense", "none"]) == 2  # no gate to see it
+    assert main([*small_eval_argv(model, folder, tmp_path / "out"), "--defense", "none"]) == 2  # no gate to see it
     one_line_error(capsys, "non-finite image embedding norms")
     assert not (tmp_path / "out" / "results.json").exists()
     # `attack` too: no shard of broken images is stored.
-    assert main(["attack", *eval_argv(model, folder, tmp_path / "adv")[1:8], "--out", str(tmp_path / "adv")]) == 2
+    assert main(["attack", *small_eval_argv(model, folder, tmp_path / "adv")[1:8], "--out", str(tmp_path / "adv")]) == 2
     one_line_error(capsys, "non-finite image embedding norms")
     assert not list((tmp_path / "adv").rglob("*.safetensors"))
 
@@ -153,18 +148,18 @@ def test_weights_that_overflow_to_non_finite_outputs_stop_the_run(tmp_path, fold
 def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, random_clip_dir, folder, capsys):
     out = tmp_path / "out"
     with hold(out):
-        assert main(eval_argv(random_clip_dir, folder, out)) == 2
+        assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
         one_line_error(capsys, "in use by another run", f"process {os.getpid()}")
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0  # released with its holder
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0  # released with its holder
 
 
 def test_a_run_holds_its_folder_while_a_second_is_refused_and_its_results_equal_a_lone_run(
         tmp_path, random_clip_dir, folder, capsys):
     """The process boundary is the point: the first run is another process, busy in the folder."""
     lone = tmp_path / "lone"
-    assert main(eval_argv(random_clip_dir, folder, lone)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, lone)) == 0
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-m", "counterattack", *eval_argv(random_clip_dir, folder, out)],
+    first = subprocess.Popen([sys.executable, "-m", "counterattack", *small_eval_argv(random_clip_dir, folder, out)],
                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lock = out / ".counterattack.lock"
     deadline = time.monotonic() + 120
@@ -172,7 +167,7 @@ def test_a_run_holds_its_folder_while_a_second_is_refused_and_its_results_equal_
         time.sleep(0.05)
     assert first.poll() is None, "the first run ended before the second could try"
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out)) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
     one_line_error(capsys, "in use by another run", f"process {first.pid}")
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
     assert comparable_records(out) == comparable_records(lone)
@@ -182,17 +177,17 @@ def test_a_run_holds_its_folder_while_a_second_is_refused_and_its_results_equal_
 def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, random_clip_dir, folder, capsys, where):
     (tmp_path / "file").write_text("not a folder")
     out = tmp_path / "file" if where == "a file" else tmp_path / "file" / "out"
-    assert main(eval_argv(random_clip_dir, folder, out)) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
     one_line_error(capsys, "--out")
 
 
 def test_a_run_refused_before_any_work_leaves_no_new_folder_behind(tmp_path, random_clip_dir, folder, capsys):
     out = tmp_path / "new" / "out"
-    assert main(eval_argv(random_clip_dir, tmp_path / "no-such-images", out)) == 2
+    assert main(small_eval_argv(random_clip_dir, tmp_path / "no-such-images", out)) == 2
     one_line_error(capsys, "no-such-images")
     assert not out.exists()
     out.mkdir(parents=True)  # a folder that was there before stays
-    assert main(eval_argv(random_clip_dir, tmp_path / "no-such-images", out)) == 2
+    assert main(small_eval_argv(random_clip_dir, tmp_path / "no-such-images", out)) == 2
     assert out.is_dir()
 
 
@@ -202,7 +197,7 @@ def test_a_read_only_out_is_one_line(tmp_path, random_clip_dir, folder, capsys):
     out.mkdir()
     out.chmod(0o500)
     try:
-        assert main(eval_argv(random_clip_dir, folder, out)) == 2
+        assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
         one_line_error(capsys, "--out")
     finally:
         out.chmod(0o700)
@@ -214,7 +209,7 @@ def test_a_read_only_out_is_one_line(tmp_path, random_clip_dir, folder, capsys):
 def finished(tmp_path, random_clip_dir, folder):
     """A finished run (3 batches of 4, 4, 1 images) and its records."""
     out = tmp_path / "out"
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     return out, comparable_records(out)
 
 
@@ -237,10 +232,10 @@ def test_a_damaged_part_line_is_named_and_deleting_it_recovers(finished, random_
     part = out / "parts" / "rank-0.jsonl"
     part.write_bytes(b"".join([lines[0], damaged, *lines[2:]]))
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out)) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
     one_line_error(capsys, "rank-0.jsonl, line 2", "Drop that line")
     part.write_bytes(b"".join([lines[0], *lines[2:]]))  # the fix the message names: its images are evaluated again
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     assert comparable_records(out) == lone
 
 
@@ -255,10 +250,10 @@ def test_a_damaged_config_is_named_and_deleting_it_recovers(finished, random_cli
         config.write_text("{oops" if damage == "invalid" else "")
     parts = lines_of(out)
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out)) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
     one_line_error(capsys, "config.json is damaged", "Move it aside")
     shutil.rmtree(config) if config.is_dir() else config.unlink()
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     assert lines_of(out) == parts and comparable_records(out) == lone  # the finished batches were kept, not recomputed
 
 
@@ -266,14 +261,14 @@ def test_a_torn_last_line_is_still_dropped_silently(finished, random_clip_dir, f
     out, lone = finished
     lines = lines_of(out)
     write_lines(out, lines[:-1] + [lines[-1][:20]])
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     assert comparable_records(out) == lone
 
 
 def test_a_doubled_batch_with_identical_results_is_kept_once(finished, random_clip_dir, folder):
     out, lone = finished
     shutil.copy(out / "parts" / "rank-0.jsonl", out / "parts" / "rank-1.jsonl")  # the same batches, written twice
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     assert comparable_records(out) == lone
 
 
@@ -289,7 +284,7 @@ def test_doubled_images_with_different_results_are_refused_naming_both_lines(fin
     store.read_bound()
     store.append(BatchRecord.from_json(other))
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out)) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
     one_line_error(capsys, "two different results", "rank-0.jsonl, line 2", "rank-1.jsonl, line 2")
 
 
@@ -354,10 +349,10 @@ def test_a_stored_image_beyond_its_budget_is_refused_naming_the_shard(tmp_path, 
 
 def test_a_one_class_folder_and_colliding_class_names_are_refused(tmp_path, random_clip_dir, capsys):
     one = write_image_folder(tmp_path / "one", {"cat": 3})
-    assert main(eval_argv(random_clip_dir, one, tmp_path / "o1")) == 2
+    assert main(small_eval_argv(random_clip_dir, one, tmp_path / "o1")) == 2
     one_line_error(capsys, "holds one class (cat)")
     both = write_image_folder(tmp_path / "both", {"sea_lion": 2, "sea lion": 2})
-    assert main(eval_argv(random_clip_dir, both, tmp_path / "o2")) == 2
+    assert main(small_eval_argv(random_clip_dir, both, tmp_path / "o2")) == 2
     one_line_error(capsys, "'sea lion'", "Rename one")
 
 
@@ -377,7 +372,7 @@ def test_repeated_class_names_are_warned_about(random_clip_dir, caplog):
 def test_an_adaptive_image_counts_as_robust_only_if_it_survives_the_transfer_attack_too(tmp_path, random_clip_dir,
                                                                                         folder):
     out = tmp_path / "adaptive"
-    assert main([*eval_argv(random_clip_dir, folder, out), "--threat", "adaptive"]) == 0
+    assert main([*small_eval_argv(random_clip_dir, folder, out), "--threat", "adaptive"]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     for record in records:
         assert record["robust_acc"] <= min(record[f"robust_acc_{part}"] for part in ("transfer", "exact", "bpda"))
@@ -413,10 +408,10 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes(tmp_path, random
         pytest.skip("needs root and tmpfs to fill a small disk")
     try:
         lone = tmp_path / "lone"
-        assert main(eval_argv(random_clip_dir, folder, lone, "--batch-size", "1")) == 0
+        assert main(small_eval_argv(random_clip_dir, folder, lone, "--batch-size", "1")) == 0
         out = disk / "out"
         capsys.readouterr()
-        assert main(eval_argv(random_clip_dir, folder, out, "--batch-size", "1")) == 2
+        assert main(small_eval_argv(random_clip_dir, folder, out, "--batch-size", "1")) == 2
         one_line_error(capsys, "No space left on device", "Finished work is kept")
         for path in out.rglob("*"):  # nothing half-written: every file whole
             if path.suffix == ".json":
@@ -424,7 +419,7 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_resumes(tmp_path, random
             elif path.suffix == ".png":
                 assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 100
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
-        assert main(eval_argv(random_clip_dir, folder, out, "--batch-size", "1")) == 0
+        assert main(small_eval_argv(random_clip_dir, folder, out, "--batch-size", "1")) == 0
         assert comparable_records(out) == comparable_records(lone)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)

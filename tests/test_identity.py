@@ -9,18 +9,14 @@ from PIL import Image
 
 from counterattack.cli import main
 
-from testkit import RANDOM_CLIP_CFG, comparable_records, part_batches, write_image_folder, write_local_dir
+from testkit import (
+    RANDOM_CLIP_CFG, comparable_records, part_batches, small_eval_argv, write_image_folder, write_local_dir,
+)
 
 
 @pytest.fixture
 def folder(tmp_path):
     return write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3, "owl": 3}, seed=4)
-
-
-def eval_argv(model_dir, folder, out, *extra) -> list[str]:
-    return ["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{model_dir}", "--dataset",
-            f"imagefolder:{folder}", "--attack-steps", "1", "--defense", "none,ttc", "--batch-size", "4",
-            "--out", str(out), *map(str, extra)]
 
 
 def attack_argv(model_dir, folder, out, *extra) -> list[str]:
@@ -41,26 +37,26 @@ def test_a_folder_whose_config_was_deleted_is_not_finished_under_other_settings(
                                                                               capsys):
     """The probe: run at eps 1, delete config.json (as the damaged-config message once said), run at eps 4."""
     out = tmp_path / "out"
-    assert main(eval_argv(random_clip_dir, folder, out, "--eps", "1")) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--eps", "1")) == 0
     lone = comparable_records(out)
     parts = (out / "parts" / "rank-0.jsonl").read_text()
     (out / "config.json").unlink()
     (out / "results.json").unlink()
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out, "--eps", "4")) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--eps", "4")) == 2
     one_line_error(capsys, "rank-0.jsonl", "another run", "differing: attacks", "kept")
     assert not (out / "config.json").exists() and not (out / "results.json").exists()
     # The same settings rebuild config.json from the parts, which are theirs: nothing recomputed.
-    assert main(eval_argv(random_clip_dir, folder, out, "--eps", "1")) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--eps", "1")) == 0
     assert (out / "parts" / "rank-0.jsonl").read_text() == parts and comparable_records(out) == lone
 
 
 def test_a_parts_file_copied_from_another_run_is_refused_naming_it(tmp_path, random_clip_dir, folder, capsys):
-    assert main(eval_argv(random_clip_dir, folder, tmp_path / "a", "--eps", "1")) == 0
-    assert main(eval_argv(random_clip_dir, folder, tmp_path / "b", "--eps", "2", "--limit", "3")) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, tmp_path / "a", "--eps", "1")) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, tmp_path / "b", "--eps", "2", "--limit", "3")) == 0
     shutil.copy(tmp_path / "a" / "parts" / "rank-0.jsonl", tmp_path / "b" / "parts" / "rank-1.jsonl")
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, tmp_path / "b", "--eps", "2", "--limit", "3")) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, tmp_path / "b", "--eps", "2", "--limit", "3")) == 2
     one_line_error(capsys, "rank-1.jsonl", "another run", "differing: attacks, limit")
     assert main(["report", str(tmp_path / "b")]) == 2  # reading the folder refuses it too
     one_line_error(capsys, "rank-1.jsonl", "another run")
@@ -72,7 +68,7 @@ def test_a_shard_copied_from_another_set_is_refused(tmp_path, random_clip_dir, f
     foreign = sorted((tmp_path / "a" / "shards").glob("*.safetensors"))[0]
     shutil.copy(foreign, tmp_path / "b" / "shards" / "rank-1-000000.safetensors")
     capsys.readouterr()
-    common = eval_argv(random_clip_dir, folder, tmp_path / "x")[:8]
+    common = small_eval_argv(random_clip_dir, folder, tmp_path / "x")[:8]
     assert main([*common, "--defense", "none", "--adversarial", str(tmp_path / "b"), "--out", str(tmp_path / "e")]) == 2
     one_line_error(capsys, "rank-1-000000.safetensors", "another run", "differing: attacks")
 
@@ -80,7 +76,7 @@ def test_a_shard_copied_from_another_set_is_refused(tmp_path, random_clip_dir, f
 def test_a_set_without_its_config_is_read_from_its_shards(tmp_path, random_clip_dir, folder):
     adv = tmp_path / "adv"
     assert main(attack_argv(random_clip_dir, folder, adv)) == 0
-    common = eval_argv(random_clip_dir, folder, tmp_path / "x")[:8]
+    common = small_eval_argv(random_clip_dir, folder, tmp_path / "x")[:8]
     assert main([*common, "--defense", "none,ttc", "--adversarial", str(adv), "--out", str(tmp_path / "e1")]) == 0
     (adv / "config.json").unlink()
     assert main([*common, "--defense", "none,ttc", "--adversarial", str(adv), "--out", str(tmp_path / "e2")]) == 0
@@ -92,7 +88,7 @@ def test_eval_pointed_at_an_adversarial_set_keeps_the_set(tmp_path, random_clip_
     assert main(attack_argv(random_clip_dir, folder, adv)) == 0
     shards = sorted(p.name for p in (adv / "shards").iterdir())
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, adv)) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, adv)) == 2
     one_line_error(capsys, "holds an adversarial set", "Use another --out", "kept")
     assert sorted(p.name for p in (adv / "shards").iterdir()) == shards
 
@@ -101,11 +97,11 @@ def test_weights_are_the_tensors_loaded_not_the_files_beside_them(tmp_path, fold
     """A notes.json or a backup .safetensors in the model folder changes no weight: the same run."""
     model = write_local_dir(tmp_path / "model", RANDOM_CLIP_CFG, seed=0)
     out = tmp_path / "out"
-    assert main(eval_argv(model, folder, out)) == 0
+    assert main(small_eval_argv(model, folder, out)) == 0
     parts = (out / "parts" / "rank-0.jsonl").read_text()
     (model / "notes.json").write_text(json.dumps({"trained": "somewhere"}))
     shutil.copy(model / "open_clip_model.safetensors", model / "backup.safetensors")
-    assert main(eval_argv(model, folder, out)) == 0
+    assert main(small_eval_argv(model, folder, out)) == 0
     assert (out / "parts" / "rank-0.jsonl").read_text() == parts
     # New weights written with the old file's modification time: still other weights.
     stat = (model / "open_clip_model.safetensors").stat()
@@ -115,27 +111,27 @@ def test_weights_are_the_tensors_loaded_not_the_files_beside_them(tmp_path, fold
 
     os.utime(model / "open_clip_model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     capsys.readouterr()
-    assert main(eval_argv(model, folder, out)) == 2
+    assert main(small_eval_argv(model, folder, out)) == 2
     one_line_error(capsys, "another configuration", "weights")
 
 
 def test_two_same_size_images_swapped_are_another_dataset(tmp_path, random_clip_dir, folder, capsys):
     """The probe: same-size files swapped between two runs mixed old and new images on resume."""
     out = tmp_path / "out"
-    assert main(eval_argv(random_clip_dir, folder, out, "--limit", "6")) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--limit", "6")) == 0
     first, second = folder / "cat" / "0000.png", folder / "dog" / "0000.png"
     a, b = Image.open(first).copy(), Image.open(second).copy()
     a.save(second)
     b.save(first)
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out, "--limit", "6")) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out, "--limit", "6")) == 2
     one_line_error(capsys, "another configuration", "datasets")
 
 
 def test_a_conflict_names_both_lines_and_how_to_drop_one(tmp_path, random_clip_dir, folder, capsys):
     """Two results for one image in the same parts file: both lines named, one line to drop, nothing else lost."""
     out = tmp_path / "out"
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     part = out / "parts" / "rank-0.jsonl"
     lines = part.read_text().splitlines()
     batch = json.loads(lines[1])["batch"]
@@ -147,12 +143,12 @@ def test_a_conflict_names_both_lines_and_how_to_drop_one(tmp_path, random_clip_d
     store.read_bound()
     store.append(BatchRecord.from_json(batch))
     capsys.readouterr()
-    assert main(eval_argv(random_clip_dir, folder, out)) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
     error = one_line_error(capsys, "two different results", "rank-0.jsonl, line 2",
                            f"rank-0.jsonl, line {len(lines) + 1}", "sed -i")
     assert f"'{len(lines) + 1}d'" in error
     part.write_text("\n".join(lines) + "\n")  # the fix the message names: drop the added line
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     assert len(part_batches(out)) == len(lines) - 1
 
 
@@ -161,18 +157,18 @@ def test_a_conflict_names_both_lines_and_how_to_drop_one(tmp_path, random_clip_d
 
 def test_an_out_inside_the_dataset_folder_or_empty_is_refused_before_any_work(tmp_path, random_clip_dir, folder,
                                                                            capsys):
-    assert main(eval_argv(random_clip_dir, folder, folder / "cat" / "runs")) == 2
+    assert main(small_eval_argv(random_clip_dir, folder, folder / "cat" / "runs")) == 2
     one_line_error(capsys, "inside the dataset folder", "outside it")
     assert not (folder / "cat" / "runs").exists()
     with pytest.raises(SystemExit) as exited:
-        main(eval_argv(random_clip_dir, folder, ""))
+        main(small_eval_argv(random_clip_dir, folder, ""))
     assert exited.value.code == 2
     one_line_error(capsys, "an empty --out")
 
 
 def test_a_batch_size_beyond_the_machines_integers_is_one_line(tmp_path, random_clip_dir, folder, capsys):
     with pytest.raises(SystemExit) as exited:
-        main(eval_argv(random_clip_dir, folder, tmp_path / "out", "--batch-size", 10**30))
+        main(small_eval_argv(random_clip_dir, folder, tmp_path / "out", "--batch-size", 10**30))
     assert exited.value.code == 2
     one_line_error(capsys, "--batch-size", "must be <=")
 
@@ -205,7 +201,7 @@ def test_a_run_starts_with_a_probe_batch_and_says_its_estimate(tmp_path, random_
 
     monkeypatch.setattr(Estimate, "WORTH_SAYING", 0.0)  # every run is "long" here
     out = tmp_path / "out"
-    assert main(eval_argv(random_clip_dir, folder, out)) == 0
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
     assert [len(batch["ids"]) for batch in part_batches(out)] == [PROBE_IMAGES, 4, 3]
     err = capsys.readouterr().err
     assert f"estimate from the first {PROBE_IMAGES} images" in err and "(refined)" in err

@@ -90,6 +90,13 @@ def write_image_folder(root: Path, classes: dict[str, int], size=(32, 32), seed:
     return root
 
 
+def small_eval_argv(model_dir: Path, folder: Path, out: Path, *extra) -> list[str]:
+    """``eval`` on an image folder with one attack step, none and TTC, batches of 4: the quickest real run."""
+    return ["eval", "--no-progress", "--workers", "0", "--model", f"local-dir:{model_dir}", "--dataset",
+            f"imagefolder:{folder}", "--attack-steps", "1", "--defense", "none,ttc", "--batch-size", "4",
+            "--out", str(out), *map(str, extra)]
+
+
 def write_descriptions(path: Path, class_names: list[str], per_class: int = 50) -> Path:
     """A class-descriptions file in CuPL's and AWT's layout, written by the test (no LLM text ships with the project):
     plain sentences naming each class."""
