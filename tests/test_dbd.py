@@ -103,7 +103,7 @@ def test_filters_are_opencvs_5x5_median_box_and_binomial_with_its_borders():
 
 
 def test_filters_equal_opencv_on_8_bit_images_where_it_is_installed():
-    cv2 = pytest.importorskip("cv2")  # not a dependency: run where OpenCV happens to be installed
+    cv2 = pytest.importorskip("cv2")  # the test extra installs it; a user without it skips this comparison
     images = eight_bit((1, 3, 24, 28), seed=4)
     picture = as_uint8(images[0])
     # On levels 0..255 rather than [0, 1]: the filters are linear (the median ordinal), and the binomial's sixteenths
