@@ -26,6 +26,7 @@ import torch
 from scipy.stats import binomtest
 
 from .adaptive import AdaptiveAttack
+from .adversarial import AdversarialSet
 from .attacks import Attack
 from .classifier import ZeroShotClassifier
 from .data import EvalDataset, balanced_subset, short_name
@@ -72,7 +73,8 @@ def leakage_warnings(records: Sequence[Record]) -> None:
         known = baseline is not None and baseline.fixed_by_attack is not None
         base_fixed, _, base_wrong = _counts(baseline) if known else (0, 0, 0)
         base_share = base_fixed / base_wrong if base_wrong else 0.0
-        if share >= LEAKING_SHARE and share >= 2 * base_share:
+        # At least MIN_IMAGES fixed images: on a handful (2 of 2 clean-wrong images) the share is noise.
+        if fixed >= MIN_IMAGES and share >= LEAKING_SHARE and share >= 2 * base_share:
             reasons.append(f"the attack makes {share:.0%} of the images wrong when clean right (undefended: "
                            f"{base_share:.0%})" if baseline else f"the attack makes {share:.0%} of the images wrong "
                            "when clean right")
@@ -161,11 +163,15 @@ def _robust_by_image(batches: Sequence[BatchRecord], defense: str, attack: str) 
 
 def check_masking(classifier: ZeroShotClassifier, data: EvalDataset, chosen: Sequence[int], name: str,
                   defense: Defense, attacks: Sequence[Attack], adaptive: Mapping, settings: RunSettings,
-                  batches: Sequence[BatchRecord], records: Sequence[Record], subset: int) -> Verdict:
+                  batches: Sequence[BatchRecord], records: Sequence[Record], subset: int,
+                  adversarial: AdversarialSet | None = None) -> Verdict:
     """The masking verdict of one defense on one dataset of an adaptive run: (a) on the first images, (d) on a
-    class-balanced ``subset`` of the chosen images (0: skipped), (b) and (c) from the records."""
+    class-balanced ``subset`` of the chosen images (0: skipped), (b) and (c) from the records. Run on one process
+    (the verdict is the same under torchrun); the transfer images come from ``adversarial`` where the run read
+    them from a stored set, so that the doubled attack is compared with the run on the same starting images."""
     attack = attacks[0]
-    first = next(image_batches(data, replace(settings, probe=0, batch_size=16, progress=False), (), chosen[:16]))
+    settings = replace(settings, rank=0, world_size=1, probe=0, progress=False)
+    first = next(image_batches(data, replace(settings, batch_size=16), (), chosen[:16]))
     ratio = gradient_ratio(classifier, defense, attack, first.images, attack_targets(classifier, first, settings),
                            first.streams("defense-adv"), settings.attack_precision)
     drop = None
@@ -174,8 +180,8 @@ def check_masking(classifier: ZeroShotClassifier, data: EvalDataset, chosen: Seq
         doubled = {method: AdaptiveAttack(defense, replace(attack, steps=2 * attack.steps), method=method,
                                           **{**adaptive, "eot_samples": 2 * adaptive.get("eot_samples", 1)})
                    for method in ("exact", "bpda")}
-        again = list(evaluate_dataset(classifier, data, [attack], {name: defense}, replace(settings, progress=False),
-                                      adaptive_attacks=lambda a, d: doubled, indices=picked))
+        again = list(evaluate_dataset(classifier, data, [attack], {name: defense}, settings,
+                                      adaptive_attacks=lambda a, d: doubled, indices=picked, adversarial=adversarial))
         before = _robust_by_image(batches, name, attack.name)
         after = _robust_by_image(again, name, attack.name)
         drop = 100.0 * (sum(before[k] for k in after) - sum(after.values())) / len(after)

@@ -63,6 +63,11 @@ def format_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+TABLE_KEY = ("fixed %: wrong when clean, right when attacked (label leakage shows there); CA: the share the gate "
+             "flagged; masking: whether the gradient attacks could trust the defense's gradient. report.md says how "
+             "to read them.")
+
+
 def warnings_of(records: Sequence[Record]) -> list[str]:
     """Every warning of the records, once each, in their order."""
     return list(dict.fromkeys(w for r in records for w in (r.warnings or [])))
@@ -131,6 +136,27 @@ def paper_tables(records: Sequence[Record]) -> str:
     return "\n\n".join(sections)
 
 
+def claims_table(records: Sequence[Record]) -> str:
+    """Markdown: per dataset, attack and defense, clean and robust accuracy beside ``fixed %`` and, under adaptive
+    attacks, the masking verdict with the components behind the robust number."""
+    adaptive = any(r.masking is not None for r in records)
+    header = ["dataset", "attack", "defense", "clean %", "robust %", "fixed %"]
+    header += ["transfer / exact / bpda %", "masking"] if adaptive else []
+
+    def number(value: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    rows = []
+    for r in records:
+        row = [short_name(r.dataset), r.attack, r.defense, number(r.clean_acc), number(r.robust_acc),
+               number(r.fixed_by_attack)]
+        if adaptive:
+            row += [" / ".join(number(v) for v in (r.robust_acc_transfer, r.robust_acc_exact, r.robust_acc_bpda)),
+                    r.masking or "-"]
+        rows.append(row)
+    return "### Label leakage and gradient masking\n\n" + _markdown(header, rows)
+
+
 READING = ("How to read the checks: `fixed %` is the share of images a defense gets wrong when clean but right when "
            "attacked. An attack crafted with the true label pushes an image away from it; a defense that walks the "
            "image back along the perturbation then reaches the true class, even for images it gets wrong when clean "
@@ -163,7 +189,9 @@ def _what_was_run(config: RunDescription, records: Sequence[Record]) -> str:
     if config.adversarial:
         stored += (f" Adversarial images read from a stored set (hash {config.adversarial['hash']}, crafted with "
                    f"seed {config.adversarial['seed']}).")
-    return (f"Attacks ({config.threat} threat): {attacks}.{worst}{stored}\n\n"
+    labels = ("the true labels" if config.attack_labels == "true"
+              else "the undefended model's clean predictions (accuracy is still the true labels')")
+    return (f"Attacks ({config.threat} threat), crafted against {labels}: {attacks}.{worst}{stored}\n\n"
             f"Prompts: `{config.prompts}` ({prompt_words}). Images per dataset: {images}; {seeds}.")
 
 
@@ -210,6 +238,6 @@ def write_report(out: Path) -> list[Path]:
     warnings = warnings_of(records)
     warned = ("## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n\n") if warnings else ""
     text = (f"# Evaluation report\n\n{settings}\n\n{_what_was_run(config, records)}\n\n{warned}"
-            f"{paper_tables(records)}\n\n{READING}\n\n## Plots\n\n{images}\n")
+            f"{paper_tables(records)}\n\n{claims_table(records)}\n\n{READING}\n\n## Plots\n\n{images}\n")
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return [out / "report.md", out / "report.csv", *plots]

@@ -53,10 +53,6 @@ class SanityReport:
         return all(check.passed for check in self.checks)
 
 
-def _robust_accuracy(classifier, data, defense, attack, settings, indices, adaptive_attacks) -> float:
-    batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices,
-                                    adaptive_attacks=adaptive_attacks))
-    return summarize(batches, [data.name], [defense.name], [attack.name])[0].robust_acc
 
 
 def _never_increases(points: list[tuple[float, float]], tolerance: float) -> tuple[bool, str]:
@@ -107,11 +103,17 @@ def run_sanity(
     n = len(indices)
     tolerance = max(100.0 / n, 0.5)  # one image, or half a point
 
+    found: dict[tuple[float, int], float] = {}  # both sweeps pass through the attack's own eps and steps: once
+
     def accuracy(eps: float, steps: int) -> float:
-        # Madry's 2.5 eps / steps, at most the whole pixel range (an unbounded eps in one or two steps)
-        with large_budgets_meant():  # the sweep's unbounded eps is deliberate
-            attack = make_attack(eps * PIXEL, steps, min(1.0, 2.5 * eps * PIXEL / max(steps, 1)))
-        return _robust_accuracy(classifier, data, defense, attack, settings, indices, adaptive_attacks)
+        if (eps, steps) not in found:
+            # Madry's 2.5 eps / steps, at most the whole pixel range (an unbounded eps in one or two steps)
+            with large_budgets_meant():  # the sweep's unbounded eps is deliberate
+                attack = make_attack(eps * PIXEL, steps, min(1.0, 2.5 * eps * PIXEL / max(steps, 1)))
+            batches = evaluate_dataset(classifier, data, [attack], [defense], settings, indices=indices,
+                                       adaptive_attacks=adaptive_attacks)
+            found[eps, steps] = summarize(batches, [data.name], [defense.name], [attack.name])[0].robust_acc
+        return found[eps, steps]
 
     for eps in sorted({base_eps / 2, base_eps, 2 * base_eps, 4 * base_eps, 8 * base_eps, UNBOUNDED_EPS}):
         report.eps_sweep.append((eps, accuracy(eps, base_steps)))

@@ -147,8 +147,9 @@ def combine_seeds(records_per_seed: Sequence[Sequence[Record]], seeds: Sequence[
 
     Each seed's run evaluates the same images with other random draws (attack starts, defense noise),
     so the standard deviation is the spread due to randomness alone; the 95% interval (Wilson, at
-    the mean accuracy and ``n`` images) is the spread due to the image sample. Other fields are the
-    first seed's.
+    the mean accuracy and ``n`` images) is the spread due to the image sample. ``fixed_by_attack`` and the
+    components (transfer, exact, bpda) are means too; the warnings and masking reasons are every seed's, each once
+    (a seed that finds masking is not hidden by one that does not); other fields are the first seed's.
     """
     keyed = [{(r.dataset, r.attack, r.defense): r for r in records} for records in records_per_seed]
     combined = []
@@ -161,5 +162,14 @@ def combine_seeds(records_per_seed: Sequence[Sequence[Record]], seeds: Sequence[
             merged = replace(merged, **{f"{kind}_acc": mean, f"{kind}_acc_std": std,
                                         f"{kind}_ci95": wilson_interval(round(mean * record.n / 100), record.n),
                                         f"{kind}_acc_per_seed": values})
+        for key in ("fixed_by_attack", "robust_acc_transfer", "robust_acc_exact", "robust_acc_bpda"):
+            values = [getattr(r, key) for r in runs]
+            if None not in values:
+                merged = replace(merged, **{key: sum(values) / len(values)})
+        warnings = list(dict.fromkeys(w for r in runs for w in r.warnings or ()))
+        reasons = list(dict.fromkeys(reason for r in runs if r.masking not in (None, "none")
+                                     for reason in r.masking.split("; ")))
+        merged = replace(merged, warnings=warnings or None,
+                         masking="; ".join(reasons) if reasons else record.masking)
         combined.append(merged)
     return combined

@@ -44,7 +44,7 @@ from ..loading import LoadedCLIP
 from ..models import load_vision_checkpoint
 from ..options import options_of
 from ..precision import defense_precision
-from ..report import format_table, paper_tables, warnings_of, write_report
+from ..report import TABLE_KEY, format_table, paper_tables, warnings_of, write_report
 from ..records import ADVERSARIAL_SET, UNITS, BatchRecord, Record, Results, RunDescription
 from ..results import ResultsStore
 from ..store import fill, write_json_atomically
@@ -269,10 +269,11 @@ class RunContext:
             for name, defense in defenses.items():
                 verdict = check_masking(self.classifier(data), data, selection.chosen, name,
                                         defense.for_dataset(data.name), attacks, self.config.attack.adaptive,
-                                        self.settings, batches, records, self.config.attack.convergence_images)
+                                        self.settings, batches, records, self.config.attack.convergence_images,
+                                        self.adversarial)
                 apply_verdict(records, data.name, name, verdict,
                               f"`counterattack sanity --threat adaptive --defense {name}` with this run's model, "
-                              "data and attack flags")
+                              "one dataset and one attack")
 
     def craft_into(self, folder: Path, attacks: Sequence[Attack]) -> AdversarialSet:
         """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is
@@ -407,6 +408,7 @@ def write_results(out: Path, results: Results, also: str = "") -> None:
     write_json_atomically(out / "results.json", results.to_json())
     records = results.records
     print(format_table(records))
+    print(TABLE_KEY)
     if len({r.dataset for r in records}) > 1:
         print("\n" + paper_tables(records))
     for warning in warnings_of(records):

@@ -1,5 +1,6 @@
 """``counterattack sanity``: checks of one evaluation against gradient masking (robust accuracy against eps and
-against steps, AutoAttack's flags). Returns whether every check passed."""
+against steps, AutoAttack's flags, and under adaptive attacks ``eval``'s masking verdict). Returns whether every
+check passed."""
 
 from __future__ import annotations
 
@@ -8,17 +9,36 @@ from dataclasses import fields, replace
 
 import torch
 
-from ..attacks import PIXEL
+from ..attacks import PIXEL, Attack
 from ..attacks.autoattack import import_pyautoattack
 from ..config import RunConfig
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
-from ..sanity import format_report, run_sanity
+from ..claims import check_masking
+from ..classifier import ZeroShotClassifier
+from ..data import EvalDataset
+from ..defenses import Defense
+from ..evaluate import evaluate_dataset
+from ..sanity import Check, format_report, run_sanity
+from ..summary import summarize
 from ..store import write_json_atomically
 from .checks import check_single_dataset
-from .context import open_run
+from .context import RunContext, open_run
 
 SWEPT = ("eps", "steps")  # what the sanity sweeps change; a step size, where the attack has one, follows them
+
+
+def _masking_check(context: RunContext, classifier: ZeroShotClassifier, data: EvalDataset, chosen: list[int],
+                   defense: Defense, attack: Attack) -> Check:
+    """``eval``'s gradient-masking verdict on this defense under the attack as given (its own step size)."""
+    settings = replace(context.settings, probe=0, rank=0, world_size=1)  # the verdict needs every image
+    batches = list(evaluate_dataset(classifier, data, [attack], [defense], settings, indices=chosen,
+                                    adaptive_attacks=context.adaptive_attacks))
+    records = summarize(batches, [data.name], [defense.name], [attack.name], "adaptive")
+    verdict = check_masking(classifier, data, chosen, defense.name, defense, [attack], context.config.attack.adaptive,
+                            settings, batches, records, context.config.attack.convergence_images)
+    return Check("the gradient is not masked (input gradient, exact against bpda, transfer against adaptive, "
+                 "twice the steps and EOT draws)", not verdict.reasons, verdict.masking)
 
 
 def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> bool:
@@ -39,11 +59,13 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> bool:
         changed = {"eps": eps, "steps": steps, **({"step_size": step_size} if "step_size" in own else {})}
         return replace(attack, **changed)
 
-    report = run_sanity(context.classifier(selection.data), selection.data, defense, attack_at, attack.eps / PIXEL,
-                        attack.steps, context.settings, selection.chosen, adaptive_attacks=context.adaptive_attacks)
+    data, classifier = selection.data, context.classifier(selection.data)
+    report = run_sanity(classifier, data, defense, attack_at, attack.eps / PIXEL, attack.steps, context.settings,
+                        selection.chosen, adaptive_attacks=context.adaptive_attacks)
     threat = config.attack.threat
     if threat == "adaptive":
-        threat = f"adaptive ({dict(config.attack.adaptive).get('method', 'exact')})"
+        threat = "adaptive (exact and bpda)"
+        report.checks.append(_masking_check(context, classifier, data, selection.chosen, defense, attack))
     text = format_report(report, f"{config.model.name} on {selection.data.name}, defense {defense.name}, "
                                  f"{attack.name} ({'paper protocol' if threat == 'paper' else threat})")
     if group.is_main:
