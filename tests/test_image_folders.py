@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from counterattack import CounterattackError, load_clip, load_dataset
-from counterattack.fingerprints import CONTENT_PREFIX, cache_path, file_fingerprint
+from counterattack.fingerprints import CONTENT_PREFIX, cache_path, files_content_digest
 
 from testkit import write_image_folder
 
@@ -106,13 +106,16 @@ def test_the_same_images_elsewhere_are_the_same_dataset(tmp_path, clip):
     assert load_dataset(f"imagefolder:{copy}", clip).fingerprint != original.fingerprint
 
 
-def test_the_weights_cache_entry_records_ctime_and_inode(tmp_path):
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"weights")
-    file_fingerprint(weights)
-    entry = json.loads(cache_path().read_text())[str(weights.resolve())]
-    stat = weights.stat()
-    assert (entry["ctime_ns"], entry["inode"], entry["mtime_ns"]) == (stat.st_ctime_ns, stat.st_ino, stat.st_mtime_ns)
+def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_hashed_again(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"first")
+    before = files_content_digest([image], progress=False)
+    stat = image.stat()
+    other = tmp_path / "b.png"
+    other.write_bytes(b"other")  # the same size
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and mtime, as `cp -p` or an unpacked archive leave it
+    os.replace(other, image)
+    assert files_content_digest([image], progress=False) != before
 
 
 @pytest.mark.parametrize("first, second", [("Cat", "cat"), ("sea_lion", "Sea  Lion"), ("tabby cat", "tabby_cat ")])

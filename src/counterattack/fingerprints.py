@@ -1,10 +1,10 @@
-"""What weights a run loads, by content: a run's identity holds these fingerprints, not the paths it was given.
+"""Files identified by content: a file's fingerprint (its size and SHA-256), and one digest of many files.
 
-The same weights reached by another path (a relative spelling, a symlink, a copy) are the same run;
-other weights behind the same path are another run, refused on resume rather than merged. A file's
-fingerprint (its size and SHA-256) is computed once and cached with the file's size, modification and change
-times and inode, so a multi-gigabyte checkpoint is hashed once per change, not once per command. Datasets are
-identified the same way, by the bytes of the files that hold their images (:func:`files_content_digest`).
+A dataset is identified by the bytes of the files that hold its images (:func:`files_content_digest`): the same
+files reached by another path are the same dataset, other bytes behind the same names another. A digest is computed
+once and cached with each file's size, modification and change times and inode, so ten thousand images or a
+multi-gigabyte archive are hashed once per change, not once per command. (Weights are identified by the tensors a
+run loaded, in ``backbones.py``; where they were read from is recorded beside, :func:`resolved_location`.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from .store import write_json_atomically
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 _CHUNK = 1 << 24
 
 
@@ -58,23 +57,6 @@ def _write_cache(cache: Path, entries: dict[str, Any]) -> None:
         write_json_atomically(cache, entries)
     except OSError:
         pass  # a read-only home only costs hashing again next time
-
-
-def file_fingerprint(path: Path) -> str:
-    """``"<size>:<sha256, 16 hex digits>"`` of a file's content (cached by resolved path, size, mtime, ctime and
-    inode)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    cache = cache_path()
-    entries = _read_cache(cache)
-    key = str(path)
-    entry = entries.get(key)
-    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in _stat_key(stat).items()):
-        return entry["fingerprint"]
-    fingerprint = f"{stat.st_size}:{_sha256(path)[:16]}"
-    entries[key] = {**_stat_key(stat), "fingerprint": fingerprint}
-    _write_cache(cache, entries)
-    return fingerprint
 
 
 CONTENT_PREFIX = "content:"
@@ -118,35 +100,6 @@ def files_content_digest(paths: Sequence[Path | str], progress: bool = True, wha
     entries[key] = {"files": len(states), "digest": digest}
     _write_cache(cache, entries)
     return digest
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """One fingerprint of a model folder: its weight files' and JSON configurations', by name."""
-    folder = Path(folder)
-    parts = [f"{p.name}={file_fingerprint(p)}" for p in sorted(folder.iterdir())
-             if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix == ".json")]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def weights_identity(model: str, pretrained: str | None, vision_checkpoint: Path | None) -> dict[str, Any]:
-    """The weights a run loads, by content where they are local files; hub names and tags identify themselves.
-
-    ``model`` is ``local-dir:DIR``, ``transformers:DIR|ORG/NAME``, ``hf-hub:ORG/NAME`` or a built-in name
-    (``pretrained`` then is a tag or a weights file).
-    """
-    scheme, _, rest = model.partition(":") if ":" in model else ("", "", model)
-    if scheme in ("local-dir", "transformers") and Path(rest).expanduser().is_dir():
-        described: dict[str, Any] = {"model": f"{scheme}:folder",
-                                     "weights": folder_fingerprint(Path(rest).expanduser())}
-    elif scheme:
-        described = {"model": model}
-    elif pretrained and Path(pretrained).expanduser().is_file():
-        described = {"model": model, "pretrained": "file", "weights": file_fingerprint(Path(pretrained).expanduser())}
-    else:
-        described = {"model": model, "pretrained": pretrained}
-    if vision_checkpoint is not None:
-        described["vision_checkpoint"] = file_fingerprint(Path(vision_checkpoint).expanduser())
-    return described
 
 
 def resolved_location(model: str, pretrained: str | None, vision_checkpoint: Path | None) -> dict[str, str | None]:
