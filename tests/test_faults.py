@@ -316,7 +316,7 @@ def test_a_truncated_shard_is_named_and_deleting_it_recovers(tmp_path, random_cl
         dataset, ids = f.metadata()["dataset"], json.loads(f.metadata()["ids"])
     shard.write_bytes(shard.read_bytes()[:200])
     assert main(["eval", *common[:-4], "--adversarial", str(adv), "--out", str(tmp_path / "e")]) == 2
-    one_line_error(capsys, shard.name, "Delete it")
+    one_line_error(capsys, shard.name, "Move it out of the folder")
     shard.unlink()
     assert main(["attack", *common, "--out", str(adv)]) == 0
     # Crafted anew, the same images (in however many shards the new run wrote them).

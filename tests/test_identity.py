@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from counterattack.cli import main
+from counterattack.results import _checksum
 
 from testkit import (
     RANDOM_CLIP_CFG, comparable_records, part_batches, small_eval_argv, write_image_folder, write_local_dir,
@@ -60,6 +61,20 @@ def test_a_parts_file_copied_from_another_run_is_refused_naming_it(tmp_path, ran
     one_line_error(capsys, "rank-1.jsonl", "another run", "differing: attacks, limit")
     assert main(["report", str(tmp_path / "b")]) == 2  # reading the folder refuses it too
     one_line_error(capsys, "rank-1.jsonl", "another run")
+
+
+def test_a_folder_of_an_earlier_release_is_named_so_and_moved_aside_not_deleted(tmp_path, random_clip_dir, folder,
+                                                                                 capsys):
+    out = tmp_path / "old"
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 0
+    parts = out / "parts" / "rank-0.jsonl"
+    # What the earlier layout wrote: checksummed batch lines that name no run.
+    batches = [line["batch"] for line in map(json.loads, parts.read_text().splitlines()) if "batch" in line]
+    parts.write_text("".join(json.dumps({"batch": b, "checksum": _checksum({"batch": b})}) + "\n" for b in batches))
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert main(small_eval_argv(random_clip_dir, folder, out)) == 2
+    one_line_error(capsys, "rank-0.jsonl", "earlier release", "move")
 
 
 def test_a_shard_copied_from_another_set_is_refused(tmp_path, random_clip_dir, folder, capsys):

@@ -156,9 +156,9 @@ class AdversarialSet(Store):
         return [(path, dataset, ids) for path, dataset, ids, _ in shards]
 
     def _damaged(self, shard: Path, exc: Exception) -> CounterattackError:
-        return CounterattackError(f"{shard} is damaged ({type(exc).__name__}: {str(exc)[:200]}). Delete it and run "
-                                  "the same `counterattack attack` again: its images are crafted anew, the other "
-                                  "shards are kept.")
+        return CounterattackError(f"{shard} is damaged ({type(exc).__name__}: {str(exc)[:200]}). Move it out of "
+                                  "the folder and run the same `counterattack attack` again: its images are crafted "
+                                  "anew, the other shards are kept.")
 
     def append(self, dataset: str, ids: list, labels: torch.Tensor, images: dict[str, torch.Tensor],
                targets: torch.Tensor | None = None) -> None:

@@ -314,7 +314,7 @@ def _stored(adversarial: AdversarialSet, dataset: str, ids: list, attack: Attack
             f"{adversarial.shard_of(dataset, ids[i])}: image {ids[i]!r} of {dataset} is not a {attack.name} image"
             + (f" of budget {eps * 255:g}/255 of its clean image (it lies {float(beyond[i]) * 255:.3g}/255 beyond it, "
                "or outside [0, 1])" if eps is not None else " (it is not finite, or outside [0, 1])")
-            + ": the shard is damaged or was made from other images. Delete it and run the same "
+            + ": the shard is damaged or was made from other images. Move it out of the folder and run the same "
             "`counterattack attack` again to craft its images anew.")
     return stored
 

@@ -49,6 +49,10 @@ class _Line:
         return f"{self.path}, line {self.number}"
 
 
+class EarlierRelease(RecordError):
+    """A part line whose checksum holds but which names no run: the layout before lines were bound to their run."""
+
+
 def _parsed(line: Any) -> tuple[str, dict | None, BatchRecord | None]:
     """A part line's run, and its header's configuration or its batch, once its checksum matches."""
     if not isinstance(line, dict) or "checksum" not in line:
@@ -57,7 +61,7 @@ def _parsed(line: Any) -> tuple[str, dict | None, BatchRecord | None]:
     if _checksum(content) != line["checksum"]:
         raise RecordError("its checksum does not match its content")
     if not isinstance(content.get("run"), str):
-        raise RecordError("it names no run (written by an earlier release?)")
+        raise EarlierRelease("it names no run")
     if "config" in content:
         if not isinstance(content["config"], dict):
             raise RecordError("its run's configuration is not an object")
@@ -80,6 +84,11 @@ class ResultsStore(Store):
                     return  # the half-written last line of a killed run
                 try:
                     run, config, batch = _parsed(json.loads(line.decode("utf-8")))
+                except EarlierRelease:
+                    raise CounterattackError(
+                        f"{path} was written by an earlier release of clip-counterattack, whose batches this one "
+                        f"cannot bind to their run: move {self.folder} aside (nothing is deleted) or give another "
+                        "--out, and run the same command again.") from None
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise CounterattackError(
                         f"{path}, line {number}, is damaged or was edited ({exc}). Drop that line (e.g. `sed -i "
