@@ -3,6 +3,8 @@
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -11,6 +13,7 @@ import counterattack.defenses as defenses
 from counterattack import ATTACKS, DEFENSES, TTC, CounterattackError, build_defense
 from counterattack.attacks import build_attacks
 from counterattack.cli import build_parser, config_from_args, main
+from counterattack.options import RegistrationError
 
 from testkit import one_more_file, write_image_folder
 
@@ -50,6 +53,7 @@ TOY_ATTACK = '''
 """A toy attack for the registry test: uniform noise at the budget's corners."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from counterattack.attacks import register_attack
 from counterattack.attacks.loop import project
@@ -61,6 +65,7 @@ from counterattack.options import PIXEL_UNIT, option
 class CornerNoise:
     """Move every pixel by +-eps at random."""
 
+    norm: ClassVar[str] = "linf"
     eps: float = option(1 / 255, "L-inf budget", unit=PIXEL_UNIT)
 
     def __call__(self, classifier, images, labels, rng):
@@ -143,6 +148,25 @@ def test_a_new_file_is_all_an_attack_needs(toy_attack, tmp_path, random_clip_dir
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["attacks"][1] == {"attack": "toy-corners", "eps": 3 / 255, "norm": "linf"}
     assert [r["attack"] for r in results["records"]] == ["pgd", "toy-corners", "worst-case"]
+
+
+@pytest.mark.parametrize("declared, said", [("", "does not declare it"), ('norm: ClassVar[str] = "l1"', "'l1'")])
+def test_an_attack_that_does_not_declare_its_norm_is_refused_at_registration(declared, said):
+    body = f"""
+@register_attack
+@dataclass(frozen=True)
+class Undeclared:
+    {declared}
+    eps: float = 1 / 255
+
+    def __call__(self, classifier, images, labels, rng):
+        return images
+"""
+    with pytest.raises(RegistrationError) as refused:
+        exec(body, {"register_attack": ATTACKS.register, "dataclass": dataclass, "ClassVar": ClassVar,
+                    "__name__": "more.undeclared_norm"})
+    assert "must declare norm as one of 'linf', 'l2'" in str(refused.value) and said in str(refused.value)
+    assert "undeclared-norm" not in ATTACKS
 
 
 def attacks_of(config):

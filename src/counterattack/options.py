@@ -138,15 +138,17 @@ class Registry(dict):
     """Registered classes of one kind ("defense" or "attack") by name, in registration order.
 
     ``required``: the methods the kind's protocol calls, checked at registration, so a broken
-    extension fails when it is imported, not hours into a run; ``defaults``: class attributes an
+    extension fails when it is imported, not hours into a run; ``declared``: class attributes it must
+    declare, each with one of the values given (an attack's ``norm``); ``defaults``: class attributes an
     extension may leave out (a defense without a gate).
     """
 
     def __init__(self, kind: str, required: Sequence[str] = (), defaults: Mapping[str, Any] | None = None,
-                 guard: Callable[[type], None] | None = None):
+                 guard: Callable[[type], None] | None = None, declared: Mapping[str, Sequence[Any]] | None = None):
         super().__init__()
         self.kind = kind
         self.required = tuple(required)
+        self.declared = dict(declared or {})
         self.defaults = dict(defaults or {})
         self.guard = guard  # wraps the entry points in the kind's input check (``inputs``)
         self.first: tuple[str, ...] = ()
@@ -162,6 +164,11 @@ class Registry(dict):
         if missing:
             raise RegistrationError(f"{self.kind} {name} ({cls.__module__}) lacks {', '.join(missing)}: a {self.kind} "
                                     f"needs {', '.join(self.required)}.")
+        for attribute, allowed in self.declared.items():
+            if getattr(cls, attribute, None) not in allowed:
+                found = f"declares {getattr(cls, attribute)!r}" if hasattr(cls, attribute) else "does not declare it"
+                raise RegistrationError(f"{self.kind} {name} ({cls.__module__}) must declare {attribute} as one of "
+                                        f"{', '.join(map(repr, allowed))}; it {found}.")
         if not is_dataclass(cls):
             raise RegistrationError(f"{self.kind} {name} ({cls.__module__}) is not a dataclass: its options are "
                                     "dataclass fields made with option(...).")

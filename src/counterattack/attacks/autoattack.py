@@ -69,6 +69,7 @@ def import_pyautoattack() -> ModuleType:
 class AutoAttack:
     """AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square."""
 
+    norm: ClassVar[str] = "linf"
     seeded_per_batch: ClassVar[bool] = True  # one seed per batch: results depend on which images share one
     eps: float = option(1 / 255, "L-inf budget", unit=PIXEL_UNIT)
     steps: int = option(DEFAULT_APGD_ITERATIONS, "APGD iterations (APGD adapts its own step size)", low=1)

@@ -68,7 +68,8 @@ def describe_attack(attack: Attack) -> dict:
     return {**describe_options(attack), "norm": attack.norm}
 
 
-# What an attack leaves out, the registry supplies: an L-inf threat model, described by its options and norm.
-ATTACKS = Registry("attack", required=("__call__",), defaults={"describe": describe_attack, "norm": "linf"},
+# An attack declares its threat model's norm (an L2 attack recorded and budget-checked as L-inf would be wrong
+# without a word); what it leaves out, the registry supplies: a description by its options and norm.
+ATTACKS = Registry("attack", required=("__call__",), declared={"norm": NORMS}, defaults={"describe": describe_attack},
                    guard=guard_attack)
 register_attack = ATTACKS.register  # @register_attack on a frozen dataclass: its options become --NAME-FIELD flags

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -29,6 +30,7 @@ class PGD:
         adv = PGD(eps=1 / 255, steps=10, step_size=1 / 255)(classifier, images, labels, rng)
     """
 
+    norm: ClassVar[str] = "linf"
     eps: float = option(1 / 255, "L-inf budget", unit=PIXEL_UNIT)
     steps: int = option(10, "iterations")
     step_size: float = option(1 / 255, "size of each signed-gradient step", unit=PIXEL_UNIT)
