@@ -221,6 +221,87 @@ def test_a_gate_on_each_view_and_the_adaptive_components_are_shown_as_the_galler
     assert [r["data-flagged"] for r in Page(text).rows] == [str(int(any(v.flagged))) for v in views]
 
 
+@pytest.fixture(scope="module")
+def views_run(tmp_path_factory, random_clip_dir) -> Path:
+    """A run of defenses that change no pixel: TTE (views), DBD (views and a feature move), CLIPure (a feature move)."""
+    root = tmp_path_factory.mktemp("html-views")
+    small = write_image_folder(root / "small", {"cat": 2, "dog": 2})
+    return run_eval(root / "run", f"local-dir:{random_clip_dir}", [small], "--attack-steps", "1", "--gallery", "2",
+                    "--defense", "none,tte,dbd,clipure")
+
+
+class Thumbnails(HTMLParser):
+    """Per gallery row, the views' thumbnails (alt, src, width, class) and the row's text."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.rows: list[dict] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "article":
+            self.rows.append({"defense": attrs["data-defense"], "thumbs": [], "text": ""})
+        elif tag == "img" and self.rows and attrs.get("alt", "").startswith("a view "):
+            self.rows[-1]["thumbs"].append(attrs)
+
+    def handle_data(self, data: str) -> None:
+        if self.rows:
+            self.rows[-1]["text"] += data
+
+
+def test_a_defense_s_views_and_feature_move_are_shown_as_the_gallery_holds_them(views_run):
+    text = (views_run / "report.html").read_text(encoding="utf-8")
+    _, items = read_gallery(views_run)
+    views = [view for item in items for view in item.views]
+    rows = Thumbnails(text).rows
+    assert len(rows) == len(views) == 2 * 4 * 2  # 2 images, 4 defenses, 2 inputs
+    for row, view in zip(rows, views, strict=True):
+        assert row["defense"] == view.defense
+        assert len(row["thumbs"]) == len(view.views or [])
+        for k, (thumb, pixels) in enumerate(zip(row["thumbs"], view.views or [], strict=True)):
+            assert thumb["alt"] == f"a view {view.defense} classified ({k + 1} of {len(view.views)} shown)"
+            shown = png(views_run, thumb["src"])
+            assert np.abs(shown.astype(int) - eight_bit(pixels).astype(int)).max() <= 1
+            assert thumb["width"] == "64" and thumb.get("class") == "px"  # 32 px, doubled pixel by pixel
+        if view.views:
+            assert f"its views ({len(view.views)} of {view.view_count})" in row["text"]
+        if view.feature_shift is None:
+            assert "feature moved by" not in row["text"]
+        else:
+            assert f"feature moved by {view.feature_shift:.3g}°" in row["text"]
+        # The blank that says the defense changed nothing is left to the defense that changes nothing.
+        assert ("no pixel changed" in row["text"]) == (view.defense == "none")
+    by_defense = {view.defense: view for view in views}
+    assert by_defense["tte"].view_count == 10 and by_defense["dbd"].view_count == 32
+    assert by_defense["clipure"].views is None and by_defense["clipure"].feature_shift is not None
+    assert "it changed no pixel: it moved the image&#x27;s feature by" in text
+
+
+def test_each_masking_verdict_is_one_line_unless_a_warning_already_says_it(random_run, tmp_path):
+    """Every attack's record of a defense and dataset, the worst case's too, carries the same verdict: one line."""
+    results = json.loads((random_run / "results.json").read_text())
+    ttc = [r for r in results["records"] if r["defense"] == "ttc"]
+    dataset = ttc[0]["dataset"]
+    for record in ttc:
+        record["masking"] = "vanishing gradient"
+        record["warnings"] = []
+    copies = [{**r, "attack": "worst-case"} for r in ttc if r["dataset"] == dataset]
+    results["records"] += copies
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(results))
+    text = write_html_report(tmp_path / "a").read_text()
+    short = re.findall(r"ttc on ([^:<]+): gradient masking: vanishing gradient</p>", text)
+    assert len(short) == len(set(short)) == len({r["dataset"] for r in ttc}) >= 2
+    # A record's warning that says the verdict (as claims.py words it) leaves no second line for its dataset.
+    name = short[0]
+    ttc[0]["warnings"] = [f"masked gradients? ttc on {name}: vanishing gradient. Its robust accuracy is ..."]
+    (tmp_path / "a" / "results.json").write_text(json.dumps(results))
+    text = write_html_report(tmp_path / "a").read_text()
+    assert f"ttc on {name}: gradient masking" not in text and text.count("masked gradients? ttc on") == 1
+    assert len(re.findall(r"gradient masking: vanishing gradient</p>", text)) == len(short) - 1
+
+
 # --- the page in a real browser ----------------------------------------------------------------------------------
 
 
@@ -346,6 +427,10 @@ def check_in_browser(browser, folder: Path, screenshot: Path) -> set[str]:
 def test_the_page_works_in_a_browser(browser, random_run, tmp_path):
     check_in_browser(browser, random_run, tmp_path / "report.png")
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_a_page_with_views_works_in_a_browser(browser, views_run, tmp_path):
+    check_in_browser(browser, views_run, tmp_path / "report.png")
 
 
 @needs_shared

@@ -4,16 +4,20 @@ For a class-balanced sample of ``--gallery N`` images per dataset (chosen from t
 whatever the batch size or the number of processes), a run keeps the clean image, and for every defense and every
 input it judged (the clean image, and each attack's adversarial image: under an adaptive attack, the component the
 defense failed first, as its record counts it): the image it saw, the pixels it classified where it changes pixels,
-its prediction and that prediction's probability, the true label's probability, its gate's score and decision, and
-the undefended model's prediction on the same input. Layout under ``--out``::
+a few of the views it classified where it classifies views (``DefenseOutput.views``), how far it moved the image's
+feature where it moves features (``DefenseOutput.feature_shift``, degrees), its prediction and that prediction's
+probability, the true label's probability, its gate's score and decision, and the undefended model's prediction on
+the same input. Layout under ``--out``::
 
-    gallery/rank-R-NNNNNN.safetensors   one evaluated batch's sample: float32 images (lossless), and in its metadata
-                                        the run's hash, the dataset, the image ids, labels and each view's numbers
+    gallery/rank-R-NNNNNN.safetensors   one evaluated batch's sample: float32 images (lossless; a defense's k-th
+                                        view under its own key), and in its metadata the run's hash, the dataset,
+                                        the image ids, labels and each view's numbers
     gallery/index.json                  written when the run completes: the run, each dataset's class names, and
                                         where each image's entry lies
 
 Shards are written before the batch's results line, so a run killed between the two redoes that batch and writes
-the same images again: a reader keeps the first entry of each image.
+the same images again: a reader keeps the first entry of each image. A gallery written before views and feature
+shifts were kept reads with none of either.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import os
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +55,18 @@ class View:
     score: float | list[float] | None = None  # the gate's score (a list where a defense gates each view)
     flagged: bool | list[bool] | None = None
     component: str | None = None  # under an adaptive attack: transfer, exact or bpda, the image shown
+    view_count: int | None = None  # how many views of the image the defense classified, where it keeps views
+    feature_shift: float | None = None  # degrees between the feature it classified with and f(input), if it moves it
     image: torch.Tensor | None = None  # (3, H, W): the input the defense saw
     defended: torch.Tensor | None = None  # (3, H, W): the pixels it classified, where it changes pixels
+    views: list[torch.Tensor] | None = None  # a few (3, h, w) views it classified (DefenseOutput.views)
 
     def numbers(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("image", "defended")}
+        return {k: getattr(self, k) for k in NUMBERS}
+
+
+TENSORS = ("image", "defended", "views")
+NUMBERS = tuple(f.name for f in fields(View) if f.name not in TENSORS)
 
 
 @dataclass
@@ -85,9 +96,12 @@ def write_batch(folder: Path, rank: int, run: str, dataset: str, items: Sequence
     views = [[view.numbers() for view in item.views] for item in items]
     for row, item in enumerate(items):
         for view in item.views:
+            key = _key(view.defense, view.input)
             for kind, tensor in (("image", view.image), ("defended", view.defended)):
                 if tensor is not None:
-                    tensors[f"{kind}/{row}/{_key(view.defense, view.input)}"] = tensor
+                    tensors[f"{kind}/{row}/{key}"] = tensor
+            for k, tensor in enumerate(view.views or ()):
+                tensors[f"view/{row}/{k}/{key}"] = tensor
     tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}  # a view shares memory
     metadata = {"run": run, "dataset": dataset, "ids": json.dumps([item.image_id for item in items]),
                 "labels": json.dumps([item.label for item in items]), "views": json.dumps(views)}
@@ -142,8 +156,16 @@ def read_gallery(folder: Path) -> tuple[dict[str, list[str]], list[Item]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CounterattackError(f"{index_path} is damaged ({exc}): run the command that made the run again (it "
                                  "resumes and writes it anew).") from None
+
+    def damaged(what: str) -> CounterattackError:
+        return CounterattackError(f"{index_path} is damaged ({what}): run the command that made the run again (it "
+                                  "resumes and writes it anew).")
+
     by_shard: dict[str, list[dict]] = {}
-    for entry in entries:
+    for number, entry in enumerate(entries if isinstance(entries, list) else [None]):
+        if not (isinstance(entry, dict) and {"dataset", "id", "shard", "row"} <= entry.keys()
+                and isinstance(entry["shard"], str) and type(entry["row"]) is int):
+            raise damaged(f"image entry {number} is not an object with a dataset, id, shard and whole-number row")
         by_shard.setdefault(entry["shard"], []).append(entry)
     items = []
     for path, metadata in _shards(Path(folder), run):
@@ -154,15 +176,27 @@ def read_gallery(folder: Path) -> tuple[dict[str, list[str]], list[Item]]:
             keys = set(f.keys())
             for entry in by_shard[path.name]:
                 row = entry["row"]
+                if not 0 <= row < min(len(labels), len(views)):
+                    raise damaged(f"row {row} of {path.name}, which holds {len(labels)} images")
                 item = Item(metadata["dataset"], entry["id"], labels[row], f.get_tensor("clean")[row].clone())
-                for numbers in views[row]:
-                    key = _key(numbers["defense"], numbers["input"])
-                    image, defended = (f.get_tensor(f"{kind}/{row}/{key}").clone()
-                                       if f"{kind}/{row}/{key}" in keys else None for kind in ("image", "defended"))
-                    item.views.append(View(**numbers, image=image, defended=defended))
+                item.views = [_read_view(f, keys, row, numbers) for numbers in views[row]]
                 items.append(item)
     order = {(e["dataset"], e["id"]): i for i, e in enumerate(entries)}
     return class_names, sorted(items, key=lambda item: order[(item.dataset, item.image_id)])
+
+
+def _read_view(f: Any, keys: set[str], row: int, numbers: dict[str, Any]) -> View:
+    """One view of a shard's row; a tensor an older gallery did not keep (its views) reads as None."""
+    key = _key(numbers["defense"], numbers["input"])
+
+    def tensor(name: str) -> torch.Tensor | None:
+        return f.get_tensor(name).clone() if name in keys else None
+
+    views = []
+    while (view := tensor(f"view/{row}/{len(views)}/{key}")) is not None:
+        views.append(view)
+    return View(**numbers, image=tensor(f"image/{row}/{key}"), defended=tensor(f"defended/{row}/{key}"),
+                views=views or None)
 
 
 def add_views(items: Mapping[int, Item], name: str, gated: bool, labels: torch.Tensor, clean_input: torch.Tensor,
@@ -179,9 +213,12 @@ def add_views(items: Mapping[int, Item], name: str, gated: bool, labels: torch.T
         score = None if output.score is None else output.score[row].tolist()
         flagged = None if output.counterattacked is None else output.counterattacked[row].tolist()
         changed = output.images is not None and not torch.equal(output.images[row], image[row])
+        views = [view[row] for view in output.views] if output.views else None
+        shift = None if output.feature_shift is None else float(output.feature_shift[row])
         return View(name, input_name, pred, float(probs[pred]), float(probs[int(labels[row])]), bare_pred,
                     float(bare_probs[bare_pred]), score if gated else None, flagged if gated else None, component,
-                    image[row], output.images[row] if changed else None)
+                    view_count=output.view_count if views else None, feature_shift=shift, image=image[row],
+                    defended=output.images[row] if changed else None, views=views)
 
     for row, item in items.items():
         item.views.append(view(row, "clean", clean, clean_input, None))

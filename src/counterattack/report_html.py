@@ -27,6 +27,7 @@ from .errors import CounterattackError
 from .gallery import Item, View, read_gallery
 from .records import Record, Results, RunDescription
 from .report import READING, gate_thresholds, warnings_of
+from .report_assets import SCRIPT, STYLE
 from .store import config_hash, write_atomically
 
 FILES = "report_files"
@@ -34,6 +35,7 @@ FILES = "report_files"
 FIGURES = ("accuracy.png", "gate_hist_*.png", "calibration*.png", "pareto*.png", "comparison.png", "stability*.png")
 GAP = 10  # pixels between pictures
 SHOWN = 160  # images narrower than this are scaled up by a whole factor, pixel by pixel; wider ones shown this wide
+THUMB = SHOWN // 2  # the same rule for a defense's views, shown as thumbnails
 
 
 def _e(value: object) -> str:
@@ -158,6 +160,33 @@ def _prediction(who: str, pred: int, prob: float, label: int, names: Sequence[st
             f"{prob:.2f}</span>")
 
 
+def _size(pixels: torch.Tensor, shown: int) -> tuple[int, int, bool]:
+    """(width, height, small): an image narrower than ``shown`` scaled up by a whole factor (pixelated), a wider one
+    shown ``shown`` wide."""
+    height, width = pixels.shape[-2:]
+    small = width < shown
+    wide = width * max(1, shown // width) if small else shown
+    return wide, round(height * wide / width), small
+
+
+def _degrees(angle: float) -> str:
+    return f"{angle:.3g}°"
+
+
+def _views_cell(view: View, pictures: _Pictures, caption: str) -> str:
+    """A defense's kept views as a row of thumbnails, two pictures wide, labelled how many of how many."""
+    shown = view.views or []
+    count = view.view_count if view.view_count is not None else len(shown)
+    thumbs = []
+    for k, pixels in enumerate(shown):
+        width, height, small = _size(pixels, THUMB)
+        thumbs.append(f"<img src='{_e(quote(pictures.add(pixels)))}' width='{width}' height='{height}' "
+                      f"alt='a view {_e(view.defense)} classified ({k + 1} of {len(shown)} shown)'"
+                      f"{' class=px' if small else ''}>")
+    return (f"<figure class='cell span'><div class='thumbs'>{''.join(thumbs)}</div><figcaption><b>its views "
+            f"({len(shown)} of {count})</b><br>{caption}</figcaption></figure>")
+
+
 def _cell(title: str, src: str | None, size: tuple[int, int, bool], alt: str, caption: str, span: int = 1) -> str:
     """One picture with its caption; without a picture, a marked blank ``span`` pictures wide saying why."""
     width, height, small = size
@@ -205,15 +234,22 @@ def _row(item: Item, view: View, page: _Page, clean_cell: str, size: tuple[int, 
     else:
         cells.append(_cell("no attack", None, size, "the defense saw the clean image", "", span=2))
     verdict = f"{_prediction(view.defense, view.pred, view.prob, item.label, names)}<br>p(true) {view.label_prob:.2f}"
-    if view.defended is None:
-        why = ("it left these pixels unchanged" if view.defense in page.pixel_defenses
-               else "no pixel changed (it changes none, or works on features)")
-        cells.append(_cell(view.defense, None, size, why, verdict, span=2))
-    else:
+    moved = "" if view.feature_shift is None else f"feature moved by {_degrees(view.feature_shift)}"
+    if view.defended is not None:
         cells += [_cell(f"{view.defense}'s image", add(view.defended), size, f"the image {view.defense} classified",
                         verdict),
                   _cell(f"its change ×{factors['defense']}", add(_magnified(view.defended - image, factors["defense"])),
                         size, "the defense's change, magnified", "defended − input")]
+    if view.views:  # a defense that classifies views of the image (beside its changed pixels, if it has both)
+        cells.append(_views_cell(view, page.pictures, verdict if view.defended is None else ""))
+    elif view.defended is None:
+        if moved:
+            why = f"it changed no pixel: it moved the image's feature by {_degrees(view.feature_shift)}"
+        elif view.defense in page.pixel_defenses:
+            why = "it left these pixels unchanged"
+        else:
+            why = "no pixel changed (it changes none, or works on features)"
+        cells.append(_cell(view.defense, None, size, why, verdict, span=2))
     gate_line = _gate_words(view, page.gates.get(item.dataset, {}).get(view.defense))
     return (f"<article class='row' style='--w:{size[0]}px' data-dataset='{_e(item.dataset)}' "
             f"data-image='{_e(item.image_id)}' data-defense='{_e(view.defense)}' data-input='{_e(view.input)}' "
@@ -221,7 +257,8 @@ def _row(item: Item, view: View, page: _Page, clean_cell: str, size: tuple[int, 
             f"<h3>{_e(short_name(item.dataset))} · {_e(item.image_id)}</h3>"
             f"<p>true class <b>{_e(_name(names, item.label))}</b></p>"
             f"<p>{_e(view.defense)} on {_e(view.input)}{_e(component)}</p>"
-            + (f"<p class='gate'>{gate_line}</p>" if gate_line else "") + f"<p>{tags}</p></div>"
+            + (f"<p class='gate'>{gate_line}</p>" if gate_line else "")
+            + (f"<p class='shift'>{_e(moved)}</p>" if moved else "") + f"<p>{tags}</p></div>"
             + "".join(cells) + "</article>")
 
 
@@ -238,10 +275,7 @@ def _gallery_rows(items: Sequence[Item], class_names: dict[str, list[str]], gate
     page = _Page(class_names, gates, pictures, factors, pixel_defenses)
     rows = []
     for item in items:
-        height, width = item.clean.shape[-2:]
-        small = width < SHOWN
-        shown = width * max(1, SHOWN // width) if small else SHOWN
-        size = (shown, round(height * shown / width), small)
+        size = _size(item.clean, SHOWN)
         bare = next((v for v in item.views if v.input == "clean"), None)
         caption = "" if bare is None else _prediction("undefended", bare.bare_pred, bare.bare_prob, item.label,
                                                       class_names.get(item.dataset, []))
@@ -333,51 +367,17 @@ def _comparison(folder: Path) -> str:
             f"(<a href='comparison.md'>file</a>)</summary><pre>{_e(path.read_text(encoding='utf-8'))}</pre></details>")
 
 
-STYLE = """
-:root{font:15px/1.4 system-ui,sans-serif;color:#1b1b1b;background:#fff}
-body{margin:0 auto;max-width:1400px;padding:0 1rem 3rem}
-nav{position:sticky;top:0;background:#fff;height:2.2rem;box-sizing:border-box;padding:.35rem 0;
-border-bottom:1px solid #ddd;z-index:2}
-nav a{margin-right:1rem}h2{scroll-margin-top:2.5rem}
-table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ccc;padding:.2rem .45rem;text-align:left;
-vertical-align:top}.scroll{overflow-x:auto}.config td{word-break:break-word}.config ul{margin:0;padding-left:1.1rem}
-code{font-size:.85em;background:#f3f3f3;padding:0 .2em}pre{overflow-x:auto;background:#f7f7f7;padding:.5rem}
-.warn{background:#fff4e5;border-left:4px solid #e65100;padding:.3rem .8rem}
-.figures{display:flex;flex-wrap:wrap;gap:1rem}.figures figure{margin:0;max-width:min(100%,640px)}
-.figures img{max-width:100%;height:auto;border:1px solid #ddd}
-.filters{display:flex;flex-wrap:wrap;gap:.5rem 1.2rem;align-items:center;position:sticky;top:2.2rem;background:#f4f6fa;
-padding:.5rem .7rem;border:1px solid #d0d7e2;z-index:1}.filters p{margin:0;font-weight:600}
-.row{display:grid;grid-template-columns:14rem repeat(5,minmax(0,var(--w)));gap:10px;align-items:start;
-border-bottom:1px solid #e2e2e2;padding:.6rem 0}.row[hidden]{display:none}.span{grid-column:span 2}
-.info{min-width:0;overflow-wrap:anywhere}.info h3{margin:0;font-size:1rem}.info p{margin:.15rem 0}
-.cell{margin:0;min-width:0;font-size:.8rem;overflow-wrap:anywhere}
-.cell img,.blank{display:block;width:100%;height:auto;border:1px solid #999;box-sizing:border-box}
-@media (max-width:720px){.row{grid-template-columns:repeat(5,minmax(0,var(--w)))}.info{grid-column:1/-1}}
-table.results td{white-space:nowrap}
-img.px{image-rendering:pixelated}.blank{display:flex;align-items:center;justify-content:center;text-align:center;
-background:repeating-linear-gradient(45deg,#f2f2f2 0 6px,#e6e6e6 6px 12px);color:#555;padding:.2rem}
-.right{color:#1a6b2e}.wrong{color:#b3261e}.flag{color:#b3261e}.pass{color:#1a6b2e}
-.tag{display:inline-block;border-radius:3px;padding:0 .35rem;margin:0 .25rem .2rem 0;font-size:.8rem;color:#fff}
-.tag.fixed{background:#1a6b2e}.tag.broken{background:#b3261e}.tag.flag{background:#5b3fa0;color:#fff}
-:focus-visible{outline:3px solid #1565c0;outline-offset:2px}select,input{font:inherit}
-"""
-
-SCRIPT = """
-const rows=[...document.querySelectorAll('#rows .row')], pick=id=>document.getElementById(id);
-const selects=['dataset','defense','input'].map(k=>[k,pick('f-'+k)]), checks=['fixed','broken','flagged'];
-function update(){
-  const kept=rows.filter(r=>selects.every(([k,s])=>!s.value||r.dataset[k]===s.value));
-  for(const k of checks) pick('n-'+k).textContent=kept.filter(r=>r.dataset[k]==='1').length;
-  let shown=0;
-  for(const r of rows){const on=kept.includes(r)&&checks.every(k=>!pick('f-'+k).checked||r.dataset[k]==='1');
-    r.hidden=!on; shown+=on;}
-  pick('shown').textContent=shown+' of '+rows.length+' rows shown';
-  pick('none').hidden=shown>0;
-}
-for(const [,s] of selects) s.addEventListener('change',update);
-for(const k of checks) pick('f-'+k).addEventListener('change',update);
-update();
-"""
+def _masking_lines(records: Sequence[Record], warnings: Sequence[str]) -> list[str]:
+    """Each distinct masking verdict (per defense and dataset: every attack's record, the worst case's too, carries
+    the same one) once, unless a record's warning already says it."""
+    lines = {}
+    for r in records:
+        if r.masking in (None, "none"):
+            continue
+        said = f"{r.defense} on {short_name(r.dataset)}: {r.masking}"
+        if not any(said in w for w in warnings):
+            lines[f"{r.defense} on {short_name(r.dataset)}: gradient masking: {r.masking}"] = None
+    return list(lines)
 
 
 def write_html_report(folder: Path) -> Path:
@@ -393,17 +393,18 @@ def write_html_report(folder: Path) -> Path:
     pictures.prune()
     run_hash = config_hash(config.to_json())
     warnings = warnings_of(records)
-    masked = [r for r in records if r.masking not in (None, "none")]
     warned = "".join(f"<p class='warn'>{_inline(w)}</p>" for w in warnings) + "".join(
-        f"<p class='warn'>{_e(r.defense)} on {_e(short_name(r.dataset))} ({_e(r.attack)}): gradient masking: "
-        f"{_e(r.masking)}</p>" for r in masked)
+        f"<p class='warn'>{_e(line)}</p>" for line in _masking_lines(records, warnings))
     if rows:
         gallery = (f"<p>Each row: one image, one defense, one input (clean or attacked). Predictions are green (✓) "
                    f"where right, red (✗) where wrong; 'undefended' is the bare model on the same input. Perturbation "
                    f"= (adversarial − clean) × {factors['attack']} around mid-grey; the defense's change = (defended − "
                    f"its input) × {factors['defense']}. <i>Fixed</i>: the undefended model wrong on that input, the "
                    f"defense right; <i>broken</i>: the reverse. Checked filters combine (a row shows when it meets "
-                   f"all); the counts are the rows the selectors keep that meet each filter.</p>"
+                   f"all); the counts are the rows the selectors keep that meet each filter. A defense that "
+                   f"classifies views of the image rather than one changed image shows a few of those views (how many "
+                   f"of how many); one that moves the image's feature, the angle between the feature it classified "
+                   f"with and the input's.</p>"
                    + _controls(items) + "<div id='rows'>" + "".join(rows) + "</div>"
                    + "<p id='none' hidden>No row matches these filters.</p>")
     else:

@@ -74,7 +74,9 @@ from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
-from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, option, register_defense
+from .base import (
+    ADAPTIVE_METHODS, AttackView, DefenseOutput, feature_angle, option, register_defense, shown_views, spread,
+)
 
 # The code's tolerances: the cosine's clamp before arccos, the tangent's smallest norm, and the angle below
 # which the original feature is returned unchanged.
@@ -294,13 +296,22 @@ class AGC:
     @torch.no_grad()
     def correction(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> Correction:
         """The corrected features of a fresh draw of views, with A, R, beta and theta per image."""
+        return self._correction_and_views(classifier, images, rng)[0]
+
+    def _correction_and_views(self, classifier: ZeroShotClassifier, images: torch.Tensor,
+                              rng: ImageRandomness) -> tuple[Correction, torch.Tensor]:
         x = check_pixels(images).detach().float()
-        return self._correct(*self._features(classifier, x, self.warped_views(x, rng)))
+        views = self.warped_views(x, rng)
+        return self._correct(*self._features(classifier, x, views)), views
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
-        corrected = self.correction(classifier, images, rng).corrected
-        return DefenseOutput(logits=classifier.logits_from_embeddings(corrected))
+        correction, views = self._correction_and_views(classifier, images, rng)
+        # The gallery's views: a few of the warps, spread over them; the feature's move: the angle from a_0 to g.
+        warps = views.view(len(correction.corrected), self.views, *views.shape[1:])
+        return DefenseOutput(logits=classifier.logits_from_embeddings(correction.corrected),
+                             views=shown_views([warps[:, j] for j in spread(self.views)]), view_count=self.views + 1,
+                             feature_shift=feature_angle(correction.corrected, correction.original))
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,

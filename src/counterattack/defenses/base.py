@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ..augment import REFERENCE_SIDE
 from ..classifier import ImageEncoder, ZeroShotClassifier
@@ -24,12 +25,53 @@ class DefenseOutput:
     are per image (None for defenses without a gate).
     Costs are not declared here: ``classifier.count_encoder_passes`` measures them.
     ``images`` are the defended images, for defenses that classify one image per input.
+
+    What the gallery shows of a defense that changes no pixel of its input, read off what it already computed
+    (no extra encoder pass, no extra random draw: its logits are the same with or without them):
+
+    - ``views``: a few (at most ``SHOWN_VIEWS``) of the views it classified, each a batch ``(n, 3, h, w)`` in
+      [0, 1], detached copies (``shown_views``) so that they keep none of the defense's larger tensors alive;
+      views may differ in size from one another (DBD's crops are at the model's side, its pixel views at the
+      input's). ``view_count``: how many views of each image it classified, the image itself included where it
+      is one of them (AGC's 33: the image and 32 warps), of which these are a few.
+    - ``feature_shift``: per image, the angle in degrees between the image feature it classifies with and
+      f(input), for defenses that move features (DBD's f*, AGC's g, CLIPure's purified z): ``feature_angle``.
     """
 
     logits: torch.Tensor
     score: torch.Tensor | None = None
     counterattacked: torch.Tensor | None = None
     images: torch.Tensor | None = None
+    views: list[torch.Tensor] | None = None
+    view_count: int | None = None
+    feature_shift: torch.Tensor | None = None
+
+
+# The most views of an image a defense hands the gallery (``DefenseOutput.views``).
+SHOWN_VIEWS = 4
+
+
+def shown_views(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached float32 copies of the first ``SHOWN_VIEWS`` of ``views`` (each ``(n, 3, h, w)``), the very values
+    classified (a copy, so that a slice of a larger tensor does not keep that tensor alive)."""
+    return [view.detach().float().clone() for view in list(views)[:SHOWN_VIEWS]]
+
+
+def spread(count: int, first: int = 0) -> list[int]:
+    """At most ``SHOWN_VIEWS`` indices spread evenly over ``first..count-1`` (both ends included): which of a
+    defense's like views the gallery shows."""
+    available = count - first
+    if available <= SHOWN_VIEWS:
+        return list(range(first, count))
+    return [first + round(k * (available - 1) / (SHOWN_VIEWS - 1)) for k in range(SHOWN_VIEWS)]
+
+
+def feature_angle(moved: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Per row, the angle in degrees between ``moved`` and ``original`` (``(n, d)``, any norms), in float64:
+    ``2 atan2(|a - b|, |a + b|)`` of the unit vectors, accurate near 0 and 180 degrees where arccos is not."""
+    a = F.normalize(moved.detach().double(), dim=-1)
+    b = F.normalize(original.detach().double(), dim=-1)
+    return torch.rad2deg(2 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1)))
 
 
 @dataclass(frozen=True)
@@ -156,8 +198,9 @@ class Defense(Protocol):
 
 
 __all__ = [
-    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "READS_DESCRIPTIONS", "REFERENCE_SIDE", "TTC_EPS", "TTC_STEPS",
-    "TTC_STEP_SIZE",
-    "AttackView", "Defense", "Gate", "DefenseOutput", "check_options", "describe_options", "option", "options_of",
-    "register_defense", "runtime", "softmax_weights", "through_defense", "weighted_mix",
+    "ADAPTIVE_METHODS", "DEFENSES", "PIXEL_UNIT", "READS_DESCRIPTIONS", "REFERENCE_SIDE", "SHOWN_VIEWS", "TTC_EPS",
+    "TTC_STEPS", "TTC_STEP_SIZE",
+    "AttackView", "Defense", "Gate", "DefenseOutput", "check_options", "describe_options", "feature_angle", "option",
+    "options_of", "register_defense", "runtime", "shown_views", "softmax_weights", "spread", "through_defense",
+    "weighted_mix",
 ]

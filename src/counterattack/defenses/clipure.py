@@ -65,7 +65,7 @@ from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
-from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, option, register_defense
+from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, feature_angle, option, register_defense
 
 # The code fills each template's class slot with "": "a bad photo of a .", the space before the full stop kept.
 BLANK_PROMPTS: tuple[str, ...] = tuple(template("") for template in OPENAI_IMAGENET_TEMPLATES)
@@ -146,8 +146,9 @@ class CLIPure:
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = check_pixels(images).detach().float()
-        purified = self.purify(classifier, self.embed(classifier, x)).detach()
-        return DefenseOutput(logits=purified_logits(classifier, purified))
+        start = self.embed(classifier, x)
+        purified = self.purify(classifier, start).detach()
+        return DefenseOutput(logits=purified_logits(classifier, purified), feature_shift=feature_angle(purified, start))
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,

@@ -91,7 +91,9 @@ from ..errors import CounterattackError
 from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
-from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, describe_options, option, register_defense
+from .base import (
+    ADAPTIVE_METHODS, AttackView, DefenseOutput, describe_options, option, register_defense, shown_views, spread,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,18 +283,22 @@ class COLA:
         return logits + classifier.logit_bias if classifier.logit_bias else logits
 
     def _logits(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness,
-                hold_plan: bool) -> torch.Tensor:
+                hold_plan: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the views ``(n, V, 3, H, W)`` they were computed from."""
         text = self.text_support(classifier)
         views = self.draw_views(images, rng)
         embeddings = classifier.encoder(views.flatten(0, 1))
         with full_precision(images.device):
             features = F.normalize(embeddings.float(), dim=-1).view(*views.shape[:2], -1)
-            return self.transport_logits(classifier, features, text, hold_plan)
+            return self.transport_logits(classifier, features, text, hold_plan), views
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = check_pixels(images).detach().float()
-        return DefenseOutput(logits=self._logits(classifier, x, rng, hold_plan=False))
+        logits, views = self._logits(classifier, x, rng, hold_plan=False)
+        # The gallery's views: the crops (view 0 is the image itself), or the image where there is no crop.
+        shown = shown_views([views[:, j] for j in spread(self.views, first=1 if self.views > 1 else 0)])
+        return DefenseOutput(logits=logits, views=shown, view_count=self.views)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
@@ -303,7 +309,7 @@ class COLA:
         module's docstring). COLA has no gate, so no score."""
         if method not in ADAPTIVE_METHODS:
             raise ValueError(f"unknown adaptive method {method!r}; one of {ADAPTIVE_METHODS}")
-        return AttackView(self._logits(classifier, check_pixels(images), rng, hold_plan=method == "bpda"))
+        return AttackView(self._logits(classifier, check_pixels(images), rng, hold_plan=method == "bpda")[0])
 
     @property
     def descriptions_needed(self) -> int:

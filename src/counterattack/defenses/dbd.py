@@ -85,8 +85,11 @@ from ..errors import CounterattackError
 from ..inputs import check_pixels
 from ..precision import full_precision
 from ..randomness import ImageRandomness
-from ._dbd_views import VIEWS, crop_views, draw_views, pixel_views
-from .base import ADAPTIVE_METHODS, AttackView, DefenseOutput, Gate, describe_options, option, register_defense
+from ._dbd_views import CROPS, VIEWS, crop_views, draw_views, pixel_views
+from .base import (
+    ADAPTIVE_METHODS, AttackView, DefenseOutput, Gate, describe_options, feature_angle, option, register_defense,
+    shown_views,
+)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # prompts_hand_craft.py's templates, under this project's dataset names (ImageNet and its variants, Caltech101,
@@ -102,6 +105,9 @@ DATASET_TEMPLATES = {
 }
 # The code's _normalize: v / (||v|| + 1e-8), for the DB-score's cosines and the final feature.
 NORM_EPS = 1e-8
+# The views the gallery shows besides the first crop v_1, by their index in the 32: JPEG at 50, the first noisy
+# view, the median filter.
+SHOWN_PIXEL_VIEWS = (20, 23, 29)
 
 
 def template_for(dataset: str) -> str:
@@ -132,6 +138,7 @@ class DirectionalBias:
     score: torch.Tensor  # (n,): S = mean_i cos(e_i - e_0, d)
     scale: torch.Tensor  # (n,): lambda
     defended: torch.Tensor  # (n, dim): f* = e_0 + lambda d, not normalised
+    views: tuple[torch.Tensor, torch.Tensor] | None = None  # crops (n, 16, 3, side), pixel views (n, 15, 3, H, W)
 
 
 def directional_bias_of_features(features: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: float,
@@ -230,8 +237,10 @@ class DBD:
         features = torch.cat((original, self._encode(classifier, crops, views_tracked),
                               self._encode(classifier, pixels, views_tracked)), dim=1)
         with full_precision(images.device):
-            return directional_bias_of_features(features, self.class_embeddings(classifier), classifier.logit_scale,
-                                                self.selected, self.db_thres, self.shift)
+            result = directional_bias_of_features(features, self.class_embeddings(classifier), classifier.logit_scale,
+                                                  self.selected, self.db_thres, self.shift)
+        result.views = (crops, pixels)
+        return result
 
     def _logits(self, classifier: ZeroShotClassifier, feature: torch.Tensor) -> torch.Tensor:
         with full_precision(feature.device):
@@ -241,8 +250,12 @@ class DBD:
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         result = self.directional_bias(classifier, check_pixels(images).detach().float(), rng)
+        crops, pixels = result.views
+        # The gallery's views: v_1 (a crop), v_20 (JPEG at 50), v_23 (the first noisy view), v_29 (the median filter).
+        shown = shown_views([crops[:, 0], *(pixels[:, k - 1 - CROPS] for k in SHOWN_PIXEL_VIEWS)])
         return DefenseOutput(self._logits(classifier, result.defended), result.score,
-                             self.gate.flags(self, result.score))
+                             self.gate.flags(self, result.score), views=shown, view_count=VIEWS,
+                             feature_shift=feature_angle(result.defended, result.features[:, 0]))
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,

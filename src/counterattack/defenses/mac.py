@@ -69,7 +69,7 @@ from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
     PIXEL_UNIT, REFERENCE_SIDE, AttackView, DefenseOutput, Gate, describe_options, option,
-    register_defense, through_defense,
+    register_defense, shown_views, spread, through_defense,
 )
 
 # Columns of one augmentation draw: every per-image parameter comes from a single uniform draw.
@@ -266,8 +266,12 @@ class MAC:
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         result = self.counterattack(classifier, images, rng)
         logits = self._mean_over_views(classifier.logits(result.defended))
+        # The gallery's views: the defended views it classified (view 0: the image counterattacked), spread over all.
+        defended = result.defended.view(len(logits), self.views, *result.defended.shape[1:])
+        shown = shown_views([defended[:, j] for j in spread(self.views)])
         # Every view's own gate: (n, views) scores, and which views it judged corrupted (w > 1/2).
-        return DefenseOutput(logits, result.degree, self.gate.flags(self, result.degree))
+        return DefenseOutput(logits, result.degree, self.gate.flags(self, result.degree), views=shown,
+                             view_count=self.views)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,

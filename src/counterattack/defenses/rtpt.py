@@ -67,8 +67,8 @@ from ..errors import CounterattackError
 from ..precision import full_precision
 from ..randomness import ImageRandomness
 from .base import (
-    ADAPTIVE_METHODS, AttackView, DefenseOutput, describe_options, option,
-    register_defense, runtime,
+    ADAPTIVE_METHODS, SHOWN_VIEWS, AttackView, DefenseOutput, describe_options, option, register_defense, runtime,
+    shown_views,
 )
 
 AUGMENTATIONS = ("augmix", "crop-flip")
@@ -269,7 +269,9 @@ class RTPT:
         return mixed + classifier.logit_bias if classifier.logit_bias else mixed
 
     def _logits(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness,
-                method: str | None) -> torch.Tensor:
+                method: str | None, shown: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The defended logits; ``shown`` collects, per chunk, ``(c, k, 3, H, W)``: each image's k views that its
+        reliability weights weigh most, heaviest first (at temperature 0.01 they carry nearly all of the mix)."""
         prompt = prompt_context(classifier)
         draws = draw_views(rng, self.views, self.severity, images.device)
         logits = []
@@ -281,12 +283,18 @@ class RTPT:
             with full_precision(images.device):
                 weights = reliability_weights(features, self.neighbours, self.temperature, self.self_mask)
                 logits.append(self._defended_logits(classifier, prompt, features, weights))
+            if shown is not None:
+                heaviest = weights.detach().argsort(dim=1, descending=True, stable=True)[:, :SHOWN_VIEWS]
+                shown.append(views.detach()[torch.arange(len(views), device=views.device)[:, None], heaviest])
         return torch.cat(logits)
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = check_pixels(images).detach().float()
-        return DefenseOutput(logits=self._logits(classifier, x, rng, None))
+        shown: list[torch.Tensor] = []
+        logits = self._logits(classifier, x, rng, None, shown)
+        heaviest = torch.cat(shown)
+        return DefenseOutput(logits=logits, views=shown_views(heaviest.unbind(1)), view_count=self.views)
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from ..classifier import ZeroShotClassifier
 from ..inputs import check_pixels
 from ..randomness import ImageRandomness
-from .base import AttackView, DefenseOutput, describe_options, option, register_defense, runtime
+from .base import (
+    AttackView, DefenseOutput, describe_options, option, register_defense, runtime, shown_views, spread,
+)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,13 +60,27 @@ class TransformEnsemble:
     def _views(self, images: torch.Tensor) -> Sequence[Transform]:
         return self.transforms or default_transforms(images.shape[-1], self.shift_fraction)
 
-    def _mean_logits(self, classifier: ZeroShotClassifier, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([classifier.logits(view(images)) for view in self._views(images)]).mean(dim=0)
+    def _mean_logits(self, classifier: ZeroShotClassifier, images: torch.Tensor,
+                     shown: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The views' mean logits; ``shown`` collects a few views as they were classified, ``spread`` over all but
+        the first (the image itself, in the default transforms): of the default 10, shifted up, shifted right,
+        flipped and shifted up, flipped and shifted right."""
+        transforms = self._views(images)
+        chosen = set(spread(len(transforms), first=1 if len(transforms) > 1 else 0))
+        logits = []
+        for k, transform in enumerate(transforms):
+            view = transform(images)
+            logits.append(classifier.logits(view))
+            if shown is not None and k in chosen:
+                shown.append(view)
+        return torch.stack(logits).mean(dim=0)
 
     @torch.no_grad()
     def __call__(self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness) -> DefenseOutput:
         x = check_pixels(images).detach().float()
-        return DefenseOutput(logits=self._mean_logits(classifier, x))
+        shown: list[torch.Tensor] = []
+        logits = self._mean_logits(classifier, x, shown)
+        return DefenseOutput(logits=logits, views=shown_views(shown), view_count=len(self._views(x)))
 
     def attack_view(
         self, classifier: ZeroShotClassifier, images: torch.Tensor, rng: ImageRandomness, method: str,
