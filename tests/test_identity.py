@@ -220,6 +220,10 @@ def test_a_run_starts_with_a_probe_batch_and_says_its_estimate(tmp_path, random_
     assert [len(batch["ids"]) for batch in part_batches(out)] == [PROBE_IMAGES, 4, 3]
     err = capsys.readouterr().err
     assert f"estimate from the first {PROBE_IMAGES} images" in err and "(refined)" in err
+    # Under adaptive attacks the masking verdict's doubled attacks come after the batches: the estimate says so.
+    assert main(small_eval_argv(random_clip_dir, folder, tmp_path / "adaptive", "--threat", "adaptive",
+                                "--convergence-images", 2)) == 0
+    assert "for the masking checks (twice the steps and EOT draws on 2 images" in capsys.readouterr().err
     # AutoAttack's draws depend on which images share a batch: no probe there.
     adv = tmp_path / "adv"
     assert main(attack_argv(random_clip_dir, folder, adv, "--attack", "autoattack-paper", "--autoattack-paper-steps",

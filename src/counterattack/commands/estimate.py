@@ -23,6 +23,9 @@ class Estimate:
     def __init__(self, context: RunContext, done: Mapping[str, set], probe: int):
         expected = context.expected()
         self.remaining = sum(len(ids) - len(done.get(name, set()) & set(ids)) for name, ids in expected.items())
+        attack = context.config.attack  # under adaptive attacks, the masking verdict's doubled attacks come after
+        self.checked = sum(min(attack.convergence_images, len(ids)) for ids in expected.values()) \
+            if attack.threat == "adaptive" else 0
         self.context, self.start, self.probe = context, time.perf_counter(), probe
         self.batches, self.images, self.silent = 0, 0, not context.group.is_main
 
@@ -36,6 +39,8 @@ class Estimate:
         if left <= 0 or per_image * left < self.WORTH_SAYING:
             return
         first = f"the first {self.images} images" if self.batches == 1 else f"{self.images} images (refined)"
+        checks = (f", then up to about {duration(2 * per_image * self.checked)} for the masking checks (twice the "
+                  f"steps and EOT draws on {self.checked} images, --convergence-images)" if self.checked else "")
         print(f"estimate from {first}: {per_image:.3g} s per image on {self.context.device}, about "
-              f"{duration(per_image * left)} for the {self.remaining - self.images} images left (the same command "
-              "again resumes where it stops)", file=sys.stderr)
+              f"{duration(per_image * left)} for the {self.remaining - self.images} images left{checks} (the same "
+              "command again resumes where it stops)", file=sys.stderr)
