@@ -328,9 +328,9 @@ def test_nothing_matched_still_writes_every_file(tmp_path, published):
 
 @pytest.mark.parametrize("content, expected", [
     (None, "No results.json"),
-    ('{"config": {}, "records": [', "Cannot read"),
+    ('{"config": {}, "records": [', "is damaged (JSONDecodeError"),
     ('{"config": {"model": "m", "datasets": [], "attacks": []}, "records": []}', "holds no records"),
-    ('{"config": {}}', "not a results file"),
+    ('{"config": {}}', "is damaged (RecordError"),
 ])
 def test_write_comparison_refuses_a_folder_without_results(tmp_path, content, expected):
     folder = tmp_path / "run"

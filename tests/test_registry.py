@@ -106,6 +106,13 @@ def config_of(*argv: str):
     return config_from_args(build_parser().parse_args(list(argv)))
 
 
+def test_a_text_option_is_read_as_text(capsys):
+    config = config_of("eval", "--defense", "dbd", "--dbd-template", "a blurry photo of a {}.")
+    assert config.defense.settings["dbd"] == {"template": "a blurry photo of a {}."}
+    assert main(["eval", "--defense", "dbd", "--dbd-template", "no class here", "--out", "unused"]) == 2
+    assert "template must contain '{}' exactly once" in capsys.readouterr().err
+
+
 def test_generated_flags_keep_the_old_spellings_and_the_1_255_unit():
     old = config_of("eval", "--ttc-eps", "8", "--ttc-steps", "3", "--tau-thres", "0.1", "--beta", "-1", "--rn-eps", "2")
     assert old.defense.settings["ttc"] == {"eps": 8 / 255, "steps": 3, "tau_thres": 0.1, "beta": -1.0}

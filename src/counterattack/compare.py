@@ -161,16 +161,16 @@ def _setting_notes(config: RunDescription, defense: str, attack: str) -> tuple[s
     """Our options that differ from the library's defaults (which follow the papers): not matched on, but said."""
     from .attacks import ATTACKS
     from .defenses import DEFENSES
-    from .options import describe_options
+    from .options import defaults_of
 
     notes = []
     for entry in config.defenses or []:
         if isinstance(entry, dict) and entry.get("name", entry.get("defense")) == defense and defense in DEFENSES:
-            defaults = describe_options(DEFENSES[defense]())
+            defaults = {"defense": defense, **defaults_of(DEFENSES[defense])}
             notes += [f"{defense} {d}" for d in _differences(entry, defaults, ("defense",))]
     for entry in config.attacks:
         if isinstance(entry, dict) and entry.get("attack") == attack and attack in ATTACKS:
-            defaults = ATTACKS[attack]().describe()
+            defaults = {"attack": attack, **defaults_of(ATTACKS[attack]), "norm": ATTACKS[attack].norm}
             notes += [f"{attack} {d}" for d in _differences(entry, defaults, ("attack", "eps", "steps"))]
     return tuple(notes)
 

@@ -13,10 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .compare import MATCHING_RULE, OUTPUT_NAMES, Comparison, compare_results
-from .errors import CounterattackError
 from .plots import plot_comparison
 from .published import Published, load_published
-from .records import RecordError, Results
+from .records import Results
 from .store import write_atomically
 
 
@@ -144,29 +143,11 @@ def comparison_json(comparison: Comparison) -> dict:
             "unmatched": [asdict(u) for u in comparison.unmatched]}
 
 
-def _read_results(folder: Path) -> Results:
-    path = folder / "results.json"
-    run = f"run `counterattack eval --out {folder}`"
-    if not path.is_file():
-        raise CounterattackError(f"No results.json in {folder}: {run} first, then compare.")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CounterattackError(f"Cannot read {path} ({str(e).splitlines()[0]}): {run} again to rewrite it.") from e
-    try:
-        results = Results.from_json(content)
-    except RecordError as e:
-        raise CounterattackError(f"{path} is not a results file ({e}): {run} again to rewrite it.") from None
-    if not results.records:
-        raise CounterattackError(f"{path} holds no records yet: {run} (it resumes) to finish the run, then compare.")
-    return results
-
-
 def write_comparison(folder: Path, published: Published | None = None) -> list[Path]:
     """Compare a run folder's results.json with the published numbers: write comparison.md, .csv, .json and
     .png into the folder (each atomically) and return their paths. ``published``: the package's data if None."""
     folder = Path(folder)
-    results = _read_results(folder)
+    results = Results.read(folder)
     published = published if published is not None else load_published()
     comparison = compare_results(results, published)
     md, csv_path, json_path, png = (folder / name for name in OUTPUT_NAMES)

@@ -16,6 +16,11 @@ from .manifest import EntrySpec, OptionSpec, registered
 from .options import PIXEL, PIXEL_UNIT, flag
 
 
+def _shown(bound: float) -> str:
+    """A bound as a user types it: an integer whole (9223372036854775807, not 9.22337e+18), a fraction short."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 def number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], float | int]:
     """An argparse type: a finite ``kind`` (int or float) within [low, high]."""
     what = "an integer" if kind is int else "a number"
@@ -28,9 +33,9 @@ def number(kind: type, low: float | None = None, high: float | None = None) -> C
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be >= {_shown(low)}, got {text}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be <= {_shown(high)}, got {text}")
         return value
 
     return parse
@@ -76,13 +81,16 @@ def library_value(value: Any, unit: str | None) -> Any:
 
 
 def option_parser(spec: OptionSpec) -> Callable[[str], Any]:
-    """How the command line reads one option: its choices, or a number within its bounds (in 1/255 for budgets)."""
+    """How the command line reads one option: its choices, free text, or a number within its bounds (in 1/255 for
+    budgets)."""
     if spec.choices is not None:
         def choice(text: str) -> str:
             if text not in spec.choices:
                 raise argparse.ArgumentTypeError(f"must be one of {', '.join(spec.choices)}, got {text!r}")
             return text
         return choice
+    if isinstance(spec.default, str):  # free text (DBD's template): the class checks it when it is built
+        return str
     high = None if spec.high is None else cli_value(float(spec.high), spec.unit)
     return number(int if spec.integer else float, spec.low, high)
 

@@ -138,8 +138,8 @@ def _shards(folder: Path, run: str | None) -> list[tuple[Path, dict[str, str]]]:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata()
         except Exception as exc:  # safetensors' own error types for a cut or foreign file
-            raise CounterattackError(f"{path} is damaged ({type(exc).__name__}): delete it and run the same command "
-                                     "again (its images are evaluated again).") from None
+            raise CounterattackError(f"{path} is damaged ({type(exc).__name__}): move it out of the folder and run the "
+                                     "same command again (its images are evaluated again).") from None
         if run is None or metadata.get("run") == run:  # another run's sample is not this run's gallery
             found.append((path, metadata))
     return found

@@ -8,10 +8,14 @@ foreign file never passes for a record. Every command reads and writes these thr
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Union
+
+from .errors import CounterattackError
 
 ImageId = Union[int, str]  # the dataset's own index, or an image file's path relative to its folder
 
@@ -430,3 +434,20 @@ class Results:
         average = [Average(**a) for a in _require(payload, "average", list, "results", optional=True) or []
                    if isinstance(a, dict) and set(a) == {f.name for f in fields(Average)}]
         return cls(config, records, average, _require(payload, "unreadable", list, "results", optional=True) or [])
+
+    @classmethod
+    def read(cls, folder: Path) -> Results:
+        """A run folder's results.json, checked; what is missing or damaged is one line saying what to run."""
+        path, run = Path(folder) / "results.json", f"`counterattack eval --out {folder}`"
+        if not path.is_file():
+            raise CounterattackError(f"No results.json in {folder}: run {run} first.")
+        try:
+            results = cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:  # a RecordError, a JSONDecodeError and a UnicodeDecodeError among them
+            raise CounterattackError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}): run the "
+                                     f"command that made it again (such as {run}), which rewrites it from the "
+                                     "finished batches in parts/.") from None
+        if not results.records:
+            raise CounterattackError(f"{path} holds no records yet: run the command that made it again (such as "
+                                     f"{run}; it resumes) to finish the run.")
+        return results

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import PAPER_AVERAGE_DATASETS, short_name
-from .errors import CounterattackError
 from .summary import average_records
 from .plots import plot_accuracy, plot_gate_histograms
 from .records import Average, Record, Results, RunDescription
@@ -210,17 +209,8 @@ def gate_thresholds(described: Sequence[dict]) -> dict[str, float]:
 def write_report(out: Path) -> list[Path]:
     """Write report.md, report.csv and the PNG plots from a run folder's results."""
     out = Path(out)
-    results_path = out / "results.json"
-    if not results_path.is_file():
-        raise CounterattackError(f"No results.json in {out}: run `counterattack eval --out {out}` first.")
-    try:
-        results = Results.from_json(json.loads(results_path.read_text(encoding="utf-8")))
-        records, config = results.records, results.config
-    except (OSError, ValueError) as exc:
-        raise CounterattackError(f"{results_path} is damaged ({type(exc).__name__}: {exc}): run the command that made "
-                                 "it again, which rewrites it from the finished batches in parts/.") from None
-    if not records:
-        raise CounterattackError(f"{results_path} holds no records yet.")
+    results = Results.read(out)
+    records, config = results.records, results.config
     thresholds = gate_thresholds(config.defenses or [])
 
     def write_csv(path: Path) -> None:

@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 
 from .data import short_name
-from .errors import CounterattackError
 from .gallery import Item, View, read_gallery
 from .records import Record, Results, RunDescription
 from .report import READING, gate_thresholds, warnings_of
@@ -66,20 +65,6 @@ def _gates(described: Sequence[dict] | None) -> dict[str, _Gate]:
         if name in thresholds and defense is not None:
             found[name] = _Gate(defense.gate.score, thresholds[name], defense.gate.flags_above)
     return found
-
-
-def _results(folder: Path) -> Results:
-    path = folder / "results.json"
-    if not path.is_file():
-        raise CounterattackError(f"No results.json in {folder}: run `counterattack eval --out {folder}` first.")
-    try:
-        results = Results.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as exc:  # RecordError is a ValueError
-        raise CounterattackError(f"{path} is damaged ({type(exc).__name__}: {exc}): run the command that made it "
-                                 "again, which rewrites it from the finished batches in parts/.") from None
-    if not results.records:
-        raise CounterattackError(f"{path} holds no records yet.")
-    return results
 
 
 # --- images ----------------------------------------------------------------------------------------------------
@@ -383,7 +368,7 @@ def _masking_lines(records: Sequence[Record], warnings: Sequence[str]) -> list[s
 def write_html_report(folder: Path) -> Path:
     """Write ``folder/report.html`` (and its images in ``folder/report_files/``) from a run folder; its path."""
     folder = Path(folder)
-    results = _results(folder)
+    results = Results.read(folder)
     config, records = results.config, results.records
     class_names, items = read_gallery(folder)
     per_dataset = config.defenses_per_dataset or {}
