@@ -159,23 +159,28 @@ def test_rtpts_authors_self_mask_keeps_views_whose_self_similarity_rounds_below_
 
 # --- 8-bit adversarial images -----------------------------------------------------------------------------------
 
-def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random_clip_dir):
+@pytest.mark.parametrize("mode, other", [("round", "floor"), ("floor", "round")])
+def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random_clip_dir, mode, other, capsys):
     folder = write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3}, seed=6)
     common = ["--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset",
               f"imagefolder:{folder}", "--attack-steps", "2", "--eps", "4"]
-    assert main(["attack", *common, "--quantize-adversarial", "--out", str(tmp_path / "adv")]) == 0
+    assert main(["attack", *common, "--quantize-adversarial", mode, "--out", str(tmp_path / "adv")]) == 0
+    assert main(["attack", *common, "--out", str(tmp_path / "float")]) == 0
     from counterattack.adversarial import AdversarialSet
 
     stored = AdversarialSet.open(tmp_path / "adv")
-    assert stored.config.quantize_adversarial == "round"
+    assert stored.config.quantize_adversarial == mode
     (dataset,) = stored.done()
     ids = sorted(stored.done()[dataset])
     images = stored.images(dataset, ids, "pgd")
     assert torch.equal(images * 255, torch.round(images * 255))  # on the k/255 grid, exactly
+    unquantized = AdversarialSet.open(tmp_path / "float").images(dataset, ids, "pgd")
+    assert torch.equal(images, to_8_bits(unquantized, mode)) and not torch.equal(images, to_8_bits(unquantized, other))
     # Evaluated directly with --quantize-adversarial: the undefended accuracy recomputed by hand on the same images.
-    assert main(["eval", *common, "--quantize-adversarial", "--defense", "none", "--out", str(tmp_path / "e")]) == 0
+    assert main(["eval", *common, "--quantize-adversarial", mode, "--defense", "none", "--out",
+                 str(tmp_path / "e")]) == 0
     results = json.loads((tmp_path / "e" / "results.json").read_text())
-    assert results["config"]["quantize_adversarial"] == "round"
+    assert results["config"]["quantize_adversarial"] == mode
     batches = part_batches(tmp_path / "e")
     preds = {i: p for b in batches for i, p in zip(b["ids"], b["defenses"]["none"]["adv"]["pgd"]["pred"], strict=True)}
     from counterattack import ZeroShotClassifier, load_clip
@@ -188,7 +193,11 @@ def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random
     assert main(["eval", *common[:-4], "--adversarial", str(tmp_path / "adv"), "--defense", "none",
                  "--out", str(tmp_path / "on-set")]) == 0
     on_set = json.loads((tmp_path / "on-set" / "results.json").read_text())
-    assert on_set["config"]["quantize_adversarial"] == "round"
+    assert on_set["config"]["quantize_adversarial"] == mode
+    capsys.readouterr()
+    assert main(["eval", *common[:-4], "--adversarial", str(tmp_path / "adv"), "--quantize-adversarial", other,
+                 "--defense", "none", "--out", str(tmp_path / "refused")]) == 2
+    assert f"already put on the 8-bit grid by {mode}; --quantize-adversarial {other} cannot" in capsys.readouterr().err
 
 
 def test_to_8_bits_rounds_to_the_nearest_level():

@@ -45,6 +45,11 @@ def check_stored_attacks(config: RunConfig, adversarial: AdversarialSet, attacks
     given += [flag(name, setting) for name, settings in config.attack.settings.items() for setting in settings]
     if config.attack.given and sorted(config.attack.names) != sorted(a.name for a in attacks):
         given.insert(0, f"--attack {','.join(config.attack.names)}")
+    stored_bits, asked_bits = adversarial.config.quantize_adversarial, config.attack.quantize
+    if stored_bits and asked_bits and asked_bits != stored_bits:
+        raise CounterattackError(f"{adversarial.folder} holds images already put on the 8-bit grid by {stored_bits}; "
+                                 f"--quantize-adversarial {asked_bits} cannot apply to them: drop it, or craft "
+                                 f"another set with `counterattack attack --quantize-adversarial {asked_bits}`.")
     stored_labels = adversarial.config.attack_labels
     if config.attack.labels is not None and config.attack.labels != stored_labels:
         raise CounterattackError(f"{adversarial.folder} holds images crafted against the {stored_labels} labels; "
