@@ -13,6 +13,7 @@ from ..config import RunConfig
 from ..data import short_name
 from ..defenses import DEFENSES, Defense, Gate, build_defense
 from ..distributed import ProcessGroup
+from ..identity import evaluation_description
 from ..records import BatchRecord, RunDescription
 from ..errors import CounterattackError
 from ..plots import plot_score_histograms
@@ -54,7 +55,7 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> dict | 
 
     def evaluate(folder: str, defense: Defense) -> tuple[RunDescription, Evaluation | None]:
         defenses = {name: defense}
-        described = context.evaluation_config(defenses, attacks)
+        described = evaluation_description(context, defenses, attacks)
         return described, context.evaluate_into(config.out / folder, defenses, attacks, described)
 
     described, before = evaluate("current", current)

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,15 +36,13 @@ from ..errors import CounterattackError
 from ..gallery import write_batch as write_gallery_batch
 from ..gallery import write_index as write_gallery_index
 from ..fingerprints import resolved_location
-from ..identity import described_defenses, per_dataset_settings, versions
+from ..identity import adversarial_set_description, run_identity
 from ..evaluate import PROBE_IMAGES, RunSettings, craft_dataset, evaluate_dataset
 from ..summary import average_records, combine_seeds, summarize
 from ..loading import LoadedCLIP
 from ..models import load_vision_checkpoint
-from ..options import options_of
-from ..precision import defense_precision
 from ..report import TABLE_KEY, format_table, paper_tables, warnings_of, write_report
-from ..records import ADVERSARIAL_SET, UNITS, BatchRecord, Record, Results, RunDescription
+from ..records import BatchRecord, Record, Results, RunDescription
 from ..results import ResultsStore
 from ..store import fill, write_json_atomically
 
@@ -120,38 +117,11 @@ class RunContext:
                 self.clip, data.class_names, self.config.model.templates or data.templates, descriptions=descriptions)
         return self._classifiers[data.name]
 
-    def identity(self) -> dict[str, Any]:
-        """What the images and the classifier are: a stored adversarial set must have been made for the same."""
-        model, data = self.config.model, self.config.data
-        return {
-            **self.weights,
-            **({"backbone": model.backbone} if model.backbone else {}),
-            "prompts": model.prompts,
-            "templates": list(model.templates) if model.templates else None,  # None: each dataset's own
-            "transform": data.transform,
-            "datasets": [s.data.describe() for s in self.selections],
-            "limit": data.limit,
-            "skip_unreadable": data.skip_unreadable,
-        }
-
-    def run_record(self) -> dict[str, Any]:
-        """Settings that change no result: a resumed run may differ in them."""
-        return {"batch_size": self.config.run.batch_size, "device": str(self.device),
-                "processes": self.group.world_size, "data_root": str(self.config.data.root),
-                "weights_from": self.weights_location,
-                **({"tau_weights_from": self.tau_location} if self.tau_location else {}), "versions": versions()}
-
     def expected(self) -> dict[str, list]:
         return {s.data.name: s.ids for s in self.selections}
 
     def unreadable(self) -> list[dict]:
         return [entry for s in self.selections for entry in s.skipped]
-
-    def batch_composition(self, attacks: Sequence[Attack]) -> dict[str, Any] | None:
-        """Attacks seeded per batch make results depend on which images share one: record what did."""
-        if any(getattr(a, "seeded_per_batch", False) for a in attacks):
-            return {"batch_size": self.config.run.batch_size, "processes": self.group.world_size}
-        return None
 
     def gallery_sample(self, selection: Selection) -> set:
         """The ids of the images a run keeps for its gallery: a class-balanced sample of ``--gallery`` of the chosen
@@ -180,43 +150,6 @@ class RunContext:
     def results(self, described: RunDescription, records: list[Record]) -> Results:
         """What results.json holds: the run's description, the records, their averages, the images left out."""
         return Results(described, records, average_records(records), self.unreadable())
-
-    def evaluation_config(self, defenses: Mapping[str, Defense], attacks: Sequence[Attack]) -> RunDescription:
-        """Everything a results folder's numbers depend on (its hash guards resumption), and what does not (``run``)."""
-        config = self.config
-        adaptive = None
-        if config.attack.threat == "adaptive":
-            adaptive = {"methods": list(ADAPTIVE_METHODS),
-                        **{f.name: getattr(AdaptiveAttack(None, attacks[0], **config.attack.adaptive), f.name)
-                           for f in options_of(AdaptiveAttack)}}
-        policy = config.precisions["defense"]
-        described = RunDescription(
-            **self.identity(),
-            tau_model=self.tau_identity,
-            attacks=[attack.describe() for attack in attacks],
-            threat=config.attack.threat,
-            attack_labels=self.settings.attack_labels,
-            adaptive=adaptive,
-            defenses=described_defenses(defenses, None, policy, defense_precision),
-            defenses_per_dataset=per_dataset_settings(defenses, [s.data.name for s in self.selections], policy,
-                                                      defense_precision),
-            precision=dict(config.precisions),
-            seed=config.run.seed,
-            descriptions=None if self.descriptions is None else dict(self.descriptions.digests),
-            preset=config.study.preset,
-            quantize_adversarial=config.attack.quantize,
-            run=self.run_record(),
-        )
-        if self.adversarial is None:
-            described.batch_composition = self.batch_composition(attacks)
-        else:  # the attacks' own settings are the set's
-            stored = self.adversarial.config
-            described.precision["attack"] = stored.precision["attack"]
-            described.adversarial = {"hash": self.adversarial.hash, "seed": stored.seed}
-            if stored.quantize_adversarial:  # a set stored in 8 bits is evaluated in 8 bits (its mode), flag or not
-                described.quantize_adversarial = stored.quantize_adversarial
-            described.run["adversarial_folder"] = str(self.adversarial.folder)  # a moved set is the same set
-        return described
 
     def evaluate_into(self, out: Path, defenses: Mapping[str, Defense], attacks: Sequence[Attack],
                       described: RunDescription) -> Evaluation | None:
@@ -278,12 +211,7 @@ class RunContext:
     def craft_into(self, folder: Path, attacks: Sequence[Attack]) -> AdversarialSet:
         """Craft the paper protocol's adversarial images of every chosen image into ``folder``, resuming what is
         there."""
-        described = RunDescription(**self.identity(), kind=ADVERSARIAL_SET, attacks=[a.describe() for a in attacks],
-                                   attack_labels=self.settings.attack_labels,
-                                   precision={"attack": self.settings.attack_precision}, seed=self.settings.seed,
-                                   quantize_adversarial=self.config.attack.quantize,
-                                   batch_composition=self.batch_composition(attacks), units=UNITS,
-                                   run=self.run_record())
+        described = adversarial_set_description(self, attacks)
         adversarial = AdversarialSet(folder, self.group.rank)
 
         def craft_my_share(done: dict[str, set]) -> None:
@@ -398,7 +326,7 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
                          adversarial)
     context.descriptions = descriptions
     if adversarial is not None:
-        adversarial.check_identity(context.identity())
+        adversarial.check_identity(run_identity(context))
         adversarial.check_complete(context.expected())
     return context
 

@@ -6,13 +6,14 @@ import torch
 
 from ..config import RunConfig
 from ..distributed import ProcessGroup
+from ..identity import evaluation_description
 from ..records import Results
 from .context import RunContext, open_run, over_seeds, write_results
 
 
 def evaluate(context: RunContext) -> Results | None:
     """One run into ``--out``, resuming what is there: the results on the main process, None on the others."""
-    config = context.evaluation_config(context.defenses, context.attacks)
+    config = evaluation_description(context, context.defenses, context.attacks)
     evaluation = context.evaluate_into(context.config.out, context.defenses, context.attacks, config)
     if evaluation is None:
         return None

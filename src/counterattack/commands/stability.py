@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..data import short_name
 from ..defenses import TTC
 from ..distributed import ProcessGroup
+from ..identity import evaluation_description
 from ..options import PIXEL
 from ..plots import plot_stability, safe_file_name
 from ..published import load_published
@@ -119,7 +120,7 @@ def measure(context: RunContext) -> list[dict] | None:
     load_published()  # the poster's values: a damaged package is found before the run, not after it
     budgets = config.study.noise
     probes = {budget_label(b): TTC(eps=b, tau_thres=0.0, tau_encoder=context.tau_encoder) for b in budgets}
-    described = replace(context.evaluation_config(probes, context.attacks), stability={"noise": list(budgets)})
+    described = replace(evaluation_description(context, probes, context.attacks), stability={"noise": list(budgets)})
     evaluation = context.evaluate_into(config.out, probes, context.attacks, described)
     if evaluation is None:
         return None

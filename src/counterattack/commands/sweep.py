@@ -17,6 +17,7 @@ from ..defenses import DEFENSES, NoDefense
 from ..distributed import ProcessGroup
 from ..errors import CounterattackError
 from ..flags import cli_value, library_value, option_parser
+from ..identity import evaluation_description
 from ..manifest import option_spec
 from ..options import options_of
 from ..plots import plot_pareto, safe_file_name
@@ -93,7 +94,7 @@ def run(config: RunConfig, group: ProcessGroup, device: torch.device) -> Results
 
     def sweep(context: RunContext) -> Results | None:
         context.adversarial_set()
-        config_ = replace(context.evaluation_config(context.defenses, context.attacks),
+        config_ = replace(evaluation_description(context, context.defenses, context.attacks),
                           sweep={"defense": name, "grid": list(config.study.grid)})
         evaluation = context.evaluate_into(context.config.out, context.defenses, context.attacks, config_)
         if evaluation is None:
