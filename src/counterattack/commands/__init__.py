@@ -11,9 +11,6 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-RUNNING = ("eval", "attack", "sweep", "calibrate", "sanity", "stability", "reproduce")
-
-
 def command(name: str) -> Callable[..., Any]:
     """The ``run`` function of a command (imported only when it runs: torch and the model code are heavy)."""
     return importlib.import_module(f"{__name__}.{name}").run
