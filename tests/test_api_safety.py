@@ -246,3 +246,15 @@ def test_a_string_where_a_list_of_names_is_expected_is_one_line(random_clip_dir)
     one_line(error, "templates must be a list of strings")
     assert ZeroShotClassifier.from_clip(clip, ("cat",), templates=("a photo of a {}.",)).class_names == ["cat"]
 
+
+
+def test_class_names_that_differ_only_in_case_or_spaces_are_said_to_repeat(random_clip_dir, caplog):
+    clip = load_clip(f"local-dir:{random_clip_dir}")
+    with caplog.at_level(logging.WARNING, logger="counterattack"):
+        ZeroShotClassifier.from_clip(clip, ["Cat", "cat ", "dog"])
+    (said,) = [r.getMessage() for r in caplog.records if "repeat" in r.getMessage()]
+    assert "'Cat'" in said and "'cat '" in said and "'dog'" not in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="counterattack"):
+        ZeroShotClassifier.from_clip(clip, ["cat", "dog"])
+    assert not [r for r in caplog.records if "repeat" in r.getMessage()]

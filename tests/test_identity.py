@@ -181,6 +181,14 @@ def test_an_out_inside_the_dataset_folder_or_empty_is_refused_before_any_work(tm
     one_line_error(capsys, "an empty --out")
 
 
+def test_two_folders_that_tables_would_name_alike_are_refused(tmp_path, random_clip_dir, capsys):
+    first = write_image_folder(tmp_path / "x" / "test", {"cat": 1, "dog": 1})
+    second = write_image_folder(tmp_path / "p" / "x" / "test", {"cat": 1, "dog": 1})
+    assert main(small_eval_argv(random_clip_dir, first, tmp_path / "out", "--dataset", f"imagefolder:{second}")) == 2
+    one_line_error(capsys, "would both be called 'x/test'")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_batch_size_beyond_the_machines_integers_is_one_line(tmp_path, random_clip_dir, folder, capsys):
     with pytest.raises(SystemExit) as exited:
         main(small_eval_argv(random_clip_dir, folder, tmp_path / "out", "--batch-size", 10**30))

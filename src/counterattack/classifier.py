@@ -172,10 +172,12 @@ class ZeroShotClassifier(nn.Module):
                 raise ArgumentKindError(f"{what} must be a list of strings (such as {example}), got {kind_of(value)}")
         if not class_names:
             raise CounterattackError("A zero-shot classifier needs at least one class name.")
-        repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
+        # CLIP's tokenizers lower-case and collapse whitespace: "Cat" and "cat " are one prompt.
+        keys = [" ".join(name.split()).casefold() for name in class_names]
+        repeated = sorted({name for name, key in zip(class_names, keys, strict=True) if keys.count(key) > 1})
         if repeated:  # a benchmark's own prompts may repeat a name (the paper's Caltech-101 has two "person")
-            log.warning("class names repeat (%s): images of those classes cannot be told apart by their prompts",
-                        ", ".join(map(repr, repeated)))
+            log.warning("class names repeat as the text encoder reads them (%s): images of those classes cannot be "
+                        "told apart by their prompts", ", ".join(map(repr, repeated)))
         for template in templates:
             if template.count("{}") != 1:
                 raise CounterattackError(f"Template {template!r} must contain '{{}}' exactly once.")

@@ -356,11 +356,12 @@ def run_command(config: RunConfig) -> Any:
 
     from . import distributed
     from .commands import command
-    from .commands.checks import check_out
+    from .commands.checks import check_distinct_names, check_out
     from .models import resolve_device
     from .store import hold
 
     check_out(config)
+    check_distinct_names(config)
 
     group, device = distributed.start(resolve_device(config.run.device),
                                       timedelta(minutes=config.run.dist_timeout_minutes))

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..adversarial import AdversarialSet
 from ..attacks import ATTACKS, Attack, build_attacks
 from ..config import RunConfig
-from ..data import DATASETS, IMAGEFOLDER_PREFIX
+from ..data import DATASETS, IMAGEFOLDER_PREFIX, short_name
 from ..defenses import DEFENSES
 from ..errors import CounterattackError
 from ..options import flag
@@ -88,6 +88,21 @@ def dataset_folders(config: RunConfig) -> list[Path]:
         elif spec in DATASETS:
             folders.append(Path(config.data.root).expanduser() / DATASETS[spec].folder)
     return folders
+
+
+def check_distinct_names(config: RunConfig) -> None:
+    """Refuse two datasets that tables, plots and the page would name alike (two image folders ending in the same
+    ``x/test``): one's histogram would overwrite the other's, and their columns could not be told apart."""
+    seen: dict[str, str] = {}
+    for spec in dict.fromkeys(config.data.datasets):
+        resolved = (f"{IMAGEFOLDER_PREFIX}{Path(spec[len(IMAGEFOLDER_PREFIX):]).expanduser().resolve()}"
+                    if spec.startswith(IMAGEFOLDER_PREFIX) else spec)
+        name = short_name(resolved)
+        if name in seen and seen[name] != resolved:
+            raise CounterattackError(f"{seen[name]} and {resolved} would both be called {name!r} in the tables, plots "
+                                     "and report of one run: run them in two runs, or give one a folder (or a "
+                                     "symlink) of another name.")
+        seen[name] = resolved
 
 
 def check_out(config: RunConfig) -> None:
