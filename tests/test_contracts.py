@@ -1,8 +1,10 @@
 """Contracts that act: attacks declare their threat model and AdaptiveAttack runs their own update or refuses; every
 scheme row says how its weights are identified; gated defenses decide through their Gate."""
 
+import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -17,7 +19,7 @@ from counterattack.backbones import SCHEMES, Scheme, weights_identity
 from counterattack.defenses import DEFENSES
 from counterattack.errors import CounterattackError
 
-from testkit import RANDOM_CLIP_CFG, write_local_dir
+from testkit import RANDOM_CLIP_CFG, fake_hub_cache, write_local_dir
 
 
 def rng(n: int, seed: int = 0) -> ImageRandomness:
@@ -100,23 +102,58 @@ def test_pgd_goes_on_from_a_start(random_classifier, images):
     assert (distance("linf", went_on - images) <= 1 / 255 + 1e-6).all() and not torch.equal(went_on, start)
 
 
-def test_every_scheme_row_says_how_its_weights_are_identified():
-    """A new row without an identity fails here (and cannot be built: Scheme requires one)."""
-    assert SCHEMES and all(isinstance(row, Scheme) and callable(row.load) and callable(row.identify)
-                           for row in SCHEMES.values())
+def test_a_scheme_row_cannot_be_made_without_an_identity():
+    assert SCHEMES and all(isinstance(row, Scheme) and callable(row.identify) for row in SCHEMES.values())
     with pytest.raises(TypeError):
         Scheme(SCHEMES[""].load)
 
 
-def test_a_local_row_identifies_weights_by_the_tensors_loaded(tmp_path):
+def _as_local_dir(source: Path, where: Path) -> tuple[str, str | None, str | None]:
+    return f"local-dir:{shutil.copytree(source, where)}", None, None
+
+
+def _as_hub_snapshot(source: Path, where: Path) -> tuple[str, str | None, str | None]:
+    snapshot = fake_hub_cache(where, "someone/tiny-clip")
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        shutil.copy(source / name, snapshot / name)
+    return "hf-hub:someone/tiny-clip", None, str(where)
+
+
+def _as_builtin_with_a_weights_file(source: Path, where: Path) -> tuple[str, str | None, str | None]:
+    import open_clip  # a built-in name is a config open_clip knows: this one is registered for the test
+
+    where.mkdir()
+    config = json.loads((source / "open_clip_config.json").read_text())["model_cfg"]
+    (where / "contract-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(where / "contract-tiny-clip.json")
+    return "contract-tiny-clip", str(shutil.copy(source / "open_clip_model.safetensors", where / "w.safetensors")), None
+
+
+# How each row's weights are laid out from an open_clip folder; the transformers row holds another format and is
+# checked the same way in test_transformers.py. A new row without a layout here fails the test below.
+LAYOUTS = {"": _as_builtin_with_a_weights_file, "local-dir:": _as_local_dir, "hf-hub:": _as_hub_snapshot}
+CHECKED_ELSEWHERE = {"transformers:"}
+
+
+@pytest.mark.parametrize("prefix", list(SCHEMES))
+def test_every_scheme_row_identifies_weights_by_the_tensors_loaded(prefix, tmp_path):
+    """The same weights laid out twice are one identity whatever the path, a file beside them changes nothing, and
+    other weights are another identity."""
+    if prefix in CHECKED_ELSEWHERE:
+        pytest.skip(f"the {prefix} row is checked in test_transformers.py")
+    assert prefix in LAYOUTS, f"the scheme row {prefix!r} has no layout in this test: add one"
+
+    def identity(source: Path, where: Path) -> dict:
+        model, pretrained, cache_dir = LAYOUTS[prefix](source, where)
+        loaded = load_clip(model, pretrained, cache_dir=cache_dir)
+        return weights_identity(model, pretrained, loaded)
+
     model = write_local_dir(tmp_path / "model", RANDOM_CLIP_CFG, seed=0)
-    identity = weights_identity(f"local-dir:{model}", None, load_clip(f"local-dir:{model}"))
-    shutil.copytree(model, tmp_path / "copy")
-    (tmp_path / "copy" / "notes.json").write_text("{}")
-    assert weights_identity(f"local-dir:{tmp_path / 'copy'}", None, load_clip(f"local-dir:{tmp_path / 'copy'}")) \
-        == identity == {"model": "local-dir:folder", "weights": identity["weights"]}
+    first = identity(model, tmp_path / "a")
+    (model / "notes.json").write_text("{}")
+    assert identity(model, tmp_path / "b") == first and "weights" in first
     other = write_local_dir(tmp_path / "other", RANDOM_CLIP_CFG, seed=1)
-    assert weights_identity(f"local-dir:{other}", None, load_clip(f"local-dir:{other}")) != identity
+    assert identity(other, tmp_path / "c")["weights"] != first["weights"]
 
 
 @pytest.mark.parametrize("name", [name for name, cls in DEFENSES.items() if cls.gate is not None])

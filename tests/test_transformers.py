@@ -264,3 +264,18 @@ def test_without_transformers_the_error_says_what_to_install(monkeypatch, hf_cli
         load_clip(f"transformers:{hf_clip_dir}")
     message = str(caught.value)
     assert 'pip install "clip-counterattack[transformers]"' in message and "\n" not in message
+
+
+def test_the_transformers_row_identifies_weights_by_the_tensors_loaded(tmp_path, hf_clip_dir, hf_siglip_dir):
+    """As test_contracts checks the other scheme rows: another path to the same weights, with a file beside them, is
+    one identity; another model is another."""
+    from counterattack.backbones import weights_identity
+
+    def identity(folder) -> dict:
+        return weights_identity(f"transformers:{folder}", None, load_clip(f"transformers:{folder}"))
+
+    first = identity(hf_clip_dir)
+    copy = shutil.copytree(hf_clip_dir, tmp_path / "copy")
+    (copy / "notes.json").write_text("{}")
+    assert identity(copy) == first == {"model": "transformers:folder", "weights": first["weights"]}
+    assert identity(hf_siglip_dir)["weights"] != first["weights"]
