@@ -41,7 +41,8 @@ from . import eval as eval_command
 from .context import open_run
 
 log = logging.getLogger(__name__)
-WARM_UP_IMAGES = 2  # per timed batch on a CPU (a GPU times a whole batch): enough to time, cheap to run
+WARM_UP_IMAGES = 1  # per timed batch on a CPU (a GPU times a whole batch): enough to time, cheap to run
+TIMING_CLASSES = 2  # a defense's text side is set-up (timed per prompt), not a cost per image: keep it small
 WARM_UP_SIDE = 224  # the registry datasets' images: the paper's Resize 256 + CenterCrop 224
 
 
@@ -162,8 +163,15 @@ def _timing_model(config: RunConfig, device: torch.device) -> LoadedCLIP:
         return load_clip(name, config.model.pretrained, device=device)
     import open_clip
 
-    return LoadedCLIP.from_model(open_clip.create_model(name, pretrained=None).to(device),
-                                 open_clip.get_tokenizer(name), f"{name} (random weights, for timing)")
+    quiet = logging.getLogger()  # open_clip warns on the root logger that no weights were loaded: that is the point
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(name, pretrained=None)
+    finally:
+        quiet.setLevel(level)
+    return LoadedCLIP.from_model(model.to(device), open_clip.get_tokenizer(name),
+                                 f"{name} (random weights, for timing)")
 
 
 @dataclass
@@ -181,12 +189,13 @@ class Estimate:
 class _Timer:
     """Seconds and encoder passes per image of each piece of the presets' pipeline, each measured once on the timing
     model (a batch of ``WARM_UP_IMAGES`` random images on a CPU, labelled as the model classifies them, so every image
-    is attacked in full), after a warm-up pass: an attack step (forward and backward), and each defense. A preset's
+    is attacked in full), each after a warm-up pass of its own (caches, lazy set-up and a defense's text side, such as
+    COLA's prompts, are not costs per image): an attack step (forward and backward), and each defense. A preset's
     cost is then composed of its pieces, so listing every preset takes about a minute, not one full pipeline each."""
 
     def __init__(self, clip: LoadedCLIP, config: RunConfig, device: torch.device):
         batch = config.run.batch_size if device.type == "cuda" else min(config.run.batch_size, WARM_UP_IMAGES)
-        classes = [f"class {i}" for i in range(10)]
+        classes = [f"class {i}" for i in range(TIMING_CLASSES)]
         start = time.perf_counter()
         self.classifier = ZeroShotClassifier.from_clip(clip, classes)
         self.per_prompt = (time.perf_counter() - start) / len(classes)
@@ -227,6 +236,7 @@ class _Timer:
                                                     range(defense.descriptions_needed)]
                                                 for c in self.classifier.class_names}
             precision = defense_precision(self.config.precisions["defense"], defense)
+            self._timed(lambda: defense(self.classifier, self.images, self.rng), precision)  # the warm-up
             self._defenses[key] = self._timed(lambda: defense(self.classifier, self.images, self.rng), precision)
         return self._defenses[key]
 
@@ -244,8 +254,10 @@ def estimate(preset: Preset, config: RunConfig, timer: _Timer, load_seconds: flo
     limit = config.data.limit
     count = len(preset.backbones) * sum(min(limit or DATASETS[d].test_size, DATASETS[d].test_size)
                                         for d in preset.datasets)
-    prompts = sum(len(names) * len(templates) for names, templates in (class_prompts(d, config.model.prompts)
-                                                                       for d in preset.datasets))
+    # Each dataset's prompts, and the text sides of the defenses that read class descriptions (COLA's 50 a class).
+    per_class = sum(d.descriptions_needed + 1 for d in defenses if d.reads_descriptions != "no")
+    prompts = sum(len(names) * (len(templates) + per_class) for names, templates in
+                  (class_prompts(d, config.model.prompts) for d in preset.datasets))
     setup = len(preset.backbones) * (load_seconds + timer.per_prompt * prompts)
     return Estimate(count, passes, seconds, setup)
 
