@@ -230,7 +230,7 @@ def test_the_gallery_keeps_the_views_and_the_feature_shift_losslessly(tmp_path, 
         add_views(kept, name, defense.gate is not None, labels, x, clean, {"pgd": {"transfer": attacked}},
                   {"pgd": {"transfer": adversarial}}, described.logits)
     write_batch(tmp_path, 0, "run", "toy", list(kept.values()))
-    write_index(tmp_path, "run", {"toy": CIFAR10_CLASSES}, {("toy", 0), ("toy", 2)})
+    write_index(tmp_path, "run", {"toy": CIFAR10_CLASSES}, [("toy", 0), ("toy", 2)])
     _, items = read_gallery(tmp_path)
     assert [item.image_id for item in items] == [0, 2]
     for item in items:
@@ -255,7 +255,7 @@ def test_an_older_gallery_without_views_or_shifts_reads_with_none(tmp_path, imag
     metadata = {"run": "old", "dataset": "toy", "ids": "[7]", "labels": "[1]", "views": json.dumps([[numbers]])}
     save_file({"clean": images[:1].contiguous(), "image/0/dbd\x1fclean": images[0].clone()},
               str(tmp_path / "gallery" / "rank-0-000000.safetensors"), metadata=metadata)
-    write_index(tmp_path, "old", {"toy": CIFAR10_CLASSES}, {("toy", 7)})
+    write_index(tmp_path, "old", {"toy": CIFAR10_CLASSES}, [("toy", 7)])
     _, (item,) = read_gallery(tmp_path)
     (view,) = item.views
     assert view.views is None and view.view_count is None and view.feature_shift is None

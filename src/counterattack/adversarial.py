@@ -14,23 +14,19 @@ after the highest shard number of its rank and skips every image already stored.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
-import os
 import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 from .errors import CounterattackError
 from .records import ADVERSARIAL_SET, RecordError, RunDescription
-from .store import Piece, Store, config_hash, dataset_changes
+from .store import Piece, Store, config_hash, dataset_changes, write_tensors_atomically
 
 SHARD_NAME = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
 CACHED_TENSORS = 4  # shard tensors kept in memory while reading: a large set is never loaded whole
@@ -174,25 +170,11 @@ class AdversarialSet(Store):
             raise ValueError(f"{len(ids)} ids but tensors of {[tuple(t.shape) for t in tensors.values()]}")
         numbers = [number for rank, number, _ in self._shard_paths() if rank == self.rank]
         path = self.shards / f"rank-{self.rank}-{max(numbers, default=-1) + 1:06d}.safetensors"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.shards.mkdir(parents=True, exist_ok=True)
         # The run's identity and settings travel with every shard, and each tensor's checksum with it.
         checksums = {key: tensor_checksum(tensor) for key, tensor in tensors.items()}
         metadata = {"dataset": dataset, "ids": json.dumps(list(ids)), "run": self.digest,
                     "config": json.dumps(self.bound), "checksums": json.dumps(checksums)}
-        try:
-            try:
-                save_file(tensors, str(tmp), metadata=metadata)
-            except SafetensorError as exc:  # a full disk, from safetensors' Rust side: not an OSError
-                code = re.search(r"os error (\d+)", str(exc))
-                number = int(code.group(1)) if code else errno.EIO
-                raise OSError(number, os.strerror(number), str(self.shards)) from exc
-            with tmp.open("rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):  # cleaning up must not hide why the write failed
-                tmp.unlink()
+        write_tensors_atomically(path, tensors, metadata)
         self._index = None
 
     def pieces(self) -> list[Piece]:

@@ -23,19 +23,17 @@ shifts were kept reads with none of either.
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import CounterattackError
-from .store import write_json_atomically
+from .store import write_json_atomically, write_tensors_atomically
 
 GALLERY = "gallery"
 SHARD = re.compile(r"rank-(\d+)-(\d+)\.safetensors")
@@ -105,23 +103,21 @@ def write_batch(folder: Path, rank: int, run: str, dataset: str, items: Sequence
     tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}  # a view shares memory
     metadata = {"run": run, "dataset": dataset, "ids": json.dumps([item.image_id for item in items]),
                 "labels": json.dumps([item.label for item in items]), "views": json.dumps(views)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_tensors_atomically(path, tensors, metadata)
 
 
-def write_index(folder: Path, run: str, class_names: Mapping[str, Sequence[str]], wanted: Collection[tuple]) -> Path:
+def write_index(folder: Path, run: str, class_names: Mapping[str, Sequence[str]], wanted: Sequence[tuple]) -> Path:
     """``gallery/index.json``: the run, each dataset's class names and where each of the ``wanted`` (dataset, image
-    id) images lies (the first shard that holds it)."""
-    entries, seen = [], set()
+    id) images lies (the first shard that holds it), in ``wanted``'s order: the same whatever the batching and the
+    number of processes that wrote the shards."""
+    order = {key: position for position, key in enumerate(wanted)}
+    found: dict[tuple, dict] = {}
     for path, metadata in _shards(Path(folder), run):
         for row, image_id in enumerate(json.loads(metadata["ids"])):
-            if (metadata["dataset"], image_id) in wanted and (metadata["dataset"], image_id) not in seen:
-                seen.add((metadata["dataset"], image_id))
-                entries.append({"dataset": metadata["dataset"], "id": image_id, "shard": path.name, "row": row})
+            key = (metadata["dataset"], image_id)
+            if key in order and key not in found:
+                found[key] = {"dataset": metadata["dataset"], "id": image_id, "shard": path.name, "row": row}
+    entries = [found[key] for key in sorted(found, key=order.__getitem__)]
     index = Path(folder) / GALLERY / "index.json"
     write_json_atomically(index, {"run": run, "class_names": {k: list(v) for k, v in class_names.items()},
                                   "images": entries})

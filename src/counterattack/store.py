@@ -10,9 +10,11 @@ image is there exactly once. ``fill`` is the one protocol by which a run adds to
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -48,6 +50,25 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_tensors_atomically(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> Path:
+    """A safetensors file, written whole or not at all (fsynced, then renamed into place). safetensors reports a
+    full disk from its Rust side as its own error, not an OSError: it is raised as the OSError it is."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+        except SafetensorError as exc:
+            code = re.search(r"os error (\d+)", str(exc))
+            number = int(code.group(1)) if code else errno.EIO
+            raise OSError(number, os.strerror(number), str(path.parent)) from exc
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+
+    return write_atomically(path, write)
 
 
 def write_json_atomically(path: Path, payload: Any) -> None:

@@ -123,14 +123,14 @@ class RunContext:
     def unreadable(self) -> list[dict]:
         return [entry for s in self.selections for entry in s.skipped]
 
-    def gallery_sample(self, selection: Selection) -> set:
-        """The ids of the images a run keeps for its gallery: a class-balanced sample of ``--gallery`` of the chosen
-        images (none for 0), the same whatever the batching."""
+    def gallery_sample(self, selection: Selection) -> list:
+        """The ids of the images a run keeps for its gallery, in the run's order: a class-balanced sample of
+        ``--gallery`` of the chosen images (none for 0), the same whatever the batching."""
         wanted = self.config.run.gallery
         if not wanted:
-            return set()
+            return []
         data, chosen = selection.data, selection.chosen
-        return {data.image_ids[chosen[i]] for i in balanced_subset([data.targets[j] for j in chosen], wanted)}
+        return [data.image_ids[chosen[i]] for i in balanced_subset([data.targets[j] for j in chosen], wanted)]
 
     def probing(self, attacks: Sequence[Attack]) -> RunSettings:
         """The run settings with a small first batch, for an estimate within seconds, where batching changes no
@@ -181,7 +181,7 @@ class RunContext:
             return None
         if any(gallery.values()):
             write_gallery_index(out, store.digest, {s.data.name: s.data.class_names for s in self.selections},
-                                {(name, image_id) for name, ids in gallery.items() for image_id in ids})
+                                [(name, image_id) for name, ids in gallery.items() for image_id in ids])
         adaptive = None
         if threat == "adaptive":
             settings = described.adaptive
