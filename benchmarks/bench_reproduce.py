@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import os
 import tempfile
 import time
@@ -31,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 from counterattack.cli import config_from_args, build_parser, main  # noqa: E402
 from counterattack.commands.reproduce import _Timer, _timing_model, estimate  # noqa: E402
-from counterattack.data.prompts import raw_classes  # noqa: E402
+from counterattack.data.prompts import class_prompts, raw_classes  # noqa: E402
 from counterattack.models import resolve_device  # noqa: E402
 from counterattack.presets import PRESETS  # noqa: E402
 
@@ -63,6 +64,16 @@ def fake_layouts(root: Path, per_class: int) -> None:
     (base / "labels" / "test1.txt").write_text("\n".join(lines) + "\n")
 
 
+def fake_descriptions(folder: Path, datasets: tuple[str, ...], per_class: int = 50) -> Path:
+    """A descriptions folder (one DATASET.json each) of plain sentences, for the presets that run COLA or DBD."""
+    folder.mkdir()
+    for dataset in datasets:
+        names, _ = class_prompts(dataset)
+        sentences = {name: [f"A photo of {name}, view number {i}." for i in range(per_class)] for name in names}
+        (folder / f"{dataset}.json").write_text(json.dumps(sentences))
+    return folder
+
+
 def main_(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cola-table1", choices=list(PRESETS))
@@ -72,8 +83,10 @@ def main_(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         fake_layouts(root, per_class=max(1, -(-args.limit // 10)))
+        descriptions = fake_descriptions(Path(tmp) / "descriptions", ("eurosat", "dtd"))
         run = ["reproduce", args.preset, "--skip-missing", "--data-root", str(root), "--model", args.model, "--limit",
-               str(args.limit), "--workers", "0", "--no-progress", "--out", str(Path(tmp) / "out")]
+               str(args.limit), "--workers", "0", "--no-progress", "--descriptions", str(descriptions), "--out",
+               str(Path(tmp) / "out")]
         config = config_from_args(build_parser().parse_args(run))
         present = tuple(d for d in PRESETS[args.preset].datasets if (root / d).exists())
         preset = dataclasses.replace(PRESETS[args.preset], datasets=present)

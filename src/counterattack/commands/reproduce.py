@@ -236,7 +236,13 @@ class _Timer:
                                                     range(defense.descriptions_needed)]
                                                 for c in self.classifier.class_names}
             precision = defense_precision(self.config.precisions["defense"], defense)
-            self._timed(lambda: defense(self.classifier, self.images, self.rng), precision)  # the warm-up
+            defenses_log = logging.getLogger("counterattack.defenses")  # warnings about the timing's 2 classes
+            level = defenses_log.level
+            defenses_log.setLevel(logging.ERROR)
+            try:
+                self._timed(lambda: defense(self.classifier, self.images, self.rng), precision)  # the warm-up
+            finally:
+                defenses_log.setLevel(level)
             self._defenses[key] = self._timed(lambda: defense(self.classifier, self.images, self.rng), precision)
         return self._defenses[key]
 
