@@ -231,6 +231,12 @@ def test_8_bit_adversarial_images_have_no_twin(published):
     assert not comparison.rows and "rounded to 8 bits here (ttc-poster in float" in comparison.unmatched[0].reason
 
 
+def test_a_record_attacked_with_predicted_labels_has_no_twin(published):
+    ours = {**record("cifar10", "ttc", "pgd", 812, 290), "attack_labels": "predicted"}
+    comparison = compare(results([ours]), published)
+    assert not comparison.rows and "attacked with the predicted labels" in comparison.unmatched[0].reason
+
+
 def test_options_off_the_defaults_are_named_not_matched_on(published):
     payload = results([record("cifar10", "ttc", "pgd", 812, 290)])
     payload["config"]["defenses"] = [{"defense": "ttc", "eps": 4 / 255, "steps": 2, "step_size": 1 / 255,
@@ -281,6 +287,15 @@ def test_mac_fine_grained_average_over_all_ten_and_over_nine(published):
     assert average.robust_diff == pytest.approx(45.0 - 45.2) and average.published_same_robust is None
     assert not comparison.rows and len(comparison.unmatched) == 9  # MAC printed averages only
     assert all("printed only inside average10-fine-grained (mac-cvpr26)" in u.reason for u in comparison.unmatched)
+
+
+def test_an_average_is_matched_only_with_a_source_that_stored_images_as_this_run(published):
+    # DBD (PNG-truncated images) and MAC (float) both printed TTC's fine-grained average at PGD-100, 4/255
+    ours = [record(d, "ttc", "pgd", 600, 300) for d in FINE_GRAINED10]
+    in_float = compare(results(ours, eps=4, steps=100), published).averages
+    truncated = compare(results(ours, eps=4, steps=100, quantize_adversarial="floor"), published).averages
+    assert {a.source for a in in_float} == {"mac-cvpr26"}
+    assert {a.source for a in truncated} == {"dbd-iclr26"}
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------

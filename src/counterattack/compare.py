@@ -19,7 +19,8 @@ from .records import Record, Results, RunDescription
 EPS_TOLERANCE = 1e-6  # in 1/255: our eps * 255 against the published budget
 MATCHING_RULE = ("exact on model, backbone, defense, attack, budget (our eps x 255 equal to the published one within "
                  "1e-6), steps, dataset and how the adversarial images were stored (float, or 8 bits rounded or "
-                 "truncated), for paper-protocol records only; nothing is matched loosely")
+                 "truncated), for paper-protocol records attacked with the true labels only; nothing is matched "
+                 "loosely")
 NO_TWIN = "no published twin"
 OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
 
@@ -210,11 +211,14 @@ def _images(quantization: str | None) -> str:
     return {"round": "rounded to 8 bits", "floor": "truncated to 8 bits (a PNG)"}.get(quantization or "", "in float")
 
 
-def _ineligible(record: Record, config: RunDescription, model: str | None, backbone: str | None) -> str | None:
+def _ineligible(record: Record, model: str | None, backbone: str | None) -> str | None:
     """Why a record cannot have a twin whatever the papers printed, or None."""
     threat, defense, attack, dataset = record.threat, record.defense, record.attack, record.dataset
     if threat != "paper":
         return f"{NO_TWIN}: {threat or 'unknown'} threat (the published numbers are all under the paper's protocol)"
+    if record.attack_labels != "true":
+        return (f"{NO_TWIN}: attacked with the {record.attack_labels} labels (every published number attacked the "
+                "true ones)")
     if record.setting or " " in defense:
         return f"{NO_TWIN}: a sweep setting (the papers print each defense at its own settings)"
     if attack == "worst-case":
@@ -269,7 +273,7 @@ def compare_results(results: Results, published: Published) -> Comparison:
     for record in results.records:
         budget = budgets.get(record.attack)
         eps, steps = budget if budget else (None, None)
-        reason = _ineligible(record, config, model, backbone) or _budget_problem(record.attack, budgets)
+        reason = _ineligible(record, model, backbone) or _budget_problem(record.attack, budgets)
         if reason is None:
             defense, attack, dataset = record.defense, record.attack, record.dataset
             eligible.setdefault((defense, attack, eps, steps), {}).setdefault(dataset, record)
@@ -298,7 +302,7 @@ def compare_results(results: Results, published: Published) -> Comparison:
                 clean_ci95=clean_ci, robust_ci95=robust_ci, clean_inside=_inside(p.clean, clean_ci),
                 robust_inside=_inside(p.robust, robust_ci), notes=notes))
 
-    averages = _averages(published, model, backbone, eligible)
+    averages = _averages(published, model, backbone, config.quantize_adversarial, eligible)
     sources_order = _source_order(published)
     rows.sort(key=lambda r: (sources_order[r.source], _dataset_order(published, r.dataset), r.defense, r.attack, r.eps))
     cited = {r.source for r in rows} | {a.source for a in averages}
@@ -311,14 +315,16 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _averages(published: Published, model: str | None, backbone: str | None,
+def _averages(published: Published, model: str | None, backbone: str | None, quantization: str | None,
               eligible: Mapping[tuple, Mapping[str, Record]]) -> list[AverageRow]:
-    """Our mean over the datasets run of each published average's set, named when it is not the whole set."""
+    """Our mean over the datasets run of each published average's set (of a source whose adversarial images were
+    stored as this run's were), named when it is not the whole set."""
     per_dataset = {(p.source, p.model, p.backbone, p.defense, p.attack, p.eps, p.steps, p.dataset): p
                    for p in published.records}
     averages = []
     for p in published.records:
-        if p.dataset not in AVERAGE_KEYS or (p.model, p.backbone) != (model, backbone):
+        if (p.dataset not in AVERAGE_KEYS or (p.model, p.backbone) != (model, backbone)
+                or SOURCE_QUANTIZATION.get(p.source) != quantization):
             continue
         scope = published.average_scope(p.dataset)
         ours = next((by_dataset for (defense, attack, eps, steps), by_dataset in eligible.items()
