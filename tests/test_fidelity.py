@@ -14,7 +14,8 @@ from counterattack.cli import main
 from counterattack.defenses import DEFENSES
 from counterattack.defenses.base import weighted_mix
 from counterattack.defenses.doc import DOC
-from counterattack.evaluate import to_8_bits
+from counterattack.errors import CounterattackError
+from counterattack.evaluate import RunSettings, to_8_bits
 from counterattack.precision import defense_precision
 from counterattack.store import config_hash
 
@@ -203,6 +204,16 @@ def test_quantized_sets_hold_8_bit_images_and_defenses_see_them(tmp_path, random
 def test_to_8_bits_rounds_to_the_nearest_level():
     x = torch.tensor([0.0, 0.5 / 255 - 1e-6, 0.5 / 255 + 1e-6, 1.0, 100.4 / 255])
     assert torch.equal(to_8_bits(x) * 255, torch.tensor([0.0, 0.0, 1.0, 255.0, 100.0]))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: to_8_bits(torch.zeros(1), "Round"), "8-bit mode must be one of round, floor, not 'Round'"),
+    (lambda: RunSettings(quantize_adversarial="truncate"), "quantize_adversarial must be None or one of round, floor"),
+    (lambda: RunSettings(attack_labels="pred"), "attack_labels must be one of true, predicted, not 'pred'"),
+])
+def test_a_misspelt_mode_is_refused_not_run_as_the_other(make, message):
+    with pytest.raises(CounterattackError, match=message):
+        make()
 
 
 # --- precision and config identity -----------------------------------------------------------------------------

@@ -113,6 +113,7 @@ def test_reproduce_runs_on_the_tiny_clip_with_a_limit(tmp_path, data_root, descr
     (["reproduce", "cola-table1", "--eps", "4"], "cola-table1 fixes what its table measured; --eps cannot change it"),
     (["reproduce", "doc-table1", "--ttc-tau-thres", "0.1"], "--ttc-tau-thres cannot change it"),
     (["reproduce", "doc-table1", "--quantize-adversarial"], "--quantize-adversarial cannot change it"),
+    (["reproduce", "doc-table1", "--attack-labels", "predicted"], "--attack-labels cannot change it"),
     (["reproduce", "cola-table1", "--descriptions", "/no/file.json"], "--skip-missing"),
     (["reproduce", "cola-table1", "--skip-missing"], "cola needs class descriptions: give --descriptions PATH"),
     (["reproduce", "cola-table1", "--list"], "not both"),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import QUANTIZE_MODES, RunConfig, build_config, default
+from .config import ATTACK_LABELS, QUANTIZE_MODES, RunConfig, build_config, default
 from .errors import CounterattackError
 from .flags import (
     COUNT, PIXELS, POSITIVE, add_registered_options, entries, given_flags, names_of, number,
@@ -124,7 +124,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, name: str, defenses:
     attack.add_argument("--threat", choices=("paper", "adaptive"),
                         help=helped("paper: crafted against the undefended model; adaptive: through each defense",
                                     "attack.threat"))
-    attack.add_argument("--attack-labels", choices=("true", "predicted"),
+    attack.add_argument("--attack-labels", choices=ATTACK_LABELS,
                         help="what every attack is crafted against: true (the papers' protocol) or predicted (the "
                         "undefended model's clean prediction: a defense that walks the image back along the attack "
                         "then gains nothing it was not given); accuracy is always against the true labels (default: "
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 # What a reproduce preset fixes: the table's datasets, attacks, defenses and prompts (flags and registered options).
 PRESET_FIXED = ("dataset", "attack", "eps", "attack_steps", "attack_step_size", "threat", "defense", "prompts",
                 "templates", "transform", "vision_checkpoint", "backbone", "tau_model", "tau_pretrained",
-                "quantize_adversarial")
+                "quantize_adversarial", "attack_labels")
 
 
 def _refuse_fixed_flags(args: argparse.Namespace) -> None:

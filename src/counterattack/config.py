@@ -20,6 +20,7 @@ from typing import Any
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 QUANTIZE_MODES = ("round", "floor")  # how adversarial images are put on the 8-bit grid (--quantize-adversarial)
+ATTACK_LABELS = ("true", "predicted")  # the true labels (the papers' protocol), or the undefended model's predictions
 
 Settings = Mapping[str, Mapping[str, Any]]  # per registered name, its options (library units)
 

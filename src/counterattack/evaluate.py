@@ -19,6 +19,7 @@ from .adversarial import AdversarialSet
 from .attacks import Attack
 from .attacks.base import distance, takes_start
 from .classifier import ZeroShotClassifier, count_encoder_passes
+from .config import ATTACK_LABELS, QUANTIZE_MODES
 from .data import EvalDataset, ImageId, WithIndex, balanced_subset, short_name
 from .defenses import Defense, DefenseOutput
 from .errors import CounterattackError
@@ -45,6 +46,15 @@ class RunSettings:
     probe: int = 0  # images in this process's first batch: a long run's estimate comes within seconds
     attack_labels: str = "true"  # what the attacks are crafted against: the true labels, or the clean predictions
 
+    def __post_init__(self) -> None:
+        # A misspelt mode must not quietly run the other one: both are strings an API caller types.
+        if self.attack_labels not in ATTACK_LABELS:
+            raise CounterattackError(f"attack_labels must be one of {', '.join(ATTACK_LABELS)}, not "
+                                     f"{self.attack_labels!r}.")
+        if self.quantize_adversarial not in (None, *QUANTIZE_MODES):
+            raise CounterattackError(f"quantize_adversarial must be None or one of {', '.join(QUANTIZE_MODES)}, "
+                                     f"not {self.quantize_adversarial!r}.")
+
 
 PROBE_IMAGES = 2
 
@@ -55,6 +65,8 @@ def to_8_bits(images: torch.Tensor, mode: str = "round") -> torch.Tensor:
     ``x * 255`` before a PNG is written (DBD's and AGC's code). Where the clean image's pixels lie on the grid and the
     budget is a multiple of 1/255, rounding stays within the budget and may pass it by half a level elsewhere;
     truncation may pass it by up to one level."""
+    if mode not in QUANTIZE_MODES:
+        raise CounterattackError(f"8-bit mode must be one of {', '.join(QUANTIZE_MODES)}, not {mode!r}.")
     scaled = images * 255
     return (torch.round(scaled) if mode == "round" else torch.floor(scaled)) / 255
 
@@ -89,13 +101,6 @@ def _check_finite(what: str, values: torch.Tensor | None) -> None:
                                  "broken; the run stops before writing them (finished batches are kept)")
 
 
-def _check_embeddings(classifier: ZeroShotClassifier, images: torch.Tensor) -> None:
-    """Once per dataset: weights that overflow make every logit 0 (an embedding's norm is inf), which no later
-    check would see in an undefended run."""
-    with torch.no_grad():
-        _check_finite("image embedding norms", classifier.encoder(images).float().norm(dim=-1))
-
-
 def _per_image(output: DefenseOutput) -> ImageResults:
     for what, values in (("logits", output.logits), ("gate scores", output.score)):
         _check_finite(what, values)
@@ -119,7 +124,6 @@ class _Batch:
 
 
 PURPOSES = ("attack", "adaptive", "defense-clean", "defense-adv")
-ATTACK_LABELS = ("true", "predicted")  # the true labels (the papers' protocol), or the undefended model's predictions
 
 
 def image_batches(data: EvalDataset, settings: RunSettings, skip: Collection[ImageId], indices: Sequence[int] | None,
@@ -179,9 +183,7 @@ def craft_dataset(
     crafted against the undefended classifier with the same random streams ``evaluate_dataset`` uses,
     so an evaluation of the stored images equals a direct one."""
     batches = image_batches(data, settings, skip, indices, desc=f"attack {short_name(data.name)}")
-    for number, batch in enumerate(batches):
-        if number == 0:
-            _check_embeddings(classifier, batch.images)
+    for batch in batches:
         targets = attack_targets(classifier, batch, settings)
         with precision_context(settings.device, settings.attack_precision), checked_inputs():
             crafted = {attack.name: _as_defenses_see(attack(classifier, batch.images, targets, batch.streams("attack")),
@@ -236,10 +238,8 @@ def evaluate_dataset(
             adversarial_images = attack(classifier, images, targets, batch.streams(purpose), **start)
         return _as_defenses_see(adversarial_images, settings), watch.seconds
 
-    for number, batch in enumerate(image_batches(data, settings, skip, indices)):
+    for batch in image_batches(data, settings, skip, indices):
         images, ids = check_pixels(batch.images), batch.ids
-        if number == 0:
-            _check_embeddings(classifier, images)
         transfer: dict[str, tuple[torch.Tensor, float]] = {}  # each attack's images against the undefended model
         if adversarial is None:
             targets = attack_targets(classifier, batch, settings)

@@ -205,8 +205,8 @@ class _Timer:
             self.labels = self.classifier.logits(self.images).argmax(-1)
         self.rng = ImageRandomness.from_seed(config.run.seed, batch, "timing")
         self._defenses: dict[tuple, tuple[float, float]] = {}
-        self.step = self._timed(lambda: PGD(steps=1)(self.classifier, self.images, self.labels, self.rng),
-                                config.precisions["attack"])  # the warm-up: lazy initialisation and caches
+        self._timed(lambda: PGD(steps=1)(self.classifier, self.images, self.labels, self.rng),
+                    config.precisions["attack"])  # the warm-up: lazy initialisation and caches
         self.step = self._timed(lambda: PGD(steps=1)(self.classifier, self.images, self.labels, self.rng),
                                 config.precisions["attack"])
 
