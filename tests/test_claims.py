@@ -234,6 +234,15 @@ def test_a_defense_that_masks_its_gradient_gets_the_verdict_and_bpda_breaks_it(t
     assert "input gradient" not in ttc and "bpda beats exact" not in ttc and "transfer attack beats" not in ttc
 
 
+@needs_shared
+def test_the_convergence_check_covers_every_attack_not_only_the_first(tmp_path):
+    # PGD-10 at 1/255 is converged on the undefended model here; CW's two half steps within 2/255 are not.
+    found = tiny_eval(tmp_path / "out", "--limit", 20, "--attack", "pgd,cw", "--cw-eps", 2, "--cw-steps", 2,
+                      "--cw-step-size", 0.5, "--threat", "adaptive", "--convergence-images", 20, "--defense", "none")
+    assert "not converged" in found[("none", "cw")]["masking"]
+    assert found[("none", "pgd")]["masking"] == found[("none", "cw")]["masking"]  # one verdict per defense
+
+
 def test_sanity_gives_the_same_verdict(tmp_path, random_clip_dir, rounder, capsys):
     folder = write_image_folder(tmp_path / "imgs", {"cat": 2, "dog": 2})
     code = main(["sanity", "--no-progress", "--workers", "0", "--model", f"local-dir:{random_clip_dir}", "--dataset",

@@ -166,25 +166,31 @@ def check_masking(classifier: ZeroShotClassifier, data: EvalDataset, chosen: Seq
                   batches: Sequence[BatchRecord], records: Sequence[Record], subset: int,
                   adversarial: AdversarialSet | None = None) -> Verdict:
     """The masking verdict of one defense on one dataset of an adaptive run: (a) on the first images, (d) on a
-    class-balanced ``subset`` of the chosen images (0: skipped), (b) and (c) from the records. Run on one process
-    (the verdict is the same under torchrun); the transfer images come from ``adversarial`` where the run read
-    them from a stored set, so that the doubled attack is compared with the run on the same starting images."""
-    attack = attacks[0]
+    class-balanced ``subset`` of the chosen images (0: skipped), (b) and (c) from the records; (a) and (d) under
+    every attack, the verdict taking the smallest gradient ratio and the largest drop. Run on one process (the
+    verdict is the same under torchrun); the transfer images come from ``adversarial`` where the run read them from
+    a stored set, so that the doubled attacks are compared with the run on the same starting images."""
     settings = replace(settings, rank=0, world_size=1, probe=0, progress=False)
     first = next(image_batches(data, replace(settings, batch_size=16), (), chosen[:16]))
-    ratio = gradient_ratio(classifier, defense, attack, first.images, attack_targets(classifier, first, settings),
-                           first.streams("defense-adv"), settings.attack_precision)
+    targets = attack_targets(classifier, first, settings)
+    ratio = min(gradient_ratio(classifier, defense, attack, first.images, targets, first.streams("defense-adv"),
+                               settings.attack_precision) for attack in attacks)
     drop = None
     picked = [chosen[i] for i in balanced_subset([data.targets[j] for j in chosen], subset)] if subset else []
     if picked:
-        doubled = {method: AdaptiveAttack(defense, replace(attack, steps=2 * attack.steps), method=method,
-                                          **{**adaptive, "eot_samples": 2 * adaptive.get("eot_samples", 1)})
-                   for method in ("exact", "bpda")}
-        again = list(evaluate_dataset(classifier, data, [attack], {name: defense}, settings,
-                                      adaptive_attacks=lambda a, d: doubled, indices=picked, adversarial=adversarial))
-        before = _robust_by_image(batches, name, attack.name)
-        after = _robust_by_image(again, name, attack.name)
-        drop = 100.0 * (sum(before[k] for k in after) - sum(after.values())) / len(after)
+        eot = 2 * adaptive.get("eot_samples", 1)
+        doubled = {attack.name: {method: AdaptiveAttack(defense, replace(attack, steps=2 * attack.steps),
+                                                        method=method, **{**adaptive, "eot_samples": eot})
+                                 for method in ("exact", "bpda")} for attack in attacks}
+        again = list(evaluate_dataset(classifier, data, attacks, {name: defense}, settings,
+                                      adaptive_attacks=lambda a, d: doubled[a.name], indices=picked,
+                                      adversarial=adversarial))
+        drops = []
+        for attack in attacks:
+            before = _robust_by_image(batches, name, attack.name)
+            after = _robust_by_image(again, name, attack.name)
+            drops.append(100.0 * (sum(before[k] for k in after) - sum(after.values())) / len(after))
+        drop = max(drops)
     return masking_verdict([r for r in records if r.dataset == data.name and r.defense == name], ratio, drop,
                            len(picked))
 
