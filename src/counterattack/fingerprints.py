@@ -1,4 +1,4 @@
-"""Files identified by content: a file's fingerprint (its size and SHA-256), and one digest of many files.
+"""Files identified by content: one digest (SHA-256) of many files.
 
 A dataset is identified by the bytes of the files that hold its images (:func:`files_content_digest`): the same
 files reached by another path are the same dataset, other bytes behind the same names another. A digest is computed
