@@ -112,3 +112,9 @@ def test_the_command_line_parses_without_importing_torch(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         heavy.append(done.stdout.strip())
     assert heavy == ["['open_clip', 'torch', 'torchvision']", "[]"]
+
+
+def test_no_module_outgrows_one_reading():
+    # A module past this size had started holding two concepts (context.py and records.py both did once).
+    longest = max(PACKAGE.rglob("*.py"), key=lambda path: len(path.read_text(encoding="utf-8").splitlines()))
+    assert len(longest.read_text(encoding="utf-8").splitlines()) <= 450, longest

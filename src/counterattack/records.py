@@ -380,11 +380,10 @@ class RunDescription:
               "limit", "skip_unreadable", "tau_model", "adaptive", "defenses", "units", "precision", "seed", "run")
     _TYPES = {"model": str, "datasets": list, "attacks": list, "threat": str, "attack_labels": str, "kind": str,
               "pretrained": str, "weights": str, "vision_checkpoint": str, "backbone": str, "prompts": str,
-              "templates": list,
-              "descriptions": dict, "transform": str, "limit": int, "skip_unreadable": bool, "tau_model": (str, dict),
-              "adaptive": dict, "defenses": list, "defenses_per_dataset": dict, "units": str, "precision": dict,
-              "seed": int, "seeds": list, "preset": str, "quantize_adversarial": str, "batch_composition": dict,
-              "adversarial": dict, "sweep": dict, "stability": dict, "run": dict}
+              "templates": list, "descriptions": dict, "transform": str, "limit": int, "skip_unreadable": bool,
+              "tau_model": (str, dict), "adaptive": dict, "defenses": list, "defenses_per_dataset": dict, "units": str,
+              "precision": dict, "seed": int, "seeds": list, "preset": str, "quantize_adversarial": str,
+              "batch_composition": dict, "adversarial": dict, "sweep": dict, "stability": dict, "run": dict}
 
     def to_json(self) -> dict[str, Any]:
         payload = {}
@@ -410,8 +409,6 @@ class RunDescription:
             if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
                 raise RecordError(f"the run's description's {key!r} is {value!r}")
         return cls(**payload)
-
-
 
 
 @dataclass
