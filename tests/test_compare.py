@@ -243,6 +243,10 @@ def test_options_off_the_defaults_are_named_not_matched_on(published):
                                       "tau_thres": 0.3, "beta": 2.0}]
     (row,) = compare(payload, published).rows
     assert row.notes == ("ttc tau_thres=0.3 (default 0.2)",)
+    payload["config"].update(prompts="openai", templates=["a photo of a {}."])
+    (row,) = compare(payload, published).rows
+    assert row.notes == ("prompts openai (default paper)", "1 template(s) given (default: the paper's)",
+                         "ttc tau_thres=0.3 (default 0.2)")
 
 
 # ---- averages ----------------------------------------------------------------------------------------------------

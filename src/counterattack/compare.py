@@ -159,12 +159,15 @@ def _differences(given: Mapping[str, Any], defaults: Mapping[str, Any], skip: Se
 
 
 def _setting_notes(config: RunDescription, defense: str, attack: str) -> tuple[str, ...]:
-    """Our options that differ from the library's defaults (which follow the papers): not matched on, but said."""
+    """Our prompts and options that differ from the library's defaults (which follow the papers): not matched on,
+    but said."""
     from .attacks import ATTACKS
     from .defenses import DEFENSES
     from .options import defaults_of
 
-    notes = []
+    notes = [] if config.prompts == "paper" else [f"prompts {config.prompts} (default paper)"]
+    if config.templates:
+        notes.append(f"{len(config.templates)} template(s) given (default: the paper's)")
     for entry in config.defenses or []:
         if isinstance(entry, dict) and entry.get("name", entry.get("defense")) == defense and defense in DEFENSES:
             defaults = {"defense": defense, **defaults_of(DEFENSES[defense])}
