@@ -325,6 +325,9 @@ def test_a_sweep_over_seeds_averages_each_setting(tmp_path, common):
         assert record["clean_acc_per_seed"] == values
         assert record["clean_acc_std"] == pytest.approx(statistics.stdev(values))
     assert (out / "pareto.png").read_bytes()[:8] == PNG and (out / "report.md").is_file()
+    # Each seed attacked anew: the spread includes the attacks' draws, and no one stored set is named.
+    report = (out / "report.md").read_text()
+    assert "random draws of the attacks and the defenses" in report and "read from a stored set" not in report
 
 
 def test_seed_and_seeds_together_are_refused(tmp_path, common, capsys):

@@ -357,7 +357,9 @@ def over_seeds(context: RunContext, run: Callable[[RunContext], Results | None],
     if runs[0] is None:
         return None
     records = combine_seeds([one.records for one in runs], seeds)
-    described = replace(runs[0].config, seed=None, seeds=list(seeds))
+    # One stored set only where --adversarial named it; otherwise each seed crafted its own.
+    described = replace(runs[0].config, seed=None, seeds=list(seeds),
+                        adversarial=runs[0].config.adversarial if context.config.adversarial else None)
     results = Results(described, records, average_records(records), runs[0].unreadable)
     print(f"\nmean over seeds {', '.join(map(str, seeds))} (± sample standard deviation):")
     write(context.config.out, results)
