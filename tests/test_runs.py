@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from counterattack.cli import main
+from counterattack.plots import accuracy_figure
+from counterattack.records import Record
 
 from testkit import comparable_gallery, comparable_records, free_port, write_image_folder
 
@@ -119,6 +121,17 @@ def test_torchrun_with_two_processes_equals_one(tmp_path, random_clip_dir, folde
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
     assert comparable_records(tmp_path) == reference
     assert comparable_gallery(tmp_path) == comparable_gallery(reference_run)  # merged from both processes
+
+
+def test_the_accuracy_bars_show_one_named_attack():
+    """With several attacks the dark bars are their per-image worst case, and the axis says so."""
+    records = [Record("cifar10", attack, defense, 100, 80.0, robust)
+               for attack, robust in (("pgd", 30.0), ("cw", 40.0), ("worst-case", 25.0)) for defense in ("none", "ttc")]
+    (ax,) = accuracy_figure(records).axes
+    assert sorted(bar.get_height() for bar in ax.patches) == [25.0, 25.0, 80.0, 80.0]
+    assert "under worst-case" in ax.get_ylabel()
+    (ax,) = accuracy_figure([r for r in records if r.attack == "cw"]).axes
+    assert sorted(bar.get_height() for bar in ax.patches) == [40.0, 40.0, 80.0, 80.0] and "under cw" in ax.get_ylabel()
 
 
 def test_report_writes_tables_and_valid_pictures(tmp_path, random_clip_dir, folder, capsys):

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # compare imports this module to draw its figure
     from .compare import Comparison
 from .stats import wilson_interval
 from .store import write_atomically
+from .summary import WORST_CASE
 
 
 def safe_file_name(text: str) -> str:
@@ -83,7 +84,19 @@ def _error_bars(by_key: dict[tuple[str, str], Record], datasets: Sequence[str], 
 
 
 def plot_accuracy(records: Sequence[Record], out: Path) -> Path:
-    """Grouped bars: per dataset, clean (light) and robust (dark) accuracy of each defense."""
+    """``accuracy.png`` in ``out``: :func:`accuracy_figure`."""
+    fig = accuracy_figure(records)
+    path = out / "accuracy.png"
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    return path
+
+
+def accuracy_figure(records: Sequence[Record]) -> Figure:
+    """Grouped bars: per dataset, clean (light) and robust (dark) accuracy of each defense, robust under the run's
+    one attack or, with several, their per-image worst case (named on the axis)."""
+    attacks = list(dict.fromkeys(r.attack for r in records))
+    shown = WORST_CASE if WORST_CASE in attacks else attacks[0]
+    records = [r for r in records if r.attack == shown]
     datasets = list(dict.fromkeys(r.dataset for r in records))
     defenses = list(dict.fromkeys(r.defense for r in records))
     by_key = {(r.dataset, r.defense): r for r in records}
@@ -101,13 +114,11 @@ def plot_accuracy(records: Sequence[Record], out: Path) -> Path:
         ax.bar(xs, robust, width, color=color, label=defense, yerr=_error_bars(by_key, datasets, defense, "robust"),
                error_kw={"capsize": 2})
     ax.set_xticks(range(len(datasets)), [short_name(d) for d in datasets])
-    ax.set_ylabel("accuracy (%): light clean, dark robust\n(bars: 95% Wilson intervals)")
+    ax.set_ylabel(f"accuracy (%): light clean, dark robust\nunder {shown} (bars: 95% Wilson intervals)")
     ax.set_ylim(0, 100)
     ax.legend(ncol=min(len(defenses), 6), fontsize="small")
     fig.tight_layout()
-    path = out / "accuracy.png"
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    return path
+    return fig
 
 
 def _flagged_label(name: str, scores: np.ndarray, threshold: float, flagged_above: bool) -> str:
