@@ -90,22 +90,20 @@ def test_labels_of_any_integer_dtype_give_the_int64_result(random_classifier, im
 def test_attacks_and_defenses_under_inference_mode_give_the_plain_result(random_classifier, images, labels):
     pgd = PGD(eps=8 / 255, steps=3, step_size=2 / 255)
     attacked_all, gated = TTC(tau_thres=float("inf")), TTC()
-    plain = {
-        "pgd": pgd(random_classifier, images, labels, streams(images)),
-        "ttc (every image counterattacked)": attacked_all(random_classifier, images, streams(images)).logits,
-        "ttc": gated(random_classifier, images, streams(images)).logits,
-        "ttc.counterattack": attacked_all.counterattack(random_classifier, images, streams(images)).images,
-        "defended": defended(random_classifier, attacked_all, seed=0)(images),
-    }
-    with torch.inference_mode():
-        x, y = images.clone(), labels.clone()  # inference tensors, as a caller inside the block has them
-        inside = {
+
+    def every_entry_point(x, y):
+        return {
             "pgd": pgd(random_classifier, x, y, streams(x)),
             "ttc (every image counterattacked)": attacked_all(random_classifier, x, streams(x)).logits,
             "ttc": gated(random_classifier, x, streams(x)).logits,
             "ttc.counterattack": attacked_all.counterattack(random_classifier, x, streams(x)).images,
             "defended": defended(random_classifier, attacked_all, seed=0)(x),
         }
+
+    plain = every_entry_point(images, labels)
+    with torch.inference_mode():
+        x, y = images.clone(), labels.clone()  # inference tensors, as a caller inside the block has them
+        inside = every_entry_point(x, y)
         assert (inside["pgd"] != x).any()  # the attack moved the images: its gradient steps ran
     for name, value in plain.items():
         assert torch.equal(inside[name], value), name

@@ -27,10 +27,10 @@ def rng(n: int, seed: int = 0) -> ImageRandomness:
 
 
 @dataclass(frozen=True)
-class L2PGD:
-    """An L2 attack written by a user: normalised gradient steps, projected onto an L2 ball."""
+class LossOnly:
+    """eps, steps, step_size and a loss were once enough: it would have been run as L-inf PGD."""
 
-    name: ClassVar[str] = "l2-pgd"
+    name: ClassVar[str] = "loss-only"
     norm: ClassVar[str] = "l2"
     eps: float = 0.5
     steps: int = 3
@@ -38,6 +38,13 @@ class L2PGD:
 
     def loss(self, logits, labels):
         return cross_entropy(logits, labels)
+
+
+@dataclass(frozen=True)
+class L2PGD(LossOnly):
+    """An L2 attack written by a user: normalised gradient steps, projected onto an L2 ball."""
+
+    name: ClassVar[str] = "l2-pgd"
 
     def project(self, images, delta):
         norms = delta.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
@@ -67,19 +74,6 @@ def test_an_adaptive_attack_runs_its_base_attacks_own_update_rule(random_classif
 
 
 def test_an_attack_that_does_not_declare_its_step_is_refused_in_one_line():
-    @dataclass(frozen=True)
-    class LossOnly:
-        """eps, steps, step_size and a loss were once enough: it would have been run as L-inf PGD."""
-
-        name: ClassVar[str] = "loss-only"
-        norm: ClassVar[str] = "l2"
-        eps: float = 0.5
-        steps: int = 3
-        step_size: float = 0.2
-
-        def loss(self, logits, labels):
-            return cross_entropy(logits, labels)
-
     with pytest.raises(CounterattackError) as error:
         AdaptiveAttack(RandomNoise(), LossOnly())
     assert "has no step, project" in str(error.value) and "\n" not in str(error.value)
