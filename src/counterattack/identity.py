@@ -57,7 +57,7 @@ def per_dataset_settings(defenses: Mapping[str, Any], datasets: Sequence[str], p
     return {name: settings for name, settings in found.items() if settings != built} or None
 
 
-def run_identity(context: RunContext) -> dict[str, Any]:
+def inputs_identity(context: RunContext) -> dict[str, Any]:
     """What the images and the classifier are: a stored adversarial set must have been made for the same."""
     model, data = context.config.model, context.config.data
     return {
@@ -98,7 +98,7 @@ def evaluation_description(context: RunContext, defenses: Mapping[str, Defense],
                        for f in options_of(AdaptiveAttack)}}
     policy = config.precisions["defense"]
     described = RunDescription(
-        **run_identity(context),
+        **inputs_identity(context),
         tau_model=context.tau_identity,
         attacks=[attack.describe() for attack in attacks],
         threat=config.attack.threat,
@@ -129,7 +129,7 @@ def evaluation_description(context: RunContext, defenses: Mapping[str, Defense],
 def adversarial_set_description(context: RunContext, attacks: Sequence[Attack]) -> RunDescription:
     """A stored adversarial set's description: the run's identity and its attacks, without defenses."""
     settings = context.settings
-    return RunDescription(**run_identity(context), kind=ADVERSARIAL_SET, attacks=[a.describe() for a in attacks],
+    return RunDescription(**inputs_identity(context), kind=ADVERSARIAL_SET, attacks=[a.describe() for a in attacks],
                           attack_labels=settings.attack_labels, precision={"attack": settings.attack_precision},
                           seed=settings.seed, quantize_adversarial=context.config.attack.quantize,
                           batch_composition=batch_composition(context, attacks), units=UNITS,

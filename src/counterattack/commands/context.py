@@ -36,7 +36,7 @@ from ..errors import CounterattackError
 from ..gallery import write_batch as write_gallery_batch
 from ..gallery import write_index as write_gallery_index
 from ..fingerprints import resolved_location
-from ..identity import adversarial_set_description, run_identity
+from ..identity import adversarial_set_description, inputs_identity
 from ..evaluate import PROBE_IMAGES, RunSettings, craft_dataset, evaluate_dataset
 from ..summary import average_records, combine_seeds, summarize
 from ..loading import LoadedCLIP
@@ -326,7 +326,7 @@ def open_run(config: RunConfig, group: ProcessGroup, device: torch.device,
                          adversarial)
     context.descriptions = descriptions
     if adversarial is not None:
-        adversarial.check_identity(run_identity(context))
+        adversarial.check_identity(inputs_identity(context))
         adversarial.check_complete(context.expected())
     return context
 
